@@ -1,0 +1,43 @@
+"""hf_lorax: LoRA, DoRA and QLoRA for peft and transformers, with per-layer rank maps.
+
+Quick start::
+
+    from transformers import Trainer, TrainingArguments
+    from hf_lorax import DoRAConfig, get_model, describe
+
+    config = DoRAConfig(
+        base_model_name_or_path="roberta-base", task_type="SEQ_CLS", num_labels=2,
+        r=8, lora_alpha=16, target_modules=["query", "value"],
+        rank_map={"layer.{0-5}.attention.self.query": 16, "layer.{6-11}.*": 4},
+    )
+    model = get_model(config)            # a peft PeftModel; the classifier head trains too
+    print(describe(model))               # module / r / alpha / scaling / params
+    Trainer(model=model, args=TrainingArguments("out"), train_dataset=ds).train()
+    model.save_pretrained("out/adapter") # a standard peft LoRA adapter (safetensors)
+
+The configs are ``peft.LoraConfig`` subclasses: ``peft.get_peft_model``, ``PeftModel.from_pretrained``,
+``AutoPeftModelFor*``, transformers ``add_adapter`` / ``load_adapter`` and ``Trainer`` all take them.
+Importing hf_lorax installs two small hooks into peft (see :mod:`hf_lorax.hooks`).
+"""
+
+__version__ = "0.1.0"
+
+from . import hooks as _hooks
+from .config import DoRAConfig, LoRAConfig
+from .describe import AdapterReport, describe
+from .model import get_model, load_base_model
+from .optim import create_loraplus_optimizer, loraplus_param_groups
+
+_hooks.install()
+
+__all__ = [
+    "AdapterReport",
+    "DoRAConfig",
+    "LoRAConfig",
+    "__version__",
+    "create_loraplus_optimizer",
+    "describe",
+    "get_model",
+    "load_base_model",
+    "loraplus_param_groups",
+]

@@ -1,0 +1,130 @@
+"""``describe(model)``: what is adapted, with which rank and alpha, and what it costs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+
+@dataclass
+class AdaptedModule:
+    module: str
+    layer: str
+    method: str
+    r: int
+    alpha: float
+    scaling: float
+    params: int
+    slices: str = ""
+
+
+@dataclass
+class AdapterReport:
+    """Rows of :func:`describe`; ``print(report)`` shows an aligned table, ``to_markdown()`` a markdown one."""
+
+    adapter: str
+    rows: list[AdaptedModule] = field(default_factory=list)
+    adapter_params: int = 0
+    trainable_params: int = 0
+    total_params: int = 0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "rows": [asdict(r) for r in self.rows]}
+
+    def _table(self) -> tuple[list[str], list[list[str]]]:
+        head = ["module", "layer", "method", "r", "alpha", "scaling", "params"]
+        body = [
+            [
+                r.module,
+                r.layer,
+                r.method + (f"[{r.slices}]" if r.slices else ""),
+                str(r.r),
+                f"{r.alpha:g}",
+                f"{r.scaling:.4g}",
+                f"{r.params:,}",
+            ]
+            for r in self.rows
+        ]
+        return head, body
+
+    def summary(self) -> str:
+        pct = 100 * self.trainable_params / max(self.total_params, 1)
+        return (
+            f"adapter {self.adapter!r}: {len(self.rows)} modules, {self.adapter_params:,} adapter params; "
+            f"trainable {self.trainable_params:,} of {self.total_params:,} ({pct:.4f}%)"
+        )
+
+    def __str__(self) -> str:
+        head, body = self._table()
+        widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+        right = {3, 4, 5, 6}
+        fmt = lambda row: "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+        lines = [fmt(head), "  ".join("-" * w for w in widths), *map(fmt, body), "", self.summary()]
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        head, body = self._table()
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return "\n".join(lines)
+
+
+def describe(model: nn.Module, adapter: str | None = None) -> AdapterReport:
+    """Per-module table of an adapted model: module, layer type, method, r, alpha, scaling, parameters.
+
+    For a fused-slice module, ``r`` and ``alpha`` are per slice and ``method`` lists the slices, e.g.
+    ``lora[q,v]``.
+
+    Example::
+
+        >>> print(hf_lorax.describe(model))
+        module                                   layer   method  r  alpha  scaling  params
+        ...
+    """
+    adapter = adapter or _active_adapter(model)
+    report = AdapterReport(adapter=adapter)
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or adapter not in module.r:
+            continue
+        spec = getattr(module, "slice_specs", {}).get(adapter)
+        n = len(spec.adapt) if spec else 1
+        params = sum(p.numel() for attr in module.adapter_layer_names for p in _adapter_params(module, attr, adapter))
+        r = module.r[adapter] // n
+        alpha = module.lora_alpha[adapter] / (n if not module.use_rslora.get(adapter) else n**0.5)
+        report.rows.append(
+            AdaptedModule(
+                module=_strip_prefix(name),
+                layer=type(module.get_base_layer()).__name__,
+                method="dora" if adapter in module.lora_magnitude_vector else "lora",
+                r=r,
+                alpha=alpha,
+                scaling=float(module.scaling[adapter]),
+                params=params,
+                slices=",".join(spec.adapt) if spec else "",
+            )
+        )
+        report.adapter_params += params
+    report.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    report.total_params = sum(p.numel() for p in model.parameters())
+    return report
+
+
+def _adapter_params(module: nn.Module, attr: str, adapter: str):
+    container = getattr(module, attr, None)
+    if container is None or adapter not in container:
+        return []
+    item = container[adapter]
+    return [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+
+
+def _active_adapter(model: nn.Module) -> str:
+    active = getattr(model, "active_adapter", None)
+    if isinstance(active, (list, tuple)):
+        active = active[0]
+    return active or "default"
+
+
+def _strip_prefix(name: str) -> str:
+    return name.removeprefix("base_model.model.")

@@ -1,0 +1,80 @@
+"""The two places where hf_lorax hooks into peft; installed once by ``import hf_lorax``.
+
+========================================  ===========================================================
+hook                                      what it does
+========================================  ===========================================================
+``LoraModel._prepare_model``              For hf_lorax configs only: before peft injects layers,
+                                          validate targets, resolve ``rank_map`` / ``alpha_map`` /
+                                          ``fused_slices`` to exact module names and add the task head
+                                          to ``modules_to_save`` (:func:`hf_lorax.targets.prepare_injection`).
+                                          Covers ``get_peft_model``, ``PeftModel.from_pretrained``,
+                                          ``load_adapter``, transformers ``add_adapter`` / ``load_adapter``.
+``PeftConfigMixin.from_pretrained``       When a local adapter directory holds ``hf_lorax.json``, return
+                                          the hf_lorax config it describes instead of a plain
+                                          ``LoraConfig``, so ``PeftModel.from_pretrained``,
+                                          ``AutoPeftModelFor*``, transformers ``load_adapter`` and
+                                          ``Trainer`` resume rebuild hf_lorax layers (fused slices
+                                          included). Without the file, behaviour is peft's.
+========================================  ===========================================================
+
+Everything else needs no hook: the configs are ``LoraConfig`` subclasses whose layers reach peft through
+``LoraConfig._register_custom_module``, and saved adapters are standard peft LoRA.
+"""
+
+from __future__ import annotations
+
+import os
+
+from peft.config import PeftConfigMixin
+from peft.tuners.lora import LoraConfig, LoraModel
+
+_INSTALLED = False
+
+
+def install() -> None:
+    """Install both hooks (idempotent)."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    _wrap_prepare_model()
+    _wrap_config_from_pretrained()
+    _INSTALLED = True
+
+
+def _wrap_prepare_model() -> None:
+    original = LoraModel._prepare_model
+
+    def _prepare_model(self, peft_config, model):
+        from .config import LoRAConfig
+        from .targets import prepare_injection
+
+        if isinstance(peft_config, LoRAConfig):
+            prepare_injection(peft_config, model, lambda key: self._check_target_module_exists(peft_config, key))
+        return original(self, peft_config, model)
+
+    _prepare_model.__wrapped__ = original
+    LoraModel._prepare_model = _prepare_model
+
+
+def _wrap_config_from_pretrained() -> None:
+    original = PeftConfigMixin.from_pretrained.__func__
+
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
+        config = original(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        return upgrade_config(config, pretrained_model_name_or_path, subfolder)
+
+    from_pretrained.__wrapped__ = original
+    PeftConfigMixin.from_pretrained = classmethod(from_pretrained)
+
+
+def upgrade_config(config, path, subfolder=None):
+    """Turn a plain ``LoraConfig`` read from ``path`` into the hf_lorax config its sidecar describes."""
+    from .config import from_peft_config, read_sidecar
+
+    if type(config) is not LoraConfig or not isinstance(path, (str, os.PathLike)):
+        return config
+    directory = os.path.join(path, subfolder) if subfolder else os.fspath(path)
+    if not os.path.isdir(directory):
+        return config
+    sidecar = read_sidecar(directory)
+    return config if sidecar is None else from_peft_config(config, sidecar)

@@ -1,0 +1,169 @@
+"""DoRA as a peft ``LoraVariant`` whose weight norm never forms the d×k matrix ``BA``.
+
+DoRA (Liu et al. 2024) rescales each output row of the adapted weight ``W' = W + s·BA`` to a learned
+magnitude ``m``: ``y = (m / ‖W'‖_row) ⊙ (W x + s·B A x) + bias``, with the norm detached (DoRA §4.3).
+peft computes ``‖W'‖_row`` by materialising ``BA`` (and ``W + s·BA``): two extra d×k tensors per layer
+per step. Expanding the square needs only the factors::
+
+    ‖W_i + s·B_i A‖² = ‖W_i‖² + 2s·B_i·(A W_iᵀ) + s²·B_i (A Aᵀ) B_iᵀ
+
+so one ``W Aᵀ`` product (d×r) and an r×r Gram matrix suffice; ``‖W_i‖²`` is cached while ``W`` is
+unchanged. Outputs equal peft's to float32 round-off.
+
+One deliberate difference from peft in *training with dropout*: peft feeds the dropped-out input
+through the frozen weight a second time (an extra full matmul) so the magnitude rescaling also sees
+dropout; here dropout applies to the low-rank path only, as in plain LoRA, and the base output is
+reused. In eval mode (or without dropout) the two are the same function.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.lora.layer import LoraLayer, LoraVariant
+from peft.utils.integrations import dequantize_module_weight
+from torch import nn
+
+
+class DoraMagnitude(nn.Module):
+    """Holds DoRA's per-output magnitude ``m`` as ``.weight`` (peft's ``lora_magnitude_vector`` layout)."""
+
+    def __init__(self, magnitude: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+
+
+def dora_row_norm(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, weight_sq: torch.Tensor
+) -> torch.Tensor:
+    """Row norms of ``weight + scaling * lora_B @ lora_A`` from the factors, in float32.
+
+    ``weight`` is (out, in), ``lora_A`` (r, in), ``lora_B`` (out, r), ``weight_sq`` the (out,) squared
+    row norms of ``weight``.
+    """
+    A = lora_A.to(weight.dtype)
+    cross = ((weight @ A.T).float() * lora_B.float()).sum(dim=1)
+    A32, B32 = lora_A.float(), lora_B.float()
+    gram = A32 @ A32.T
+    ba_sq = ((B32 @ gram) * B32).sum(dim=1)
+    return (weight_sq + 2 * scaling * cross + scaling * scaling * ba_sq).clamp_min(0).sqrt()
+
+
+def _oriented(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    return weight.T if fan_in_fan_out else weight
+
+
+class FactorizedDoraLinearVariant(LoraVariant):
+    """DoRA for ``nn.Linear`` and GPT-2 ``Conv1D`` (and fused-slice) layers."""
+
+    @staticmethod
+    def base_weight(module: LoraLayer) -> torch.Tensor:
+        """The frozen weight as (out, in), dequantized if needed."""
+        return _oriented(dequantize_module_weight(module.get_base_layer()), module.fan_in_fan_out)
+
+    @staticmethod
+    def factors(module: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return module.lora_A[adapter].weight, module.lora_B[adapter].weight
+
+    @classmethod
+    def weight_sq(cls, module: LoraLayer, weight: torch.Tensor) -> torch.Tensor:
+        """Squared row norms of the frozen weight, recomputed only when the stored weight changes."""
+        param = module.get_base_layer().weight
+        key = (param.data_ptr(), param._version, param.dtype, param.device)
+        cached = getattr(module, "_hf_lorax_weight_sq", None)
+        if cached is None or cached[0] != key:
+            cached = (key, weight.float().pow(2).sum(dim=1))
+            module._hf_lorax_weight_sq = cached
+        return cached[1]
+
+    @classmethod
+    def weight_norm(cls, module: LoraLayer, adapter: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            weight = cls.base_weight(module) if weight is None else weight
+            A, B = cls.factors(module, adapter)
+            return dora_row_norm(weight, A, B, module.scaling[adapter], cls.weight_sq(module, weight))
+
+    @classmethod
+    def init(cls, module: LoraLayer, adapter_name: str, **kwargs: Any) -> None:
+        if "lora_magnitude_vector" not in module.adapter_layer_names:
+            module.adapter_layer_names = module.adapter_layer_names[:] + ("lora_magnitude_vector",)
+        magnitude = cls.weight_norm(module, adapter_name)
+        dtype = cls.factors(module, adapter_name)[0].dtype
+        module.lora_magnitude_vector[adapter_name] = DoraMagnitude(magnitude.to(dtype))
+
+    @classmethod
+    def forward(cls, module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
+        lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
+        scaling = module.scaling[active_adapter]
+        magnitude = module.lora_magnitude_vector[active_adapter].weight
+        norm_scale = (magnitude / cls.weight_norm(module, active_adapter).to(magnitude.dtype)).to(result.dtype)
+        bias = module.get_base_layer().bias
+        base = result if bias is None else result - bias
+        lora = lora_B(lora_A(module.lora_dropout[active_adapter](x))) * scaling
+        return result + (norm_scale - 1) * base + norm_scale * lora.to(result.dtype)
+
+    @classmethod
+    def _dora_factor(cls, module: LoraLayer, adapter: str) -> torch.Tensor:
+        # The norm must come from the weight without other merged adapters, as forward sees it.
+        with module._unmerged_base_weight() as base_weight:
+            norm = cls.weight_norm(module, adapter, _oriented(base_weight, module.fan_in_fan_out))
+        module._cache_store(f"{adapter}-weight_norm", norm)
+        factor = module.lora_magnitude_vector[adapter].weight.float() / norm
+        return _oriented(factor.view(-1, 1), module.fan_in_fan_out)
+
+    @classmethod
+    def merge_safe(cls, module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        factor = cls._dora_factor(module, active_adapter)
+        delta = module.get_delta_weight(active_adapter)
+        current = dequantize_module_weight(module.get_base_layer())
+        return (factor * (current.float() + delta.float())).to(orig_weight.dtype)
+
+    @classmethod
+    def merge_unsafe(cls, module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        orig_weight.data = cls.merge_safe(module, active_adapter, orig_weight)
+
+    @classmethod
+    def unmerge(cls, module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        norm = module._cache_pop(f"{active_adapter}-weight_norm")
+        factor = module.lora_magnitude_vector[active_adapter].weight.float() / norm
+        factor = _oriented(factor.view(-1, 1), module.fan_in_fan_out)
+        delta = module.get_delta_weight(active_adapter)
+        return (orig_weight.data.float() / factor - delta.float()).to(orig_weight.dtype)
+
+
+class FactorizedDoraEmbeddingVariant(FactorizedDoraLinearVariant):
+    """DoRA for ``nn.Embedding``: the adapted matrix is ``Wᵀ`` (dim × vocab) with factors ``B_e A_e``."""
+
+    @staticmethod
+    def base_weight(module: LoraLayer) -> torch.Tensor:
+        return module.get_base_layer().weight.T
+
+    @staticmethod
+    def factors(module: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return module.lora_embedding_A[adapter], module.lora_embedding_B[adapter]
+
+    @classmethod
+    def forward(cls, module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
+        A, B = cls.factors(module, active_adapter)
+        magnitude = module.lora_magnitude_vector[active_adapter].weight
+        norm_scale = (magnitude / cls.weight_norm(module, active_adapter).to(magnitude.dtype)).to(result.dtype)
+        lora = (module._embed(x, A.T) @ B.T) * module.scaling[active_adapter]
+        embed_scale = module._get_embed_scale()
+        if embed_scale is not None:
+            lora = lora * embed_scale.to(lora.dtype)
+        return norm_scale * (result + lora.to(result.dtype))
+
+    @classmethod
+    def _dora_factor(cls, module: LoraLayer, adapter: str) -> torch.Tensor:
+        with module._unmerged_base_weight() as base_weight:
+            norm = cls.weight_norm(module, adapter, base_weight.T)
+        module._cache_store(f"{adapter}-weight_norm", norm)
+        return (module.lora_magnitude_vector[adapter].weight.float() / norm).view(1, -1)
+
+    @classmethod
+    def unmerge(cls, module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        norm = module._cache_pop(f"{active_adapter}-weight_norm")
+        factor = (module.lora_magnitude_vector[active_adapter].weight.float() / norm).view(1, -1)
+        delta = module.get_delta_weight(active_adapter)
+        return (orig_weight.data.float() / factor - delta.float()).to(orig_weight.dtype)
