@@ -15,6 +15,11 @@ hook                                      what it does
                                           ``AutoPeftModelFor*``, transformers ``load_adapter`` and
                                           ``Trainer`` resume rebuild hf_lorax layers (fused slices
                                           included). Without the file, behaviour is peft's.
+transformers ``load_adapter``             After transformers loads a DoRA adapter, copy the saved
+                                          magnitude vectors in: transformers 5.x maps the saved key
+                                          ``...lora_magnitude_vector`` to ``...lora_magnitude_vector.<name>``
+                                          instead of ``....<name>.weight`` and silently keeps freshly
+                                          initialised magnitudes (affects plain peft DoRA too).
 ========================================  ===========================================================
 
 Everything else needs no hook: the configs are ``LoraConfig`` subclasses whose layers reach peft through
@@ -38,6 +43,7 @@ def install() -> None:
         return
     _wrap_prepare_model()
     _wrap_config_from_pretrained()
+    _wrap_transformers_load_adapter()
     _INSTALLED = True
 
 
@@ -78,3 +84,40 @@ def upgrade_config(config, path, subfolder=None):
         return config
     sidecar = read_sidecar(directory)
     return config if sidecar is None else from_peft_config(config, sidecar)
+
+
+def _wrap_transformers_load_adapter() -> None:
+    from transformers.integrations.peft import PeftAdapterMixin
+
+    original = PeftAdapterMixin.load_adapter
+
+    def load_adapter(self, peft_model_id=None, adapter_name=None, *args, **kwargs):
+        info = original(self, peft_model_id, adapter_name, *args, **kwargs)
+        missing = [k for k in getattr(info, "missing_keys", ()) or () if "lora_magnitude_vector" in k]
+        if missing:
+            restore_dora_magnitudes(self, peft_model_id, adapter_name or "default", kwargs.get("adapter_state_dict"))
+            info.missing_keys = {k for k in info.missing_keys if "lora_magnitude_vector" not in k}
+        return info
+
+    load_adapter.__wrapped__ = original
+    PeftAdapterMixin.load_adapter = load_adapter
+
+
+def restore_dora_magnitudes(model, adapter_path, adapter_name: str, state_dict=None) -> int:
+    """Copy saved DoRA magnitudes (``<module>.lora_magnitude_vector``) into ``model``; returns how many."""
+    import torch
+
+    if state_dict is None:
+        from peft.utils import load_peft_weights
+
+        state_dict = load_peft_weights(adapter_path)
+    restored = 0
+    with torch.no_grad():
+        for key, value in state_dict.items():
+            if not key.endswith(".lora_magnitude_vector"):
+                continue
+            module_name = key.removeprefix("base_model.model.").removesuffix(".lora_magnitude_vector")
+            module = model.get_submodule(module_name)
+            module.lora_magnitude_vector[adapter_name].weight.copy_(value)
+            restored += 1
+    return restored

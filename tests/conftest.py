@@ -1,0 +1,64 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+torch.set_num_threads(2)
+
+
+def gpt2_config(**overrides) -> GPT2Config:
+    kwargs = dict(n_layer=2, n_embd=32, n_head=4, vocab_size=96, n_positions=64, bos_token_id=0, eos_token_id=0,
+                  pad_token_id=0)
+    kwargs.update(overrides)
+    return GPT2Config(**kwargs)
+
+
+def roberta_config(**overrides) -> RobertaConfig:
+    kwargs = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                  max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2, num_labels=2,
+                  type_vocab_size=1)
+    kwargs.update(overrides)
+    return RobertaConfig(**kwargs)
+
+
+@pytest.fixture
+def tiny_gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(gpt2_config()).eval()
+
+
+@pytest.fixture
+def tiny_gpt2_cls():
+    torch.manual_seed(0)
+    return GPT2ForSequenceClassification(gpt2_config(num_labels=3)).eval()
+
+
+@pytest.fixture
+def tiny_roberta():
+    torch.manual_seed(0)
+    return RobertaForSequenceClassification(roberta_config()).eval()
+
+
+@pytest.fixture
+def input_ids():
+    torch.manual_seed(1)
+    return torch.randint(3, 96, (2, 12))
+
+
+def randomize_adapters(model, seed: int = 0) -> None:
+    """Give every adapter parameter non-trivial values (B starts at zero), so parity tests see real deltas."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1 + (1.0 if "magnitude" in name else 0.0) * p)

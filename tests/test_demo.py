@@ -1,0 +1,11 @@
+import json
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    from hf_lorax.demo import main
+
+    results = main(["--output_dir", str(tmp_path), "--epochs", "1", "--train_size", "300"])
+    assert results["accuracy_reloaded"] == results["accuracy"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert json.loads((tmp_path / "results.json").read_text())["method"] == "dora"
+    assert "adapter" in capsys.readouterr().out
