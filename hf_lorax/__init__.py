@@ -23,6 +23,7 @@ Importing hf_lorax installs two small hooks into peft (see :mod:`hf_lorax.hooks`
 __version__ = "0.1.0"
 
 from . import hooks as _hooks
+from .analysis import RankUtilizationCallback
 from .config import DoRAConfig, LoRAConfig
 from .describe import AdapterReport, describe
 from .model import get_model, load_base_model
@@ -34,6 +35,7 @@ __all__ = [
     "AdapterReport",
     "DoRAConfig",
     "LoRAConfig",
+    "RankUtilizationCallback",
     "__version__",
     "create_loraplus_optimizer",
     "describe",

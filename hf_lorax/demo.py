@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
-    from hf_lorax import DoRAConfig, LoRAConfig, describe, get_model
+    from hf_lorax import DoRAConfig, LoRAConfig, RankUtilizationCallback, describe, get_model
     from hf_lorax.tasks.synthetic import make_sentiment_splits, pretrain_tiny_roberta
 
     started = time.time()
@@ -75,6 +75,7 @@ def main(argv=None) -> dict:
     trainer = Trainer(
         model=model, args=training_args, train_dataset=train, eval_dataset=val,
         data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy,
+        callbacks=[RankUtilizationCallback(every_n_steps=50, output_dir=str(out), log_per_module=False)],
     )
     before = trainer.evaluate()["eval_accuracy"]
     print(f"[3/5] Training ({len(train)} sentences, {args.epochs:g} epochs); accuracy before: {before:.3f}")
@@ -100,6 +101,7 @@ def main(argv=None) -> dict:
     print(f"  base model   {base_dir}/")
     print(f"  checkpoints  {out / 'checkpoints'}/")
     print(f"  results      {out / 'results.json'}")
+    print(f"  rank usage   {out / 'rank_utilization.png'}, {out / 'suggested_rank_map.json'}")
     if abs(reloaded_acc - after) > 1e-9:
         raise SystemExit("The reloaded adapter scored differently from the trained one.")
     return results

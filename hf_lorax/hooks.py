@@ -20,6 +20,10 @@ transformers ``load_adapter``             After transformers loads a DoRA adapte
                                           ``...lora_magnitude_vector`` to ``...lora_magnitude_vector.<name>``
                                           instead of ``....<name>.weight`` and silently keeps freshly
                                           initialised magnitudes (affects plain peft DoRA too).
+transformers ``CallbackHandler.on_log``   Before reporters see a ``Trainer.log`` call, merge the metrics
+                                          that hf_lorax callbacks hold (``hf_lorax_pending_logs()``), so
+                                          rank utilization reaches every reporter and ``log_history``.
+                                          Callbacks without that method are untouched.
 ========================================  ===========================================================
 
 Everything else needs no hook: the configs are ``LoraConfig`` subclasses whose layers reach peft through
@@ -44,6 +48,7 @@ def install() -> None:
     _wrap_prepare_model()
     _wrap_config_from_pretrained()
     _wrap_transformers_load_adapter()
+    _wrap_callback_on_log()
     _INSTALLED = True
 
 
@@ -121,3 +126,22 @@ def restore_dora_magnitudes(model, adapter_path, adapter_name: str, state_dict=N
             module.lora_magnitude_vector[adapter_name].weight.copy_(value)
             restored += 1
     return restored
+
+
+def _wrap_callback_on_log() -> None:
+    from transformers.trainer_callback import CallbackHandler
+
+    original = CallbackHandler.on_log
+
+    def on_log(self, args, state, control, logs):
+        for callback in self.callbacks:
+            pending = getattr(callback, "hf_lorax_pending_logs", None)
+            extra = pending() if callable(pending) else None
+            if extra:
+                logs.update(extra)
+                if state.log_history:  # Trainer.log appended this call's entry just before on_log
+                    state.log_history[-1].update(extra)
+        return original(self, args, state, control, logs)
+
+    on_log.__wrapped__ = original
+    CallbackHandler.on_log = on_log

@@ -1,0 +1,50 @@
+"""Rank utilization of LoRA / DoRA adapters: how much of each adapter's rank is really used.
+
+Pure functions (no Trainer needed)::
+
+    from hf_lorax.analysis import analyze, updates_from_model, suggest_rank_map
+    stats = analyze(updates_from_model(model))       # one ModuleStats per module (or fused slice)
+    suggest_rank_map(stats, threshold=0.9)           # {module: power-of-two rank}
+
+During training: :class:`RankUtilizationCallback`. From the shell: ``python -m hf_lorax.analysis ADAPTER_DIR``.
+"""
+
+from .callback import RankUtilizationCallback
+from .report import (
+    LowRankUpdate,
+    ModuleStats,
+    analyze,
+    module_stats,
+    suggest_rank_map,
+    summarize,
+    updates_from_adapter_dir,
+    updates_from_model,
+)
+from .spectra import (
+    effective_rank,
+    energy,
+    energy_rank,
+    factor_singular_values,
+    stable_rank,
+    subspace_similarity,
+    subspace_similarity_grid,
+)
+
+__all__ = [
+    "LowRankUpdate",
+    "ModuleStats",
+    "RankUtilizationCallback",
+    "analyze",
+    "effective_rank",
+    "energy",
+    "energy_rank",
+    "factor_singular_values",
+    "module_stats",
+    "stable_rank",
+    "subspace_similarity",
+    "subspace_similarity_grid",
+    "suggest_rank_map",
+    "summarize",
+    "updates_from_adapter_dir",
+    "updates_from_model",
+]

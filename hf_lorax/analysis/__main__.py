@@ -1,0 +1,87 @@
+"""``python -m hf_lorax.analysis ADAPTER_DIR [--against OTHER_DIR] [--base_model DIR] [--output_dir DIR]``
+
+Prints per-module rank utilization of a saved adapter, writes ``rank_utilization.png``,
+``rank_utilization.json`` and ``suggested_rank_map.json`` (into ``--output_dir``, default the adapter
+folder), and with ``--against`` the subspace similarity φ of the two adapters' ``A`` matrices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .callback import RankUtilizationCallback
+from .report import analyze, updates_from_adapter_dir
+from .spectra import subspace_similarity, subspace_similarity_grid
+
+
+def _base_weights(base_dir: str | None) -> dict | None:
+    if not base_dir:
+        return None
+    if not os.path.isdir(base_dir):
+        raise FileNotFoundError(f"--base_model {base_dir!r} is not a local model directory.")
+    from safetensors.torch import load_file
+
+    weights = {}
+    for name in sorted(os.listdir(base_dir)):
+        if name.endswith(".safetensors"):
+            weights.update(load_file(os.path.join(base_dir, name)))
+    from transformers import AutoConfig
+
+    conv1d = AutoConfig.from_pretrained(base_dir).model_type in {"gpt2"}  # Conv1D stores (in, out)
+    out = {}
+    for key, value in weights.items():
+        if key.endswith(".weight") and value.ndim == 2:
+            module = key.removesuffix(".weight")
+            out[module] = value.T if conv1d and not module.endswith(("wte", "wpe")) else value
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hf_lorax.analysis", description=__doc__.split("\n\n")[0])
+    parser.add_argument("adapter_dir")
+    parser.add_argument("--against", help="a second adapter folder to compare subspaces with (paper §7.2)")
+    parser.add_argument("--base_model", help="local base model folder, for ‖ΔW‖/‖W‖")
+    parser.add_argument("--output_dir", help="where to write the plot and JSON files (default: adapter_dir)")
+    parser.add_argument("--threshold", type=float, default=0.9, help="energy kept by the suggested ranks")
+    args = parser.parse_args(argv)
+    for path in filter(None, [args.adapter_dir, args.against]):
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            parser.error(f"{path!r} is not an adapter folder (no adapter_config.json).")
+
+    updates = updates_from_adapter_dir(args.adapter_dir, _base_weights(args.base_model))
+    stats = analyze(updates)
+    print(f"{'module':<48} {'r':>3} {'eff.rank':>8} {'util':>6} {'r90':>4} {'r99':>4} {'stable':>7} {'|dW|/|W|':>9}")
+    for s in stats:
+        rel = f"{s.relative_norm:.4f}" if s.relative_norm is not None else "-"
+        print(f"{s.name:<48} {s.r:>3} {s.effective_rank:>8.2f} {s.utilization:>6.2f} {s.rank_90:>4} {s.rank_99:>4} "
+              f"{s.stable_rank:>7.2f} {rel:>9}")
+
+    report = RankUtilizationCallback(threshold=args.threshold)
+    report.latest, report.history = stats, []
+    paths = report.write(args.output_dir or args.adapter_dir)
+
+    if args.against:
+        other = {(u.module, u.part): u for u in updates_from_adapter_dir(args.against)}
+        similarity = {}
+        print(f"\nsubspace similarity phi(A1, A2) against {args.against}")
+        for u in updates:
+            if (u.module, u.part) not in other:
+                continue
+            A2 = other[(u.module, u.part)].lora_A
+            name = f"{u.module}[{u.part}]" if u.part else u.module
+            similarity[name] = {"top1": subspace_similarity(u.lora_A, A2, 1, 1),
+                                "full": subspace_similarity(u.lora_A, A2), "grid": subspace_similarity_grid(u.lora_A, A2)}
+            print(f"{name:<48} top-1 {similarity[name]['top1']:.3f}   full {similarity[name]['full']:.3f}")
+        path = os.path.join(args.output_dir or args.adapter_dir, "subspace_similarity.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(similarity, f, indent=2)
+        paths["similarity"] = path
+    print("\nwrote " + ", ".join(sorted(paths.values())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

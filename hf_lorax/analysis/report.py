@@ -1,0 +1,229 @@
+"""Per-module rank-utilization statistics, summaries and a suggested rank map.
+
+Works on a live model (:func:`updates_from_model`) or a saved adapter (:func:`updates_from_adapter_dir`),
+so the same numbers come out of the Trainer callback and of ``python -m hf_lorax.analysis``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+from peft.tuners.lora import LoraLayer
+from peft.utils.integrations import dequantize_module_weight
+from peft.utils.other import get_pattern_key
+
+from ..slices import parse_fused_slices, spec_for
+from .spectra import (
+    effective_rank,
+    energy,
+    energy_rank,
+    factor_singular_values,
+    next_power_of_two,
+    stable_rank,
+)
+
+
+@dataclass
+class LowRankUpdate:
+    """One low-rank update ``s·B A`` (a module, or one slice of a fused module)."""
+
+    module: str
+    part: str
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+    weight_fro: float | None = None  # ‖W‖_F of the frozen weight (rows of this slice)
+    magnitude: torch.Tensor | None = None  # DoRA m
+    weight_row_norm: torch.Tensor | None = None  # ‖W‖ per output row, DoRA's initial m
+
+    @property
+    def r(self) -> int:
+        return self.lora_A.shape[0]
+
+
+@dataclass
+class ModuleStats:
+    module: str
+    part: str
+    r: int
+    singular_values: list[float]
+    effective_rank: float
+    stable_rank: float
+    utilization: float
+    energy: list[float]
+    rank_90: int
+    rank_99: int
+    relative_norm: float | None = None  # ‖ΔW‖_F / ‖W‖_F (LoRA paper §7.3)
+    magnitude: dict | None = field(default=None)  # DoRA: statistics of m and of its change from ‖W‖
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}[{self.part}]" if self.part else self.module
+
+    def rank_at(self, threshold: float) -> int:
+        return energy_rank(torch.tensor(self.singular_values), threshold)
+
+
+def module_stats(update: LowRankUpdate) -> ModuleStats:
+    sv = factor_singular_values(update.lora_A, update.lora_B, update.scaling)
+    erank = effective_rank(sv)
+    fro = float((sv**2).sum().sqrt())
+    stats = ModuleStats(
+        module=update.module, part=update.part, r=update.r, singular_values=sv.tolist(), effective_rank=erank,
+        stable_rank=stable_rank(sv), utilization=erank / update.r, energy=energy(sv),
+        rank_90=energy_rank(sv, 0.9), rank_99=energy_rank(sv, 0.99),
+        relative_norm=fro / update.weight_fro if update.weight_fro else None,
+    )
+    if update.magnitude is not None:
+        m = update.magnitude.detach().double()
+        stats.magnitude = {"mean": float(m.mean()), "std": float(m.std()) if m.numel() > 1 else 0.0,
+                           "min": float(m.min()), "max": float(m.max())}
+        if update.weight_row_norm is not None:
+            change = (m - update.weight_row_norm.double()).abs() / update.weight_row_norm.double().clamp_min(1e-12)
+            stats.magnitude.update(rel_change_mean=float(change.mean()), rel_change_max=float(change.max()))
+    return stats
+
+
+def analyze(updates: list[LowRankUpdate]) -> list[ModuleStats]:
+    return [module_stats(u) for u in updates]
+
+
+# -- extraction -----------------------------------------------------------------------------------------
+
+
+def updates_from_model(model: torch.nn.Module, adapter: str | None = None) -> list[LowRankUpdate]:
+    """The low-rank updates of every adapted linear/Conv1D layer (fused modules split into their slices)."""
+    updates = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        adapter_name = adapter or _first_active(layer)
+        if adapter_name not in layer.lora_A:
+            continue
+        A, B = layer.lora_A[adapter_name].weight.detach(), layer.lora_B[adapter_name].weight.detach()
+        W = dequantize_module_weight(layer.get_base_layer()).detach()
+        W = W.T if getattr(layer, "fan_in_fan_out", False) else W
+        magnitude = layer.lora_magnitude_vector[adapter_name].weight.detach() if adapter_name in layer.lora_magnitude_vector else None
+        spec = getattr(layer, "slice_specs", {}).get(adapter_name)
+        updates += _split(_clean(name), A, B, float(layer.scaling[adapter_name]), W, magnitude, spec)
+    return updates
+
+
+def updates_from_adapter_dir(path: str, base_weights: dict[str, torch.Tensor] | None = None) -> list[LowRankUpdate]:
+    """The updates of a saved adapter folder; ``base_weights`` ({module: (out, in) weight}) adds ‖W‖ figures."""
+    from peft.utils import load_peft_weights
+
+    with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    sidecar_path = os.path.join(path, "hf_lorax.json")
+    sidecar = json.load(open(sidecar_path, encoding="utf-8")) if os.path.isfile(sidecar_path) else {}
+    specs = parse_fused_slices(sidecar.get("fused_slices"))
+    sliced = sidecar.get("sliced_modules") or {}
+    state = load_peft_weights(path)
+    updates = []
+    for key in sorted(k for k in state if k.endswith(".lora_A.weight")):
+        module = _clean(key.removesuffix(".lora_A.weight"))
+        A, B = state[key], state[key.replace(".lora_A.", ".lora_B.")]
+        r, alpha = A.shape[0], config["alpha_pattern"].get(get_pattern_key(list(config["alpha_pattern"]), module), config["lora_alpha"])
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        magnitude = state.get(key.replace(".lora_A.weight", ".lora_magnitude_vector"))
+        W = _find_weight(base_weights, module)
+        spec = spec_for(module, specs) if module in sliced else None
+        updates += _split(module, A, B, scaling, W, magnitude, spec)
+    return updates
+
+
+def _split(module, A, B, scaling, W, magnitude, spec) -> list[LowRankUpdate]:
+    def make(part, a, b, rows):
+        w = None if W is None else W[rows].double()
+        return LowRankUpdate(
+            module=module, part=part, lora_A=a, lora_B=b, scaling=scaling,
+            weight_fro=float(w.norm()) if w is not None else None,
+            magnitude=None if magnitude is None else magnitude[rows],
+            weight_row_norm=None if w is None else w.norm(dim=1),
+        )
+
+    if spec is None:
+        return [make("", A, B, slice(None))]
+    r = A.shape[0] // len(spec.adapt)
+    bounds = spec.bounds(B.shape[0], module)
+    return [
+        make(part, A[i * r : (i + 1) * r], B[lo:hi, i * r : (i + 1) * r], slice(lo, hi))
+        for i, (part, (lo, hi)) in enumerate(zip(spec.adapt, bounds))
+    ]
+
+
+def _find_weight(weights: dict | None, module: str):
+    """``weights[module]``, tolerating a task-model prefix on either side (``transformer.h.0`` vs ``h.0``)."""
+    if not weights:
+        return None
+    if module in weights:
+        return weights[module]
+    return next((w for k, w in weights.items() if module.endswith("." + k) or k.endswith("." + module)), None)
+
+
+def _first_active(layer) -> str:
+    active = layer.active_adapters
+    return active[0] if active else "default"
+
+
+def _clean(name: str) -> str:
+    return name.removeprefix("base_model.model.")
+
+
+# -- summaries -----------------------------------------------------------------------------------------
+
+
+def layer_index(module: str) -> int | None:
+    """The first integer component of a module name (``encoder.layer.3.attention`` -> 3)."""
+    return next((int(p) for p in module.split(".") if p.isdigit()), None)
+
+
+def module_type(stats: ModuleStats) -> str:
+    base = stats.module.split(".")[-1]
+    return f"{base}[{stats.part}]" if stats.part else base
+
+
+def summarize(stats: list[ModuleStats], prefix: str = "rank_utilization") -> dict[str, float]:
+    """Mean/min utilization overall, per module type and per layer, as flat metric names for a logger."""
+    out: dict[str, float] = {}
+    if not stats:
+        return out
+
+    def add(name, values):
+        out[f"{prefix}/{name}mean"] = sum(values) / len(values)
+        out[f"{prefix}/{name}min"] = min(values)
+
+    add("", [s.utilization for s in stats])
+    for kind in sorted({module_type(s) for s in stats}):
+        add(f"type/{kind}/", [s.utilization for s in stats if module_type(s) == kind])
+    for layer in sorted({i for s in stats if (i := layer_index(s.module)) is not None}):
+        add(f"layer/{layer}/", [s.utilization for s in stats if layer_index(s.module) == layer])
+    return out
+
+
+def per_module_metrics(stats: list[ModuleStats], prefix: str = "rank_utilization") -> dict[str, float]:
+    return {f"{prefix}/module/{s.name}": s.utilization for s in stats}
+
+
+def suggest_rank_map(stats: list[ModuleStats], threshold: float = 0.9, max_rank: int | None = None) -> dict[str, int]:
+    """Per module, the smallest power of two ≥ the rank holding ``threshold`` of the update's energy.
+
+    Fused slices share one rank per module, so the largest slice decides. Modules whose update is still zero
+    get rank 1. The result is a ``rank_map`` that :class:`hf_lorax.LoRAConfig` accepts as is.
+    """
+    suggestion: dict[str, int] = {}
+    for s in stats:
+        rank = next_power_of_two(max(s.rank_at(threshold), 1))
+        if max_rank is not None:
+            rank = min(rank, max_rank)
+        suggestion[s.module] = max(suggestion.get(s.module, 1), rank)
+    return suggestion
+
+
+def stats_to_dict(stats: list[ModuleStats]) -> list[dict]:
+    return [asdict(s) for s in stats]
