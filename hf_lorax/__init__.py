@@ -26,6 +26,7 @@ from . import hooks as _hooks
 from .analysis import RankUtilizationCallback
 from .config import DoRAConfig, LoRAConfig
 from .describe import AdapterReport, describe
+from .hub import push_adapter
 from .model import get_model, load_base_model
 from .optim import create_loraplus_optimizer, loraplus_param_groups
 
@@ -42,4 +43,5 @@ __all__ = [
     "get_model",
     "load_base_model",
     "loraplus_param_groups",
+    "push_adapter",
 ]

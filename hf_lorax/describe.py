@@ -66,6 +66,8 @@ class AdapterReport:
 
     def to_markdown(self) -> str:
         head, body = self._table()
+        if all(not row[1] for row in body):  # layer types are unknown when read from a saved adapter
+            head, body = [head[0], *head[2:]], [[row[0], *row[2:]] for row in body]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(row) + " |" for row in body]
         return "\n".join(lines)

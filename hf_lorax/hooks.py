@@ -24,6 +24,10 @@ transformers ``CallbackHandler.on_log``   Before reporters see a ``Trainer.log``
                                           that hf_lorax callbacks hold (``hf_lorax_pending_logs()``), so
                                           rank utilization reaches every reporter and ``log_history``.
                                           Callbacks without that method are untouched.
+``PeftModel.create_or_update_model_card`` For hf_lorax configs, write hf_lorax's model card
+                                          (``model_cards/adapter_card.md``), so ``save_pretrained``,
+                                          ``push_to_hub`` and ``Trainer(push_to_hub=True)`` publish the
+                                          same card as :func:`hf_lorax.push_adapter`.
 ========================================  ===========================================================
 
 Everything else needs no hook: the configs are ``LoraConfig`` subclasses whose layers reach peft through
@@ -49,6 +53,7 @@ def install() -> None:
     _wrap_config_from_pretrained()
     _wrap_transformers_load_adapter()
     _wrap_callback_on_log()
+    _wrap_model_card()
     _INSTALLED = True
 
 
@@ -86,9 +91,24 @@ def upgrade_config(config, path, subfolder=None):
         return config
     directory = os.path.join(path, subfolder) if subfolder else os.fspath(path)
     if not os.path.isdir(directory):
-        return config
+        directory = _download_sidecar(os.fspath(path), subfolder)
+        if directory is None:
+            return config
     sidecar = read_sidecar(directory)
     return config if sidecar is None else from_peft_config(config, sidecar)
+
+
+def _download_sidecar(repo_id: str, subfolder: str | None) -> str | None:
+    """The local folder of a Hub adapter's ``hf_lorax.json``, or None (no file, offline, not a repo id)."""
+    from huggingface_hub import hf_hub_download
+
+    from .config import SIDECAR_NAME
+
+    try:
+        path = hf_hub_download(repo_id, SIDECAR_NAME, subfolder=subfolder)
+    except Exception:  # no such file, no network, not a repo id: load as plain peft
+        return None
+    return os.path.dirname(path)
 
 
 def _wrap_transformers_load_adapter() -> None:
@@ -145,3 +165,20 @@ def _wrap_callback_on_log() -> None:
 
     on_log.__wrapped__ = original
     CallbackHandler.on_log = on_log
+
+
+def _wrap_model_card() -> None:
+    from peft import PeftModel
+
+    original = PeftModel.create_or_update_model_card
+
+    def create_or_update_model_card(self, output_dir: str):
+        from .config import LoRAConfig
+        from .hub import card_for_model, write_model_card
+
+        if not any(isinstance(c, LoRAConfig) for c in self.peft_config.values()):
+            return original(self, output_dir)
+        write_model_card(card_for_model(self, output_dir), output_dir)
+
+    create_or_update_model_card.__wrapped__ = original
+    PeftModel.create_or_update_model_card = create_or_update_model_card

@@ -113,14 +113,17 @@ def _check_base_model(config: LoRAConfig, base: nn.Module) -> None:
 
 
 def _load_adapter(path: str, model: nn.Module | None, is_trainable: bool, kwargs: dict) -> PeftModel:
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"Adapter directory {path!r} does not exist.")
-    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
-        raise FileNotFoundError(f"{path!r} has no adapter_config.json; it is not a saved adapter directory.")
-    from .checks import check_adapter_dir
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise FileNotFoundError(f"{path!r} has no adapter_config.json; it is not a saved adapter directory.")
+        from .checks import check_adapter_dir
 
-    config = check_adapter_dir(path)
-    read_sidecar(path)  # a malformed sidecar fails here with its own message
+        config = check_adapter_dir(path)
+        read_sidecar(path)  # a malformed sidecar fails here with its own message
+    elif _looks_like_path(path) or path.count("/") != 1:
+        raise FileNotFoundError(f"Adapter directory {path!r} does not exist (and it is not a Hub repo id).")
+    else:  # a Hub repo id: peft downloads it (the hooks read its hf_lorax.json too)
+        config = PeftConfig.from_pretrained(path)
     base = model if model is not None else load_base_model(config, **kwargs)
     if isinstance(config, LoRAConfig):
         base = config.prepare_base_model(base)

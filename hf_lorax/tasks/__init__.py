@@ -1,0 +1,1 @@
+"""Task data and models: the embedded demo task (`synthetic`)."""

@@ -1,0 +1,39 @@
+"""Push a saved adapter (adapter files only) to the Hub with a rendered model card.
+
+    python scripts/push_adapter.py runs/sst2/adapter --repo_id me/roberta-base-lora-sst2 [--results FILE]
+        [--private] [--license apache-2.0] [--dry_run]
+
+``--dry_run`` validates the folder, writes README.md into it and prints the exact file list and sizes;
+nothing touches the network. The token comes from `huggingface-cli login` or HF_TOKEN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hf_lorax.hub import push_adapter
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("adapter_dir")
+    parser.add_argument("--repo_id", required=True)
+    parser.add_argument("--results", help="results.json to publish (default: the folder's own, if any)")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--license")
+    parser.add_argument("--commit_message")
+    parser.add_argument("--revision")
+    parser.add_argument("--dry_run", action="store_true")
+    args = parser.parse_args(argv)
+    plan = push_adapter(args.adapter_dir, args.repo_id, results=args.results, private=args.private or None,
+                        license=args.license, commit_message=args.commit_message, revision=args.revision,
+                        dry_run=args.dry_run)
+    print(plan.describe())
+    print(f"model card: {args.adapter_dir.rstrip('/')}/README.md")
+    print("dry run: nothing uploaded" if args.dry_run else f"uploaded: {plan.commit_url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
