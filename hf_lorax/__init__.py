@@ -29,6 +29,7 @@ from .describe import AdapterReport, describe
 from .hub import push_adapter
 from .model import get_model, load_base_model
 from .optim import create_loraplus_optimizer, loraplus_param_groups
+from .quantization import QLoRAConfig, merge_and_unload
 
 _hooks.install()
 
@@ -36,6 +37,7 @@ __all__ = [
     "AdapterReport",
     "DoRAConfig",
     "LoRAConfig",
+    "QLoRAConfig",
     "RankUtilizationCallback",
     "__version__",
     "create_loraplus_optimizer",
@@ -43,5 +45,6 @@ __all__ = [
     "get_model",
     "load_base_model",
     "loraplus_param_groups",
+    "merge_and_unload",
     "push_adapter",
 ]

@@ -23,7 +23,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 from peft import LoraConfig
 
@@ -32,7 +32,6 @@ from .slices import parse_fused_slices
 
 SIDECAR_NAME = "hf_lorax.json"
 SIDECAR_FORMAT = 1
-_EXTRA_FIELDS = ("rank_map", "alpha_map", "num_labels", "fused_slices")
 
 
 @dataclass
@@ -77,6 +76,9 @@ class LoRAConfig(LoraConfig):
         },
     )
 
+    # hf_lorax's own fields: saved to hf_lorax.json, never to adapter_config.json
+    extra_fields: ClassVar[tuple[str, ...]] = ("rank_map", "alpha_map", "num_labels", "fused_slices")
+
     def __post_init__(self):
         _check_positive_int("r", self.r)
         _check_positive_number("lora_alpha", self.lora_alpha)
@@ -120,7 +122,7 @@ class LoRAConfig(LoraConfig):
         slices report the rank and alpha of the equivalent full-module LoRA, so plain peft rebuilds them.
         """
         out = super().to_dict()
-        for name in _EXTRA_FIELDS:
+        for name in self.extra_fields:
             out.pop(name, None)
         out["rank_pattern"] = dict(out.get("rank_pattern") or {})
         out["alpha_pattern"] = dict(out.get("alpha_pattern") or {})
@@ -140,7 +142,7 @@ class LoRAConfig(LoraConfig):
             "hf_lorax_version": __version__,
             "config_class": type(self).__name__,
             "method": self.method,
-            **{name: getattr(self, name) for name in _EXTRA_FIELDS},
+            **{name: getattr(self, name) for name in self.extra_fields},
             "sliced_modules": dict(self._sliced_modules),
         }
 
@@ -214,6 +216,8 @@ def read_sidecar(directory: str) -> dict | None:
 def from_peft_config(config: LoraConfig, sidecar: dict) -> LoRAConfig:
     """Rebuild the hf_lorax config that wrote ``sidecar`` from the peft config read beside it."""
     name = sidecar.get("config_class", "LoRAConfig")
+    if name not in CONFIG_CLASSES and name.startswith("Q"):
+        from . import quantization  # noqa: F401  (registers QLoRAConfig)
     if name not in CONFIG_CLASSES:
         raise ValueError(f"hf_lorax.json names config class {name!r}; known: {sorted(CONFIG_CLASSES)}.")
     kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoraConfig) if f.init}
@@ -227,5 +231,6 @@ def from_peft_config(config: LoraConfig, sidecar: dict) -> LoRAConfig:
         if module in alpha_pattern:
             alpha_pattern[module] /= math.sqrt(n) if kwargs["use_rslora"] else n
     kwargs.update(rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
-    kwargs.update({extra: sidecar.get(extra) for extra in _EXTRA_FIELDS})
-    return CONFIG_CLASSES[name](**kwargs)
+    cls = CONFIG_CLASSES[name]
+    kwargs.update({extra: sidecar[extra] for extra in cls.extra_fields if extra in sidecar})
+    return cls(**kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
@@ -29,6 +30,8 @@ class AdapterReport:
     adapter_params: int = 0
     trainable_params: int = 0
     total_params: int = 0
+    base_bytes_per_param: float | None = None  # all frozen base parameters, as stored
+    quantized_bytes_per_param: float | None = None  # 4-bit linears only (packed weights + constants)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "rows": [asdict(r) for r in self.rows]}
@@ -51,10 +54,15 @@ class AdapterReport:
 
     def summary(self) -> str:
         pct = 100 * self.trainable_params / max(self.total_params, 1)
-        return (
+        text = (
             f"adapter {self.adapter!r}: {len(self.rows)} modules, {self.adapter_params:,} adapter params; "
             f"trainable {self.trainable_params:,} of {self.total_params:,} ({pct:.4f}%)"
         )
+        if self.base_bytes_per_param is not None:
+            text += f"\nbase: {self.base_bytes_per_param:.3f} bytes/param"
+        if self.quantized_bytes_per_param is not None:
+            text += f"; 4-bit linears: {self.quantized_bytes_per_param:.3f} bytes/param"
+        return text
 
     def __str__(self) -> str:
         head, body = self._table()
@@ -110,7 +118,26 @@ def describe(model: nn.Module, adapter: str | None = None) -> AdapterReport:
         report.adapter_params += params
     report.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     report.total_params = sum(p.numel() for p in model.parameters())
+    report.base_bytes_per_param, report.quantized_bytes_per_param = _base_storage(model)
     return report
+
+
+def _base_storage(model: nn.Module) -> tuple[float | None, float | None]:
+    """Bytes per parameter of the frozen base (counting 4-bit weights by their logical size)."""
+    try:
+        from .quantization import quantized_bytes_per_param
+    except ImportError:  # bitsandbytes missing
+        return None, None
+    q = quantized_bytes_per_param(model)
+    params = nbytes = 0
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p.requires_grad:
+                continue
+            state = getattr(p, "quant_state", None)
+            params += int(torch.Size(state.shape).numel()) if state is not None else p.numel()
+            nbytes += p.numel() * p.element_size()
+    return (nbytes / params if params else None), q
 
 
 def _adapter_params(module: nn.Module, attr: str, adapter: str):

@@ -244,9 +244,27 @@ def render_model_card(
         hyperparameters_table=_dict_table(results.get("hyperparameters"), ("hyperparameter", "value")),
         has_plot=os.path.isfile(os.path.join(folder, "rank_utilization.png")),
         auto_class=AUTO_CLASSES.get(task_type, "AutoModel"), num_labels=sidecar.get("num_labels"),
+        load_kwargs=_load_kwargs(sidecar),
     )
     template = resources.files("hf_lorax.model_cards").joinpath("adapter_card.md").read_text(encoding="utf-8")
     return ModelCard.from_template(card_data, template_str=template, **context)
+
+
+def _load_kwargs(sidecar: dict) -> str:
+    """Extra ``from_pretrained`` arguments of the usage snippet (the 4-bit base of a QLoRA adapter)."""
+    num_labels = f", num_labels={sidecar['num_labels']}" if sidecar.get("num_labels") else ""
+    if "quant_type" not in sidecar:
+        return num_labels
+    from .quantization import UNQUANTIZED_HEADS
+
+    if sidecar.get("load_in_8bit"):
+        q = f"BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules={list(UNQUANTIZED_HEADS)})"
+    else:
+        q = (f"BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type={sidecar['quant_type']!r}, "
+             f"bnb_4bit_use_double_quant={sidecar.get('double_quant', True)}, "
+             f"bnb_4bit_compute_dtype=torch.{sidecar.get('compute_dtype', 'bfloat16')}, "
+             f"llm_int8_skip_modules={list(UNQUANTIZED_HEADS)})")
+    return f"{num_labels},\n    quantization_config={q}"
 
 
 def _eval_results(results: dict, pipeline_tag: str | None) -> list[EvalResult]:

@@ -8,7 +8,9 @@ per step. Expanding the square needs only the factors::
     ‖W_i + s·B_i A‖² = ‖W_i‖² + 2s·B_i·(A W_iᵀ) + s²·B_i (A Aᵀ) B_iᵀ
 
 so one ``W Aᵀ`` product (d×r) and an r×r Gram matrix suffice; ``‖W_i‖²`` is cached while ``W`` is
-unchanged. Outputs equal peft's to float32 round-off.
+unchanged. On a 4-bit / 8-bit base, ``W Aᵀ`` comes from the quantized kernel applied to the r rows of
+``A``, so the full weight is dequantized only when ``‖W‖²`` must be refreshed. Outputs equal peft's to
+float32 round-off.
 
 One deliberate difference from peft in *training with dropout*: peft feeds the dropped-out input
 through the frozen weight a second time (an extra full matmul) so the magnitude rescaling also sees
@@ -42,11 +44,16 @@ def dora_row_norm(
     ``weight`` is (out, in), ``lora_A`` (r, in), ``lora_B`` (out, r), ``weight_sq`` the (out,) squared
     row norms of ``weight``.
     """
-    A = lora_A.to(weight.dtype)
-    cross = ((weight @ A.T).float() * lora_B.float()).sum(dim=1)
+    return row_norm_from_products(weight @ lora_A.to(weight.dtype).T, weight_sq, lora_A, lora_B, scaling)
+
+
+def row_norm_from_products(
+    weight_At: torch.Tensor, weight_sq: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """The same norm given ``W Aᵀ`` (out, r) and ``‖W_i‖²`` (out,): no (out, in) tensor is needed."""
     A32, B32 = lora_A.float(), lora_B.float()
-    gram = A32 @ A32.T
-    ba_sq = ((B32 @ gram) * B32).sum(dim=1)
+    cross = (weight_At.float() * B32).sum(dim=1)
+    ba_sq = ((B32 @ (A32 @ A32.T)) * B32).sum(dim=1)
     return (weight_sq + 2 * scaling * cross + scaling * scaling * ba_sq).clamp_min(0).sqrt()
 
 
@@ -67,22 +74,37 @@ class FactorizedDoraLinearVariant(LoraVariant):
         return module.lora_A[adapter].weight, module.lora_B[adapter].weight
 
     @classmethod
-    def weight_sq(cls, module: LoraLayer, weight: torch.Tensor) -> torch.Tensor:
+    def weight_sq(cls, module: LoraLayer) -> torch.Tensor:
         """Squared row norms of the frozen weight, recomputed only when the stored weight changes."""
         param = module.get_base_layer().weight
         key = (param.data_ptr(), param._version, param.dtype, param.device)
         cached = getattr(module, "_hf_lorax_weight_sq", None)
         if cached is None or cached[0] != key:
-            cached = (key, weight.float().pow(2).sum(dim=1))
+            cached = (key, cls.base_weight(module).float().pow(2).sum(dim=1))
             module._hf_lorax_weight_sq = cached
         return cached[1]
 
     @classmethod
+    def weight_times_At(cls, module: LoraLayer, lora_A: torch.Tensor) -> torch.Tensor:
+        """``W Aᵀ`` (out, r). A quantized base computes it with its own kernel on the r rows of ``A``."""
+        base = module.get_base_layer()
+        if base.weight.is_floating_point():
+            weight = cls.base_weight(module)
+            return weight @ lora_A.to(weight.dtype).T
+        rows = lora_A.to(getattr(base, "compute_dtype", None) or lora_A.dtype)
+        out = base(rows)
+        if getattr(base, "bias", None) is not None:
+            out = out - base.bias.to(out.dtype)
+        return out.T
+
+    @classmethod
     def weight_norm(cls, module: LoraLayer, adapter: str, weight: torch.Tensor | None = None) -> torch.Tensor:
         with torch.no_grad():
-            weight = cls.base_weight(module) if weight is None else weight
             A, B = cls.factors(module, adapter)
-            return dora_row_norm(weight, A, B, module.scaling[adapter], cls.weight_sq(module, weight))
+            if weight is not None:  # merging: the norm of an explicitly given (unmerged) weight
+                return dora_row_norm(weight, A, B, module.scaling[adapter], weight.float().pow(2).sum(dim=1))
+            return row_norm_from_products(cls.weight_times_At(module, A), cls.weight_sq(module), A, B,
+                                          module.scaling[adapter])
 
     @classmethod
     def init(cls, module: LoraLayer, adapter_name: str, **kwargs: Any) -> None:

@@ -91,21 +91,8 @@ class SlicedLoraB(nn.Module):
             unexpected_keys.append(extra)
 
 
-class LoraLinear(peft_lora.Linear):
-    """LoRA / DoRA on ``nn.Linear`` or GPT-2 ``Conv1D``, optionally on slices of a fused projection."""
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int = 0, lora_alpha: float = 1, **kwargs):
-        nn.Module.__init__(self)
-        peft_lora.LoraLayer.__init__(self, base_layer, **kwargs)
-        # Conv1D stores its weight as (in, out); decide from the layer, not the config flag.
-        self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
-        self.is_target_conv_1d_layer = self.fan_in_fan_out
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
-
-    @property
-    def lora_variants(self):
-        return {(): None, ("use_dora",): FactorizedDoraLinearVariant}
+class FusedSliceMixin:
+    """``update_layer`` that adapts only some slices of a fused output when the config asks for it."""
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config, **kwargs) -> None:
         target = kwargs.get("target_name", "")
@@ -134,6 +121,10 @@ class LoraLinear(peft_lora.Linear):
         if adapter in self.lora_variant:  # the magnitude must see the sliced B
             self.lora_variant[adapter].init(self, adapter_name=adapter, config=config)
 
+
+class WeightNormCacheMixin:
+    """Drops DoRA's cached ‖W‖² when merging or unmerging rewrites the frozen weight."""
+
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
         self.__dict__.pop("_hf_lorax_weight_sq", None)
@@ -141,25 +132,34 @@ class LoraLinear(peft_lora.Linear):
     def unmerge(self) -> None:
         super().unmerge()
         self.__dict__.pop("_hf_lorax_weight_sq", None)
+
+
+class LoraLinear(FusedSliceMixin, WeightNormCacheMixin, peft_lora.Linear):
+    """LoRA / DoRA on ``nn.Linear`` or GPT-2 ``Conv1D``, optionally on slices of a fused projection."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int = 0, lora_alpha: float = 1, **kwargs):
+        nn.Module.__init__(self)
+        peft_lora.LoraLayer.__init__(self, base_layer, **kwargs)
+        # Conv1D stores its weight as (in, out); decide from the layer, not the config flag.
+        self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
+        self.is_target_conv_1d_layer = self.fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+    @property
+    def lora_variants(self):
+        return {(): None, ("use_dora",): FactorizedDoraLinearVariant}
 
     def __repr__(self) -> str:
         return "hf_lorax." + super().__repr__()
 
 
-class LoraEmbedding(peft_lora.Embedding):
+class LoraEmbedding(WeightNormCacheMixin, peft_lora.Embedding):
     """LoRA / DoRA on ``nn.Embedding`` (peft's layer with hf_lorax's factorized DoRA)."""
 
     @property
     def lora_variants(self):
         return {(): None, ("use_dora",): FactorizedDoraEmbeddingVariant}
-
-    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
-        super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
-        self.__dict__.pop("_hf_lorax_weight_sq", None)
-
-    def unmerge(self) -> None:
-        super().unmerge()
-        self.__dict__.pop("_hf_lorax_weight_sq", None)
 
     def __repr__(self) -> str:
         return "hf_lorax." + super().__repr__()

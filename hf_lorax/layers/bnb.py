@@ -1,0 +1,121 @@
+"""LoRA / DoRA on bitsandbytes 4-bit and 8-bit linears (QLoRA, QDoRA).
+
+peft's bnb layers, with three changes:
+
+* DoRA is hf_lorax's factorized variant; its ``W Aᵀ`` runs through the quantized kernel;
+* fused slices and ``target_name`` work as on dense layers;
+* merging de-quantizes: the merged layer becomes a dense ``nn.Linear`` in the compute dtype, and
+  unmerging restores the original quantized layer bit for bit. peft instead re-quantizes the merged weight
+  (lossy every time, peft#2321).
+
+bitsandbytes' CPU backend on AVX512-BF16 machines repacks 4-bit weights in place on the first no-grad
+forward, after which every training step fails ("a view of a leaf Variable ... in-place operation").
+:func:`disable_cpu_repacking` switches that off for each layer hf_lorax wraps, so ``Trainer`` with
+``eval_strategy="steps"`` trains on after evaluating.
+"""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import torch
+from peft.tuners.lora import bnb as peft_bnb
+from peft.tuners.lora.layer import LoraLayer
+from peft.utils.integrations import dequantize_module_weight
+from torch import nn
+
+from .dora import FactorizedDoraLinearVariant
+from .lora import FusedSliceMixin
+
+
+def disable_cpu_repacking(module: nn.Module) -> None:
+    """Turn off bitsandbytes' in-place AVX512-BF16 repacking of 4-bit weights (see module docstring)."""
+    for layer in module.modules():
+        if isinstance(layer, bnb.nn.Linear4bit) and getattr(layer, "support_avx512bf16_for_cpu", False):
+            layer.support_avx512bf16_for_cpu = False
+
+
+class _QuantizedLora(FusedSliceMixin):
+    def _init_quantized(self, base_layer, adapter_name, config, r, lora_alpha, **kwargs) -> None:
+        nn.Module.__init__(self)
+        LoraLayer.__init__(self, base_layer)
+        self.fan_in_fan_out = False
+        self._active_adapter = adapter_name
+        disable_cpu_repacking(self.get_base_layer())
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+    def resolve_lora_variant(self, *, config, **kwargs):
+        if config.use_dora:
+            return FactorizedDoraLinearVariant()
+        return super().resolve_lora_variant(config=config, **kwargs)
+
+    def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
+        """Merge into a dense copy of the weight (compute dtype); the quantized layer is kept for unmerge."""
+        from peft.tuners.tuners_utils import check_adapters_to_merge
+
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        quantized = self.get_base_layer()
+        dense = dense_copy(quantized)
+        weight, merged = dense.weight.data.float(), []
+        for name in adapter_names:
+            if name not in self.lora_A:
+                continue
+            delta = self.get_delta_weight(name).float()
+            if name in self.lora_variant:  # DoRA: the norm comes from the quantized (unmerged) base
+                weight = self.lora_variant[name]._dora_factor(self, name) * (weight + delta)
+            else:
+                weight = weight + delta
+            merged.append(name)
+        if safe_merge and not torch.isfinite(weight).all():
+            raise ValueError(f"NaNs detected in the merged weights; adapters {merged} seem to be broken.")
+        self.merged_adapters.extend(merged)
+        dense.weight.data = weight.to(dense.weight.dtype)
+        dense._hf_lorax_merged = True  # lets merge_and_unload(requantize=True) find merged layers
+        self._quantized_base = getattr(self, "_quantized_base", None) or quantized
+        self.base_layer = dense
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.base_layer = self._quantized_base
+        self._quantized_base = None
+        self.merged_adapters = []
+        self._caches.clear()
+
+
+def dense_copy(layer: nn.Module) -> nn.Linear:
+    """A dense ``nn.Linear`` in the layer's compute dtype with its de-quantized weight and bias."""
+    weight = dequantize_module_weight(layer)
+    dtype = getattr(layer, "compute_dtype", None) or torch.float32
+    dense = nn.Linear(weight.shape[1], weight.shape[0], bias=layer.bias is not None, device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        dense.weight.copy_(weight.to(dtype))
+        if layer.bias is not None:
+            dense.bias.copy_(layer.bias.to(dtype))
+    dense.requires_grad_(False)
+    return dense
+
+
+class LoraLinear4bit(_QuantizedLora, peft_bnb.Linear4bit):
+    """LoRA / DoRA on ``bnb.nn.Linear4bit`` (NF4 / FP4)."""
+
+    def __init__(self, base_layer, adapter_name: str, config, r: int = 0, lora_alpha: float = 1, **kwargs):
+        self._init_quantized(base_layer, adapter_name, config, r, lora_alpha, **kwargs)
+
+    def __repr__(self) -> str:
+        return "hf_lorax." + super().__repr__()
+
+
+class LoraLinear8bit(_QuantizedLora, peft_bnb.Linear8bitLt):
+    """LoRA / DoRA on ``bnb.nn.Linear8bitLt``."""
+
+    def __init__(self, base_layer, adapter_name: str, config, r: int = 0, lora_alpha: float = 1, **kwargs):
+        self._init_quantized(base_layer, adapter_name, config, r, lora_alpha, **kwargs)
+
+    def __repr__(self) -> str:
+        return "hf_lorax." + super().__repr__()
+
+
+def quantized_module_mapping() -> dict[type, type]:
+    return {bnb.nn.Linear4bit: LoraLinear4bit, bnb.nn.Linear8bitLt: LoraLinear8bit}

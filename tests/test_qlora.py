@@ -1,0 +1,172 @@
+"""QLoRA / QDoRA on a bitsandbytes 4-bit base, on CPU (CUDA-only checks are marked and skipped here)."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import gpt2_config, randomize_adapters, roberta_config
+from datasets import Dataset
+from transformers import GPT2LMHeadModel, RobertaForSequenceClassification, Trainer, TrainingArguments
+
+import hf_lorax
+from hf_lorax import QLoRAConfig, describe, get_model
+from hf_lorax.layers.bnb import LoraLinear4bit
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qbases")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(gpt2_config(n_embd=64)).save_pretrained(root / "gpt2")
+    RobertaForSequenceClassification(roberta_config(hidden_size=64, intermediate_size=128)).save_pretrained(root / "roberta")
+    return {"gpt2": str(root / "gpt2"), "roberta": str(root / "roberta")}
+
+
+def _config(bases, arch, dora, **kw):
+    kw.setdefault("compute_dtype", "float32")
+    if arch == "gpt2":
+        return QLoRAConfig(base_model_name_or_path=bases["gpt2"], task_type="CAUSAL_LM", r=4, lora_alpha=8,
+                           target_modules=["c_attn", "c_fc"], fused_slices={"c_attn": ["q", "v"]}, use_dora=dora,
+                           rank_map={"h.1.*": 2}, **kw)
+    return QLoRAConfig(base_model_name_or_path=bases["roberta"], task_type="SEQ_CLS", num_labels=2, r=4, lora_alpha=8,
+                       target_modules=["query", "value"], use_dora=dora, **kw)
+
+
+def _data(arch, n=32, seq=10):
+    ids = torch.randint(3, 96, (n, seq), generator=torch.Generator().manual_seed(0))
+    labels = ids.tolist() if arch == "gpt2" else (ids[:, 1] > 48).long().tolist()
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels})
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "roberta"])
+@pytest.mark.parametrize("dora", [False, True], ids=["qlora", "qdora"])
+def test_train_with_eval_save_and_plain_peft_reload(arch, dora, bases, tmp_path, input_ids):
+    model = get_model(_config(bases, arch, dora))
+    assert any(isinstance(m, LoraLinear4bit) for m in model.modules())
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=6, eval_strategy="steps", eval_steps=2,
+                             per_device_train_batch_size=8, learning_rate=1e-2, report_to=[], use_cpu=True,
+                             disable_tqdm=True, save_strategy="no", logging_steps=2)
+    trainer = Trainer(model=model, args=args, train_dataset=_data(arch), eval_dataset=_data(arch, n=16))
+    trainer.train()  # evaluation between training steps must not break training (AVX512-BF16 repacking)
+    assert sum("eval_loss" in e for e in trainer.state.log_history) == 3
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    torch.save(input_ids, tmp_path / "ids.pt")
+    auto = "AutoModelForCausalLM" if arch == "gpt2" else "AutoModelForSequenceClassification"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["hf_lorax"] = None
+        import torch, transformers
+        from peft import PeftModel
+        q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32,
+                                            llm_int8_skip_modules=["classifier", "lm_head"])
+        base = transformers.{auto}.from_pretrained({bases[arch]!r}, quantization_config=q, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, {str(tmp_path / "adapter")!r}).eval()
+        # Same kernel as the trained model: bitsandbytes' AVX512-BF16 repacked path rounds differently (~1e-3).
+        for m in model.modules():
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = False
+        with torch.no_grad():
+            torch.save(model(torch.load({str(tmp_path / "ids.pt")!r})).logits, {str(tmp_path / "out.pt")!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_nf4_double_quant_storage_per_param(tmp_path):
+    """QLoRA paper: ~0.516 bytes/param; the fixed 1 KiB code tables matter only for toy-sized layers."""
+    GPT2LMHeadModel(gpt2_config(n_layer=1, n_embd=1024, n_head=8)).save_pretrained(tmp_path)
+    model = get_model(QLoRAConfig(base_model_name_or_path=str(tmp_path), task_type="CAUSAL_LM", r=4,
+                                  target_modules=["c_attn"], compute_dtype="float32"))
+    report = describe(model)
+    assert 0.5 < report.quantized_bytes_per_param <= 0.56
+    assert "bytes/param" in report.summary()
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dora", [False, True], ids=["qlora", "qdora"])
+def test_merge_and_unload_dequantizes(quant_type, dora, bases, input_ids):
+    model = get_model(_config(bases, "gpt2", dora, quant_type=quant_type))
+    randomize_adapters(model)
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids).logits
+        model.merge_adapter()
+        torch.testing.assert_close(model(input_ids).logits, expected, atol=1e-5, rtol=1e-5)
+        model.unmerge_adapter()  # restores the quantized layer exactly
+        assert isinstance(model.base_model.model.transformer.h[0].attn.c_attn.base_layer, bnb.nn.Linear4bit)
+        torch.testing.assert_close(model(input_ids).logits, expected, atol=0, rtol=0)
+        merged = hf_lorax.merge_and_unload(model)
+        assert type(merged.transformer.h[0].attn.c_attn) is torch.nn.Linear
+        assert merged.transformer.h[0].attn.c_attn.weight.dtype == torch.float32
+        torch.testing.assert_close(merged(input_ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_requantize_warns_and_is_lossy(bases, input_ids):
+    model = get_model(_config(bases, "gpt2", False))
+    randomize_adapters(model)
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids).logits
+    with pytest.warns(UserWarning, match="Re-quantizing merged weights is lossy"):
+        merged = hf_lorax.merge_and_unload(model, requantize=True)
+    assert isinstance(merged.transformer.h[0].attn.c_attn, bnb.nn.Linear4bit)
+    with torch.no_grad():
+        assert (merged(input_ids).logits - expected).abs().max() > 1e-4
+
+
+def test_bf16_compute_and_reload_with_get_model(bases, tmp_path, input_ids):
+    model = get_model(_config(bases, "roberta", True, compute_dtype="bfloat16"))
+    randomize_adapters(model)
+    model.eval()
+    model.save_pretrained(tmp_path)
+    sidecar = json.loads((tmp_path / "hf_lorax.json").read_text())
+    assert sidecar["config_class"] == "QLoRAConfig" and sidecar["compute_dtype"] == "bfloat16"
+    assert "quant_type" not in json.loads((tmp_path / "adapter_config.json").read_text())
+    again = get_model(str(tmp_path), is_trainable=False)
+    assert isinstance(again.peft_config["default"], QLoRAConfig)
+    assert any(isinstance(m, LoraLinear4bit) for m in again.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids).logits, model(input_ids).logits, atol=1e-2, rtol=1e-2)
+
+
+def test_frozen_base_keeps_its_dtype(bases):
+    model = get_model(_config(bases, "roberta", False, compute_dtype="bfloat16"))
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()}
+    assert torch.float32 not in frozen  # no blanket fp32 upcast (peft#3265)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(quant_type="int4"), "quant_type='int4'"),
+        (dict(compute_dtype="float64"), "compute_dtype='float64'"),
+        (dict(quant_storage="int2"), "quant_storage='int2'"),
+    ],
+)
+def test_invalid_quantization_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QLoRAConfig(target_modules=["q"], **kwargs)
+
+
+def test_model_without_quantized_linears(tiny_roberta):
+    with pytest.raises(ValueError, match="no bitsandbytes-quantized linear layers"):
+        get_model(QLoRAConfig(task_type="SEQ_CLS", num_labels=2, target_modules=["query"]), model=tiny_roberta)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_qlora_step(bases):
+    model = get_model(_config(bases, "gpt2", True, compute_dtype="bfloat16"), device_map={"": 0})
+    ids = torch.randint(3, 96, (4, 16), device="cuda")
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
