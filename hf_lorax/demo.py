@@ -1,8 +1,9 @@
-"""``make demo``: fine-tune a tiny RoBERTa with DoRA and a per-layer rank map, offline, in about a minute.
+"""``make demo``: the GLUE script's quick preset on an embedded default, offline, in under a minute.
 
-Builds a RoBERTa-shaped model from config and a sentence-classification task (``hf_lorax.tasks.synthetic``),
-trains the adapter and classifier head with the standard ``Trainer``, evaluates, saves the adapter,
-reloads it from disk with :func:`hf_lorax.get_model` and checks that the reloaded model scores the same.
+Pre-trains a tiny RoBERTa (built from config) on negation-free sentences, writes an SST-2-shaped task with
+negations in GLUE's TSV layout, then runs ``scripts/run_glue.py --preset demo/sst2``: DoRA with a per-layer
+rank map plus the classifier head, trained with the standard ``Trainer``, rank utilization logged. It then
+reloads the saved adapter from disk with :func:`hf_lorax.get_model` and checks that it scores the same.
 
     python -m hf_lorax.demo [--output_dir runs/demo] [--method dora|lora] [--epochs 10]
 """
@@ -15,96 +16,70 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="runs/demo")
     parser.add_argument("--method", choices=["lora", "dora"], default="dora")
     parser.add_argument("--epochs", type=float, default=10)
-    parser.add_argument("--learning_rate", type=float, default=5e-3)
     parser.add_argument("--train_size", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
-def accuracy(eval_pred) -> dict[str, float]:
-    logits, labels = eval_pred
-    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from datasets import Dataset
-    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
-
-    from hf_lorax import DoRAConfig, LoRAConfig, RankUtilizationCallback, describe, get_model
-    from hf_lorax.tasks.synthetic import make_sentiment_splits, pretrain_tiny_roberta
+    from hf_lorax import describe, get_model
+    from hf_lorax.tasks.glue import GlueArguments, results_table, run
+    from hf_lorax.tasks.glue_data import compute_metrics, get_task, read_tsv
+    from hf_lorax.tasks.synthetic import pretrain_tiny_roberta, write_sst2_folder
 
     started = time.time()
-    set_seed(args.seed)
     out = Path(args.output_dir)
-    base_dir, adapter_dir = out / "base_model", out / "adapter"
-
-    print(f"[1/5] Pre-training a tiny RoBERTa (built from config) on negation-free sentences -> {base_dir}")
+    base_dir, data_dir = out / "base_model", out / "data"
+    print(f"[1/4] Pre-training a tiny RoBERTa (built from config) on negation-free sentences -> {base_dir}")
     pretrain_tiny_roberta(str(base_dir), seed=args.seed)
+    write_sst2_folder(str(data_dir), seed=args.seed, n_train=args.train_size)
+    print(f"[2/4] scripts/run_glue.py --preset demo/sst2 --method {args.method} --data_dir {data_dir}")
+    glue_args = GlueArguments(
+        preset="demo/sst2", model_name_or_path=str(base_dir), data_dir=str(data_dir), output_dir=str(out),
+        method=args.method, epochs=args.epochs, seed=args.seed, rank_map=json.dumps(
+            {"layer.{0-1}.attention.self.query": 16, "layer.{2-3}.*": 4}),
+        rank_utilization_steps=50, use_cpu=True, logging_steps=20,
+    )
+    results = run(glue_args)
+    adapter_dir = out / "adapter"
+
+    print(f"[3/4] Reloading {adapter_dir} with hf_lorax.get_model and re-scoring the dev set")
+    model = get_model(str(adapter_dir), is_trainable=False)
+    print(describe(model))
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    dev = read_tsv(str(data_dir / "dev.tsv"), get_task("sst2"))
+    batch = tokenizer(dev["sentence"], padding=True, return_tensors="pt")
 
-    config_cls = DoRAConfig if args.method == "dora" else LoRAConfig
-    config = config_cls(
-        base_model_name_or_path=str(base_dir), task_type="SEQ_CLS", num_labels=2,
-        r=8, lora_alpha=16, target_modules=["query", "value"],
-        rank_map={"layer.{0-1}.attention.self.query": 16, "layer.{2-3}.*": 4},
-    )
-    model = get_model(config)
-    print(f"[2/5] {args.method.upper()} adapters injected:\n{describe(model)}\n")
+    def score(m) -> float:
+        with torch.no_grad():
+            return compute_metrics(get_task("sst2"), m.eval()(**batch).logits.numpy(), dev["label"])["accuracy"]
 
-    splits = make_sentiment_splits(n_train=args.train_size, n_eval=500, seed=args.seed)
-    tokenize = lambda batch: tokenizer(batch["sentence"], truncation=True)  # noqa: E731
-    train = Dataset.from_dict(splits["train"]).map(tokenize, batched=True, remove_columns=["sentence"])
-    val = Dataset.from_dict(splits["validation"]).map(tokenize, batched=True, remove_columns=["sentence"])
+    reloaded = score(model)
+    before = score(AutoModelForSequenceClassification.from_pretrained(base_dir))
+    accuracy = results["main_metric"]["value"]
 
-    training_args = TrainingArguments(
-        output_dir=str(out / "checkpoints"), num_train_epochs=args.epochs, learning_rate=args.learning_rate,
-        per_device_train_batch_size=32, per_device_eval_batch_size=128, warmup_steps=0.06,
-        lr_scheduler_type="linear", eval_strategy="epoch", save_strategy="epoch", save_total_limit=1,
-        logging_steps=20, report_to=[], seed=args.seed, use_cpu=True, dataloader_num_workers=0,
-    )
-    trainer = Trainer(
-        model=model, args=training_args, train_dataset=train, eval_dataset=val,
-        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy,
-        callbacks=[RankUtilizationCallback(every_n_steps=50, output_dir=str(out), log_per_module=False)],
-    )
-    before = trainer.evaluate()["eval_accuracy"]
-    print(f"[3/5] Training ({len(train)} sentences, {args.epochs:g} epochs); accuracy before: {before:.3f}")
-    trainer.train()
-    after = trainer.evaluate()["eval_accuracy"]
-
-    print(f"[4/5] Saving the adapter -> {adapter_dir}")
-    model.save_pretrained(adapter_dir)
-
-    reloaded = get_model(str(adapter_dir), is_trainable=False)
-    check = Trainer(model=reloaded, args=training_args, eval_dataset=val,
-                    data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy)
-    reloaded_acc = check.evaluate()["eval_accuracy"]
-    results = {
-        "method": args.method, "accuracy_before": before, "accuracy": after, "accuracy_reloaded": reloaded_acc,
-        "trainable_params": describe(model).trainable_params, "seconds": round(time.time() - started, 1),
-        "adapter_dir": str(adapter_dir), "base_model_dir": str(base_dir), "checkpoints": str(out / "checkpoints"),
-    }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"[5/5] Reloaded from disk: accuracy {reloaded_acc:.3f} (trained model: {after:.3f})\n")
-    print(f"accuracy {before:.3f} -> {after:.3f} in {results['seconds']} s")
-    print(f"  adapter      {adapter_dir}/ (adapter_config.json, adapter_model.safetensors, hf_lorax.json)")
-    print(f"  base model   {base_dir}/")
-    print(f"  checkpoints  {out / 'checkpoints'}/")
-    print(f"  results      {out / 'results.json'}")
+    print(f"[4/4] Done in {time.time() - started:.0f} s\n")
+    print(results_table([results]))
+    print(f"\naccuracy: pre-trained base {before:.3f} -> with the {args.method.upper()} adapter {accuracy:.3f} "
+          f"(reloaded from disk: {reloaded:.3f})")
+    print(f"  adapter      {adapter_dir}/ (adapter_config.json, adapter_model.safetensors, hf_lorax.json, README.md)")
+    print(f"  results      {out / 'results.json'}, {out / 'results.md'}")
     print(f"  rank usage   {out / 'rank_utilization.png'}, {out / 'suggested_rank_map.json'}")
-    if abs(reloaded_acc - after) > 1e-9:
-        raise SystemExit("The reloaded adapter scored differently from the trained one.")
-    return results
+    print(f"  base model   {base_dir}/   data {data_dir}/")
+    if abs(reloaded - accuracy) > 1e-6:
+        raise SystemExit(f"The reloaded adapter scored {reloaded:.4f}, the trained one {accuracy:.4f}.")
+    return {**results, "accuracy_before": before, "accuracy_reloaded": reloaded, "seconds": time.time() - started}
 
 
 if __name__ == "__main__":

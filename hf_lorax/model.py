@@ -81,6 +81,8 @@ def load_base_model(config: PeftConfig, **from_pretrained_kwargs: Any) -> nn.Mod
     kwargs = dict(from_pretrained_kwargs)
     if task in _LABELLED_TASKS and getattr(config, "num_labels", None):
         kwargs.setdefault("num_labels", config.num_labels)
+        # a checkpoint whose head has another label count: the head is re-initialised and trained anyway
+        kwargs.setdefault("ignore_mismatched_sizes", True)
     if hasattr(config, "base_model_kwargs"):
         kwargs = {**config.base_model_kwargs(), **kwargs}
     try:

@@ -113,3 +113,16 @@ def pretrain_tiny_roberta(output_dir: str, seed: int = 0, n_train: int = 4000, e
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     return output_dir
+
+
+def write_sst2_folder(folder: str, seed: int = 0, n_train: int = 3000, n_eval: int = 500) -> str:
+    """Write the task as ``train.tsv`` / ``dev.tsv`` in GLUE's SST-2 layout (``sentence<TAB>label``)."""
+    import os
+
+    os.makedirs(folder, exist_ok=True)
+    splits = make_sentiment_splits(n_train=n_train, n_eval=n_eval, seed=seed)
+    for split, name in (("train", "train.tsv"), ("validation", "dev.tsv")):
+        rows = zip(splits[split]["sentence"], splits[split]["label"])
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            f.write("sentence\tlabel\n" + "".join(f"{s}\t{y}\n" for s, y in rows))
+    return folder
