@@ -12,8 +12,12 @@ SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 
 
-def check_adapter_dir(path: str) -> PeftConfig:
-    """Validate ``adapter_config.json`` and the weights file of ``path``; return the adapter's config."""
+def check_adapter_dir(path: str, allow_pickle: bool = False) -> PeftConfig:
+    """Validate ``adapter_config.json`` and the weights file of ``path``; return the adapter's config.
+
+    A pickle ``adapter_model.bin`` (which can run code when unpickled) is refused unless ``allow_pickle``;
+    peft then loads it with ``torch.load(weights_only=True)``.
+    """
     config_path = os.path.join(path, CONFIG_FILE)
     try:
         with open(config_path, encoding="utf-8") as f:
@@ -28,15 +32,20 @@ def check_adapter_dir(path: str) -> PeftConfig:
         config = PeftConfig.from_pretrained(path)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{config_path} holds invalid values: {exc}") from exc
-    check_weights_file(path)
+    check_weights_file(path, allow_pickle)
     return config
 
 
-def check_weights_file(path: str) -> None:
+def check_weights_file(path: str, allow_pickle: bool = False) -> None:
     weights = os.path.join(path, SAFETENSORS_FILE)
     if not os.path.isfile(weights):
         if os.path.isfile(os.path.join(path, PICKLE_FILE)):
-            return  # a pickle adapter: peft loads it with torch.load(weights_only=True)
+            if not allow_pickle:
+                raise ValueError(
+                    f"{path!r} holds only a pickle {PICKLE_FILE}, which can execute code when loaded. Convert it to "
+                    f"safetensors, or pass allow_pickle=True to load it with torch.load(weights_only=True)."
+                )
+            return
         raise FileNotFoundError(f"{path!r} has {CONFIG_FILE} but no {SAFETENSORS_FILE}.")
     from safetensors import safe_open
 

@@ -28,6 +28,9 @@ transformers ``CallbackHandler.on_log``   Before reporters see a ``Trainer.log``
                                           (``model_cards/adapter_card.md``), so ``save_pretrained``,
                                           ``push_to_hub`` and ``Trainer(push_to_hub=True)`` publish the
                                           same card as :func:`hf_lorax.push_adapter`.
+``PeftModel.save_pretrained``             For hf_lorax configs, save all-or-nothing
+                                          (:mod:`hf_lorax.saving`): a process killed mid-save leaves the
+                                          previous adapter intact.
 ========================================  ===========================================================
 
 Everything else needs no hook: the configs are ``LoraConfig`` subclasses whose layers reach peft through
@@ -54,6 +57,7 @@ def install() -> None:
     _wrap_transformers_load_adapter()
     _wrap_callback_on_log()
     _wrap_model_card()
+    _wrap_save_pretrained()
     _INSTALLED = True
 
 
@@ -178,7 +182,29 @@ def _wrap_model_card() -> None:
 
         if not any(isinstance(c, LoRAConfig) for c in self.peft_config.values()):
             return original(self, output_dir)
-        write_model_card(card_for_model(self, output_dir), output_dir)
+        target = getattr(self, "_hf_lorax_save_target", None) or output_dir  # not the temporary directory
+        write_model_card(card_for_model(self, output_dir, repo_id=os.path.basename(os.path.abspath(target))), output_dir)
 
     create_or_update_model_card.__wrapped__ = original
     PeftModel.create_or_update_model_card = create_or_update_model_card
+
+
+def _wrap_save_pretrained() -> None:
+    from peft import PeftModel
+
+    original = PeftModel.save_pretrained
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        from .config import LoRAConfig
+        from .saving import atomic_directory_write
+
+        if not is_main_process or not any(isinstance(c, LoRAConfig) for c in self.peft_config.values()):
+            return original(self, save_directory, *args, is_main_process=is_main_process, **kwargs)
+        self._hf_lorax_save_target = save_directory
+        try:
+            atomic_directory_write(save_directory, lambda tmp: original(self, tmp, *args, **kwargs))
+        finally:
+            self._hf_lorax_save_target = None
+
+    save_pretrained.__wrapped__ = original
+    PeftModel.save_pretrained = save_pretrained

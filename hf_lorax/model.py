@@ -31,6 +31,7 @@ def get_model(
     model: nn.Module | None = None,
     *,
     is_trainable: bool = True,
+    allow_pickle: bool = False,
     **from_pretrained_kwargs: Any,
 ) -> PeftModel:
     """Build (or load) a ``PeftModel`` with hf_lorax adapters.
@@ -41,6 +42,8 @@ def get_model(
         model: the base model. If omitted, ``config.base_model_name_or_path`` is loaded with the Auto class
             of ``config.task_type`` (``SEQ_CLS`` gets ``num_labels``).
         is_trainable: when loading a saved adapter, whether its weights train (default) or are frozen.
+        allow_pickle: load an adapter saved only as a pickle ``adapter_model.bin`` (refused by default, as
+            unpickling can run code; loaded with ``torch.load(weights_only=True)``).
         **from_pretrained_kwargs: passed to the Auto class's ``from_pretrained`` (``torch_dtype``, ...).
 
     The task head (RoBERTa's ``classifier``, GPT-2's ``score``, ...) is trained and saved with the adapter;
@@ -55,7 +58,7 @@ def get_model(
         again = get_model("out/adapter")
     """
     if isinstance(config, (str, os.PathLike)):
-        return _load_adapter(os.fspath(config), model, is_trainable, from_pretrained_kwargs)
+        return _load_adapter(os.fspath(config), model, is_trainable, allow_pickle, from_pretrained_kwargs)
     if not isinstance(config, LoRAConfig):
         raise TypeError(
             f"get_model takes an hf_lorax config (LoRAConfig, DoRAConfig, QLoRAConfig) or an adapter directory, "
@@ -114,13 +117,13 @@ def _check_base_model(config: LoRAConfig, base: nn.Module) -> None:
             logger.info("pad_token_id was unset; using eos_token_id=%s for the classification head.", eos)
 
 
-def _load_adapter(path: str, model: nn.Module | None, is_trainable: bool, kwargs: dict) -> PeftModel:
+def _load_adapter(path: str, model: nn.Module | None, is_trainable: bool, allow_pickle: bool, kwargs: dict) -> PeftModel:
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "adapter_config.json")):
             raise FileNotFoundError(f"{path!r} has no adapter_config.json; it is not a saved adapter directory.")
         from .checks import check_adapter_dir
 
-        config = check_adapter_dir(path)
+        config = check_adapter_dir(path, allow_pickle)
         read_sidecar(path)  # a malformed sidecar fails here with its own message
     elif _looks_like_path(path) or path.count("/") != 1:
         raise FileNotFoundError(f"Adapter directory {path!r} does not exist (and it is not a Hub repo id).")

@@ -48,10 +48,24 @@ def find_task_heads(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_children() if name != body]
 
 
+def declare_mean_loss(model: nn.Module) -> None:
+    """Tell the Trainer that this head's loss is a plain mean.
+
+    transformers' classification / QA heads take ``**kwargs`` but compute a mean loss without
+    ``num_items_in_batch``; seeing ``**kwargs``, the Trainer assumes a sum over the global batch and multiplies
+    the loss by the number of processes, so under DDP the loss and gradients come out N times too large (and
+    gradient clipping then changes the result). ``accepts_loss_kwargs = False`` is the Trainer's own switch.
+    """
+    if "accepts_loss_kwargs" not in vars(type(model)) and hasattr(model, "forward"):
+        model.accepts_loss_kwargs = False
+
+
 def prepare_injection(config, model: nn.Module, is_target: Callable[[str], object]) -> None:
     """Validate ``config`` against ``model`` and resolve its maps; ``is_target`` is peft's own matcher."""
-    if config.task_type in HEAD_TASK_TYPES and not config.modules_to_save:
-        config.modules_to_save = find_task_heads(model) or None
+    if config.task_type in HEAD_TASK_TYPES:
+        if not config.modules_to_save:
+            config.modules_to_save = find_task_heads(model) or None
+        declare_mean_loss(model)
     _maybe_include_all_linear_layers(config, model)
 
     modules = dict(_plain_modules(model))

@@ -63,9 +63,11 @@ class RankUtilizationCallback(TrainerCallback):
         return metrics
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every_n_steps == 0 and state.is_world_process_zero and model is not None:
-            self._pending = self.measure(model, state.global_step)
+        if state.global_step % self.every_n_steps == 0:
+            # every rank logs at this step: Trainer's logging gathers the loss across processes
             control.should_log = True
+            if state.is_world_process_zero and model is not None:
+                self._pending = self.measure(model, state.global_step)
         return control
 
     def hf_lorax_pending_logs(self) -> dict[str, float]:
