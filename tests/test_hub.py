@@ -169,3 +169,23 @@ def test_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         push_adapter(str(tmp_path / "nope"), "me/x", api=RecordingApi())
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_trainer_model_card_is_hf_lorax_card(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    base = RobertaForSequenceClassification(roberta_config())
+    base.name_or_path = "roberta-base"
+    model = get_model(DoRAConfig(task_type="SEQ_CLS", num_labels=2, r=4, target_modules=["query", "value"]), model=base)
+    ids = torch.randint(3, 96, (8, 6))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": [0, 1] * 4})
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    trainer.save_model()
+    trainer.create_model_card(model_name="roberta-dora")  # what Trainer(push_to_hub=True) runs before uploading
+    card = ModelCard.load(tmp_path / "README.md")
+    assert {"dora", "hf_lorax"} <= set(card.data.tags) and "PeftModel.from_pretrained" in card.text

@@ -164,3 +164,18 @@ def test_workflows_are_valid():
     proc = subprocess.run([check, "--builtin-schema", "vendor.github-workflows", *workflows], capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_fsdp2_on_cpu_matches_single_process(tmp_path):
+    job = TESTS / "scripts" / "fsdp_job.py"
+    single = subprocess.run([sys.executable, str(job), str(tmp_path / "single")], env=ENV, capture_output=True,
+                            text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534"]
+    fsdp = subprocess.run([*torchrun, str(job), str(tmp_path / "fsdp")], env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert fsdp.returncode == 0, fsdp.stderr[-4000:]
+    expected, actual = _tensors(tmp_path / "single"), _tensors(tmp_path / "fsdp")
+    assert expected.keys() == actual.keys() and any("lora_magnitude_vector" in k for k in expected)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], atol=1e-5, rtol=1e-5)
