@@ -2,10 +2,12 @@
 
 Each configuration runs in its own process (so peak memory is its own): the model is loaded from the
 same saved base, then ``--warmup`` + ``--steps`` optimizer steps (forward, backward, AdamW) run on a
-fixed batch with ``torch.set_num_threads`` fixed. Reported: the median step time and the peak memory
-during the steps above the process's memory after imports (CPU: peak RSS, reset after loading via
-/proc/self/clear_refs; CUDA: ``torch.cuda.max_memory_allocated``). Prints a table and JSON with the
-ratios hf_lorax/peft and LoRA/full-FT.
+fixed batch with ``torch.set_num_threads`` fixed. Reported: the median step time, and peak memory as
+tensor bytes: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the same quantity rebuilt from the
+allocator's events (``torch.profiler`` with ``profile_memory``) during one extra step, added to the bytes
+of the tensors alive before it (weights, buffers, optimizer state). Peak RSS is reported too, but the
+allocator keeps freed pages, so RSS hides temporaries that are freed early. Prints a table and JSON with
+the ratios hf_lorax/peft and LoRA/full-FT.
 
     python scripts/bench_train.py --quick --json out.json        # < 2 minutes on 2 cores
     python scripts/bench_train.py --models gpt2 --json out.json  # 6 layers x 768, seq 256
@@ -64,6 +66,37 @@ def _peak_rss_bytes() -> int:
 def _reset_peak_rss() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def _live_tensor_bytes(model, optimizer) -> int:
+    """Bytes of the distinct storages held by the model (parameters, buffers) and the optimizer state."""
+    import torch
+
+    storages = {}
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    for t in tensors:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _cpu_step_peak_bytes(step) -> int:
+    """Peak of tensor bytes allocated during ``step()`` above what was alive before it (CPU).
+
+    The CPU analogue of ``torch.cuda.max_memory_allocated``: the running sum of the allocator's
+    allocation (+) and free (-) events recorded by the profiler, in time order.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    total = peak = 0
+    for _, nbytes in events:
+        total += nbytes
+        peak = max(peak, total)
+    return peak
 
 
 def load_model(config_name: str, model: str, path: str, device: str, dropout: float):
@@ -127,20 +160,29 @@ def worker(args) -> dict:
         base_alloc = torch.cuda.memory_allocated()
     else:
         _reset_peak_rss()
-    times = []
-    for _ in range(args.warmup + args.steps):
-        start = time.perf_counter()
+
+    def step():
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    times = []
+    for _ in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        step()
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss_bytes() - before)
+    peak_rss = _peak_rss_bytes() - before
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:  # after the timed steps, so AdamW's state already exists, as it does on CUDA
+        peak = _live_tensor_bytes(model, optimizer) + _cpu_step_peak_bytes(step)
     return {
         "config": args.worker, "model": args.model, "median_step_s": statistics.median(times[args.warmup:]),
-        "peak_bytes": int(peak), "loaded_bytes": int(base_alloc if device == "cuda" else _rss_bytes() - before),
+        "peak_bytes": int(peak), "peak_rss_bytes": int(peak_rss),
+        "loaded_bytes": int(base_alloc if device == "cuda" else _rss_bytes() - before),
         "trainable_params": sum(p.numel() for p in params), "steps": args.steps,
     }
 
@@ -216,10 +258,10 @@ def main(argv=None) -> dict:
 
 
 def print_table(result: dict) -> None:
-    print(f"\n{'model':<8} {'config':<20} {'step ms':>9} {'peak MiB':>9} {'trainable':>11}")
+    print(f"\n{'model':<8} {'config':<20} {'step ms':>9} {'peak MiB':>9} {'peak RSS MiB':>13} {'trainable':>11}")
     for r in result["rows"]:
         print(f"{r['model']:<8} {r['config']:<20} {r['median_step_s'] * 1000:9.1f} {r['peak_bytes'] / 2**20:9.1f} "
-              f"{r['trainable_params']:>11,}")
+              f"{r['peak_rss_bytes'] / 2**20:13.1f} {r['trainable_params']:>11,}")
     for model, rs in result["ratios"].items():
         print(f"\n{model} ratios")
         for name, value in rs.items():

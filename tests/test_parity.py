@@ -62,6 +62,24 @@ def test_training_gradients_match_peft(arch, dora, request, input_ids):
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("arch", sorted(CASES))
+def test_lora_training_with_dropout_matches_peft(arch, request, input_ids):
+    """The fast LoRA path (scaling applied to ``A x``) draws the same dropout masks and gives peft's grads."""
+    targets, fixture = CASES[arch]
+    peft_model, ours = _pair(request.getfixturevalue(fixture), targets, False, 0.1)
+    outputs, grads = [], []
+    for model in (peft_model, ours):
+        model.train()
+        torch.manual_seed(0)
+        logits = model(input_ids).logits
+        logits.float().pow(2).mean().backward()
+        outputs.append(logits.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_" in n})
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_embedding_matches_peft(dora, tiny_roberta, input_ids):
     peft_model, ours = _pair(tiny_roberta, ["word_embeddings", "query"], dora, 0.0)
@@ -96,3 +114,14 @@ def test_dora_norm_cache_follows_weight_changes(tiny_gpt2, input_ids):
         A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
         expected = torch.linalg.norm(W + layer.scaling["default"] * B @ A, dim=1)
     torch.testing.assert_close(fresh, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_scale_and_shift_gradients(with_bias):
+    from hf_lorax.layers.dora import ScaleAndShift
+
+    c = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    n = (torch.rand(7, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True) if with_bias else None
+    inputs = (c, n, b)
+    assert torch.autograd.gradcheck(ScaleAndShift.apply, inputs)

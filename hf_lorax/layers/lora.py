@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from peft.tuners.lora import layer as peft_lora
+from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -149,6 +150,28 @@ class LoraLinear(FusedSliceMixin, WeightNormCacheMixin, peft_lora.Linear):
     @property
     def lora_variants(self):
         return {(): None, ("use_dora",): FactorizedDoraLinearVariant}
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``W x + B (s · A dropout(x))``: the scaling multiplies the r-wide ``A x``, not the output.
+
+        peft scales ``B A x`` (batch × seq × out) and then adds it: one more output-sized tensor and pass
+        per layer. Merged layers, disabled adapters, mixed-adapter batches, variants (DoRA) and ``lora_bias``
+        take peft's path.
+        """
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if (self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None
+                or any(a in self.lora_variant or self.lora_bias.get(a, False) for a in active)):
+            return super().forward(x, *args, **kwargs)
+        self._check_forward_args(x, *args, **kwargs)
+        for key in ("adapter_names", *VARIANT_KWARG_KEYS):  # never passed to the base layer
+            kwargs.pop(key, None)
+        result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
+        for adapter in active:
+            lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
+            h = lora_A(self.lora_dropout[adapter](self._cast_input_dtype(x, lora_A.weight.dtype)))
+            result = result + lora_B(h * self.scaling[adapter])
+        return result.to(result_dtype)
 
     def __repr__(self) -> str:
         return "hf_lorax." + super().__repr__()
