@@ -1,0 +1,111 @@
+"""Causal-LM loss computed only where there are labels: the LM head runs on labelled positions alone.
+
+Why this exists: for GPT-2 the LM head (a ``hidden x 50,257`` matmul), its log-softmax and their backward
+dominate a training step's time and memory, and in E2E training about half of every sequence is the MR
+prefix (label -100) plus padding. ``transformers``' recipe computes all ``batch x seq x 50,257`` logits
+and then masks most of them out of the loss. Here a forward pre-hook on the model's output embeddings
+(``lm_head``) hands it only the hidden states whose *next* token has a label, so the logits tensor is
+``n_labelled x vocab``. The model is still called through its own ``forward`` (``PeftModel``, DDP,
+accelerate wrappers, LoRA layers and dropout all behave as usual).
+
+The value equals the Trainer's label-smoothed loss (``LabelSmoother(shift_labels=True)``, i.e.
+``label_smoothing_factor``): ``(1 - eps) * NLL + eps * mean over the vocabulary of -log p``, averaged over
+labelled tokens, or summed and divided by ``num_items_in_batch`` when the Trainer normalises over a whole
+gradient-accumulation batch (tests/test_e2e.py checks value and gradients to 1e-5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer
+
+IGNORE_INDEX = -100
+
+
+def output_embeddings(model: nn.Module) -> nn.Module:
+    """The LM head of a (possibly peft- or accelerate-wrapped) causal LM."""
+    inner = model
+    while hasattr(inner, "module") and isinstance(inner.module, nn.Module):  # DDP / DataParallel
+        inner = inner.module
+    if hasattr(inner, "get_base_model"):  # PeftModel: LoRA layers are injected in place, the head is the base's
+        inner = inner.get_base_model()
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is None:
+        raise ValueError(f"{type(inner).__name__} has no output embeddings (lm_head); targeted loss needs a causal LM.")
+    return head
+
+
+@contextlib.contextmanager
+def head_on_positions(head: nn.Module, mask: torch.Tensor) -> Iterator[None]:
+    """While active, ``head`` receives ``hidden[:, :-1][mask]`` (shape ``n x hidden``) instead of ``hidden``.
+
+    ``mask`` is ``batch x (seq - 1)``: position ``t`` is kept when the token at ``t + 1`` has a label.
+    """
+    calls = []
+
+    def gather(module, args):
+        (hidden, *rest) = args
+        expected = (mask.shape[0], mask.shape[1] + 1)
+        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != expected:
+            raise RuntimeError(f"lm_head got hidden states of shape {tuple(hidden.shape)}, expected {expected} x hidden: "
+                               "the model must run its head once on every position (logits_to_keep=0).")
+        calls.append(1)
+        return (hidden[:, :-1][mask], *rest)
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
+    if len(calls) != 1:
+        raise RuntimeError(f"lm_head ran {len(calls)} times in one forward; expected once.")
+
+
+def targeted_causal_lm_loss(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    label_smoothing: float = 0.0,
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, logits)`` of a causal LM with the head applied only where the shifted labels are not -100.
+
+    ``inputs`` are the model's keyword inputs without ``labels``; ``logits`` is ``n_labelled x vocab``.
+    """
+    shifted = labels[:, 1:]
+    mask = shifted.ne(IGNORE_INDEX)
+    targets = shifted[mask]
+    with head_on_positions(output_embeddings(model), mask):
+        outputs = model(**inputs, use_cache=False)
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    # fp32 log-softmax, as the LabelSmoother's smoothed term; the tensor is small now (n_labelled x vocab)
+    loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=label_smoothing)
+    denominator = targets.numel() if num_items_in_batch is None else num_items_in_batch
+    if torch.is_tensor(denominator):
+        denominator = denominator.to(loss_sum.device)
+    return loss_sum / denominator, logits
+
+
+class TargetedLossTrainer(Trainer):
+    """A ``Trainer`` whose causal-LM loss runs the LM head on labelled positions only (see module docstring).
+
+    Label smoothing comes from ``TrainingArguments.label_smoothing_factor``; gradient accumulation and
+    ``average_tokens_across_devices`` are handled as in ``Trainer.compute_loss``.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        if not self.model_accepts_loss_kwargs:
+            num_items_in_batch = None  # the Trainer then divides a per-batch mean by the accumulation steps
+        loss, logits = targeted_causal_lm_loss(model, inputs, labels, self.args.label_smoothing_factor,
+                                               num_items_in_batch)
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            scale = self.accelerator.num_processes // self.get_tp_size()
+            loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return (loss, {"loss": loss, "logits": logits}) if return_outputs else loss

@@ -1,0 +1,253 @@
+"""E2E training step: full-logits label-smoothed loss (the Trainer recipe) vs hf_lorax's targeted loss.
+
+Both configurations train the same adapter — hf_lorax LoRA r=4, alpha 32, dropout 0.1 on the q and v
+slices of every ``c_attn`` (plain peft cannot slice a fused projection, so the adapter is the same and only
+the loss differs) — on the same GPT-2-shaped model (random init from config, vocab 50,257; nothing is
+downloaded) and the same batches of 8 E2E examples (MR prefix + reference, loss on the reference only):
+
+* ``full_logits``: ``model(input_ids, attention_mask)`` computes ``batch x seq x 50,257`` logits, then
+  ``transformers``' ``LabelSmoother(0.1)(outputs, labels, shift_labels=True)`` — what ``Trainer`` with
+  ``label_smoothing_factor=0.1`` does;
+* ``targeted``: :func:`hf_lorax.tasks.targeted_loss.targeted_causal_lm_loss` — the LM head and the
+  cross-entropy run only on positions whose next token has a label.
+
+Batches come from ``../shared/data/e2e/devset.csv`` when present (else generated MRs), encoded exactly as
+``run_e2e.py`` does with a byte-level BPE trained offline on those sentences (GPT-2's scheme, a smaller
+vocabulary than GPT-2's, so token counts differ a little from GPT-2's BPE). Each configuration runs in its
+own process, ``--warmup`` + ``--steps`` optimizer steps (forward, backward, AdamW), repeated ``--repeats``
+times in alternating order. Reported: tokens/s (median over the measured steps of non-padding tokens / step
+time — the median shrugs off steps slowed by other processes; best repeat), the peak memory a step adds over
+the memory in use after the warm-up steps (so first-use costs — library pages touched, allocator pools,
+optimizer state — count for neither; CPU: peak RSS via /proc, reset then; CUDA: ``max_memory_allocated``)
+and the process's total peak over the measured steps (model weights included), and the first step's loss of each (equal to ~1e-6:
+same seed, same dropout masks). Prints a table and JSON.
+
+    python scripts/bench_e2e.py --quick --json out.json   # 2 layers x 768: < 2 minutes on 2 cores
+    python scripts/bench_e2e.py --json out.json           # 6 layers x 768
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CONFIGS = ("full_logits", "targeted")
+SHAPES = {"quick": dict(layers=2, hidden=768, heads=12), "full": dict(layers=6, hidden=768, heads=12)}
+VOCAB = 50257
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "e2e", "devset.csv")
+
+
+def _rows(data: str, n: int) -> list[tuple[str, str]]:
+    from hf_lorax.tasks.e2e_data import read_csv
+
+    if os.path.isfile(data):
+        split = read_csv(data)
+        rows = list(zip(split.mrs, split.refs))
+    else:  # a stand-in with E2E's shape when the data folder is absent
+        rng = random.Random(0)
+        rows = []
+        for i in range(400):
+            name, kind = f"Place {i}", rng.choice(["pub", "coffee shop", "restaurant"])
+            mr = f"name[{name}], eatType[{kind}], area[{rng.choice(['riverside', 'city centre'])}], priceRange[£20-25]"
+            rows.append((mr, f"{name} is a {kind} with prices of £20-25, popular with families near the river."))
+    random.Random(0).shuffle(rows)
+    return rows[:n]
+
+
+def build_assets(data: str, shape: str, batch: int, n_batches: int, workdir: str) -> dict:
+    """Save the model config, and the padded batches both configurations train on."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, PreTrainedTokenizerFast
+
+    from hf_lorax.tasks.e2e import CausalLMCollator
+    from hf_lorax.tasks.e2e_data import encode_example, format_mr, tokenize_text
+
+    rows = _rows(data, batch * n_batches)
+    corpus = [format_mr(m) for m, _ in rows] + [" " + tokenize_text(r) for _, r in rows]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=8000, special_tokens=["<|endoftext|>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>")
+    eos = tokenizer.eos_token_id
+    collate = CausalLMCollator(eos)
+    batches = [collate([encode_example(tokenizer, m, r, 512) for m, r in rows[i:i + batch]])
+               for i in range(0, len(rows), batch)]
+    torch.save(batches, os.path.join(workdir, "batches.pt"))
+    s = SHAPES[shape]
+    config = GPT2Config(n_layer=s["layers"], n_embd=s["hidden"], n_head=s["heads"], vocab_size=VOCAB, n_positions=512,
+                        bos_token_id=eos, eos_token_id=eos)
+    config.save_pretrained(workdir)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    labelled = sum(int(b["labels"][:, 1:].ne(-100).sum()) for b in batches)
+    padded = sum(b["input_ids"].numel() for b in batches)
+    return {"rows": len(rows), "batches": len(batches), "tokenizer_vocab": len(tokenizer), "tokens": tokens,
+            "labelled_tokens": labelled, "padded_positions": padded, "data": data if os.path.isfile(data) else "generated"}
+
+
+def worker(args) -> dict:
+    import gc
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    import hf_lorax
+    from hf_lorax.tasks.targeted_loss import targeted_causal_lm_loss
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_train import _peak_rss_bytes, _reset_peak_rss, _rss_bytes
+
+    torch.set_num_threads(args.threads)
+    device = args.device
+    batches = [{k: v.to(device) for k, v in b.items()} for b in torch.load(os.path.join(args.workdir, "batches.pt"))]
+    gc.collect()
+    before = _rss_bytes()
+    torch.manual_seed(0)  # the same random weights in every process; built in memory (a load would mmap lazily)
+    base = GPT2LMHeadModel(GPT2Config.from_pretrained(args.workdir)).to(device)
+    model = hf_lorax.get_model(hf_lorax.LoRAConfig(task_type="CAUSAL_LM", r=4, lora_alpha=32, lora_dropout=0.1,
+                                                   target_modules=["c_attn"], fused_slices={"c_attn": ["q", "v"]}),
+                               model=base)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01)
+    smoother = LabelSmoother(epsilon=0.1)
+
+    def mark() -> int:
+        """Memory in use now, and reset the peak: the measured steps' peak is counted from here."""
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated()
+        _reset_peak_rss()
+        return _rss_bytes()
+
+    torch.manual_seed(1)  # same dropout masks in both configurations
+    times, losses, tokens = [], [], []
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            # after warm-up: first-use costs (library pages, allocator pools, optimizer state) are not a step's
+            loaded = mark()
+        batch = batches[step % len(batches)]
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        start = time.perf_counter()
+        if args.worker == "full_logits":
+            loss = smoother(model(**inputs), batch["labels"], shift_labels=True)
+        else:
+            loss, _ = targeted_causal_lm_loss(model, inputs, batch["labels"], label_smoothing=0.1)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        losses.append(float(loss))
+        tokens.append(int(batch["attention_mask"].sum()))
+    if device == "cuda":
+        step_peak, total_peak = torch.cuda.max_memory_allocated() - loaded, torch.cuda.max_memory_allocated()
+    else:
+        step_peak, total_peak = _peak_rss_bytes() - loaded, _peak_rss_bytes() - before
+    return {"config": args.worker, "median_step_s": statistics.median(times[args.warmup:]),
+            "tokens_per_s": statistics.median(n / t for n, t in zip(tokens[args.warmup:], times[args.warmup:])),
+            "step_peak_bytes": int(step_peak), "total_peak_bytes": int(total_peak), "first_loss": losses[0], "trainable_params": sum(p.numel() for p in params)}
+
+
+def _run_worker(config: str, args, workdir: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", config, "--workdir", workdir, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        raise SystemExit(f"{config} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 layers x 768, fewer steps: < 2 minutes on 2 cores")
+    parser.add_argument("--data", default=DEFAULT_DATA, help="an E2E mr,ref CSV (default: ../shared/data/e2e/devset.csv)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)))
+        return {}
+    shape = "quick" if args.quick else "full"
+    args.steps = args.steps or (4 if args.quick else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    args.repeats = args.repeats or (1 if args.quick else 2)
+    runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
+    with tempfile.TemporaryDirectory() as workdir:
+        data = build_assets(args.data, shape, args.batch, args.warmup + args.steps, workdir)
+        for repeat in range(args.repeats):
+            for config in CONFIGS if repeat % 2 == 0 else CONFIGS[::-1]:  # alternate, so drift hits both
+                runs[config].append(_run_worker(config, args, workdir))
+                r = runs[config][-1]
+                print(f"  {config:<12} {r['tokens_per_s']:9.0f} tok/s  {r['median_step_s'] * 1000:8.1f} ms/step  "
+                      f"step peak {r['step_peak_bytes'] / 2**20:8.1f} MiB", flush=True)
+    rows = [{**max(rs, key=lambda r: r["tokens_per_s"]), "step_peak_bytes": min(r["step_peak_bytes"] for r in rs),
+             "total_peak_bytes": min(r["total_peak_bytes"] for r in rs)} for rs in runs.values()]
+    by = {r["config"]: r for r in rows}
+    full, targeted = by["full_logits"], by["targeted"]
+    result = {
+        "device": args.device, "threads": args.threads, "shape": {**SHAPES[shape], "vocab": VOCAB}, "batch": args.batch,
+        "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "data": data, "rows": rows,
+        "ratios": {
+            "tokens_per_s_targeted_over_full": targeted["tokens_per_s"] / full["tokens_per_s"],
+            "step_peak_mem_targeted_over_full": targeted["step_peak_bytes"] / full["step_peak_bytes"],
+            "total_peak_mem_targeted_over_full": targeted["total_peak_bytes"] / full["total_peak_bytes"],
+        },
+        "first_loss_difference": abs(targeted["first_loss"] - full["first_loss"]),
+    }
+    print_table(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def print_table(result: dict) -> None:
+    d = result["data"]
+    print(f"\n{result['device']}, {result['threads']} threads, {result['shape']['layers']} layers x "
+          f"{result['shape']['hidden']}, vocab {result['shape']['vocab']:,}, batch {result['batch']}; "
+          f"{d['tokens']:,} tokens ({d['labelled_tokens']:,} labelled) in {d['batches']} batches from {d['data']}")
+    print(f"{'config':<12} {'tokens/s':>9} {'ms/step':>9} {'step peak MiB':>14} {'total peak MiB':>15} {'first loss':>11}")
+    for r in result["rows"]:
+        print(f"{r['config']:<12} {r['tokens_per_s']:9.0f} {r['median_step_s'] * 1000:9.1f} "
+              f"{r['step_peak_bytes'] / 2**20:14.1f} {r['total_peak_bytes'] / 2**20:15.1f} {r['first_loss']:11.5f}")
+    for name, value in result["ratios"].items():
+        print(f"  {name:<36} {value:.3f}")
+    print(json.dumps({"ratios": result["ratios"], "first_loss_difference": result["first_loss_difference"]}))
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
