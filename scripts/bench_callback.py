@@ -9,11 +9,12 @@ alternating runs, and reports the median wall times and their ratio as JSON and 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
 import time
+
+from bench_utils import emit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -65,11 +66,7 @@ def main(argv=None) -> dict:
     print(f"{'without callback':<22}{result['seconds_without']:>10.2f}")
     print(f"{'with callback':<22}{result['seconds_with']:>10.2f}")
     print(f"overhead: {100 * (result['overhead_ratio'] - 1):+.2f}%  (every {args.every} steps)")
-    print(json.dumps({k: v for k, v in result.items() if k != "all_seconds"}))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return emit(result, args.json, {k: v for k, v in result.items() if k != "all_seconds"})
 
 
 if __name__ == "__main__":

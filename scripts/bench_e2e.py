@@ -16,11 +16,10 @@ Batches come from ``../shared/data/e2e/devset.csv`` when present (else generated
 vocabulary than GPT-2's, so token counts differ a little from GPT-2's BPE). Each configuration runs in its
 own process, ``--warmup`` + ``--steps`` optimizer steps (forward, backward, AdamW), repeated ``--repeats``
 times in alternating order. Reported: tokens/s (median over the measured steps of non-padding tokens / step
-time — the median shrugs off steps slowed by other processes; best repeat), the peak memory a step adds over
-the memory in use after the warm-up steps (so first-use costs — library pages touched, allocator pools,
-optimizer state — count for neither; CPU: peak RSS via /proc, reset then; CUDA: ``max_memory_allocated``)
-and the process's total peak over the measured steps (model weights included), and the first step's loss of each (equal to ~1e-6:
-same seed, same dropout masks). Prints a table and JSON.
+time, which shrugs off steps slowed by other processes; best repeat); the peak tensor bytes of one more step
+on the longest batch, weights and optimizer state included, and the part of it the step itself allocates
+(see ``bench_utils`` for how this is measured on CPU); the peak RSS; and the first step's loss of each
+(equal to ~1e-6: same seed, same dropout masks). Prints a table and JSON.
 
     python scripts/bench_e2e.py --quick --json out.json   # 2 layers x 768: < 2 minutes on 2 cores
     python scripts/bench_e2e.py --json out.json           # 6 layers x 768
@@ -33,10 +32,18 @@ import json
 import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
+
+from bench_utils import (
+    cuda_available,
+    emit,
+    peak_rss_bytes,
+    reset_peak_rss,
+    rss_bytes,
+    run_worker,
+    step_memory,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -107,14 +114,11 @@ def worker(args) -> dict:
     import hf_lorax
     from hf_lorax.tasks.targeted_loss import targeted_causal_lm_loss
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_train import _peak_rss_bytes, _reset_peak_rss, _rss_bytes
-
     torch.set_num_threads(args.threads)
     device = args.device
     batches = [{k: v.to(device) for k, v in b.items()} for b in torch.load(os.path.join(args.workdir, "batches.pt"))]
     gc.collect()
-    before = _rss_bytes()
+    before = rss_bytes()
     torch.manual_seed(0)  # the same random weights in every process; built in memory (a load would mmap lazily)
     base = GPT2LMHeadModel(GPT2Config.from_pretrained(args.workdir)).to(device)
     model = hf_lorax.get_model(hf_lorax.LoRAConfig(task_type="CAUSAL_LM", r=4, lora_alpha=32, lora_dropout=0.1,
@@ -125,25 +129,10 @@ def worker(args) -> dict:
     optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01)
     smoother = LabelSmoother(epsilon=0.1)
 
-    def mark() -> int:
-        """Memory in use now, and reset the peak: the measured steps' peak is counted from here."""
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            return torch.cuda.memory_allocated()
-        _reset_peak_rss()
-        return _rss_bytes()
-
     torch.manual_seed(1)  # same dropout masks in both configurations
-    times, losses, tokens = [], [], []
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            # after warm-up: first-use costs (library pages, allocator pools, optimizer state) are not a step's
-            loaded = mark()
-        batch = batches[step % len(batches)]
+
+    def step(batch: dict) -> float:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        start = time.perf_counter()
         if args.worker == "full_logits":
             loss = smoother(model(**inputs), batch["labels"], shift_labels=True)
         else:
@@ -151,28 +140,30 @@ def worker(args) -> dict:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+    reset_peak_rss()
+    times, losses, tokens = [], [], []
+    for i in range(args.warmup + args.steps):
+        batch = batches[i % len(batches)]
+        start = time.perf_counter()
+        losses.append(step(batch))
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-        losses.append(float(loss))
         tokens.append(int(batch["attention_mask"].sum()))
-    if device == "cuda":
-        step_peak, total_peak = torch.cuda.max_memory_allocated() - loaded, torch.cuda.max_memory_allocated()
-    else:
-        step_peak, total_peak = _peak_rss_bytes() - loaded, _peak_rss_bytes() - before
+    peak_rss = peak_rss_bytes() - before
+    longest = max(batches, key=lambda b: b["input_ids"].numel())
+    peak, step_peak = step_memory(lambda: step(longest), model, optimizer, device)
     return {"config": args.worker, "median_step_s": statistics.median(times[args.warmup:]),
             "tokens_per_s": statistics.median(n / t for n, t in zip(tokens[args.warmup:], times[args.warmup:])),
-            "step_peak_bytes": int(step_peak), "total_peak_bytes": int(total_peak), "first_loss": losses[0], "trainable_params": sum(p.numel() for p in params)}
+            "peak_bytes": int(peak), "step_peak_bytes": int(step_peak), "peak_rss_bytes": int(peak_rss),
+            "first_loss": losses[0], "trainable_params": sum(p.numel() for p in params)}
 
 
 def _run_worker(config: str, args, workdir: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", config, "--workdir", workdir, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if proc.returncode or line is None:
-        raise SystemExit(f"{config} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    return run_worker(__file__, ["--worker", config, "--workdir", workdir, "--steps", str(args.steps),
+                                 "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device])
 
 
 def main(argv=None) -> dict:
@@ -184,7 +175,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cuda" if cuda_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -205,8 +196,7 @@ def main(argv=None) -> dict:
                 r = runs[config][-1]
                 print(f"  {config:<12} {r['tokens_per_s']:9.0f} tok/s  {r['median_step_s'] * 1000:8.1f} ms/step  "
                       f"step peak {r['step_peak_bytes'] / 2**20:8.1f} MiB", flush=True)
-    rows = [{**max(rs, key=lambda r: r["tokens_per_s"]), "step_peak_bytes": min(r["step_peak_bytes"] for r in rs),
-             "total_peak_bytes": min(r["total_peak_bytes"] for r in rs)} for rs in runs.values()]
+    rows = [max(rs, key=lambda r: r["tokens_per_s"]) for rs in runs.values()]  # tensor bytes do not vary
     by = {r["config"]: r for r in rows}
     full, targeted = by["full_logits"], by["targeted"]
     result = {
@@ -214,16 +204,13 @@ def main(argv=None) -> dict:
         "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "data": data, "rows": rows,
         "ratios": {
             "tokens_per_s_targeted_over_full": targeted["tokens_per_s"] / full["tokens_per_s"],
+            "peak_mem_targeted_over_full": targeted["peak_bytes"] / full["peak_bytes"],
             "step_peak_mem_targeted_over_full": targeted["step_peak_bytes"] / full["step_peak_bytes"],
-            "total_peak_mem_targeted_over_full": targeted["total_peak_bytes"] / full["total_peak_bytes"],
         },
         "first_loss_difference": abs(targeted["first_loss"] - full["first_loss"]),
     }
     print_table(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return emit(result, args.json, {"ratios": result["ratios"], "first_loss_difference": result["first_loss_difference"]})
 
 
 def print_table(result: dict) -> None:
@@ -231,22 +218,13 @@ def print_table(result: dict) -> None:
     print(f"\n{result['device']}, {result['threads']} threads, {result['shape']['layers']} layers x "
           f"{result['shape']['hidden']}, vocab {result['shape']['vocab']:,}, batch {result['batch']}; "
           f"{d['tokens']:,} tokens ({d['labelled_tokens']:,} labelled) in {d['batches']} batches from {d['data']}")
-    print(f"{'config':<12} {'tokens/s':>9} {'ms/step':>9} {'step peak MiB':>14} {'total peak MiB':>15} {'first loss':>11}")
+    print(f"{'config':<12} {'tokens/s':>9} {'ms/step':>9} {'peak MiB':>9} {'step peak MiB':>14} {'peak RSS MiB':>13} "
+          f"{'first loss':>11}")
     for r in result["rows"]:
-        print(f"{r['config']:<12} {r['tokens_per_s']:9.0f} {r['median_step_s'] * 1000:9.1f} "
-              f"{r['step_peak_bytes'] / 2**20:14.1f} {r['total_peak_bytes'] / 2**20:15.1f} {r['first_loss']:11.5f}")
+        print(f"{r['config']:<12} {r['tokens_per_s']:9.0f} {r['median_step_s'] * 1000:9.1f} {r['peak_bytes'] / 2**20:9.1f} "
+              f"{r['step_peak_bytes'] / 2**20:14.1f} {r['peak_rss_bytes'] / 2**20:13.1f} {r['first_loss']:11.5f}")
     for name, value in result["ratios"].items():
         print(f"  {name:<36} {value:.3f}")
-    print(json.dumps({"ratios": result["ratios"], "first_loss_difference": result["first_loss_difference"]}))
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 if __name__ == "__main__":

@@ -18,11 +18,12 @@ ratio (target ≤ 0.5).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 from collections import Counter
+
+from bench_utils import emit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -120,11 +121,7 @@ def main(argv=None) -> dict:
     for name, row in rows.items():
         print(f"{name:<10} {row['train_runtime_s']:9.1f} {row['accuracy']:9.3f}")
     print(f"hf_lorax / baseline epoch time: {ratio:.3f} (target <= 0.5)")
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import time
+
+from bench_utils import emit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -70,11 +71,7 @@ def main(argv=None) -> dict:
     for r in rows:
         print(f"{r['batch']:>5} {1000 * r['base_s']:9.1f} {1000 * r['unmerged_s']:12.1f} {1000 * r['merged_s']:10.1f} "
               f"{r['unmerged_over_base']:14.3f} {r['merged_over_base']:12.3f}")
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,9 @@
 
 Each configuration runs in its own process (so peak memory is its own): the model is loaded from the
 same saved base, then ``--warmup`` + ``--steps`` optimizer steps (forward, backward, AdamW) run on a
-fixed batch with ``torch.set_num_threads`` fixed. Reported: the median step time, and peak memory as
-tensor bytes: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the same quantity rebuilt from the
-allocator's events (``torch.profiler`` with ``profile_memory``) during one extra step, added to the bytes
-of the tensors alive before it (weights, buffers, optimizer state). Peak RSS is reported too, but the
-allocator keeps freed pages, so RSS hides temporaries that are freed early. Prints a table and JSON with
-the ratios hf_lorax/peft and LoRA/full-FT.
+fixed batch with ``torch.set_num_threads`` fixed. Reported: the median step time, and the peak tensor
+bytes of one more step (weights and optimizer state included; see ``bench_utils`` for how it is measured
+on CPU) beside the peak RSS. Prints a table and JSON with the ratios hf_lorax/peft and LoRA/full-FT.
 
     python scripts/bench_train.py --quick --json out.json        # < 2 minutes on 2 cores
     python scripts/bench_train.py --models gpt2 --json out.json  # 6 layers x 768, seq 256
@@ -19,10 +16,18 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
+
+from bench_utils import (
+    cuda_available,
+    emit,
+    peak_rss_bytes,
+    reset_peak_rss,
+    rss_bytes,
+    run_worker,
+    step_memory,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -48,55 +53,6 @@ def build_base(model: str, shape, path: str) -> None:
             num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, intermediate_size=4 * hidden,
             vocab_size=vocab, max_position_embeddings=seq + 2, num_labels=2))
     base.save_pretrained(path)
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def _live_tensor_bytes(model, optimizer) -> int:
-    """Bytes of the distinct storages held by the model (parameters, buffers) and the optimizer state."""
-    import torch
-
-    storages = {}
-    tensors = list(model.parameters()) + list(model.buffers())
-    tensors += [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
-    for t in tensors:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-    return sum(storages.values())
-
-
-def _cpu_step_peak_bytes(step) -> int:
-    """Peak of tensor bytes allocated during ``step()`` above what was alive before it (CPU).
-
-    The CPU analogue of ``torch.cuda.max_memory_allocated``: the running sum of the allocator's
-    allocation (+) and free (-) events recorded by the profiler, in time order.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
-    total = peak = 0
-    for _, nbytes in events:
-        total += nbytes
-        peak = max(peak, total)
-    return peak
 
 
 def load_model(config_name: str, model: str, path: str, device: str, dropout: float):
@@ -145,7 +101,7 @@ def worker(args) -> dict:
     import gc
 
     gc.collect()
-    before = _rss_bytes()
+    before = rss_bytes()
     model = load_model(args.worker, args.model, args.base, device, args.dropout)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -154,12 +110,8 @@ def worker(args) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, seq), generator=g).to(device)
     labels = ids if args.model == "gpt2" else torch.randint(0, 2, (batch,), generator=g).to(device)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base_alloc = torch.cuda.memory_allocated()
-    else:
-        _reset_peak_rss()
+    loaded = torch.cuda.memory_allocated() if device == "cuda" else rss_bytes() - before
+    reset_peak_rss()
 
     def step():
         loss = model(input_ids=ids, labels=labels).loss
@@ -174,15 +126,11 @@ def worker(args) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    peak_rss = _peak_rss_bytes() - before
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:  # after the timed steps, so AdamW's state already exists, as it does on CUDA
-        peak = _live_tensor_bytes(model, optimizer) + _cpu_step_peak_bytes(step)
+    peak_rss = peak_rss_bytes() - before
+    peak, _ = step_memory(step, model, optimizer, device)
     return {
         "config": args.worker, "model": args.model, "median_step_s": statistics.median(times[args.warmup:]),
-        "peak_bytes": int(peak), "peak_rss_bytes": int(peak_rss),
-        "loaded_bytes": int(base_alloc if device == "cuda" else _rss_bytes() - before),
+        "peak_bytes": int(peak), "peak_rss_bytes": int(peak_rss), "loaded_bytes": int(loaded),
         "trainable_params": sum(p.numel() for p in params), "steps": args.steps,
     }
 
@@ -219,7 +167,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dropout", type=float, default=0.1, help="LoRA dropout (the LoRA paper uses 0.1 on E2E)")
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cuda" if cuda_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -236,14 +184,10 @@ def main(argv=None) -> dict:
             path = os.path.join(tmp, model)
             build_base(model, SHAPES[shape], path)
             for config in args.configs:
-                cmd = [sys.executable, __file__, "--worker", config, "--model", model, "--base", path, "--shape", shape,
-                       "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
-                       "--dropout", str(args.dropout), "--device", args.device]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-                if proc.returncode or line is None:
-                    raise SystemExit(f"{model}/{config} failed:\n{proc.stderr[-2000:]}")
-                rows.append(json.loads(line[len("RESULT "):]))
+                rows.append(run_worker(__file__, [
+                    "--worker", config, "--model", model, "--base", path, "--shape", shape, "--steps", str(args.steps),
+                    "--warmup", str(args.warmup), "--threads", str(args.threads), "--dropout", str(args.dropout),
+                    "--device", args.device]))
                 print(f"  {model:<8} {config:<20} {rows[-1]['median_step_s'] * 1000:9.1f} ms  "
                       f"{rows[-1]['peak_bytes'] / 2**20:8.1f} MiB", flush=True)
     layers, hidden, heads, vocab, seq, batch = SHAPES[shape]
@@ -251,10 +195,7 @@ def main(argv=None) -> dict:
               seq=seq, batch=batch), "lora_dropout": args.dropout, "r": 8, "steps": args.steps, "rows": rows,
               "ratios": ratios(rows)}
     print_table(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    return emit(result, args.json, {"ratios": result["ratios"]})
 
 
 def print_table(result: dict) -> None:
@@ -266,16 +207,6 @@ def print_table(result: dict) -> None:
         print(f"\n{model} ratios")
         for name, value in rs.items():
             print(f"  {name:<36} {value:.3f}" if value is not None else f"  {name:<36} -")
-    print(json.dumps({"ratios": result["ratios"]}))
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
 
 
 if __name__ == "__main__":

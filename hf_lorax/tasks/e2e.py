@@ -11,10 +11,7 @@ Every input is validated before anything is written to the output directory.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -33,8 +30,8 @@ from .e2e_data import (
     write_references,
 )
 from .e2e_presets import METRICS, PAPER_SOURCE, SCALED_X100, E2EPreset, get_preset
+from .runs import adapter_config, check_method, rank_map_argument, save_run, write_results
 
-METHODS = ("lora", "dora", "qlora", "qdora")
 OVERRIDABLE = ("model_name_or_path", "r", "lora_alpha", "lora_dropout", "learning_rate", "batch_size", "epochs",
                "weight_decay", "warmup_steps", "label_smoothing", "max_length", "num_beams", "length_penalty",
                "no_repeat_ngram_size", "max_new_tokens")
@@ -87,8 +84,7 @@ class E2EArguments:
 
 def resolve(args: E2EArguments) -> E2EPreset:
     """The preset with the arguments' overrides applied; validates every setting."""
-    if args.method not in METHODS:
-        raise ValueError(f"--method {args.method!r}: choose one of {list(METHODS)}.")
+    check_method(args.method)
     preset = get_preset(args.preset)
     preset = replace(preset, **{k: getattr(args, k) for k in OVERRIDABLE if getattr(args, k) is not None})
     if not preset.model_name_or_path:
@@ -119,16 +115,10 @@ def load_splits(args: E2EArguments) -> dict[str, E2ESplit]:
 
 
 def build_config(preset: E2EPreset, args: E2EArguments):
-    from .. import DoRAConfig, LoRAConfig, QLoRAConfig
-    from .glue import _rank_map
-
-    common = dict(base_model_name_or_path=preset.model_name_or_path, task_type="CAUSAL_LM", r=preset.r,
-                  lora_alpha=preset.lora_alpha, lora_dropout=preset.lora_dropout,
-                  target_modules=list(preset.target_modules), rank_map=_rank_map(args.rank_map),
-                  fused_slices={m: list(preset.slices) for m in preset.target_modules})
-    if args.method in ("qlora", "qdora"):
-        return QLoRAConfig(use_dora=args.method == "qdora", **common)
-    return (DoRAConfig if args.method == "dora" else LoRAConfig)(**common)
+    return adapter_config(
+        args.method, base_model_name_or_path=preset.model_name_or_path, task_type="CAUSAL_LM", r=preset.r,
+        lora_alpha=preset.lora_alpha, lora_dropout=preset.lora_dropout, target_modules=list(preset.target_modules),
+        rank_map=rank_map_argument(args.rank_map), fused_slices={m: list(preset.slices) for m in preset.target_modules})
 
 
 def _scorer():
@@ -253,11 +243,7 @@ def run(args: E2EArguments) -> dict:
     train_output = trainer.train()
     eval_loss = trainer.evaluate().get("eval_loss") if eval_set is not None else None
 
-    adapter_dir = os.path.join(args.output_dir, "adapter")
-    model.save_pretrained(adapter_dir)
-    for name in ("rank_utilization.png", "rank_utilization.json", "suggested_rank_map.json"):
-        if os.path.isfile(os.path.join(args.output_dir, name)):
-            shutil.copy(os.path.join(args.output_dir, name), adapter_dir)
+    adapter_dir = save_run(model, args.output_dir)
 
     start = time.perf_counter()
     predictions = generate(model, tokenizer, test_mrs, preset, args.eval_batch_size)
@@ -267,12 +253,9 @@ def run(args: E2EArguments) -> dict:
     scores = e2e_scores(predictions, test_refs, meteor=args.meteor)
 
     results = results_record(preset, args, scores, splits, trainable, train_output, eval_loss, decode_s)
-    _write_json(os.path.join(args.output_dir, "results.json"), results)
-    _write_json(os.path.join(adapter_dir, "results.json"), results)
+    write_results(args.output_dir, adapter_dir, results, results_table([results]))
     write_model_card(render_model_card(adapter_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
                                        results=results), adapter_dir)
-    with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(results_table([results]) + "\n")
     if args.push_to_hub:
         results["hub"] = push_adapter(adapter_dir, args.hub_model_id, private=args.hub_private).commit_url
     return results
@@ -329,9 +312,3 @@ def results_table(results: list[dict]) -> str:
             lines.append(f"| {setting} (paper) | {row['method']} | {row['trainable_params_m']:.2f}M | {cells} |")
     return "\n".join(lines)
 
-
-def _write_json(path: str, data) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, path)

@@ -7,16 +7,12 @@ Every input is validated before anything is written to the output directory.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 
 from .glue_data import GlueTask, compute_metrics, get_task, load_hub, load_local
 from .glue_presets import PAPER_SOURCE, GluePreset, get_preset
-
-METHODS = ("lora", "dora", "qlora", "qdora")
+from .runs import adapter_config, check_method, rank_map_argument, save_run, write_results
 
 
 @dataclass
@@ -57,8 +53,7 @@ class GlueArguments:
 
 def resolve(args: GlueArguments) -> tuple[GluePreset, GlueTask]:
     """The preset with the arguments' overrides applied, and its task; validates everything."""
-    if args.method not in METHODS:
-        raise ValueError(f"--method {args.method!r}: choose one of {list(METHODS)}.")
+    check_method(args.method)
     if args.preset:
         preset = get_preset(args.preset, args.official_scripts)
         if args.task and get_task(args.task).name != preset.task:
@@ -86,23 +81,10 @@ def load_splits(args: GlueArguments, task: GlueTask) -> dict:
 
 
 def build_config(preset: GluePreset, task: GlueTask, args: GlueArguments):
-    from .. import DoRAConfig, LoRAConfig, QLoRAConfig
-
-    common = dict(base_model_name_or_path=preset.model_name_or_path, task_type="SEQ_CLS", num_labels=task.num_labels,
-                  r=preset.r, lora_alpha=preset.lora_alpha, lora_dropout=preset.lora_dropout,
-                  target_modules=list(preset.target_modules), rank_map=_rank_map(args.rank_map))
-    if args.method in ("qlora", "qdora"):
-        return QLoRAConfig(use_dora=args.method == "qdora", **common)
-    return (DoRAConfig if args.method == "dora" else LoRAConfig)(**common)
-
-
-def _rank_map(value: str | None):
-    if value is None or os.path.isfile(value):
-        return value
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:
-        raise FileNotFoundError(f"--rank_map {value!r} is neither a file nor inline JSON.") from None
+    return adapter_config(
+        args.method, base_model_name_or_path=preset.model_name_or_path, task_type="SEQ_CLS",
+        num_labels=task.num_labels, r=preset.r, lora_alpha=preset.lora_alpha, lora_dropout=preset.lora_dropout,
+        target_modules=list(preset.target_modules), rank_map=rank_map_argument(args.rank_map))
 
 
 def load_init_adapter(model, path: str) -> list[str]:
@@ -188,16 +170,9 @@ def run(args: GlueArguments) -> dict:
     history = [e for e in trainer.state.log_history if metric_key in e]
     best = max(history, key=lambda e: e[metric_key]) if history else final
 
-    adapter_dir = os.path.join(args.output_dir, "adapter")
-    model.save_pretrained(adapter_dir)
-    for name in ("rank_utilization.png", "rank_utilization.json", "suggested_rank_map.json"):
-        if os.path.isfile(os.path.join(args.output_dir, name)):
-            shutil.copy(os.path.join(args.output_dir, name), adapter_dir)
+    adapter_dir = save_run(model, args.output_dir)
     results = results_record(preset, task, args, final, best, metric_key, train_output, skipped)
-    _write_json(os.path.join(args.output_dir, "results.json"), results)
-    _write_json(os.path.join(adapter_dir, "results.json"), results)
-    with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(results_table([results]) + "\n")
+    write_results(args.output_dir, adapter_dir, results, results_table([results]))
     if args.push_to_hub:
         results["hub"] = push_adapter(adapter_dir, args.hub_model_id, private=args.hub_private).commit_url
     return results
@@ -238,9 +213,3 @@ def results_table(results: list[dict]) -> str:
                      f"{f'{paper:.1f}' if paper is not None else '-'} | {diff} |")
     return "\n".join(lines)
 
-
-def _write_json(path: str, data) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, path)

@@ -1,0 +1,64 @@
+"""What the task runners (GLUE, E2E) share: the adapter config for ``--method``, ``--rank_map`` parsing, and
+writing a finished run's files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+METHODS = ("lora", "dora", "qlora", "qdora")
+RANK_UTILIZATION_FILES = ("rank_utilization.png", "rank_utilization.json", "suggested_rank_map.json")
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"--method {method!r}: choose one of {list(METHODS)}.")
+
+
+def adapter_config(method: str, **fields: Any):
+    """The hf_lorax config for ``--method``: ``LoRAConfig``, ``DoRAConfig`` or ``QLoRAConfig`` (q-variants)."""
+    from .. import DoRAConfig, LoRAConfig, QLoRAConfig
+
+    check_method(method)
+    if method in ("qlora", "qdora"):
+        return QLoRAConfig(use_dora=method == "qdora", **fields)
+    return (DoRAConfig if method == "dora" else LoRAConfig)(**fields)
+
+
+def rank_map_argument(value: str | None):
+    """``--rank_map``: a JSON file path (kept as a path, the config reads it) or inline JSON."""
+    if value is None or os.path.isfile(value):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise FileNotFoundError(f"--rank_map {value!r} is neither a file nor inline JSON.") from None
+
+
+def write_json(path: str, data) -> None:
+    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def save_run(model, output_dir: str) -> str:
+    """Save the adapter to ``output_dir/adapter`` with the run's rank-utilization files; returns that folder."""
+    adapter_dir = os.path.join(output_dir, "adapter")
+    model.save_pretrained(adapter_dir)
+    for name in RANK_UTILIZATION_FILES:
+        if os.path.isfile(os.path.join(output_dir, name)):
+            shutil.copy(os.path.join(output_dir, name), adapter_dir)
+    return adapter_dir
+
+
+def write_results(output_dir: str, adapter_dir: str, results: dict, table: str) -> None:
+    """``results.json`` in the run folder and next to the adapter (the model card reads it), ``results.md``."""
+    write_json(os.path.join(output_dir, "results.json"), results)
+    write_json(os.path.join(adapter_dir, "results.json"), results)
+    with open(os.path.join(output_dir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
