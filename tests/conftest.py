@@ -62,3 +62,38 @@ def randomize_adapters(model, seed: int = 0) -> None:
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1 + (1.0 if "magnitude" in name else 0.0) * p)
+
+
+class RecordingApi:
+    """Stands in for ``huggingface_hub.HfApi``: records every call, reaches no network."""
+
+    def __init__(self, token=None):
+        self.token = token
+        self.calls = []
+
+    def create_repo(self, **kwargs):
+        self.calls.append(("create_repo", kwargs))
+        return f"https://huggingface.co/{kwargs['repo_id']}"
+
+    def create_commit(self, **kwargs):
+        self.calls.append(("create_commit", kwargs))
+
+        class Info:
+            commit_url = f"https://huggingface.co/{kwargs['repo_id']}/commit/abc"
+
+        return Info()
+
+    def uploaded(self) -> list[str]:
+        """Paths in the commit's operations, sorted."""
+        commit = next(kwargs for name, kwargs in self.calls if name == "create_commit")
+        return sorted(op.path_in_repo for op in commit["operations"])
+
+
+@pytest.fixture
+def recorded_hub(monkeypatch):
+    """``hf_lorax.hub.HfApi`` replaced by :class:`RecordingApi`; the list of the instances it made."""
+    import hf_lorax.hub as hub
+
+    made = []
+    monkeypatch.setattr(hub, "HfApi", lambda token=None: made.append(RecordingApi(token)) or made[-1])
+    return made

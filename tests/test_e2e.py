@@ -320,27 +320,12 @@ def test_end_to_end(method, tiny_base, e2e_csv, tmp_path):
     assert generate(reloaded, AutoTokenizer.from_pretrained(tiny_base), mrs, preset, 4) == predictions
 
 
-def test_push_to_hub_uploads_the_adapter(tiny_base, e2e_csv, tmp_path, monkeypatch):
-    import hf_lorax.hub as hub
-
-    calls = []
-
-    class Api:
-        def __init__(self, token=None):
-            pass
-
-        def create_repo(self, **kwargs):
-            calls.append(kwargs)
-
-        def create_commit(self, **kwargs):
-            calls.append(sorted(op.path_in_repo for op in kwargs["operations"]))
-            return type("Info", (), {"commit_url": "https://huggingface.co/me/x/commit/1"})()
-
-    monkeypatch.setattr(hub, "HfApi", Api)
+def test_push_to_hub_uploads_the_adapter(tiny_base, e2e_csv, tmp_path, recorded_hub):
     results = run(_args(tiny_base, e2e_csv, tmp_path, max_steps=1, max_eval_samples=1, rank_utilization=False,
                         meteor=False, push_to_hub=True, hub_model_id="me/x"))
-    assert results["hub"].endswith("/commit/1")
-    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "results.json"} <= set(calls[1])
+    assert results["hub"].endswith("/commit/abc")
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "results.json"} <= set(
+        recorded_hub[0].uploaded())
 
 
 # -- bad input: clear errors, nothing written --------------------------------------------------------------

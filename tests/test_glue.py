@@ -247,25 +247,9 @@ def test_real_glue_files(tiny_base, tmp_path):
     assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
 
 
-def test_push_to_hub_uploads_the_adapter(tiny_base, glue_dir, tmp_path, monkeypatch):
-    import hf_lorax.hub as hub
-
-    calls = []
-
-    class Api:
-        def __init__(self, token=None):
-            pass
-
-        def create_repo(self, **kwargs):
-            calls.append(("create_repo", kwargs))
-
-        def create_commit(self, **kwargs):
-            calls.append(("create_commit", sorted(op.path_in_repo for op in kwargs["operations"])))
-            return type("Info", (), {"commit_url": "https://huggingface.co/me/x/commit/1"})()
-
-    monkeypatch.setattr(hub, "HfApi", Api)
+def test_push_to_hub_uploads_the_adapter(tiny_base, glue_dir, tmp_path, recorded_hub):
     results = run(_args(tiny_base, glue_dir, tmp_path, "sst2", push_to_hub=True, hub_model_id="me/x"))
-    assert results["hub"].endswith("/commit/1")
-    uploaded = calls[1][1]
+    assert results["hub"].endswith("/commit/abc")
+    uploaded = recorded_hub[0].uploaded()
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "results.json"} <= set(uploaded)
     assert not [f for f in uploaded if f.startswith("checkpoint")]

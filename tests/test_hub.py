@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import randomize_adapters, roberta_config
+from conftest import RecordingApi, randomize_adapters, roberta_config
 from huggingface_hub import ModelCard
 from transformers import RobertaForSequenceClassification
 
@@ -23,26 +23,6 @@ RESULTS = {
     "reference": {"source": "LoRA paper (Hu et al. 2021), Table 2", "metrics": {"accuracy": 0.951}},
     "hyperparameters": {"learning_rate": 0.0005, "epochs": 60},
 }
-
-
-class RecordingApi:
-    """Stands in for HfApi: records every call, reaches no network."""
-
-    def __init__(self, token=None):
-        self.token = token
-        self.calls = []
-
-    def create_repo(self, **kwargs):
-        self.calls.append(("create_repo", kwargs))
-        return f"https://huggingface.co/{kwargs['repo_id']}"
-
-    def create_commit(self, **kwargs):
-        self.calls.append(("create_commit", kwargs))
-
-        class Info:
-            commit_url = f"https://huggingface.co/{kwargs['repo_id']}/commit/abc"
-
-        return Info()
 
 
 @pytest.fixture
@@ -69,19 +49,16 @@ def test_push_uploads_exactly_the_adapter_files(adapter_dir, monkeypatch, caplog
     (name, create), (_, commit) = api.calls
     assert name == "create_repo" and create == {"repo_id": "me/roberta-dora-sst2", "private": True, "exist_ok": True,
                                                 "repo_type": "model"}
-    uploaded = sorted(op.path_in_repo for op in commit["operations"])
-    assert uploaded == ["README.md", "adapter_config.json", "adapter_model.safetensors", "hf_lorax.json", "results.json"]
+    assert api.uploaded() == ["README.md", "adapter_config.json", "adapter_model.safetensors", "hf_lorax.json", "results.json"]
     assert plan.skipped == ["training_args.bin"]
     assert plan.commit_url.endswith("/commit/abc")
     text = caplog.text + (adapter_dir / "README.md").read_text() + plan.describe()
     assert TOKEN not in text
 
 
-def test_default_api_is_hfapi_with_the_given_token(adapter_dir, monkeypatch):
-    made = []
-    monkeypatch.setattr(hub, "HfApi", lambda token=None: made.append(RecordingApi(token)) or made[-1])
+def test_default_api_is_hfapi_with_the_given_token(adapter_dir, recorded_hub):
     push_adapter(str(adapter_dir), "me/x", token=TOKEN)
-    assert made[0].token == TOKEN and [c[0] for c in made[0].calls] == ["create_repo", "create_commit"]
+    assert recorded_hub[0].token == TOKEN and [c[0] for c in recorded_hub[0].calls] == ["create_repo", "create_commit"]
 
 
 @pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin", "model-00001-of-00002.safetensors"])

@@ -30,7 +30,7 @@ from .e2e_data import (
     write_references,
 )
 from .e2e_presets import METRICS, PAPER_SOURCE, SCALED_X100, E2EPreset, get_preset
-from .runs import adapter_config, check_method, rank_map_argument, save_run, write_results
+from .runs import RunArguments, adapter_config, check_method, rank_map_argument, save_run, write_results
 
 OVERRIDABLE = ("model_name_or_path", "r", "lora_alpha", "lora_dropout", "learning_rate", "batch_size", "epochs",
                "weight_decay", "warmup_steps", "label_smoothing", "max_length", "num_beams", "length_penalty",
@@ -38,23 +38,12 @@ OVERRIDABLE = ("model_name_or_path", "r", "lora_alpha", "lora_dropout", "learnin
 
 
 @dataclass
-class E2EArguments:
+class E2EArguments(RunArguments):
     """Arguments of ``scripts/run_e2e.py``; every preset field can be overridden."""
 
     preset: str = field(default="gpt2-medium/e2e", metadata={"help": "gpt2-medium/e2e or gpt2-large/e2e"})
-    model_name_or_path: str | None = field(default=None, metadata={"help": "overrides the preset's model"})
-    method: str = field(default="lora", metadata={"help": "lora, dora, qlora or qdora"})
-    rank_map: str | None = field(default=None, metadata={"help": "rank map JSON file or inline JSON"})
-    r: int | None = None
-    lora_alpha: float | None = None
-    lora_dropout: float | None = None
-    learning_rate: float | None = None
-    batch_size: int | None = None
-    epochs: float | None = None
-    weight_decay: float | None = None
     warmup_steps: int | None = None
     label_smoothing: float | None = None
-    max_length: int | None = None
     num_beams: int | None = None
     length_penalty: float | None = field(default=None, metadata={"help": "0.9 (paper, default) or 0.8 (repo README)"})
     no_repeat_ngram_size: int | None = None
@@ -64,22 +53,14 @@ class E2EArguments:
     test_file: str | None = field(default=None, metadata={"help": "mr,ref CSV to decode and score"})
     data_dir: str | None = field(default=None, metadata={"help": "folder with trainset.csv, devset.csv, testset_w_refs.csv"})
     dataset_name: str = field(default="GEM/e2e_nlg", metadata={"help": "Hub dataset when no local files are given"})
-    max_train_samples: int | None = field(default=None, metadata={"help": "first N training rows"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "first N distinct MRs of validation/test"})
     max_steps: int = field(default=-1, metadata={"help": "stop training after N steps (-1: the preset's epochs)"})
     output_dir: str = "runs/e2e"
     seed: int = 110  # microsoft/LoRA's E2E command line
     eval_batch_size: int = field(default=16, metadata={"help": "MRs per beam-search batch"})
     meteor: bool = field(default=True, metadata={"help": "compute METEOR (needs Java)"})
-    rank_utilization: bool = field(default=True, metadata={"help": "log rank utilization during training"})
-    rank_utilization_steps: int = 100
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    hub_private: bool = False
     logging_steps: int = 100
     bf16: bool = False
-    use_cpu: bool = False
-    disable_tqdm: bool = False
 
 
 def resolve(args: E2EArguments) -> E2EPreset:

@@ -12,43 +12,23 @@ from dataclasses import asdict, dataclass, field, replace
 
 from .glue_data import GlueTask, compute_metrics, get_task, load_hub, load_local
 from .glue_presets import PAPER_SOURCE, GluePreset, get_preset
-from .runs import adapter_config, check_method, rank_map_argument, save_run, write_results
+from .runs import RunArguments, adapter_config, check_method, rank_map_argument, save_run, write_results
 
 
 @dataclass
-class GlueArguments:
+class GlueArguments(RunArguments):
     """Arguments of ``scripts/run_glue.py``; every preset field can be overridden."""
 
     preset: str | None = field(default=None, metadata={"help": "e.g. roberta-base/sst2, roberta-large-dagger/rte"})
     task: str | None = field(default=None, metadata={"help": "GLUE task when no preset is given"})
-    model_name_or_path: str | None = field(default=None, metadata={"help": "overrides the preset's model"})
-    method: str = field(default="lora", metadata={"help": "lora, dora, qlora or qdora"})
-    rank_map: str | None = field(default=None, metadata={"help": "rank map JSON file or inline JSON"})
-    r: int | None = None
-    lora_alpha: float | None = None
-    lora_dropout: float | None = None
-    learning_rate: float | None = None
-    batch_size: int | None = None
-    epochs: float | None = None
-    max_length: int | None = None
-    weight_decay: float | None = None
     warmup_ratio: float | None = None
     official_scripts: bool = field(default=False, metadata={"help": "microsoft/LoRA script values (alpha 16, wd 0.1)"})
     data_dir: str | None = field(default=None, metadata={"help": "local GLUE folder (original TSV layout)"})
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
     init_adapter: str | None = field(default=None, metadata={"help": "adapter to start from (the MNLI one)"})
     output_dir: str = "runs/glue"
     seed: int = 0
     eval_batch_size: int = 64
-    rank_utilization: bool = field(default=True, metadata={"help": "log rank utilization during training"})
-    rank_utilization_steps: int = 100
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    hub_private: bool = False
     logging_steps: int = 50
-    use_cpu: bool = False
-    disable_tqdm: bool = False
 
 
 def resolve(args: GlueArguments) -> tuple[GluePreset, GlueTask]:

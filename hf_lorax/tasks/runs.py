@@ -7,10 +7,37 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from typing import Any
 
 METHODS = ("lora", "dora", "qlora", "qdora")
 RANK_UTILIZATION_FILES = ("rank_utilization.png", "rank_utilization.json", "suggested_rank_map.json")
+
+
+@dataclass
+class RunArguments:
+    """The arguments every task script takes (``HfArgumentParser`` reads them from the subclasses)."""
+
+    model_name_or_path: str | None = field(default=None, metadata={"help": "overrides the preset's model"})
+    method: str = field(default="lora", metadata={"help": "lora, dora, qlora or qdora"})
+    rank_map: str | None = field(default=None, metadata={"help": "rank map JSON file or inline JSON"})
+    r: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float | None = None
+    learning_rate: float | None = None
+    batch_size: int | None = None
+    epochs: float | None = None
+    max_length: int | None = None
+    weight_decay: float | None = None
+    max_train_samples: int | None = field(default=None, metadata={"help": "first N training examples"})
+    max_eval_samples: int | None = None
+    rank_utilization: bool = field(default=True, metadata={"help": "log rank utilization during training"})
+    rank_utilization_steps: int = 100
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_private: bool = False
+    use_cpu: bool = False
+    disable_tqdm: bool = False
 
 
 def check_method(method: str) -> None:
