@@ -15,6 +15,13 @@ Quick start::
     Trainer(model=model, args=TrainingArguments("out"), train_dataset=ds).train()
     model.save_pretrained("out/adapter") # a standard peft LoRA adapter (safetensors)
 
+For causal LMs whose labels mask a prompt with -100 (instruction tuning, E2E), ``TargetedLossTrainer`` is a
+drop-in ``Trainer`` that runs the LM head only on labelled positions (same loss, less time and memory)::
+
+    from hf_lorax import TargetedLossTrainer
+    TargetedLossTrainer(model=model, args=TrainingArguments("out", label_smoothing_factor=0.1),
+                        train_dataset=ds, data_collator=collator).train()
+
 The configs are ``peft.LoraConfig`` subclasses: ``peft.get_peft_model``, ``PeftModel.from_pretrained``,
 ``AutoPeftModelFor*``, transformers ``add_adapter`` / ``load_adapter`` and ``Trainer`` all take them.
 Importing hf_lorax installs two small hooks into peft (see :mod:`hf_lorax.hooks`).
@@ -47,4 +54,19 @@ __all__ = [
     "loraplus_param_groups",
     "merge_and_unload",
     "push_adapter",
+    "TargetedLossTrainer",
+    "targeted_causal_lm_loss",
 ]
+
+_LAZY = {  # importing transformers.Trainer takes seconds; load it on first use
+    "TargetedLossTrainer": "hf_lorax.tasks.targeted_loss",
+    "targeted_causal_lm_loss": "hf_lorax.tasks.targeted_loss",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hf_lorax' has no attribute {name!r}")
