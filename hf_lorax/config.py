@@ -110,7 +110,15 @@ class LoRAConfig(LoraConfig):
         return {}
 
     def prepare_base_model(self, model):
-        """Adjust the loaded base model before adapters are injected (QLoRA: k-bit preparation)."""
+        """Adjust the loaded base model before adapters are injected.
+
+        Causal LMs get hf_lorax's causal-LM loss (:mod:`hf_lorax.loss`: same value, a fraction of the
+        vocabulary-sized buffers); QLoRA adds k-bit preparation.
+        """
+        if self.task_type == "CAUSAL_LM":
+            from .loss import install_causal_lm_loss
+
+            install_causal_lm_loss(model)
         return model
 
     # -- saving -------------------------------------------------------------------------------------------

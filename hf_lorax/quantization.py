@@ -78,7 +78,7 @@ class QLoRAConfig(LoRAConfig):
         return {"quantization_config": self.bnb_config(), "dtype": self.torch_compute_dtype}
 
     def prepare_base_model(self, model: nn.Module) -> nn.Module:
-        return prepare_for_kbit_training(model)
+        return prepare_for_kbit_training(super().prepare_base_model(model))
 
     def sidecar(self) -> dict:
         data = super().sidecar()

@@ -1,0 +1,107 @@
+"""A causal-LM loss that keeps one vocabulary-sized buffer for backward instead of three.
+
+Why this exists: ``transformers``' ``ForCausalLMLoss`` calls ``F.cross_entropy`` on the ``n × vocab``
+logits. Autograd keeps the log-softmax output (``n × vocab``) for backward, and backward materialises two
+more (the gradient of that output, then the logits' gradient); ``logits.float()`` adds a fourth for bf16/fp16
+models. With GPT-2's 50,257-token vocabulary these buffers, not the adapters, set a LoRA step's peak memory.
+:class:`CrossEntropyFromLogits` keeps only the logits (alive anyway: the model returns them) and one float32
+log-sum-exp per row, and writes the logits' gradient once, in chunks whose float32 temporaries stay small.
+
+:func:`get_model <hf_lorax.model.get_model>` installs :func:`causal_lm_loss` as the ``loss_function`` of
+causal LMs that use the stock loss, so ``model(input_ids, labels=labels).loss`` and the ``Trainer`` use it.
+The value equals ``ForCausalLMLoss``'s to float32 round-off, gradients too (tests/test_loss.py). To go back
+to the stock loss: ``del model.get_base_model()._loss_function``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CHUNK_ELEMENTS = 1 << 24  # float32 temporaries of at most 64 MiB
+
+
+def _row_chunks(rows: int, vocab: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision logits (as ``ForCausalLMLoss``'s upcast), else the logits' own dtype."""
+    return torch.promote_types(logits.dtype, torch.float32)
+
+
+class CrossEntropyFromLogits(torch.autograd.Function):
+    """Per-row ``logsumexp(logits) - logits[target]`` (0 where the target is ``ignore_index``), at least float32.
+
+    Saves the logits, the targets and the per-row log-sum-exp; backward recomputes the softmax chunk by
+    chunk straight into the gradient buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        valid = targets.ne(ignore_index)
+        safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
+        dtype = _compute_dtype(logits)
+        lse = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
+        for rows in _row_chunks(logits.shape[0], logits.shape[1]):
+            lse[rows] = torch.logsumexp(logits[rows].to(dtype), dim=-1)
+        target_logits = logits.gather(1, safe_targets.unsqueeze(1)).squeeze(1).to(dtype)
+        ctx.save_for_backward(logits, safe_targets, valid, lse)
+        return (lse - target_logits) * valid
+
+    @staticmethod
+    def backward(ctx, grad_rows: torch.Tensor):
+        logits, safe_targets, valid, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        scale = grad_rows.to(lse.dtype) * valid
+        in_place = logits.dtype == lse.dtype  # else a chunk-sized float32 buffer, cast into ``grad``
+        for rows in _row_chunks(logits.shape[0], logits.shape[1]):
+            probs = grad[rows] if in_place else torch.empty_like(logits[rows], dtype=lse.dtype)
+            torch.sub(logits[rows].to(lse.dtype), lse[rows, None], out=probs)
+            probs.exp_().scatter_add_(1, safe_targets[rows, None], probs.new_full((probs.shape[0], 1), -1.0))
+            probs.mul_(scale[rows, None])
+            if not in_place:
+                grad[rows] = probs
+        return grad, None, None
+
+
+def causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    shift_labels: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """``transformers.loss.loss_utils.ForCausalLMLoss`` with :class:`CrossEntropyFromLogits` inside.
+
+    Same signature and semantics: labels are shifted left by one (or ``shift_labels`` is used as given), the
+    mean over labelled tokens, or the sum divided by ``num_items_in_batch`` when the ``Trainer`` passes it.
+    """
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    flat_logits = logits.reshape(-1, vocab_size)
+    targets = shift_labels.reshape(-1).to(flat_logits.device)
+    total = CrossEntropyFromLogits.apply(flat_logits, targets, ignore_index).sum()
+    if num_items_in_batch is None:
+        return total / targets.ne(ignore_index).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def install_causal_lm_loss(model: torch.nn.Module) -> bool:
+    """Use :func:`causal_lm_loss` for ``model`` if it computes the stock causal-LM loss; returns whether it did."""
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    if getattr(model, "_loss_function", None) is not None or not hasattr(type(model), "loss_function"):
+        return False  # a custom loss the user set, or not a transformers model
+    try:
+        stock = model.loss_function is LOSS_MAPPING["ForCausalLM"]
+    except (AttributeError, KeyError):
+        return False
+    if stock:
+        model.loss_function = causal_lm_loss
+    return stock

@@ -1,0 +1,118 @@
+"""hf_lorax's causal-LM loss equals transformers' ForCausalLMLoss (value and gradients) with less memory."""
+
+import copy
+
+import pytest
+import torch
+from conftest import gpt2_config, randomize_adapters
+from peft import LoraConfig, get_peft_model
+from transformers import GPT2LMHeadModel
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+from hf_lorax import LoRAConfig, get_model
+from hf_lorax.loss import CrossEntropyFromLogits, causal_lm_loss
+
+
+def _labels(shape, vocab, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, vocab, shape, generator=gen)
+    labels[0, :3] = -100  # a masked prompt
+    labels[-1, -2:] = -100  # padding
+    return labels
+
+
+@pytest.mark.parametrize("num_items", [None, 11, "tensor"])
+@pytest.mark.parametrize("given_shift", [False, True])
+def test_value_and_gradient_equal_transformers(num_items, given_shift):
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 50, dtype=torch.float64, requires_grad=True)
+    labels = _labels((3, 7), 50)
+    n = torch.tensor(11) if num_items == "tensor" else num_items
+    kwargs = {"shift_labels": torch.roll(labels, -1, 1)} if given_shift else {}
+    ours_logits = logits.detach().clone().requires_grad_()
+    expected = ForCausalLMLoss(logits, labels, 50, num_items_in_batch=n, **kwargs)
+    actual = causal_lm_loss(ours_logits, labels, 50, num_items_in_batch=n, **kwargs)
+    torch.testing.assert_close(actual, expected.to(actual.dtype), atol=1e-6, rtol=1e-6)
+    expected.backward()
+    actual.backward()
+    torch.testing.assert_close(ours_logits.grad, logits.grad, atol=1e-7, rtol=1e-6)
+
+
+def test_gradcheck_and_chunking(monkeypatch):
+    import hf_lorax.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 20)  # several rows per chunk, ragged last chunk
+    logits = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 5, -100, 2, 2, 1, -100, 4, 3])
+    assert torch.autograd.gradcheck(lambda x: CrossEntropyFromLogits.apply(x, targets, -100), (logits,))
+
+
+def test_bf16_logits_match_the_float32_reference():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 9, 300).bfloat16().requires_grad_()
+    labels = _labels((4, 9), 300)
+    reference = logits.detach().float().requires_grad_()
+    actual = causal_lm_loss(logits, labels, 300)
+    expected = ForCausalLMLoss(reference, labels, 300)
+    assert actual.dtype == torch.float32
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    actual.backward()
+    expected.backward()
+    assert logits.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.grad.float(), reference.grad, atol=1e-3, rtol=1e-2)
+
+
+def test_get_model_installs_it_and_training_matches_peft(input_ids):
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(gpt2_config())
+    ours = get_model(LoRAConfig(task_type="CAUSAL_LM", r=4, target_modules=["c_attn"]), model=copy.deepcopy(base))
+    plain = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["c_attn"]))
+    assert ours.get_base_model().loss_function is causal_lm_loss
+    assert plain.get_base_model().loss_function is not causal_lm_loss  # plain peft models are left alone
+    randomize_adapters(plain)
+    ours.load_state_dict(plain.state_dict(), strict=False)
+    labels = input_ids.clone()
+    labels[:, :4] = -100
+    losses = []
+    for model in (plain, ours):
+        model.eval()
+        loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
+    for (name, p), (_, q) in zip(plain.named_parameters(), ours.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_loss_the_user_set_is_kept():
+    from hf_lorax.loss import install_causal_lm_loss
+
+    model = GPT2LMHeadModel(gpt2_config())
+
+    def custom(*args, **kwargs):
+        return torch.tensor(0.0)
+
+    model.loss_function = custom
+    assert not install_causal_lm_loss(model) and model.loss_function is custom
+
+
+def test_keeps_fewer_vocabulary_sized_buffers():
+    """Bytes autograd saves plus the backward's allocations, measured with the profiler's allocator events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def peak(loss_fn) -> int:
+        logits = torch.randn(64, 4096, requires_grad=True)
+        labels = torch.randint(0, 4096, (1, 65))
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            loss_fn(logits.view(1, 64, 4096), labels[:, :64], 4096).backward()
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+        total = top = 0
+        for _, nbytes in events:
+            total += nbytes
+            top = max(top, total)
+        return top
+
+    logits_bytes = 64 * 4096 * 4
+    assert peak(causal_lm_loss) <= 1.5 * logits_bytes < 2.5 * logits_bytes <= peak(ForCausalLMLoss)
