@@ -163,7 +163,7 @@ class FactorizedDoraLinearVariant(LoraVariant):
         magnitude = module.lora_magnitude_vector[active_adapter].weight
         norm_scale = (magnitude / cls.weight_norm(module, active_adapter).to(magnitude.dtype)).to(result.dtype)
         bias = module.get_base_layer().bias
-        lora = lora_B(lora_A(module.lora_dropout[active_adapter](x))) * scaling
+        lora = lora_B(lora_A(module.lora_dropout[active_adapter](x)) * scaling)  # scaling on the r-wide A x
         combined = result + lora.to(result.dtype) if bias is None else result - bias + lora.to(result.dtype)
         return scale_and_shift(combined, norm_scale, bias)
 
