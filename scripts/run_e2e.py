@@ -22,6 +22,8 @@ from hf_lorax.tasks.e2e import E2EArguments, results_table, run
 def main(argv=None) -> dict:
     (args,) = HfArgumentParser(E2EArguments).parse_args_into_dataclasses(args=argv)
     results = run(args)
+    if results is None:  # a non-main process of a distributed run: the main one reports
+        return {}
     print("\n" + results_table([results]))
     unavailable = results.get("metrics_unavailable") or {}
     for name, reason in unavailable.items():

@@ -20,6 +20,8 @@ from hf_lorax.tasks.glue import GlueArguments, results_table, run
 def main(argv=None) -> dict:
     (args,) = HfArgumentParser(GlueArguments).parse_args_into_dataclasses(args=argv)
     results = run(args)
+    if results is None:  # a non-main process of a distributed run: the main one reports
+        return {}
     print("\n" + results_table([results]))
     print(f"\nadapter: {args.output_dir}/adapter   results: {args.output_dir}/results.json")
     return results

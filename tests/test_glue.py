@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +167,21 @@ def test_end_to_end_per_task_family(task, method, tiny_base, glue_dir, tmp_path)
                  "rank_utilization.png"):
         assert (adapter / name).exists(), name
     assert json.loads((adapter / "hf_lorax.json").read_text())["num_labels"] == TASKS[task].num_labels
+
+
+def test_torchrun_two_processes(tiny_base, glue_dir, tmp_path):
+    """The documented ``torchrun --nproc_per_node 2 scripts/run_glue.py``: exits 0, one process writes and reports."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "run_glue.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541", str(script),
+           "--task", "sst2", "--model_name_or_path", tiny_base, "--data_dir", str(glue_dir / "SST-2"),
+           "--output_dir", str(tmp_path), "--epochs", "1", "--batch_size", "4", "--max_length", "32",
+           "--use_cpu", "true", "--disable_tqdm", "true", "--rank_utilization_steps", "2"]
+    proc = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("| preset | method |") == 1  # the results table, from rank 0 only
+    assert json.loads((tmp_path / "results.json").read_text())["task"] == "sst2"
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert not [n for n in os.listdir(tmp_path) if ".hf_lorax-tmp-" in n]
 
 
 def test_init_from_mnli_adapter(tiny_base, glue_dir, tmp_path):

@@ -30,7 +30,15 @@ from .e2e_data import (
     write_references,
 )
 from .e2e_presets import METRICS, PAPER_SOURCE, SCALED_X100, E2EPreset, get_preset
-from .runs import RunArguments, adapter_config, check_method, rank_map_argument, save_run, write_results
+from .runs import (
+    RunArguments,
+    adapter_config,
+    check_method,
+    finish_distributed,
+    rank_map_argument,
+    save_run,
+    write_results,
+)
 
 OVERRIDABLE = ("model_name_or_path", "r", "lora_alpha", "lora_dropout", "learning_rate", "batch_size", "epochs",
                "weight_decay", "warmup_steps", "label_smoothing", "max_length", "num_beams", "length_penalty",
@@ -174,8 +182,11 @@ def generate(model, tokenizer, mrs: Sequence[str], preset: E2EPreset, batch_size
     return outputs
 
 
-def run(args: E2EArguments) -> dict:
-    """Train, decode and score one E2E run; writes the adapter, predictions, references and results."""
+def run(args: E2EArguments) -> dict | None:
+    """Train, decode and score one E2E run; writes the adapter, predictions, references and results.
+
+    Returns the results record; ``None`` on the non-main processes of a distributed run.
+    """
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainingArguments, set_seed
 
@@ -224,21 +235,23 @@ def run(args: E2EArguments) -> dict:
     train_output = trainer.train()
     eval_loss = trainer.evaluate().get("eval_loss") if eval_set is not None else None
 
-    adapter_dir = save_run(model, args.output_dir)
+    results = None
+    if trainer.is_world_process_zero():  # under torchrun / accelerate, one process decodes and writes
+        adapter_dir = save_run(model, args.output_dir)
+        start = time.perf_counter()
+        predictions = generate(model, tokenizer, test_mrs, preset, args.eval_batch_size)
+        decode_s = time.perf_counter() - start
+        write_predictions(os.path.join(args.output_dir, "predictions.txt"), predictions)
+        write_references(os.path.join(args.output_dir, "references.txt"), test_refs)
+        scores = e2e_scores(predictions, test_refs, meteor=args.meteor)
 
-    start = time.perf_counter()
-    predictions = generate(model, tokenizer, test_mrs, preset, args.eval_batch_size)
-    decode_s = time.perf_counter() - start
-    write_predictions(os.path.join(args.output_dir, "predictions.txt"), predictions)
-    write_references(os.path.join(args.output_dir, "references.txt"), test_refs)
-    scores = e2e_scores(predictions, test_refs, meteor=args.meteor)
-
-    results = results_record(preset, args, scores, splits, trainable, train_output, eval_loss, decode_s)
-    write_results(args.output_dir, adapter_dir, results, results_table([results]))
-    write_model_card(render_model_card(adapter_dir, args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-                                       results=results), adapter_dir)
-    if args.push_to_hub:
-        results["hub"] = push_adapter(adapter_dir, args.hub_model_id, private=args.hub_private).commit_url
+        results = results_record(preset, args, scores, splits, trainable, train_output, eval_loss, decode_s)
+        write_results(args.output_dir, adapter_dir, results, results_table([results]))
+        card_name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+        write_model_card(render_model_card(adapter_dir, card_name, results=results), adapter_dir)
+        if args.push_to_hub:
+            results["hub"] = push_adapter(adapter_dir, args.hub_model_id, private=args.hub_private).commit_url
+    finish_distributed()
     return results
 
 

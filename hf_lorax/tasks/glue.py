@@ -12,7 +12,15 @@ from dataclasses import asdict, dataclass, field, replace
 
 from .glue_data import GlueTask, compute_metrics, get_task, load_hub, load_local
 from .glue_presets import PAPER_SOURCE, GluePreset, get_preset
-from .runs import RunArguments, adapter_config, check_method, rank_map_argument, save_run, write_results
+from .runs import (
+    RunArguments,
+    adapter_config,
+    check_method,
+    finish_distributed,
+    rank_map_argument,
+    save_run,
+    write_results,
+)
 
 
 @dataclass
@@ -98,8 +106,11 @@ def load_init_adapter(model, path: str) -> list[str]:
     return skipped
 
 
-def run(args: GlueArguments) -> dict:
-    """Train and evaluate one GLUE task; writes the adapter, ``results.json`` and ``results.md``."""
+def run(args: GlueArguments) -> dict | None:
+    """Train and evaluate one GLUE task; writes the adapter, ``results.json`` and ``results.md``.
+
+    Returns the results record; ``None`` on the non-main processes of a distributed run.
+    """
     from datasets import Dataset
     from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
@@ -150,11 +161,14 @@ def run(args: GlueArguments) -> dict:
     history = [e for e in trainer.state.log_history if metric_key in e]
     best = max(history, key=lambda e: e[metric_key]) if history else final
 
-    adapter_dir = save_run(model, args.output_dir)
-    results = results_record(preset, task, args, final, best, metric_key, train_output, skipped)
-    write_results(args.output_dir, adapter_dir, results, results_table([results]))
-    if args.push_to_hub:
-        results["hub"] = push_adapter(adapter_dir, args.hub_model_id, private=args.hub_private).commit_url
+    results = None
+    if trainer.is_world_process_zero():  # under torchrun / accelerate, one process writes the run's files
+        adapter_dir = save_run(model, args.output_dir)
+        results = results_record(preset, task, args, final, best, metric_key, train_output, skipped)
+        write_results(args.output_dir, adapter_dir, results, results_table([results]))
+        if args.push_to_hub:
+            results["hub"] = push_adapter(adapter_dir, args.hub_model_id, private=args.hub_private).commit_url
+    finish_distributed()
     return results
 
 

@@ -73,6 +73,19 @@ def write_json(path: str, data) -> None:
     os.replace(tmp, path)
 
 
+def finish_distributed() -> None:
+    """Tear down the process group ``torchrun`` / ``accelerate`` started, once every rank is done.
+
+    Left to interpreter shutdown, gloo can abort a process after its work is finished ("terminate called
+    without an active exception"), and the launcher then reports the run as failed.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def save_run(model, output_dir: str) -> str:
     """Save the adapter to ``output_dir/adapter`` with the run's rank-utilization files; returns that folder."""
     adapter_dir = os.path.join(output_dir, "adapter")

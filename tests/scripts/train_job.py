@@ -53,4 +53,9 @@ training_args = TrainingArguments(
 trainer = Trainer(model=model, args=training_args, train_dataset=data, callbacks=callbacks)
 trainer.train(resume_from_checkpoint=args.resume)
 trainer.save_model(os.path.join(args.out, "final"))
+if torch.distributed.is_available() and torch.distributed.is_initialized():
+    # tear gloo down before exit: a process group left to interpreter shutdown can abort ("terminate called
+    # without an active exception") after the work is done
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 print(f"rank {rank} done", file=sys.stderr)
