@@ -5,7 +5,7 @@ The LoRA paper (Table 3) reports these on the E2E test set with the official sco
 unreachable offline, so this module reproduces that scorer, in its units (BLEU, METEOR and ROUGE_L in
 0..1, NIST around 8, CIDEr around 2.5):
 
-* **BLEU** (4-gram) and **NIST** (5-gram): our own implementation of MT-Eval v13a, corpus level,
+* **BLEU** (4-gram) and **NIST** (5-gram): our own implementation of MT-Eval v13a (:mod:`.mteval`), corpus level,
   case-insensitive, multi-reference, with mteval's own tokenization, as the scorer's ``pymteval.py``
   (``BLEUScore`` / ``NISTScore``) computes them. Pure Python, no optional dependency.
 * **METEOR 1.5**, **ROUGE-L** (beta = 1.2) and **CIDEr-D** (n = 4, sigma = 6): from ``pycocoevalcap``
@@ -13,7 +13,7 @@ unreachable offline, so this module reproduces that scorer, in its units (BLEU, 
   its Java jar (``meteor-1.5.jar -stdio -l en -norm``), driven by our own small wrapper (see
   :func:`meteor` for why). These three score text tokenized like coco-caption: Stanford PTBTokenizer
   (the ``stanford-corenlp-3.4.1.jar`` pycocoevalcap ships, ``-preserveLines -lowerCase``), then
-  punctuation tokens dropped. Without Java, :func:`ptb_tokenize_python` stands in for the jar.
+  punctuation tokens dropped. Without Java, :func:`ptb_tokenize_python` (:mod:`.ptb`) stands in for the jar.
 
 What is not reproduced, and why it does not matter at the ±0.01 we check:
 
@@ -60,176 +60,26 @@ the "test first" numbers, and all five on its first 40 items, as golden values.
 from __future__ import annotations
 
 import importlib.util
-import math
-import re
 import shutil
 import subprocess
 import tempfile
 import threading
 import warnings
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
 import evaluate
 
+# absolute imports: ``evaluate.load(<this file>)`` loads it outside the package
+from hf_lorax.metrics.mteval import bleu, mteval_tokenize, nist  # noqa: F401 (part of this module's API)
+from hf_lorax.metrics.ptb import drop_punctuation, ptb_tokenize_python
+from hf_lorax.metrics.references import check_inputs
+
 INSTALL_HINT = "pip install hf_lorax[e2e]"
-
-# coco-caption drops these tokens after PTB tokenization (pycocoevalcap.tokenizer.ptbtokenizer).
-# "-LRB-"/"-RRB-" never match: -lowerCase turns them into "-lrb-"/"-rrb-", which therefore stay.
-COCO_PUNCTUATION = frozenset(
-    {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
-)
-
 
 class MetricUnavailable(RuntimeError):
     """A metric cannot be computed here (missing Java or pycocoevalcap); the message says why."""
-
-
-# --------------------------------------------------------------------------------------------- inputs
-
-
-def _is_collection(value: object) -> bool:
-    """Lists, tuples, numpy arrays, dataset columns: anything iterable except a bare string."""
-    return isinstance(value, Iterable) and not isinstance(value, (str, bytes))
-
-
-def check_inputs(
-    predictions: Iterable[str], references: Iterable[Iterable[str]]
-) -> tuple[list[str], list[list[str]]]:
-    """Validate and copy the inputs; every problem is a ValueError naming the offending item."""
-    if not _is_collection(predictions):
-        raise ValueError("predictions must be a list of strings, one per item")
-    if not _is_collection(references):
-        raise ValueError("references must be a list of lists of strings (all references of each item)")
-    predictions, references = list(predictions), list(references)
-    if not predictions:
-        raise ValueError("predictions is empty: nothing to score")
-    if len(predictions) != len(references):
-        raise ValueError(
-            f"{len(predictions)} predictions but {len(references)} reference lists: lengths differ"
-        )
-    for i, prediction in enumerate(predictions):
-        if not isinstance(prediction, str):
-            raise ValueError(f"predictions[{i}] is {type(prediction).__name__}, not a string")
-    return predictions, [_check_reference_list(i, item) for i, item in enumerate(references)]
-
-
-def _check_reference_list(i: int, item: Iterable[str]) -> list[str]:
-    if not _is_collection(item):
-        raise ValueError(f"references[{i}] must be a list of reference strings, got {type(item).__name__}")
-    item = list(item)
-    if not item:
-        raise ValueError(
-            f"references[{i}] is an empty reference list: every item needs at least one reference"
-        )
-    for j, ref in enumerate(item):
-        if not isinstance(ref, str):
-            raise ValueError(f"references[{i}][{j}] is {type(ref).__name__}, not a string")
-    return list(item)
-
-
-# ------------------------------------------------------------------------------ MT-Eval BLEU and NIST
-
-# mteval-v13a splits off these ASCII symbols everywhere ('.', ',' and '-' have their own rules below).
-_MTEVAL_SYMBOLS = re.compile("([" + re.escape('{|}~[\\]^_`!"#$%&()*+:;<=>?@/') + "])")
-_MTEVAL_RULES = (
-    (re.compile(r"([^0-9])([.,])"), r"\1 \2 "),  # period / comma not preceded by a digit
-    (re.compile(r"([.,])([^0-9])"), r" \1 \2"),  # period / comma not followed by a digit
-    (re.compile(r"([0-9])(-)"), r"\1 \2 "),  # dash preceded by a digit
-)
-_ENTITIES = (("&quot;", '"'), ("&amp;", "&"), ("&lt;", "<"), ("&gt;", ">"))
-
-
-def mteval_tokenize(text: str) -> list[str]:
-    """MT-Eval v13a's default ("western") tokenization, lowercased because the scorer is case-insensitive."""
-    text = text.replace("<skipped>", "").replace("-\n", "").replace("\n", " ")
-    for entity, char in _ENTITIES:
-        text = text.replace(entity, char)
-    text = _MTEVAL_SYMBOLS.sub(r" \1 ", f" {text} ")
-    for pattern, replacement in _MTEVAL_RULES:
-        text = pattern.sub(replacement, text)
-    return text.lower().split()
-
-
-def _ngrams(tokens: list[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
-
-
-def _max_ref_counts(refs: list[list[str]], n: int) -> Counter:
-    """Clipping counts: each n-gram's highest count in any single reference."""
-    merged: Counter = Counter()
-    for ref in refs:
-        merged |= _ngrams(ref, n)
-    return merged
-
-
-def _clipped_hits(hyp: list[str], refs: list[list[str]], n: int) -> Counter:
-    return _ngrams(hyp, n) & _max_ref_counts(refs, n)
-
-
-def _tokenized_pairs(predictions, references) -> list[tuple[list[str], list[list[str]]]]:
-    predictions, references = check_inputs(predictions, references)
-    return [
-        (mteval_tokenize(h), [mteval_tokenize(r) for r in refs]) for h, refs in zip(predictions, references)
-    ]
-
-
-def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]], max_order: int = 4) -> float:
-    """Corpus BLEU as mteval-v13a / pymteval: clipped n-gram precision, closest-reference brevity penalty.
-
-    The reference length of an item is the one closest to the hypothesis length (the shorter on a tie).
-    """
-    hits, totals, hyp_len, ref_len = [0] * max_order, [0] * max_order, 0, 0
-    for hyp, refs in _tokenized_pairs(predictions, references):
-        for n in range(1, max_order + 1):
-            hits[n - 1] += sum(_clipped_hits(hyp, refs, n).values())
-            totals[n - 1] += max(len(hyp) - n + 1, 0)
-        hyp_len += len(hyp)
-        ref_len += min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
-    if min(hits) == 0:
-        return 0.0
-    log_precision = sum(math.log(h / t) for h, t in zip(hits, totals)) / max_order
-    brevity = math.exp(min(0.0, 1.0 - ref_len / hyp_len))
-    return brevity * math.exp(log_precision)
-
-
-# mteval-v13a: the penalty is 0.5 when the output is 2/3 of the reference length.
-_NIST_BETA = -math.log(0.5) / math.log(1.5) ** 2
-
-
-def _nist_information(pairs: list[tuple[list[str], list[list[str]]]], max_order: int) -> dict[tuple, float]:
-    """info(w1..wn) = log2(count(w1..wn-1) / count(w1..wn)), counted over every reference of the corpus."""
-    counts: Counter = Counter()
-    for _, refs in pairs:
-        for ref in refs:
-            counts[()] += len(ref)
-            for n in range(1, max_order + 1):
-                counts.update(_ngrams(ref, n))
-    return {g: math.log2(counts[g[:-1]] / c) for g, c in counts.items() if g}
-
-
-def nist_length_penalty(hyp_len: int, avg_ref_len: float) -> float:
-    """exp(-beta * log(ratio)^2) for outputs shorter than the references, 1 otherwise."""
-    ratio = hyp_len / avg_ref_len if avg_ref_len else 1.0
-    if ratio >= 1:
-        return 1.0
-    return math.exp(-_NIST_BETA * math.log(ratio) ** 2) if ratio > 0 else 0.0
-
-
-def nist(predictions: Sequence[str], references: Sequence[Sequence[str]], max_order: int = 5) -> float:
-    """Corpus NIST as pymteval: information-weighted clipped matches, averaged per order, summed over 1..5."""
-    pairs = _tokenized_pairs(predictions, references)
-    info = _nist_information(pairs, max_order)
-    gained, totals = [0.0] * max_order, [0] * max_order
-    for hyp, refs in pairs:
-        for n in range(1, max_order + 1):
-            gained[n - 1] += sum(info[g] * c for g, c in _clipped_hits(hyp, refs, n).items())
-            totals[n - 1] += max(len(hyp) - n + 1, 0)
-    score = sum(g / t for g, t in zip(gained, totals) if t)
-    avg_ref_len = sum(sum(map(len, refs)) / len(refs) for _, refs in pairs)
-    return score * nist_length_penalty(totals[0], avg_ref_len)
 
 
 # --------------------------------------------------------------------------------- PTB tokenization
@@ -253,10 +103,6 @@ def _require_coco() -> Path:
     if folder is None:
         raise MetricUnavailable(f"pycocoevalcap is not installed ({INSTALL_HINT})")
     return folder
-
-
-def _drop_punctuation(tokens: Sequence[str]) -> str:
-    return " ".join(t for t in tokens if t and t not in COCO_PUNCTUATION)
 
 
 def ptb_tokenize_java(texts: Sequence[str], timeout: float = 300.0) -> list[str]:
@@ -293,94 +139,7 @@ def ptb_tokenize_java(texts: Sequence[str], timeout: float = 300.0) -> list[str]
     if len(lines) > len(texts):  # a line break we did not remove: lines no longer line up with texts
         raise MetricUnavailable(f"PTBTokenizer returned {len(lines)} lines for {len(texts)} texts")
     lines += [""] * (len(texts) - len(lines))  # trailing empty texts may produce no line
-    return [_drop_punctuation(line.rstrip().split(" ")) for line in lines]
-
-
-_CONTRACTIONS = {
-    "cannot": ["can", "not"],
-    "gonna": ["gon", "na"],
-    "gotta": ["got", "ta"],
-    "wanna": ["wan", "na"],
-}
-_CLITIC = re.compile(r"(?<=\w)(n't|'s|'re|'ll|'ve|'d|'m)$")
-_ACRONYM = re.compile(r"^(?:[a-z]\.){2,}$")
-_ABBREVIATIONS = frozenset(
-    "mr mrs ms dr st jr sr prof vs etc inc ltd co corp ave rd "
-    "jan feb mar apr jun jul aug sep sept oct nov dec".split()
-)
-_OPENING = {'"': "``", "'": "`", "(": "-lrb-", "[": "-lsb-", "{": "-lcb-"}
-_CLOSING = {'"': "''", "'": "'", ")": "-rrb-", "]": "-rsb-", "}": "-rcb-"}
-
-
-def _split_leading(word: str) -> tuple[list[str], str]:
-    """Peel opening quotes/brackets, symbols and a leading '.' or '-' (kept on a number: '-25', '.5')."""
-    lead: list[str] = []
-    while word:
-        if word.startswith("..."):
-            lead.append("...")
-            word = word[3:]
-        elif word[0] in _OPENING or word[0] in "$#,;:?!":
-            lead.append(_OPENING.get(word[0], word[0]))
-            word = word[1:]
-        elif word[0] in ".-" and not (len(word) > 1 and word[1].isdigit()):
-            lead.append(word[0])
-            word = word[1:]
-        else:
-            break
-    return lead, word
-
-
-def _keeps_period(word: str, next_token: str | None) -> bool:
-    """PTB keeps '.' on acronyms and abbreviations, and on a word right before a comma ('center.,')."""
-    stem = word[:-1]
-    if _ACRONYM.match(word) or stem in _ABBREVIATIONS:
-        return True
-    return next_token == "," and len(word) > 1 and stem[-1].isalpha()
-
-
-def _split_trailing(word: str) -> tuple[str, list[str]]:
-    trail: list[str] = []
-    while word:
-        if word.endswith("..."):
-            trail.insert(0, "...")
-            word = word[:-3]
-        elif word[-1] in _CLOSING or word[-1] in ",;:?!-$#":
-            trail.insert(0, _CLOSING.get(word[-1], word[-1]))
-            word = word[:-1]
-        elif word[-1] == "." and not _keeps_period(word, trail[0] if trail else None):
-            trail.insert(0, ".")
-            word = word[:-1]
-        else:
-            break
-    return word, trail
-
-
-def _split_clitics(word: str) -> list[str]:
-    """do|n't, it|'s, he|'d|'ve: PTB splits English clitics off the stem."""
-    if word in _CONTRACTIONS:
-        return list(_CONTRACTIONS[word])
-    tail: list[str] = []
-    while (match := _CLITIC.search(word)) and match.start() > 0:
-        tail.insert(0, match.group(1))
-        word = word[: match.start()]
-    return ([word] if word else []) + tail
-
-
-def ptb_tokenize_python(text: str) -> str:
-    """Pure-Python stand-in for ``ptb_tokenize_java`` on one text (used when Java is missing).
-
-    Written against the jar's output on the E2E references: 9365 / 9365 identical after punctuation
-    removal (dev + test). It also handles clitics, brackets, acronyms and common abbreviations, but not
-    every PTB rule (e.g. emoticons, "y'all"), so rarely it differs on unusual text.
-    """
-    text = text.lower().replace("\n", " ").replace("£", " # ")  # PTB writes the pound sign as '#'
-    text = re.sub(r"(?<=\w),(?=\w)", " , ", text).replace("...", " ... ")
-    tokens: list[str] = []
-    for chunk in text.split():
-        lead, word = _split_leading(chunk)
-        word, trail = _split_trailing(word)
-        tokens += lead + (_split_clitics(word) if word else []) + trail
-    return _drop_punctuation(tokens)
+    return [drop_punctuation(line.rstrip().split(" ")) for line in lines]
 
 
 def ptb_tokenize(texts: Sequence[str], backend: str = "auto") -> list[str]:
