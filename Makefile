@@ -17,13 +17,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m hf_lorax.demo
+	$(PY) -m hf_lorax_paper.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(PY) -m ruff check hf_lorax scripts tests
+	$(PY) -m ruff check hf_lorax hf_lorax_paper scripts tests
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 
 clean:

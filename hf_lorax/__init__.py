@@ -24,43 +24,53 @@ drop-in ``Trainer`` that runs the LM head only on labelled positions (same loss,
 
 The configs are ``peft.LoraConfig`` subclasses: ``peft.get_peft_model``, ``PeftModel.from_pretrained``,
 ``AutoPeftModelFor*``, transformers ``add_adapter`` / ``load_adapter`` and ``Trainer`` all take them.
-Importing hf_lorax installs two small hooks into peft (see :mod:`hf_lorax.hooks`).
+Importing hf_lorax installs the version-guarded hooks listed in :mod:`hf_lorax.integrations`.
 """
 
-__version__ = "0.1.0"
-
-from . import hooks as _hooks
+from ._version import __version__
+from .adapter_files import read_adapter_folder
 from .analysis import RankUtilizationCallback
-from .config import DoRAConfig, LoRAConfig
+from .card import write_model_card
+from .config import DoRAConfig, LoRAConfig, QLoRAConfig
 from .describe import AdapterReport, describe
+from .export import export_adapter
 from .hub import push_adapter
+from .integrations.hooks import install as _install_hooks
 from .model import get_model, load_base_model
 from .optim import create_loraplus_optimizer, loraplus_param_groups
-from .quantization import QLoRAConfig, merge_and_unload
+from .plan import AdapterPlan, resolve
+from .quantization import merge_and_unload
+from .serving import check_serving
 
-_hooks.install()
+_install_hooks()
 
 __all__ = [
+    "AdapterPlan",
     "AdapterReport",
     "DoRAConfig",
     "LoRAConfig",
     "QLoRAConfig",
     "RankUtilizationCallback",
+    "TargetedLossTrainer",
     "__version__",
+    "check_serving",
     "create_loraplus_optimizer",
     "describe",
+    "export_adapter",
     "get_model",
     "load_base_model",
     "loraplus_param_groups",
     "merge_and_unload",
     "push_adapter",
-    "TargetedLossTrainer",
+    "read_adapter_folder",
+    "resolve",
     "targeted_causal_lm_loss",
+    "write_model_card",
 ]
 
 _LAZY = {  # importing transformers.Trainer takes seconds; load it on first use
-    "TargetedLossTrainer": "hf_lorax.tasks.targeted_loss",
-    "targeted_causal_lm_loss": "hf_lorax.tasks.targeted_loss",
+    "TargetedLossTrainer": "hf_lorax.targeted_loss",
+    "targeted_causal_lm_loss": "hf_lorax.targeted_loss",
 }
 
 

@@ -1,4 +1,4 @@
-"""Configuration classes: :class:`LoRAConfig` and :class:`DoRAConfig`.
+"""Configuration classes: :class:`LoRAConfig`, :class:`DoRAConfig` and :class:`QLoRAConfig`.
 
 They *are* ``peft.LoraConfig`` dataclasses, so ``peft.get_peft_model``, ``PeftModel``, transformers'
 ``add_adapter`` and the ``Trainer`` accept them unchanged. What they add:
@@ -7,19 +7,23 @@ They *are* ``peft.LoraConfig`` dataclasses, so ``peft.get_peft_model``, ``PeftMo
   validated against the model and saved as peft ``rank_pattern`` / ``alpha_pattern`` with exact names;
 * ``fused_slices``: adapt only some slices of a fused projection (see :mod:`hf_lorax.slices`);
 * ``num_labels``: the label count :func:`hf_lorax.get_model` gives a classification head;
-* hf_lorax's own tuner layers (:mod:`hf_lorax.layers`), registered through
-  ``LoraConfig._register_custom_module``.
+* for :class:`QLoRAConfig`, the bitsandbytes quantization of the base.
 
-Saving writes a plain peft ``adapter_config.json`` (only peft's fields, so peft without hf_lorax reads
-it without warnings) and a small ``hf_lorax.json`` beside it with the fields above, which hf_lorax reads
-back when it loads the adapter.
+A config is a description: it is validated on construction and never changed afterwards by hf_lorax.
+What a config means for one concrete model (exact rank and alpha per module, slices, task head) is the
+:class:`~hf_lorax.plan.AdapterPlan` that :func:`hf_lorax.plan.resolve` computes; :func:`hf_lorax.get_model`
+hands peft a resolved *copy* (:meth:`LoRAConfig.with_plan`).
+
+This module imports only the two pure leaf modules :mod:`~hf_lorax.rank_map` and :mod:`~hf_lorax.slices`.
+Saving writes a plain peft ``adapter_config.json`` (only peft's fields, so peft without hf_lorax reads it
+without warnings) and a small ``hf_lorax.json`` beside it (:mod:`hf_lorax.adapter_files` reads it back).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from numbers import Real
@@ -27,11 +31,15 @@ from typing import Any, ClassVar, Optional, Union
 
 from peft import LoraConfig
 
+from ._version import __version__
 from .rank_map import load_module_map
-from .slices import parse_fused_slices
+from .slices import SliceSpec, fused_alpha, fused_rank, parse_fused_slices, slice_alpha, slice_rank
 
 SIDECAR_NAME = "hf_lorax.json"
 SIDECAR_FORMAT = 1
+
+# Every hf_lorax config class by name, filled by ``LoRAConfig.__init_subclass__``; ``hf_lorax.json`` names one.
+CONFIG_CLASSES: dict[str, type[LoRAConfig]] = {}
 
 
 @dataclass
@@ -79,6 +87,10 @@ class LoRAConfig(LoraConfig):
     # hf_lorax's own fields: saved to hf_lorax.json, never to adapter_config.json
     extra_fields: ClassVar[tuple[str, ...]] = ("rank_map", "alpha_map", "num_labels", "fused_slices")
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        CONFIG_CLASSES[cls.__name__] = cls
+
     def __post_init__(self):
         _check_positive_int("r", self.r)
         _check_positive_number("lora_alpha", self.lora_alpha)
@@ -90,38 +102,47 @@ class LoRAConfig(LoraConfig):
             _check_positive_int("num_labels", self.num_labels)
         self.rank_map = load_module_map(self.rank_map, what="rank_map")
         self.alpha_map = load_module_map(self.alpha_map, what="alpha_map")
-        self._slice_specs = parse_fused_slices(self.fused_slices)
+        parse_fused_slices(self.fused_slices)  # validates
         if self.fused_slices is not None:
             self.fused_slices = {k: v if isinstance(v, dict) else list(v) for k, v in self.fused_slices.items()}
         super().__post_init__()
-        # Module names resolved to fused-slice counts by the injection hook ({name: n_slices}).
-        self._sliced_modules: dict[str, int] = {}
-        from .layers import custom_module_mapping  # late import: layers import this module
-
-        self._register_custom_module(custom_module_mapping())
+        # The AdapterPlan this config was resolved with (hf_lorax.plan), set only on the copies that
+        # ``with_plan`` makes: a config the user built has none.
+        self.resolved_plan = None
 
     @property
     def method(self) -> str:
         """``"dora"`` or ``"lora"`` (``"qdora"`` / ``"qlora"`` for quantized configs)."""
         return "dora" if self.use_dora else "lora"
 
+    @property
+    def slice_specs(self) -> dict[str, SliceSpec]:
+        """``fused_slices`` parsed into one :class:`~hf_lorax.slices.SliceSpec` per key."""
+        return parse_fused_slices(self.fused_slices)
+
     def base_model_kwargs(self) -> dict:
         """Extra ``from_pretrained`` kwargs :func:`hf_lorax.get_model` uses to load the base (quantization)."""
         return {}
 
-    def prepare_base_model(self, model):
-        """Adjust the loaded base model before adapters are injected.
+    def with_plan(self, plan) -> LoRAConfig:
+        """A copy of this config that carries ``plan``'s exact per-module ranks, alphas and task head.
 
-        Causal LMs get hf_lorax's causal-LM loss (:mod:`hf_lorax.loss`: same value, a fraction of the
-        vocabulary-sized buffers); QLoRA adds k-bit preparation.
+        This is what peft receives from :func:`hf_lorax.get_model`; ``self`` is left as it was.
         """
-        if self.task_type == "CAUSAL_LM":
-            from .loss import install_causal_lm_loss
-
-            install_causal_lm_loss(model)
-        return model
+        resolved = copy.deepcopy(self)
+        resolved.rank_pattern = dict(plan.rank_pattern)
+        resolved.alpha_pattern = dict(plan.alpha_pattern)
+        resolved.modules_to_save = list(plan.modules_to_save) if plan.modules_to_save else None
+        if plan.target_modules is not None:
+            resolved.target_modules = plan.target_modules
+        resolved.resolved_plan = plan
+        return resolved
 
     # -- saving -------------------------------------------------------------------------------------------
+
+    def sliced_modules(self) -> dict[str, int]:
+        """``{module: number of adapted slices}`` of the resolved plan (empty before resolution)."""
+        return dict(self.resolved_plan.sliced_modules) if self.resolved_plan is not None else {}
 
     def to_dict(self) -> dict:
         """The standard peft config dict: what ``adapter_config.json`` holds.
@@ -130,34 +151,54 @@ class LoRAConfig(LoraConfig):
         slices report the rank and alpha of the equivalent full-module LoRA, so plain peft rebuilds them.
         """
         out = super().to_dict()
-        for name in self.extra_fields:
+        for name in (*self.extra_fields, "resolved_plan"):
             out.pop(name, None)
         out["rank_pattern"] = dict(out.get("rank_pattern") or {})
         out["alpha_pattern"] = dict(out.get("alpha_pattern") or {})
-        for module, n in self._sliced_modules.items():
-            r = self.rank_pattern.get(module, self.r)
-            alpha = self.alpha_pattern.get(module, self.lora_alpha)
-            out["rank_pattern"][module] = n * r
-            out["alpha_pattern"][module] = fused_alpha(alpha, n, self.use_rslora)
+        for module, n in self.sliced_modules().items():
+            out["rank_pattern"][module] = fused_rank(self.rank_pattern.get(module, self.r), n)
+            out["alpha_pattern"][module] = fused_alpha(self.alpha_pattern.get(module, self.lora_alpha), n, self.use_rslora)
         return out
 
     def sidecar(self) -> dict:
         """What ``hf_lorax.json`` holds."""
-        from . import __version__
-
         return {
             "format_version": SIDECAR_FORMAT,
             "hf_lorax_version": __version__,
             "config_class": type(self).__name__,
             "method": self.method,
             **{name: getattr(self, name) for name in self.extra_fields},
-            "sliced_modules": dict(self._sliced_modules),
+            "sliced_modules": self.sliced_modules(),
         }
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         super().save_pretrained(save_directory, **kwargs)
         with open(os.path.join(save_directory, SIDECAR_NAME), "w", encoding="utf-8") as f:
             json.dump(self.sidecar(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_peft_config(cls, config: LoraConfig, sidecar: dict) -> LoRAConfig:
+        """Rebuild the hf_lorax config that wrote ``sidecar`` from the peft config read beside it."""
+        name = sidecar.get("config_class", "LoRAConfig")
+        if name not in CONFIG_CLASSES:
+            raise ValueError(f"hf_lorax.json names config class {name!r}; known: {sorted(CONFIG_CLASSES)}.")
+        kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoraConfig) if f.init}
+        if isinstance(kwargs.get("target_modules"), set):
+            kwargs["target_modules"] = sorted(kwargs["target_modules"])
+        # adapter_config.json states fused-slice modules as full-module LoRAs of rank n*r; undo that.
+        rank_pattern, alpha_pattern = dict(kwargs["rank_pattern"] or {}), dict(kwargs["alpha_pattern"] or {})
+        for module, n in (sidecar.get("sliced_modules") or {}).items():
+            if module in rank_pattern:
+                rank_pattern[module] = slice_rank(rank_pattern[module], n)
+            if module in alpha_pattern:
+                alpha_pattern[module] = slice_alpha(alpha_pattern[module], n, kwargs["use_rslora"])
+        kwargs.update(rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+        target = CONFIG_CLASSES[name]
+        kwargs.update({extra: sidecar[extra] for extra in target.extra_fields if extra in sidecar})
+        return target(**kwargs)
+
+
+CONFIG_CLASSES["LoRAConfig"] = LoRAConfig
 
 
 @dataclass
@@ -182,9 +223,86 @@ class DoRAConfig(LoRAConfig):
         super().__post_init__()
 
 
-def fused_alpha(alpha: float, n_slices: int, use_rslora: bool) -> float:
-    """Alpha of the rank ``n*r`` LoRA that keeps the per-slice scaling ``alpha/r`` (or ``alpha/sqrt(r)``)."""
-    return alpha * (math.sqrt(n_slices) if use_rslora else n_slices)
+# Names of the compute dtypes (torch is imported only where a dtype object is needed).
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+QUANT_STORAGE = ("uint8", "bfloat16", "float16", "float32")
+# Task heads stay unquantized: they are trained in full (a quantized weight cannot require grad).
+UNQUANTIZED_HEADS = ("lm_head", "score", "classifier", "pre_classifier", "qa_outputs")
+
+
+@dataclass
+class QLoRAConfig(LoRAConfig):
+    """LoRA (or, with ``use_dora=True``, DoRA) on a bitsandbytes-quantized base: QLoRA / QDoRA.
+
+    :func:`hf_lorax.get_model` loads the base with the ``BitsAndBytesConfig`` this config builds, prepares it
+    for training without upcasting frozen weights (:mod:`hf_lorax.quantization`), and wraps
+    ``bnb.nn.Linear4bit`` / ``Linear8bitLt`` with hf_lorax's layers (rank maps and fused slices included).
+
+    Example::
+
+        config = QLoRAConfig(base_model_name_or_path="gpt2-medium", task_type="CAUSAL_LM",
+                             r=4, lora_alpha=32, target_modules=["c_attn"], quant_type="nf4",
+                             double_quant=True, compute_dtype="bfloat16")
+        model = get_model(config)
+
+    On CUDA, pair it with ``optim="paged_adamw_8bit"`` in ``TrainingArguments`` for paged 8-bit AdamW.
+    For FSDP, set ``quant_storage`` to the compute dtype (FSDP shards one dtype per module).
+    """
+
+    quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: 'nf4' or 'fp4'."})
+    double_quant: bool = field(default=True, metadata={"help": "Quantize the quantization constants too."})
+    compute_dtype: str = field(default="bfloat16", metadata={"help": "bfloat16, float16 or float32."})
+    quant_storage: str = field(default="uint8", metadata={"help": "Storage dtype of packed 4-bit weights."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "LLM.int8() base instead of 4-bit."})
+
+    extra_fields: ClassVar[tuple[str, ...]] = LoRAConfig.extra_fields + (
+        "quant_type", "double_quant", "compute_dtype", "quant_storage", "load_in_8bit",
+    )
+
+    def __post_init__(self):
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"quant_type={self.quant_type!r}: use 'nf4' or 'fp4'.")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype={self.compute_dtype!r}: use one of {sorted(COMPUTE_DTYPES)}.")
+        if self.quant_storage not in QUANT_STORAGE:
+            raise ValueError(f"quant_storage={self.quant_storage!r}: use one of {list(QUANT_STORAGE)}.")
+        super().__post_init__()
+
+    @property
+    def method(self) -> str:
+        return "qdora" if self.use_dora else "qlora"
+
+    @property
+    def torch_compute_dtype(self):
+        import torch
+
+        return getattr(torch, self.compute_dtype)
+
+    def bnb_config(self):
+        """The transformers ``BitsAndBytesConfig`` for the base."""
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        skip = sorted(set(UNQUANTIZED_HEADS) | set(self.modules_to_save or []))
+        if self.load_in_8bit:
+            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+        return BitsAndBytesConfig(
+            load_in_4bit=True, llm_int8_skip_modules=skip, bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant, bnb_4bit_compute_dtype=self.torch_compute_dtype,
+            bnb_4bit_quant_storage=getattr(torch, self.quant_storage),
+        )
+
+    def base_model_kwargs(self) -> dict:
+        return {"quantization_config": self.bnb_config(), "dtype": self.torch_compute_dtype}
+
+    def sidecar(self) -> dict:
+        data = super().sidecar()
+        data["quantization"] = (
+            "bitsandbytes LLM.int8()" if self.load_in_8bit else
+            f"bitsandbytes {self.quant_type.upper()}{', double quantization' if self.double_quant else ''}, "
+            f"compute dtype {self.compute_dtype}"
+        )
+        return data
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -199,46 +317,3 @@ def _check_positive_number(name: str, value) -> None:
         raise TypeError(f"{name} must be a positive number, got {value!r}.")
     if value <= 0:
         raise ValueError(f"{name}={value} must be > 0.")
-
-
-# -- loading ----------------------------------------------------------------------------------------------
-
-CONFIG_CLASSES: dict[str, type[LoRAConfig]] = {"LoRAConfig": LoRAConfig, "DoRAConfig": DoRAConfig}
-
-
-def read_sidecar(directory: str) -> dict | None:
-    """The ``hf_lorax.json`` of a local adapter directory, or None if it has none."""
-    path = os.path.join(directory, SIDECAR_NAME)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); delete it to load the adapter as plain peft LoRA.") from exc
-    if not isinstance(data, dict) or data.get("format_version") != SIDECAR_FORMAT:
-        raise ValueError(f"{path} is not an hf_lorax sidecar of format {SIDECAR_FORMAT}.")
-    return data
-
-
-def from_peft_config(config: LoraConfig, sidecar: dict) -> LoRAConfig:
-    """Rebuild the hf_lorax config that wrote ``sidecar`` from the peft config read beside it."""
-    name = sidecar.get("config_class", "LoRAConfig")
-    if name not in CONFIG_CLASSES and name.startswith("Q"):
-        from . import quantization  # noqa: F401  (registers QLoRAConfig)
-    if name not in CONFIG_CLASSES:
-        raise ValueError(f"hf_lorax.json names config class {name!r}; known: {sorted(CONFIG_CLASSES)}.")
-    kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoraConfig) if f.init}
-    if isinstance(kwargs.get("target_modules"), set):
-        kwargs["target_modules"] = sorted(kwargs["target_modules"])
-    # adapter_config.json states fused-slice modules as full-module LoRAs of rank n*r; undo that.
-    rank_pattern, alpha_pattern = dict(kwargs["rank_pattern"] or {}), dict(kwargs["alpha_pattern"] or {})
-    for module, n in (sidecar.get("sliced_modules") or {}).items():
-        if module in rank_pattern:
-            rank_pattern[module] //= n
-        if module in alpha_pattern:
-            alpha_pattern[module] /= math.sqrt(n) if kwargs["use_rslora"] else n
-    kwargs.update(rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
-    cls = CONFIG_CLASSES[name]
-    kwargs.update({extra: sidecar[extra] for extra in cls.extra_fields if extra in sidecar})
-    return cls(**kwargs)

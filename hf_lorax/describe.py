@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
-from peft.tuners.lora import LoraLayer
 from torch import nn
+
+from .integrations.peft_api import LoraLayer
 
 
 @dataclass
@@ -124,11 +125,12 @@ def describe(model: nn.Module, adapter: str | None = None) -> AdapterReport:
 
 def _base_storage(model: nn.Module) -> tuple[float | None, float | None]:
     """Bytes per parameter of the frozen base (counting 4-bit weights by their logical size)."""
+    from .quantization import quantized_bytes_per_param
+
     try:
-        from .quantization import quantized_bytes_per_param
+        q = quantized_bytes_per_param(model)
     except ImportError:  # bitsandbytes missing
         return None, None
-    q = quantized_bytes_per_param(model)
     params = nbytes = 0
     for module in model.modules():
         for p in module.parameters(recurse=False):

@@ -94,14 +94,9 @@ def causal_lm_loss(
 
 def install_causal_lm_loss(model: torch.nn.Module) -> bool:
     """Use :func:`causal_lm_loss` for ``model`` if it computes the stock causal-LM loss; returns whether it did."""
-    from transformers.loss.loss_utils import LOSS_MAPPING
+    from .integrations.transformers_api import uses_stock_causal_lm_loss
 
-    if getattr(model, "_loss_function", None) is not None or not hasattr(type(model), "loss_function"):
-        return False  # a custom loss the user set, or not a transformers model
-    try:
-        stock = model.loss_function is LOSS_MAPPING["ForCausalLM"]
-    except (AttributeError, KeyError):
-        return False
+    stock = uses_stock_causal_lm_loss(model)
     if stock:
-        model.loss_function = causal_lm_loss
+        model.loss_function = causal_lm_loss  # transformers' public setter for a model's loss
     return stock

@@ -1,4 +1,16 @@
-"""``get_model``: a base model with hf_lorax adapters, ready for a ``Trainer`` loop."""
+"""``get_model``: a base model with hf_lorax adapters, ready for a ``Trainer`` loop.
+
+The route from a config to layers, all visible here: :func:`hf_lorax.plan.resolve` validates the config
+against the model and returns an :class:`~hf_lorax.plan.AdapterPlan`; peft receives a resolved *copy* of the
+config (:meth:`~hf_lorax.config.LoRAConfig.with_plan`) with hf_lorax's layers registered on it
+(:func:`hf_lorax.layers.layer_mapping`); each layer takes its rank, alpha and slices from the plan. The
+user's config object is not changed.
+
+The returned model is peft's own task class (``PeftModelForCausalLM``, ...) with two methods of
+:class:`HfLoraxSaving` on top: ``save_pretrained`` is all-or-nothing and writes hf_lorax's model card after
+the adapter files, and ``create_or_update_model_card`` (what ``Trainer.create_model_card`` calls) renders that
+same card.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +21,16 @@ from typing import Any
 from peft import PeftConfig, PeftModel, get_peft_model
 from torch import nn
 
-from .config import LoRAConfig, read_sidecar
+from .adapter_files import atomic_directory_write, check_adapter_dir, read_sidecar
+from .card import write_model_card
+from .config import LoRAConfig
+from .integrations.peft_api import register_layers
+from .layers import layer_mapping
+from .model_prep import declare_mean_loss, prepare_base_model
+from .plan import resolve
+from .task_types import AUTO_CLASSES, LABELLED_TASK_TYPES, task_name
 
 logger = logging.getLogger(__name__)
-
-# Auto class for each peft task type (None: the bare model).
-AUTO_CLASSES = {
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "FEATURE_EXTRACTION": "AutoModel",
-    None: "AutoModel",
-}
-_LABELLED_TASKS = ("SEQ_CLS", "TOKEN_CLS")
 
 
 def get_model(
@@ -66,8 +73,17 @@ def get_model(
         )
     base = model if model is not None else load_base_model(config, **from_pretrained_kwargs)
     _check_base_model(config, base)
-    base = config.prepare_base_model(base)
-    return get_peft_model(base, config)
+    return with_hf_lorax_saving(get_peft_model(base, _resolved(config, prepare_base_model(config, base))))
+
+
+def _resolved(config: LoRAConfig, base: nn.Module) -> LoRAConfig:
+    """The copy of ``config`` peft receives: resolved against ``base``, hf_lorax's layers registered."""
+    plan = resolve(config, base)
+    if plan.modules_to_save:
+        declare_mean_loss(base)
+    resolved = config.with_plan(plan)
+    register_layers(resolved, layer_mapping())
+    return resolved
 
 
 def load_base_model(config: PeftConfig, **from_pretrained_kwargs: Any) -> nn.Module:
@@ -79,10 +95,10 @@ def load_base_model(config: PeftConfig, **from_pretrained_kwargs: Any) -> nn.Mod
         raise ValueError("config.base_model_name_or_path is empty: set it, or pass model=... to get_model.")
     if _looks_like_path(name) and not os.path.isdir(name):
         raise FileNotFoundError(f"Base model directory {name!r} does not exist.")
-    task = config.task_type.value if hasattr(config.task_type, "value") else config.task_type
+    task = task_name(config.task_type)
     auto = getattr(transformers, AUTO_CLASSES[task])
     kwargs = dict(from_pretrained_kwargs)
-    if task in _LABELLED_TASKS and getattr(config, "num_labels", None):
+    if task in LABELLED_TASK_TYPES and getattr(config, "num_labels", None):
         kwargs.setdefault("num_labels", config.num_labels)
         # a checkpoint whose head has another label count: the head is re-initialised and trained anyway
         kwargs.setdefault("ignore_mismatched_sizes", True)
@@ -104,8 +120,8 @@ def _check_base_model(config: LoRAConfig, base: nn.Module) -> None:
     model_config = getattr(base, "config", None)
     if model_config is None:
         return
-    task = config.task_type
-    if config.num_labels and task in _LABELLED_TASKS and model_config.num_labels != config.num_labels:
+    task = task_name(config.task_type)
+    if config.num_labels and task in LABELLED_TASK_TYPES and model_config.num_labels != config.num_labels:
         raise ValueError(
             f"config.num_labels={config.num_labels} but the model's head has {model_config.num_labels} labels. "
             "Load the model with the same num_labels, or let get_model load it."
@@ -121,25 +137,92 @@ def _load_adapter(path: str, model: nn.Module | None, is_trainable: bool, allow_
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "adapter_config.json")):
             raise FileNotFoundError(f"{path!r} has no adapter_config.json; it is not a saved adapter directory.")
-        from .checks import check_adapter_dir
-
         config = check_adapter_dir(path, allow_pickle)
-        read_sidecar(path)  # a malformed sidecar fails here with its own message
+        sidecar = read_sidecar(path)  # a malformed sidecar fails here with its own message
+        if sidecar is not None and not isinstance(config, LoRAConfig):  # the peft hook is off
+            config = LoRAConfig.from_peft_config(config, sidecar)
     elif _looks_like_path(path) or path.count("/") != 1:
         raise FileNotFoundError(f"Adapter directory {path!r} does not exist (and it is not a Hub repo id).")
-    else:  # a Hub repo id: peft downloads it (the hooks read its hf_lorax.json too)
+    else:  # a Hub repo id: peft downloads it (the peft hook reads its hf_lorax.json too)
         config = PeftConfig.from_pretrained(path)
     base = model if model is not None else load_base_model(config, **kwargs)
     if isinstance(config, LoRAConfig):
-        base = config.prepare_base_model(base)
+        config = _resolved(config, prepare_base_model(config, base))
     try:
-        return PeftModel.from_pretrained(base, path, config=config, is_trainable=is_trainable)
+        loaded = PeftModel.from_pretrained(base, path, config=config, is_trainable=is_trainable)
     except RuntimeError as exc:
         if "size mismatch" not in str(exc):
             raise
         raise ValueError(f"The adapter in {path!r} does not fit this base model: {_first_mismatch(exc)}") from exc
+    if os.path.isfile(os.path.join(path, "adapter_model.safetensors")):
+        _check_every_weight_loaded(loaded, path)
+    return with_hf_lorax_saving(loaded)
+
+
+def _check_every_weight_loaded(model: PeftModel, path: str) -> None:
+    """peft only warns when saved adapter weights have no place in the model (then they keep their initial
+    values, and the adapter silently does nothing); here that is an error naming a key."""
+    from peft import get_peft_model_state_dict
+
+    from .adapter_files import read_adapter_folder
+
+    expected = set(get_peft_model_state_dict(model))
+    unplaced = sorted(k for k in read_adapter_folder(path).shapes if k not in expected)
+    if unplaced:
+        raise ValueError(
+            f"The adapter in {path!r} holds weights this {type(model.get_base_model()).__name__} has no place for, "
+            f"e.g. {unplaced[0]!r} ({len(unplaced)} in all): the base model class or architecture differs from the "
+            "one it was trained on (check task_type and base_model_name_or_path)."
+        )
 
 
 def _first_mismatch(exc: Exception) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
     return lines[0] if lines else str(exc)
+
+
+# -- saving ---------------------------------------------------------------------------------------------
+
+
+class HfLoraxSaving:
+    """``save_pretrained`` / ``create_or_update_model_card`` for the models :func:`get_model` returns."""
+
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs) -> None:
+        """peft's ``save_pretrained``, all-or-nothing (:func:`~hf_lorax.adapter_files.atomic_directory_write`),
+        with hf_lorax's model card rendered from the saved files."""
+        parent = super()
+        if not is_main_process:
+            return parent.save_pretrained(save_directory, *args, is_main_process=False, **kwargs)
+        name = os.path.basename(os.path.abspath(save_directory))
+
+        def write(tmp: str) -> None:
+            parent.save_pretrained(tmp, *args, **kwargs)
+            selected = kwargs.get("selected_adapters") or list(self.peft_config)
+            for adapter in selected:  # peft puts adapters other than "default" in subfolders
+                folder = tmp if adapter == "default" else os.path.join(tmp, adapter)
+                if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
+                    write_model_card(folder, repo_id=name)
+
+        atomic_directory_write(os.fspath(save_directory), write)
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        if os.path.isfile(os.path.join(output_dir, "adapter_model.safetensors")):
+            write_model_card(output_dir)
+        else:  # nothing saved there yet: peft's card
+            super().create_or_update_model_card(output_dir)
+
+
+_SAVING_CLASSES: dict[type, type] = {}
+
+
+def with_hf_lorax_saving(model: PeftModel) -> PeftModel:
+    """Give ``model`` (this one instance) :class:`HfLoraxSaving`'s methods; it stays an instance of its class."""
+    cls = type(model)
+    if issubclass(cls, HfLoraxSaving):
+        return model
+    if cls not in _SAVING_CLASSES:
+        name = f"HfLorax{cls.__name__}"
+        _SAVING_CLASSES[cls] = type(name, (HfLoraxSaving, cls), {"__module__": __name__, "__qualname__": name})
+        globals()[name] = _SAVING_CLASSES[cls]  # importable by name, so the model pickles
+    model.__class__ = _SAVING_CLASSES[cls]
+    return model

@@ -1,96 +1,14 @@
-"""QLoRA / QDoRA: a 4-bit (NF4/FP4, double quantization) or 8-bit base with hf_lorax adapters on top."""
+"""QLoRA / QDoRA helpers: preparing a quantized base for training, storage figures, merging.
+
+The config class, :class:`hf_lorax.QLoRAConfig`, lives in :mod:`hf_lorax.config`.
+"""
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 from torch import nn
-
-from .config import CONFIG_CLASSES, LoRAConfig
-
-COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# Task heads stay unquantized: they are trained in full (a quantized weight cannot require grad).
-UNQUANTIZED_HEADS = ("lm_head", "score", "classifier", "pre_classifier", "qa_outputs")
-
-
-@dataclass
-class QLoRAConfig(LoRAConfig):
-    """LoRA (or, with ``use_dora=True``, DoRA) on a bitsandbytes-quantized base: QLoRA / QDoRA.
-
-    :func:`hf_lorax.get_model` loads the base with the ``BitsAndBytesConfig`` this config builds, prepares it
-    for training without upcasting frozen weights, and wraps ``bnb.nn.Linear4bit`` / ``Linear8bitLt`` with
-    hf_lorax's layers (rank maps and fused slices included).
-
-    Example::
-
-        config = QLoRAConfig(base_model_name_or_path="gpt2-medium", task_type="CAUSAL_LM",
-                             r=4, lora_alpha=32, target_modules=["c_attn"], quant_type="nf4",
-                             double_quant=True, compute_dtype="bfloat16")
-        model = get_model(config)
-
-    On CUDA, pair it with ``optim="paged_adamw_8bit"`` in ``TrainingArguments`` (or
-    ``create_loraplus_optimizer(..., optimizer_cls=bnb.optim.PagedAdamW8bit)``) for paged 8-bit AdamW.
-    """
-
-    quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: 'nf4' or 'fp4'."})
-    double_quant: bool = field(default=True, metadata={"help": "Quantize the quantization constants too."})
-    compute_dtype: str = field(default="bfloat16", metadata={"help": "bfloat16, float16 or float32."})
-    quant_storage: str = field(default="uint8", metadata={"help": "Storage dtype of packed 4-bit weights."})
-    load_in_8bit: bool = field(default=False, metadata={"help": "LLM.int8() base instead of 4-bit."})
-
-    extra_fields: ClassVar[tuple[str, ...]] = LoRAConfig.extra_fields + (
-        "quant_type", "double_quant", "compute_dtype", "quant_storage", "load_in_8bit",
-    )
-
-    def __post_init__(self):
-        if self.quant_type not in ("nf4", "fp4"):
-            raise ValueError(f"quant_type={self.quant_type!r}: use 'nf4' or 'fp4'.")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype={self.compute_dtype!r}: use one of {sorted(COMPUTE_DTYPES)}.")
-        if self.quant_storage not in ("uint8", "bfloat16", "float16", "float32"):
-            raise ValueError(f"quant_storage={self.quant_storage!r}: use uint8, bfloat16, float16 or float32.")
-        super().__post_init__()
-
-    @property
-    def method(self) -> str:
-        return "qdora" if self.use_dora else "qlora"
-
-    @property
-    def torch_compute_dtype(self) -> torch.dtype:
-        return COMPUTE_DTYPES[self.compute_dtype]
-
-    def bnb_config(self):
-        """The transformers ``BitsAndBytesConfig`` for the base."""
-        from transformers import BitsAndBytesConfig
-
-        skip = sorted(set(UNQUANTIZED_HEADS) | set(self.modules_to_save or []))
-        if self.load_in_8bit:
-            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-        return BitsAndBytesConfig(
-            load_in_4bit=True, llm_int8_skip_modules=skip, bnb_4bit_quant_type=self.quant_type, bnb_4bit_use_double_quant=self.double_quant,
-            bnb_4bit_compute_dtype=self.torch_compute_dtype, bnb_4bit_quant_storage=COMPUTE_DTYPES.get(self.quant_storage, torch.uint8),
-        )
-
-    def base_model_kwargs(self) -> dict:
-        return {"quantization_config": self.bnb_config(), "dtype": self.torch_compute_dtype}
-
-    def prepare_base_model(self, model: nn.Module) -> nn.Module:
-        return prepare_for_kbit_training(super().prepare_base_model(model))
-
-    def sidecar(self) -> dict:
-        data = super().sidecar()
-        data["quantization"] = (
-            "bitsandbytes LLM.int8()" if self.load_in_8bit else
-            f"bitsandbytes {self.quant_type.upper()}{', double quantization' if self.double_quant else ''}, "
-            f"compute dtype {self.compute_dtype}"
-        )
-        return data
-
-
-CONFIG_CLASSES["QLoRAConfig"] = QLoRAConfig
 
 
 def prepare_for_kbit_training(model: nn.Module) -> nn.Module:

@@ -11,6 +11,7 @@ is block-structured (zeros outside the adapted slices); plain peft loads it unch
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -98,3 +99,34 @@ def spec_for(module_name: str, specs: Mapping[str, SliceSpec]) -> SliceSpec | No
         if module_name == key or module_name.endswith("." + key):
             return spec
     return None
+
+
+# -- the fused-slice rule -----------------------------------------------------------------------------------
+# A module adapted on n slices of rank r each is, exactly, a full-module LoRA of rank n*r whose B is
+# block-structured. Keeping the per-slice scaling alpha/r (or alpha/sqrt(r) with rsLoRA) on that rank-n*r
+# LoRA needs alpha*n (or alpha*sqrt(n)). Every place that converts between the two forms calls these.
+
+
+def fused_rank(r: int, n_slices: int) -> int:
+    """Rank of the full-module LoRA equivalent to ``n_slices`` slices of rank ``r``."""
+    return n_slices * r
+
+
+def fused_alpha(alpha: float, n_slices: int, use_rslora: bool) -> float:
+    """Alpha of the rank ``n*r`` LoRA that keeps the per-slice scaling ``alpha/r`` (or ``alpha/sqrt(r)``)."""
+    return alpha * (math.sqrt(n_slices) if use_rslora else n_slices)
+
+
+def slice_rank(fused_r: int, n_slices: int) -> int:
+    """Per-slice rank of a full-module rank ``fused_r`` (the inverse of :func:`fused_rank`)."""
+    return fused_r // n_slices
+
+
+def slice_alpha(fused: float, n_slices: int, use_rslora: bool) -> float:
+    """Per-slice alpha of a full-module alpha (the inverse of :func:`fused_alpha`)."""
+    return fused / (math.sqrt(n_slices) if use_rslora else n_slices)
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
+    """peft's scaling of a rank-``r`` LoRA: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    return alpha / (math.sqrt(r) if use_rslora else r)

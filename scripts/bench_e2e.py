@@ -8,7 +8,7 @@ downloaded) and the same batches of 8 E2E examples (MR prefix + reference, loss 
 * ``full_logits``: ``model(input_ids, attention_mask)`` computes ``batch x seq x 50,257`` logits, then
   ``transformers``' ``LabelSmoother(0.1)(outputs, labels, shift_labels=True)`` — what ``Trainer`` with
   ``label_smoothing_factor=0.1`` does;
-* ``targeted``: :func:`hf_lorax.tasks.targeted_loss.targeted_causal_lm_loss` — the LM head and the
+* ``targeted``: :func:`hf_lorax.targeted_loss.targeted_causal_lm_loss` — the LM head and the
   cross-entropy run only on positions whose next token has a label.
 
 Batches come from ``../shared/data/e2e/devset.csv`` when present (else generated MRs), encoded exactly as
@@ -55,7 +55,7 @@ DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".
 
 
 def _rows(data: str, n: int) -> list[tuple[str, str]]:
-    from hf_lorax.tasks.e2e_data import read_csv
+    from hf_lorax_paper.tasks.e2e_data import read_csv
 
     if os.path.isfile(data):
         split = read_csv(data)
@@ -77,8 +77,8 @@ def build_assets(data: str, shape: str, batch: int, n_batches: int, workdir: str
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, PreTrainedTokenizerFast
 
-    from hf_lorax.tasks.e2e import CausalLMCollator
-    from hf_lorax.tasks.e2e_data import encode_example, format_mr, tokenize_text
+    from hf_lorax_paper.tasks.e2e import CausalLMCollator
+    from hf_lorax_paper.tasks.e2e_data import encode_example, format_mr, tokenize_text
 
     rows = _rows(data, batch * n_batches)
     corpus = [format_mr(m) for m, _ in rows] + [" " + tokenize_text(r) for _, r in rows]
@@ -112,7 +112,7 @@ def worker(args) -> dict:
     from transformers.trainer_pt_utils import LabelSmoother
 
     import hf_lorax
-    from hf_lorax.tasks.targeted_loss import targeted_causal_lm_loss
+    from hf_lorax.targeted_loss import targeted_causal_lm_loss
 
     torch.set_num_threads(args.threads)
     device = args.device

@@ -5,7 +5,7 @@ sentences with LoRA r=8 on query/value, batch 16, one epoch, in one process run:
 
 * baseline: ``Trainer`` + peft ``LoraConfig``, every example padded to ``max_length=128`` (as
   ``run_glue.py --pad_to_max_length``), default sampler;
-* hf_lorax: :func:`hf_lorax.tasks.glue.run` — dynamic padding, length-grouped batches, rank-utilization
+* hf_lorax: :func:`hf_lorax_paper.tasks.glue.run` — dynamic padding, length-grouped batches, rank-utilization
   callback on.
 
 The tokenizer is a word-level one built from the training sentences (no Hub access), so token counts are
@@ -33,8 +33,8 @@ def build_assets(data_dir: str | None, n: int, workdir: str, layers: int, hidden
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaForSequenceClassification
 
-    from hf_lorax.tasks.glue_data import get_task, load_local
-    from hf_lorax.tasks.synthetic import write_sst2_folder
+    from hf_lorax_paper.tasks.glue_data import get_task, load_local
+    from hf_lorax_paper.tasks.synthetic import write_sst2_folder
 
     if not data_dir or not os.path.isdir(os.path.join(data_dir, "SST-2")):
         data_dir = os.path.dirname(write_sst2_folder(os.path.join(workdir, "SST-2"), n_train=n, n_eval=500))
@@ -86,7 +86,7 @@ def baseline(base: str, splits: dict, out: str, batch: int, threads: int) -> dic
 def ours(base: str, data_dir: str, out: str, n: int, batch: int, threads: int) -> dict:
     import torch
 
-    from hf_lorax.tasks.glue import GlueArguments, run
+    from hf_lorax_paper.tasks.glue import GlueArguments, run
 
     torch.set_num_threads(threads)
     args = GlueArguments(task="sst2", model_name_or_path=base, data_dir=data_dir, output_dir=out, epochs=1,

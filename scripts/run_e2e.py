@@ -16,7 +16,7 @@ import sys
 
 from transformers import HfArgumentParser
 
-from hf_lorax.tasks.e2e import E2EArguments, results_table, run
+from hf_lorax_paper.tasks.e2e import E2EArguments, results_table, run
 
 
 def main(argv=None) -> dict:

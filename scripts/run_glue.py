@@ -14,7 +14,7 @@ import sys
 
 from transformers import HfArgumentParser
 
-from hf_lorax.tasks.glue import GlueArguments, results_table, run
+from hf_lorax_paper.tasks.glue import GlueArguments, results_table, run
 
 
 def main(argv=None) -> dict:

@@ -2,7 +2,7 @@ import json
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    from hf_lorax.demo import main
+    from hf_lorax_paper.demo import main
 
     results = main(["--output_dir", str(tmp_path), "--epochs", "1", "--train_size", "300"])
     assert results["accuracy_reloaded"] == results["main_metric"]["value"]

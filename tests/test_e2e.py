@@ -16,8 +16,9 @@ from transformers import (
 )
 
 from hf_lorax import LoRAConfig, get_model
-from hf_lorax.tasks.e2e import CausalLMCollator, E2EArguments, generate, merged_adapter, resolve, run
-from hf_lorax.tasks.e2e_data import (
+from hf_lorax.targeted_loss import TargetedLossTrainer, targeted_causal_lm_loss
+from hf_lorax_paper.tasks.e2e import CausalLMCollator, E2EArguments, generate, merged_adapter, resolve, run
+from hf_lorax_paper.tasks.e2e_data import (
     detokenize,
     encode_example,
     format_mr,
@@ -28,8 +29,7 @@ from hf_lorax.tasks.e2e_data import (
     read_csv,
     tokenize_text,
 )
-from hf_lorax.tasks.e2e_presets import PAPER_RESULTS, PRESETS, E2EPreset
-from hf_lorax.tasks.targeted_loss import TargetedLossTrainer, targeted_causal_lm_loss
+from hf_lorax_paper.tasks.e2e_presets import PAPER_RESULTS, PRESETS, E2EPreset
 
 SHARED_E2E = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "e2e"
 

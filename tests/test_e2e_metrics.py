@@ -1,4 +1,4 @@
-"""E2E NLG metrics (hf_lorax.metrics.e2e): hand-checked cases, fallbacks, the official scorer's numbers.
+"""E2E NLG metrics (hf_lorax_paper.metrics.e2e): hand-checked cases, fallbacks, the official scorer's numbers.
 
 The golden numbers were measured by running the official e2e-metrics code (measure_scores.py's
 ``run_coco_eval`` + ``run_pymteval``) on the same inputs; see the module docstring for how.
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from hf_lorax.metrics import e2e
-from hf_lorax.metrics.e2e import E2EMetric, bleu, cider, e2e_scores, meteor, nist, rouge_l
+from hf_lorax_paper.metrics import e2e
+from hf_lorax_paper.metrics.e2e import E2EMetric, bleu, cider, e2e_scores, meteor, nist, rouge_l
 
 E2E_DATA = Path(__file__).resolve().parents[2] / "shared/data/e2e"
 HAS_COCO = e2e.coco_dir() is not None

@@ -13,11 +13,11 @@ from conftest import randomize_adapters, roberta_config
 from transformers import RobertaForSequenceClassification
 
 from hf_lorax import LoRAConfig, get_model
-from hf_lorax.metrics.glue import accuracy, f1_binary, matthews_corrcoef, pearson, spearman
-from hf_lorax.tasks.glue import GlueArguments, load_init_adapter, resolve, run
-from hf_lorax.tasks.glue_data import TASKS, get_task, load_local, read_tsv
-from hf_lorax.tasks.glue_presets import PAPER_RESULTS, PRESETS, get_preset
-from hf_lorax.tasks.synthetic import build_tokenizer
+from hf_lorax_paper.metrics.glue import accuracy, f1_binary, matthews_corrcoef, pearson, spearman
+from hf_lorax_paper.tasks.glue import GlueArguments, load_init_adapter, resolve, run
+from hf_lorax_paper.tasks.glue_data import TASKS, get_task, load_local, read_tsv
+from hf_lorax_paper.tasks.glue_presets import PAPER_RESULTS, PRESETS, get_preset
+from hf_lorax_paper.tasks.synthetic import build_tokenizer
 
 SHARED_GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 

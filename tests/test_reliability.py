@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import RobertaForSequenceClassification
 
 from hf_lorax import LoRAConfig, get_model
-from hf_lorax.saving import atomic_directory_write
+from hf_lorax.adapter_files import atomic_directory_write
 
 TESTS = Path(__file__).parent
 JOB = TESTS / "scripts" / "train_job.py"

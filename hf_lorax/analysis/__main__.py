@@ -8,10 +8,10 @@ folder), and with ``--against`` the subspace similarity φ of the two adapters' 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
+from ..adapter_files import write_json
 from .callback import RankUtilizationCallback
 from .report import analyze, updates_from_adapter_dir
 from .spectra import subspace_similarity, subspace_similarity_grid
@@ -76,8 +76,7 @@ def main(argv=None) -> int:
                                 "full": subspace_similarity(u.lora_A, A2), "grid": subspace_similarity_grid(u.lora_A, A2)}
             print(f"{name:<48} top-1 {similarity[name]['top1']:.3f}   full {similarity[name]['full']:.3f}")
         path = os.path.join(args.output_dir or args.adapter_dir, "subspace_similarity.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(similarity, f, indent=2)
+        write_json(path, similarity)
         paths["similarity"] = path
     print("\nwrote " + ", ".join(sorted(paths.values())))
     return 0

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from transformers import TrainerCallback
 
+from ..adapter_files import write_json
 from .plots import plot_rank_utilization
 from .report import (
     ModuleStats,
@@ -71,9 +71,20 @@ class RankUtilizationCallback(TrainerCallback):
         return control
 
     def hf_lorax_pending_logs(self) -> dict[str, float]:
-        """Metrics waiting to be merged into the next ``Trainer.log`` call (see :mod:`hf_lorax.hooks`)."""
+        """Metrics waiting to be merged into the next ``Trainer.log`` call.
+
+        :mod:`hf_lorax.integrations.transformers_hooks` merges them before any reporter sees the call. With
+        that hook off, :meth:`on_log` merges them itself: they reach ``log_history`` and later callbacks.
+        """
         pending, self._pending = self._pending, {}
         return pending
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._pending and logs is not None:
+            from ..integrations.transformers_hooks import merge_pending_logs
+
+            merge_pending_logs([self], state, logs)
+        return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if not state.is_world_process_zero or model is None:
@@ -91,16 +102,10 @@ class RankUtilizationCallback(TrainerCallback):
                   "modules": stats_to_dict(self.latest)}
         suggestion = {"rank_map": suggest_rank_map(self.latest, self.threshold), "threshold": self.threshold,
                       "step": step}
-        _write_json(paths["json"], report)
-        _write_json(paths["suggestion"], suggestion)
+        write_json(paths["json"], report)
+        write_json(paths["suggestion"], suggestion)
         if self.plot and self.latest:
             paths["png"] = plot_rank_utilization(self.latest, self.history, os.path.join(directory, PNG_NAME),
                                                  title=f"rank utilization at step {step}")
         return paths
 
-
-def _write_json(path: str, data) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)

@@ -6,17 +6,12 @@ so the same numbers come out of the Trainer callback and of ``python -m hf_lorax
 
 from __future__ import annotations
 
-import json
-import math
-import os
 from dataclasses import asdict, dataclass, field
 
 import torch
-from peft.tuners.lora import LoraLayer
-from peft.utils.integrations import dequantize_module_weight
-from peft.utils.other import get_pattern_key
 
-from ..slices import parse_fused_slices, spec_for
+from ..adapter_files import read_adapter_folder
+from ..integrations.peft_api import LoraLayer, dequantize_module_weight
 from .spectra import (
     effective_rank,
     energy,
@@ -115,25 +110,14 @@ def updates_from_model(model: torch.nn.Module, adapter: str | None = None) -> li
 
 def updates_from_adapter_dir(path: str, base_weights: dict[str, torch.Tensor] | None = None) -> list[LowRankUpdate]:
     """The updates of a saved adapter folder; ``base_weights`` ({module: (out, in) weight}) adds ‖W‖ figures."""
-    from peft.utils import load_peft_weights
-
-    with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
-        config = json.load(f)
-    sidecar_path = os.path.join(path, "hf_lorax.json")
-    sidecar = json.load(open(sidecar_path, encoding="utf-8")) if os.path.isfile(sidecar_path) else {}
-    specs = parse_fused_slices(sidecar.get("fused_slices"))
-    sliced = sidecar.get("sliced_modules") or {}
-    state = load_peft_weights(path)
+    folder = read_adapter_folder(path)
+    state = folder.load_tensors()
     updates = []
-    for key in sorted(k for k in state if k.endswith(".lora_A.weight")):
-        module = _clean(key.removesuffix(".lora_A.weight"))
-        A, B = state[key], state[key.replace(".lora_A.", ".lora_B.")]
-        r, alpha = A.shape[0], config["alpha_pattern"].get(get_pattern_key(list(config["alpha_pattern"]), module), config["lora_alpha"])
-        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        magnitude = state.get(key.replace(".lora_A.weight", ".lora_magnitude_vector"))
-        W = _find_weight(base_weights, module)
-        spec = spec_for(module, specs) if module in sliced else None
-        updates += _split(module, A, B, scaling, W, magnitude, spec)
+    for module in folder.modules:
+        A, B = state[f"{module.key}.lora_A.weight"], state[f"{module.key}.lora_B.weight"]
+        magnitude = state.get(f"{module.key}.lora_magnitude_vector")
+        W = _find_weight(base_weights, module.name)
+        updates += _split(module.name, A, B, module.scaling, W, magnitude, module.slices)
     return updates
 
 

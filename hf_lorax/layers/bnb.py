@@ -18,13 +18,18 @@ from __future__ import annotations
 
 import bitsandbytes as bnb
 import torch
-from peft.tuners.lora import bnb as peft_bnb
-from peft.tuners.lora.layer import LoraLayer
-from peft.utils.integrations import dequantize_module_weight
 from torch import nn
 
+from ..integrations.peft_api import (
+    check_adapters_to_merge,
+    dequantize_module_weight,
+    init_lora_state,
+    peft_bnb_module,
+)
 from .dora import FactorizedDoraLinearVariant
 from .lora import FusedSliceMixin
+
+peft_bnb = peft_bnb_module()
 
 
 def disable_cpu_repacking(module: nn.Module) -> None:
@@ -36,8 +41,7 @@ def disable_cpu_repacking(module: nn.Module) -> None:
 
 class _QuantizedLora(FusedSliceMixin):
     def _init_quantized(self, base_layer, adapter_name, config, r, lora_alpha, **kwargs) -> None:
-        nn.Module.__init__(self)
-        LoraLayer.__init__(self, base_layer)
+        init_lora_state(self, base_layer)
         self.fan_in_fan_out = False
         self._active_adapter = adapter_name
         disable_cpu_repacking(self.get_base_layer())
@@ -50,8 +54,6 @@ class _QuantizedLora(FusedSliceMixin):
 
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
         """Merge into a dense copy of the weight (compute dtype); the quantized layer is kept for unmerge."""
-        from peft.tuners.tuners_utils import check_adapters_to_merge
-
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return

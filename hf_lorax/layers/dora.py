@@ -23,9 +23,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from peft.tuners.lora.layer import LoraLayer, LoraVariant
-from peft.utils.integrations import dequantize_module_weight
 from torch import nn
+
+from ..integrations.peft_api import LoraLayer, LoraVariant, dequantize_module_weight
 
 
 class DoraMagnitude(nn.Module):

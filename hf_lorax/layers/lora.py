@@ -12,13 +12,11 @@ inference and saving behave exactly as in peft, and parameter names stay peft's 
 from __future__ import annotations
 
 import torch
-from peft.tuners.lora import layer as peft_lora
-from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..config import fused_alpha
-from ..slices import SliceSpec, spec_for
+from ..integrations.peft_api import VARIANT_KWARG_KEYS, init_lora_state, peft_lora
+from ..slices import SliceSpec, fused_alpha, fused_rank
 from .dora import FactorizedDoraEmbeddingVariant, FactorizedDoraLinearVariant
 
 
@@ -93,19 +91,22 @@ class SlicedLoraB(nn.Module):
 
 
 class FusedSliceMixin:
-    """``update_layer`` that adapts only some slices of a fused output when the config asks for it."""
+    """``update_layer`` that takes the module's rank, alpha and slices from the config's resolved plan."""
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config, **kwargs) -> None:
         target = kwargs.get("target_name", "")
-        spec = spec_for(target, getattr(config, "_slice_specs", {}) or {})
-        if spec is None:
+        entry = module_plan(config, target)
+        if entry is not None:
+            r, lora_alpha = entry.r, entry.alpha
+        if entry is None or entry.slices is None:
             super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
             return
         _check_slice_options(config, target)
-        bounds = spec.bounds(self.out_features, target)
+        bounds = entry.slices.bounds(self.out_features, target)
         n = len(bounds)
-        super().update_layer(adapter_name, n * r, fused_alpha(lora_alpha, n, config.use_rslora), config=config, **kwargs)
-        self._use_slices(adapter_name, spec, bounds, r, config)
+        super().update_layer(adapter_name, fused_rank(r, n), fused_alpha(lora_alpha, n, config.use_rslora),
+                             config=config, **kwargs)
+        self._use_slices(adapter_name, entry.slices, bounds, r, config)
 
     def _use_slices(self, adapter: str, spec: SliceSpec, bounds, r: int, config) -> None:
         dense = self.lora_A[adapter].weight
@@ -139,8 +140,7 @@ class LoraLinear(FusedSliceMixin, WeightNormCacheMixin, peft_lora.Linear):
     """LoRA / DoRA on ``nn.Linear`` or GPT-2 ``Conv1D``, optionally on slices of a fused projection."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int = 0, lora_alpha: float = 1, **kwargs):
-        nn.Module.__init__(self)
-        peft_lora.LoraLayer.__init__(self, base_layer, **kwargs)
+        init_lora_state(self, base_layer, **kwargs)
         # Conv1D stores its weight as (in, out); decide from the layer, not the config flag.
         self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
         self.is_target_conv_1d_layer = self.fan_in_fan_out
@@ -186,6 +186,23 @@ class LoraEmbedding(WeightNormCacheMixin, peft_lora.Embedding):
 
     def __repr__(self) -> str:
         return "hf_lorax." + super().__repr__()
+
+
+def module_plan(config, target: str):
+    """The :class:`~hf_lorax.plan.ModulePlan` of ``target`` in ``config``'s resolved plan (None: not planned).
+
+    A config with rank/alpha maps or fused slices that reaches a layer unresolved would be built wrong, so it
+    raises instead (this happens only when hf_lorax's peft hook is disabled, see hf_lorax.integrations).
+    """
+    plan = getattr(config, "resolved_plan", None)
+    if plan is not None:
+        return plan.modules.get(target)
+    if getattr(config, "rank_map", None) or getattr(config, "alpha_map", None) or getattr(config, "fused_slices", None):
+        raise RuntimeError(
+            f"{type(config).__name__} with rank_map/alpha_map/fused_slices reached peft unresolved (module {target}). "
+            "Build the model with hf_lorax.get_model(config, model=...), which resolves the config itself."
+        )
+    return None
 
 
 def _check_slice_options(config, target: str) -> None:

@@ -3,7 +3,7 @@
 One run trains an adapter with ``transformers.Trainer`` (loss on the reference tokens only, label
 smoothing, the LM head applied only where there are labels — :mod:`.targeted_loss`), saves it, decodes
 the test MRs with batched beam search with the adapter merged into the weights, scores the outputs with
-the E2E metrics (BLEU, NIST, METEOR, ROUGE-L, CIDEr; :mod:`hf_lorax.metrics.e2e`) and writes
+the E2E metrics (BLEU, NIST, METEOR, ROUGE-L, CIDEr; :mod:`hf_lorax_paper.metrics.e2e`) and writes
 ``predictions.txt``, ``references.txt``, ``results.json`` and ``results.md`` next to ``adapter/``.
 Every input is validated before anything is written to the output directory.
 """
@@ -115,7 +115,7 @@ def _scorer():
     try:
         from ..metrics.e2e import e2e_scores
     except ImportError as exc:
-        raise ImportError(f"hf_lorax.metrics.e2e is not importable ({exc}); the E2E scorer is needed.") from exc
+        raise ImportError(f"hf_lorax_paper.metrics.e2e is not importable ({exc}); the E2E scorer is needed.") from exc
     return e2e_scores
 
 
@@ -190,9 +190,7 @@ def run(args: E2EArguments) -> dict | None:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainingArguments, set_seed
 
-    from .. import RankUtilizationCallback, get_model
-    from ..hub import push_adapter, render_model_card, write_model_card
-    from .targeted_loss import TargetedLossTrainer
+    from hf_lorax import RankUtilizationCallback, TargetedLossTrainer, get_model, push_adapter
 
     preset = resolve(args)
     e2e_scores = _scorer()
@@ -246,9 +244,7 @@ def run(args: E2EArguments) -> dict | None:
         scores = e2e_scores(predictions, test_refs, meteor=args.meteor)
 
         results = results_record(preset, args, scores, splits, trainable, train_output, eval_loss, decode_s)
-        write_results(args.output_dir, adapter_dir, results, results_table([results]))
-        card_name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-        write_model_card(render_model_card(adapter_dir, card_name, results=results), adapter_dir)
+        write_results(args.output_dir, adapter_dir, results, results_table([results]), card_name=args.hub_model_id)
         if args.push_to_hub:
             results["hub"] = push_adapter(adapter_dir, args.hub_model_id, private=args.hub_private).commit_url
     finish_distributed()
@@ -257,7 +253,7 @@ def run(args: E2EArguments) -> dict | None:
 
 def results_record(preset: E2EPreset, args: E2EArguments, scores: dict, splits: dict[str, E2ESplit], trainable: int,
                    train_output, eval_loss: float | None, decode_s: float) -> dict:
-    """``results.json``: the fields ``hf_lorax.hub`` renders (task_type, dataset, metrics, reference) and the run."""
+    """``results.json``: the fields ``hf_lorax.card`` renders (task_type, dataset, metrics, reference) and the run."""
     metrics = {m: scores[m] for m in METRICS if isinstance(scores.get(m), (int, float))}
     reference = preset.reference
     n_mrs = len(group_by_mr(splits["test"].mrs, splits["test"].refs)[0])

@@ -2,7 +2,7 @@
 
 The E2E scorer tokenizes METEOR / ROUGE-L / CIDEr inputs with Stanford CoreNLP 3.4.1's PTBTokenizer
 (``-preserveLines -lowerCase``) and then drops punctuation tokens; :func:`ptb_tokenize_python` reproduces
-that for machines without a Java runtime (:func:`hf_lorax.metrics.e2e.ptb_tokenize` picks the jar when it can).
+that for machines without a Java runtime (:func:`hf_lorax_paper.metrics.e2e.ptb_tokenize` picks the jar when it can).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Corpus BLEU and NIST as MT-Eval v13a computes them (case-insensitive, multi-reference).
 
 Our own implementation of what the official E2E scorer runs (``pymteval.py``, equal to the Perl
-``mteval-v13a.pl`` for BLEU); :mod:`hf_lorax.metrics.e2e` documents how it was checked against it.
+``mteval-v13a.pl`` for BLEU); :mod:`hf_lorax_paper.metrics.e2e` documents how it was checked against it.
 """
 
 from __future__ import annotations

@@ -72,9 +72,9 @@ import datasets
 import evaluate
 
 # absolute imports: ``evaluate.load(<this file>)`` loads it outside the package
-from hf_lorax.metrics.mteval import bleu, mteval_tokenize, nist  # noqa: F401 (part of this module's API)
-from hf_lorax.metrics.ptb import drop_punctuation, ptb_tokenize_python
-from hf_lorax.metrics.references import check_inputs
+from hf_lorax_paper.metrics.mteval import bleu, mteval_tokenize, nist  # noqa: F401 (part of this module's API)
+from hf_lorax_paper.metrics.ptb import drop_punctuation, ptb_tokenize_python
+from hf_lorax_paper.metrics.references import check_inputs
 
 INSTALL_HINT = "pip install hf_lorax[e2e]"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +46,7 @@ def check_method(method: str) -> None:
 
 def adapter_config(method: str, **fields: Any):
     """The hf_lorax config for ``--method``: ``LoRAConfig``, ``DoRAConfig`` or ``QLoRAConfig`` (q-variants)."""
-    from .. import DoRAConfig, LoRAConfig, QLoRAConfig
+    from hf_lorax import DoRAConfig, LoRAConfig, QLoRAConfig
 
     check_method(method)
     if method in ("qlora", "qdora"):
@@ -63,14 +62,6 @@ def rank_map_argument(value: str | None):
         return json.loads(value)
     except json.JSONDecodeError:
         raise FileNotFoundError(f"--rank_map {value!r} is neither a file nor inline JSON.") from None
-
-
-def write_json(path: str, data) -> None:
-    """Write JSON through a temporary file and a rename, so a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def finish_distributed() -> None:
@@ -96,9 +87,13 @@ def save_run(model, output_dir: str) -> str:
     return adapter_dir
 
 
-def write_results(output_dir: str, adapter_dir: str, results: dict, table: str) -> None:
-    """``results.json`` in the run folder and next to the adapter (the model card reads it), ``results.md``."""
+def write_results(output_dir: str, adapter_dir: str, results: dict, table: str, card_name: str | None = None) -> None:
+    """``results.json`` in the run folder and next to the adapter, ``results.md``, and the adapter's model card
+    rendered again with the results (``card_name``: the repo id it names, default the run folder's name)."""
+    from hf_lorax import write_model_card
+    from hf_lorax.adapter_files import write_json, write_text
+
     write_json(os.path.join(output_dir, "results.json"), results)
     write_json(os.path.join(adapter_dir, "results.json"), results)
-    with open(os.path.join(output_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(table + "\n")
+    write_text(os.path.join(output_dir, "results.md"), table + "\n")
+    write_model_card(adapter_dir, card_name or os.path.basename(os.path.abspath(output_dir)), results=results)

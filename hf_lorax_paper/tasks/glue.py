@@ -84,9 +84,9 @@ def load_init_adapter(model, path: str) -> list[str]:
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from peft.utils import load_peft_weights
 
-    from ..checks import check_adapter_dir
+    from hf_lorax import read_adapter_folder
 
-    check_adapter_dir(path)
+    read_adapter_folder(path)  # a broken folder fails here, naming the file
     saved, current = load_peft_weights(path), get_peft_model_state_dict(model)
     skipped = []
     for key, tensor in list(saved.items()):
@@ -114,8 +114,7 @@ def run(args: GlueArguments) -> dict | None:
     from datasets import Dataset
     from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
-    from .. import RankUtilizationCallback, get_model
-    from ..hub import push_adapter
+    from hf_lorax import RankUtilizationCallback, get_model, push_adapter
 
     preset, task = resolve(args)
     splits = load_splits(args, task)  # validated before anything is written
@@ -165,7 +164,7 @@ def run(args: GlueArguments) -> dict | None:
     if trainer.is_world_process_zero():  # under torchrun / accelerate, one process writes the run's files
         adapter_dir = save_run(model, args.output_dir)
         results = results_record(preset, task, args, final, best, metric_key, train_output, skipped)
-        write_results(args.output_dir, adapter_dir, results, results_table([results]))
+        write_results(args.output_dir, adapter_dir, results, results_table([results]), card_name=args.hub_model_id)
         if args.push_to_hub:
             results["hub"] = push_adapter(adapter_dir, args.hub_model_id, private=args.hub_private).commit_url
     finish_distributed()

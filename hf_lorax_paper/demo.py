@@ -5,7 +5,7 @@ negations in GLUE's TSV layout, then runs ``scripts/run_glue.py --preset demo/ss
 rank map plus the classifier head, trained with the standard ``Trainer``, rank utilization logged. It then
 reloads the saved adapter from disk with :func:`hf_lorax.get_model` and checks that it scores the same.
 
-    python -m hf_lorax.demo [--output_dir runs/demo] [--method dora|lora] [--epochs 10]
+    python -m hf_lorax_paper.demo [--output_dir runs/demo] [--method dora|lora] [--epochs 10]
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from hf_lorax import describe, get_model
-    from hf_lorax.tasks.glue import GlueArguments, results_table, run
-    from hf_lorax.tasks.glue_data import compute_metrics, get_task, read_tsv
-    from hf_lorax.tasks.synthetic import pretrain_tiny_roberta, write_sst2_folder
+    from hf_lorax_paper.tasks.glue import GlueArguments, results_table, run
+    from hf_lorax_paper.tasks.glue_data import compute_metrics, get_task, read_tsv
+    from hf_lorax_paper.tasks.synthetic import pretrain_tiny_roberta, write_sst2_folder
 
     started = time.time()
     out = Path(args.output_dir)

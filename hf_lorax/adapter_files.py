@@ -1,0 +1,346 @@
+"""The saved adapter folder: one module reads, checks and writes it.
+
+A folder holds peft's ``adapter_config.json`` and ``adapter_model.safetensors``, hf_lorax's ``hf_lorax.json``
+sidecar, and optionally ``README.md`` (the model card), ``results.json`` and the rank-utilization files.
+
+* :func:`read_sidecar` / :func:`read_adapter_folder`: the sidecar with its format check, and the folder
+  parsed into per-module rows (rank and alpha per slice, scaling, method, parameters);
+* :func:`check_adapter_dir` / :func:`check_weights_file`: a broken file fails with its name, not deep in torch;
+* :func:`atomic_directory_write`, :func:`write_json`, :func:`write_text`: the only writers. A save goes to a
+  temporary sibling directory on the same filesystem, every file is fsync'ed, and the directory then takes
+  the target's place: with Linux ``renameat2(RENAME_EXCHANGE)`` in one atomic step, elsewhere with two
+  renames that keep the old directory until the new one is in place. Files in the target that the save does
+  not produce (a Trainer checkpoint's ``optimizer.pt``, other adapters' subfolders) are carried over as hard
+  links, so they are neither copied nor lost. Single files are written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from peft import PeftConfig
+
+from .config import SIDECAR_FORMAT, SIDECAR_NAME
+from .describe import AdaptedModule
+from .integrations.peft_api import pattern_value
+from .slices import SliceSpec, lora_scaling, parse_fused_slices, slice_alpha, slice_rank, spec_for
+
+CONFIG_FILE = "adapter_config.json"
+SAFETENSORS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+
+# -- reading ---------------------------------------------------------------------------------------------
+
+
+def read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_sidecar(directory: str) -> dict | None:
+    """The ``hf_lorax.json`` of a local adapter directory, or None if it has none."""
+    path = os.path.join(directory, SIDECAR_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        data = read_json(path)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); delete it to load the adapter as plain peft LoRA.") from exc
+    if not isinstance(data, dict) or data.get("format_version") != SIDECAR_FORMAT:
+        raise ValueError(f"{path} is not an hf_lorax sidecar of format {SIDECAR_FORMAT}.")
+    return data
+
+
+@dataclass
+class SavedModule:
+    """One adapted module of a saved adapter. ``r`` / ``alpha`` are per slice; ``fused_*`` as stored."""
+
+    name: str
+    key: str  # the state-dict prefix, e.g. "base_model.model.h.0.attn.c_attn"
+    r: int
+    alpha: float
+    fused_r: int
+    fused_alpha: float
+    scaling: float
+    method: str
+    params: int
+    slices: SliceSpec | None = None
+
+    def row(self) -> AdaptedModule:
+        return AdaptedModule(module=self.name, layer="", method=self.method, r=self.r, alpha=self.alpha,
+                             scaling=self.scaling, params=self.params,
+                             slices=",".join(self.slices.adapt) if self.slices else "")
+
+
+@dataclass
+class AdapterFolder:
+    """A saved adapter folder, parsed: its config, sidecar, tensor shapes and per-module rows."""
+
+    path: str
+    config: dict
+    sidecar: dict
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    modules: list[SavedModule] = field(default_factory=list)
+    other_params: int = 0  # task heads (modules_to_save) and other non-LoRA tensors
+
+    @property
+    def weights_path(self) -> str:
+        return os.path.join(self.path, SAFETENSORS_FILE)
+
+    @property
+    def method(self) -> str:
+        return self.sidecar.get("method") or ("dora" if self.config.get("use_dora") else "lora")
+
+    @property
+    def adapter_params(self) -> int:
+        """Trainable parameters the adapter holds: LoRA factors (per slice), DoRA magnitudes, task heads."""
+        return sum(m.params for m in self.modules) + self.other_params
+
+    @property
+    def heads(self) -> list[str]:
+        """The ``modules_to_save`` entries (task heads) that have tensors in the weights file."""
+        names = [k.removeprefix("base_model.model.") for k in self.shapes if "lora_" not in k]
+        listed = sorted(set(self.config.get("modules_to_save") or []))
+        return [h for h in listed if any(n == h or n.startswith(h + ".") or f".{h}." in f".{n}" for n in names)]
+
+    def rows(self) -> list[AdaptedModule]:
+        return [m.row() for m in self.modules]
+
+    def load_tensors(self) -> dict:
+        from safetensors.torch import load_file
+
+        return load_file(self.weights_path)
+
+
+def read_adapter_folder(path: str) -> AdapterFolder:
+    """Check and parse a saved adapter folder (safetensors weights)."""
+    from safetensors import safe_open
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"Adapter folder {path!r} does not exist.")
+    if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+        raise FileNotFoundError(f"{path!r} has no {CONFIG_FILE}; it is not a saved adapter folder.")
+    check_adapter_dir(path)
+    if not os.path.isfile(os.path.join(path, SAFETENSORS_FILE)):
+        raise FileNotFoundError(f"{path!r} has no {SAFETENSORS_FILE} (pickle .bin adapters are not read here).")
+    config = read_json(os.path.join(path, CONFIG_FILE))
+    folder = AdapterFolder(path=path, config=config, sidecar=read_sidecar(path) or {})
+    with safe_open(folder.weights_path, framework="pt") as f:
+        folder.shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    sliced = folder.sidecar.get("sliced_modules") or {}
+    specs = parse_fused_slices(folder.sidecar.get("fused_slices"))
+    rslora = bool(config.get("use_rslora"))
+    for key, a_shape in sorted(folder.shapes.items()):
+        if not key.endswith(".lora_A.weight"):
+            if "lora_" not in key:
+                folder.other_params += _numel(a_shape)
+            continue
+        prefix = key.removesuffix(".lora_A.weight")
+        name = prefix.removeprefix("base_model.model.")
+        b_shape = folder.shapes[f"{prefix}.lora_B.weight"]
+        fused_r = a_shape[0]
+        fused_alpha = pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
+        spec = spec_for(name, specs) if name in sliced else None
+        n = sliced.get(name, 1) if spec else 1
+        b_params = n * (b_shape[0] // len(spec.layout)) * slice_rank(fused_r, n) if spec else _numel(b_shape)
+        magnitude = folder.shapes.get(f"{prefix}.lora_magnitude_vector")
+        folder.modules.append(SavedModule(
+            name=name, key=prefix, r=slice_rank(fused_r, n), alpha=slice_alpha(fused_alpha, n, rslora),
+            fused_r=fused_r, fused_alpha=fused_alpha, scaling=lora_scaling(fused_alpha, fused_r, rslora),
+            method="dora" if magnitude else "lora", params=_numel(a_shape) + b_params + (_numel(magnitude) if magnitude else 0),
+            slices=spec,
+        ))
+    return folder
+
+
+def _numel(shape) -> int:
+    out = 1
+    for dim in shape:
+        out *= dim
+    return out
+
+
+# -- checking --------------------------------------------------------------------------------------------
+
+
+def check_adapter_dir(path: str, allow_pickle: bool = False) -> PeftConfig:
+    """Validate ``adapter_config.json`` and the weights file of ``path``; return the adapter's config.
+
+    A pickle ``adapter_model.bin`` (which can run code when unpickled) is refused unless ``allow_pickle``;
+    peft then loads it with ``torch.load(weights_only=True)``.
+    """
+    config_path = os.path.join(path, CONFIG_FILE)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_path} is not valid JSON (truncated or edited?): {exc}") from exc
+    if not isinstance(raw, dict) or "peft_type" not in raw:
+        raise ValueError(f"{config_path} is not a peft adapter config: it has no 'peft_type' key.")
+    if raw["peft_type"] != "LORA":
+        raise ValueError(f"{config_path} describes a {raw['peft_type']} adapter; hf_lorax loads LoRA/DoRA adapters.")
+    try:
+        config = PeftConfig.from_pretrained(path)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{config_path} holds invalid values: {exc}") from exc
+    check_weights_file(path, allow_pickle)
+    return config
+
+
+def check_weights_file(path: str, allow_pickle: bool = False) -> None:
+    weights = os.path.join(path, SAFETENSORS_FILE)
+    if not os.path.isfile(weights):
+        if os.path.isfile(os.path.join(path, PICKLE_FILE)):
+            if not allow_pickle:
+                raise ValueError(
+                    f"{path!r} holds only a pickle {PICKLE_FILE}, which can execute code when loaded. Convert it to "
+                    f"safetensors, or pass allow_pickle=True to load it with torch.load(weights_only=True)."
+                )
+            return
+        raise FileNotFoundError(f"{path!r} has {CONFIG_FILE} but no {SAFETENSORS_FILE}.")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(weights, framework="pt") as f:
+            for key in f.keys():
+                f.get_slice(key).get_shape()
+    except Exception as exc:  # safetensors raises its own SafetensorError for every kind of damage
+        raise ValueError(f"{weights} is truncated or corrupt ({exc}); save the adapter again.") from exc
+    size = os.path.getsize(weights)
+    with open(weights, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end != size:
+        raise ValueError(f"{weights} is truncated: {size} bytes on disk, {8 + header_len + end} expected.")
+
+
+# -- writing ---------------------------------------------------------------------------------------------
+
+
+def write_text(path: str, text: str) -> str:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def write_json(path: str, data) -> str:
+    """:func:`write_text` of ``data`` as indented JSON."""
+    return write_text(path, json.dumps(data, indent=2, default=str))
+
+
+_TMP_MARK = ".hf_lorax-tmp-"
+
+
+def atomic_directory_write(target: str, write: Callable[[str], None]) -> None:
+    """Run ``write(tmp_dir)`` and make what it wrote appear at ``target`` all at once."""
+    target = os.path.abspath(target)
+    if os.path.isfile(target):
+        raise ValueError(f"{target} is a file; adapters are saved into a directory.")
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    _remove_stale_temps(parent, name)
+    tmp = tempfile.mkdtemp(prefix=f".{name}{_TMP_MARK}{os.getpid()}-", dir=parent)
+    try:
+        write(tmp)
+        if os.path.isdir(target):
+            _link_missing(target, tmp)
+        _fsync_tree(tmp)
+        if not os.path.isdir(target):
+            os.rename(tmp, target)
+        elif _exchange(tmp, target):
+            shutil.rmtree(tmp)  # tmp now holds the previous content
+        else:
+            backup = tmp + ".old"
+            os.rename(target, backup)
+            os.rename(tmp, target)
+            shutil.rmtree(backup)
+        _fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _link_missing(source: str, dest: str) -> None:
+    """Hard-link into ``dest`` every file of ``source`` that ``dest`` does not have (recursively)."""
+    for entry in os.scandir(source):
+        there = os.path.join(dest, entry.name)
+        if entry.is_dir(follow_symlinks=False):
+            if not os.path.exists(there):
+                os.mkdir(there)
+            if os.path.isdir(there):
+                _link_missing(entry.path, there)
+        elif not os.path.lexists(there):
+            try:
+                os.link(entry.path, there)
+            except OSError:  # filesystems without hard links
+                shutil.copy2(entry.path, there)
+
+
+def _fsync_tree(root: str) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(folder)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _remove_stale_temps(parent: str, name: str) -> None:
+    """Delete temporary directories that killed saves of ``name`` left behind."""
+    prefix = f".{name}{_TMP_MARK}"
+    for entry in os.scandir(parent):
+        if not entry.name.startswith(prefix):
+            continue
+        pid = entry.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

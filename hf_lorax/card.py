@@ -1,0 +1,160 @@
+"""The adapter model card: one pipeline, used by ``save_pretrained`` (via :func:`hf_lorax.get_model`'s model),
+``Trainer.create_model_card``, the task scripts and :func:`hf_lorax.push_adapter`.
+
+The card is always rendered from a saved folder (after the adapter files are written), from
+``model_cards/adapter_card.md`` with ``ModelCard.from_template``: YAML metadata, a ``model-index`` built
+from ``results.json``, the per-module table.
+
+``results.json`` (written by the task scripts; every key optional)::
+
+    {"task": "sst2", "task_type": "text-classification",
+     "dataset": {"name": "GLUE SST-2", "type": "nyu-mll/glue", "config": "sst2", "split": "validation"},
+     "metrics": {"accuracy": 0.951},
+     "reference": {"source": "LoRA paper (Hu et al. 2021), Table 2", "metrics": {"accuracy": 0.951}},
+     "hyperparameters": {"learning_rate": 0.0005, "epochs": 60}}
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from ._version import __version__
+from .adapter_files import read_adapter_folder, read_json, write_text
+from .config import UNQUANTIZED_HEADS
+from .describe import AdaptedModule, AdapterReport
+from .serving import serving_summary
+from .task_types import AUTO_CLASSES, METHOD_NAMES, PIPELINE_TAGS
+
+CARD_NAME = "README.md"
+
+
+def render_model_card(
+    folder: str,
+    repo_id: str,
+    results: dict | str | None = None,
+    license: str | None = None,
+    rows: list[AdaptedModule] | None = None,
+    adapter_params: int | None = None,
+) -> ModelCard:
+    """Render the model card of the saved adapter in ``folder`` (everything is read from the folder).
+
+    ``results`` (a dict or the path of a ``results.json``) defaults to the folder's ``results.json``;
+    """
+    saved = read_adapter_folder(folder)
+    config, sidecar = saved.config, saved.sidecar
+    if isinstance(results, str):
+        results = read_json(results)
+    if results is None and os.path.isfile(os.path.join(folder, "results.json")):
+        results = read_json(os.path.join(folder, "results.json"))
+    results = results or {}
+    rows = rows if rows is not None else saved.rows()
+    adapter_params = adapter_params if adapter_params is not None else saved.adapter_params
+    method = saved.method
+    task_type = config.get("task_type")
+    base_model = config.get("base_model_name_or_path") or "unknown"
+    dataset = results.get("dataset") or {}
+    pipeline_tag = PIPELINE_TAGS.get(task_type)
+    card_data = ModelCardData(
+        base_model=base_model if not os.path.isabs(base_model) else None,
+        library_name="peft",
+        license=license or results.get("license"),
+        tags=sorted({method, "hf_lorax", "peft", "lora", *( [task_type.lower()] if task_type else [])}),
+        datasets=[dataset["type"]] if dataset.get("type") else None,
+        pipeline_tag=pipeline_tag,
+        model_name=repo_id.split("/")[-1],
+        eval_results=_eval_results(results, pipeline_tag) or None,
+    )
+    weights = os.path.join(folder, "adapter_model.safetensors")
+    context = dict(
+        title=repo_id.split("/")[-1], repo_id=repo_id, base_model=base_model,
+        base_model_url=f"https://huggingface.co/{base_model}" if not os.path.isabs(base_model) else base_model,
+        method_name=METHOD_NAMES.get(method, method), task_description=dataset.get("name"),
+        has_head=bool(config.get("modules_to_save")), adapter_params_str=f"{adapter_params:,}",
+        adapter_size_str=_human_bytes(os.path.getsize(weights)) if os.path.isfile(weights) else "not saved yet",
+        hf_lorax_version=__version__, serving_table=_serving_table(serving_summary(saved, repo_id)), peft_version=config.get("peft_version", "?"),
+        slices=", ".join(f"{m}: {'/'.join(v) if isinstance(v, list) else v}" for m, v in (sidecar.get("fused_slices") or {}).items()),
+        target_modules=", ".join(f"`{t}`" for t in sorted(config.get("target_modules") or [])) if not isinstance(config.get("target_modules"), str) else f"`{config['target_modules']}`",
+        r=config.get("r"), alpha=config.get("lora_alpha"), rslora=config.get("use_rslora"),
+        has_rank_map=bool(config.get("rank_pattern") or config.get("alpha_pattern")),
+        dropout=config.get("lora_dropout"), quantization=sidecar.get("quantization"),
+        n_modules=len(rows), module_table=AdapterReport(adapter="default", rows=rows).to_markdown(),
+        results_table=_results_table(results), reference_source=(results.get("reference") or {}).get("source"),
+        hyperparameters_table=_dict_table(results.get("hyperparameters"), ("hyperparameter", "value")),
+        has_plot=os.path.isfile(os.path.join(folder, "rank_utilization.png")),
+        auto_class=AUTO_CLASSES.get(task_type, "AutoModel"), num_labels=sidecar.get("num_labels"),
+        load_kwargs=_load_kwargs(sidecar),
+    )
+    template = resources.files("hf_lorax.model_cards").joinpath("adapter_card.md").read_text(encoding="utf-8")
+    return ModelCard.from_template(card_data, template_str=template, **context)
+
+
+def _load_kwargs(sidecar: dict) -> str:
+    """Extra ``from_pretrained`` arguments of the usage snippet (the 4-bit base of a QLoRA adapter)."""
+    num_labels = f", num_labels={sidecar['num_labels']}" if sidecar.get("num_labels") else ""
+    if "quant_type" not in sidecar:
+        return num_labels
+    if sidecar.get("load_in_8bit"):
+        q = f"BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules={list(UNQUANTIZED_HEADS)})"
+    else:
+        q = (f"BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type={sidecar['quant_type']!r}, "
+             f"bnb_4bit_use_double_quant={sidecar.get('double_quant', True)}, "
+             f"bnb_4bit_compute_dtype=torch.{sidecar.get('compute_dtype', 'bfloat16')}, "
+             f"llm_int8_skip_modules={list(UNQUANTIZED_HEADS)})")
+    return f"{num_labels},\n    quantization_config={q}"
+
+
+def _eval_results(results: dict, pipeline_tag: str | None) -> list[EvalResult]:
+    dataset = results.get("dataset") or {}
+    return [
+        EvalResult(
+            task_type=results.get("task_type") or pipeline_tag or "other", dataset_type=dataset.get("type", "custom"),
+            dataset_name=dataset.get("name", dataset.get("type", "custom")), dataset_config=dataset.get("config"),
+            dataset_split=dataset.get("split"), metric_type=name, metric_value=float(value),
+        )
+        for name, value in (results.get("metrics") or {}).items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    ]
+
+
+def _results_table(results: dict) -> str:
+    metrics = results.get("metrics") or {}
+    if not metrics:
+        return ""
+    reference = (results.get("reference") or {}).get("metrics") or {}
+    lines = ["| metric | this adapter | reference | difference |", "|---|---|---|---|"]
+    for name, value in metrics.items():
+        ref = reference.get(name)
+        diff = f"{value - ref:+.4f}" if isinstance(ref, (int, float)) else "-"
+        lines.append(f"| {name} | {value:.4f} | {ref if ref is not None else '-'} | {diff} |")
+    return "\n".join(lines)
+
+
+def _serving_table(rows: list[dict]) -> str:
+    lines = ["| engine | as saved | how to serve |", "|---|---|---|"]
+    lines += [f"| {r['engine']} | {r['status']} | `{r['how']}` |" for r in rows]
+    return "\n".join(lines)
+
+
+def _dict_table(values: dict | None, header: tuple[str, str]) -> str:
+    if not values:
+        return ""
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in values.items()]
+    return "\n".join(lines)
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def write_model_card(folder: str, repo_id: str | None = None, **kwargs) -> str:
+    """Render the card of the adapter saved in ``folder`` and write it as ``folder/README.md``."""
+    name = repo_id or os.path.basename(os.path.abspath(folder))
+    return write_text(os.path.join(folder, CARD_NAME), str(render_model_card(folder, name, **kwargs)))

@@ -1,0 +1,278 @@
+"""``export_adapter``: write an adapter in the form a serving engine computes exactly.
+
+vLLM, TGI and LoRAX read one ``lora_alpha`` and ``r`` for all modules and ignore ``rank_pattern`` /
+``alpha_pattern`` (:mod:`hf_lorax.serving`), so an adapter with a rank or alpha map is served silently wrong
+as saved. For those engines the export:
+
+* bakes each module's own scaling into its ``B`` and writes one ``lora_alpha = r`` (scaling 1): exact;
+* pads every module with zeros to one rank (the largest, or ``rank``): exact;
+* turns DoRA into what the engine can run: ``dora="merge"`` writes the merged full model (exact; serve it as
+  a base model), ``dora="svd"`` the best rank-``rank`` LoRA of each module's ``W' − W``, with each module's
+  relative error reported;
+* refuses task heads (``modules_to_save``) with the reason, or with ``heads="beside"`` writes them to
+  ``heads.safetensors`` beside the adapter; refuses trained biases and architectures the engine has no LoRA
+  support for (``merge=True`` writes a merged model instead).
+
+For ``engine="peft"`` the adapter is copied as a plain peft adapter (peft reads the per-module patterns).
+``results.json`` is carried over, ``hf_lorax.json`` rewritten for the exported form, the card re-rendered.
+``src`` is never changed, and ``dst`` is written all-or-nothing. CLI: ``python -m hf_lorax.export``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+
+from .._version import __version__
+from ..adapter_files import (
+    CONFIG_FILE,
+    SAFETENSORS_FILE,
+    AdapterFolder,
+    atomic_directory_write,
+    read_adapter_folder,
+    read_json,
+    write_json,
+)
+from ..card import write_model_card
+from ..config import SIDECAR_FORMAT, SIDECAR_NAME
+from ..serving import ENGINES, base_model_type, check_serving, engine_spec, next_rank_value
+from .convert import bake_and_pad, dora_to_lowrank
+
+DORA_MODES = ("merge", "svd")
+HEAD_MODES = ("refuse", "beside")
+CARRIED_FILES = ("results.json", "rank_utilization.png", "rank_utilization.json", "suggested_rank_map.json")
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_adapter` wrote."""
+
+    dst: str
+    engine: str
+    kind: str  # "adapter" or "merged model"
+    rank: int | None = None
+    module_errors: dict[str, float] = field(default_factory=dict)  # --dora svd: relative error per module
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def worst_error(self) -> tuple[str, float] | None:
+        return max(self.module_errors.items(), key=lambda kv: kv[1]) if self.module_errors else None
+
+    def summary(self) -> str:
+        label = ENGINES[self.engine].label
+        lines = [f"wrote {self.kind} for {label} to {self.dst}" + (f" (rank {self.rank})" if self.rank else "")]
+        if self.module_errors:
+            lines.append(f"{'module':<60} {'relative error':>14}")
+            lines += [f"{name:<60} {err:>14.3e}" for name, err in sorted(self.module_errors.items())]
+            name, err = self.worst_error
+            lines.append(f"worst: {name} {err:.3e} (‖ΔW − BA‖_F / ‖ΔW‖_F, rank {self.rank})")
+        lines += self.notes
+        return "\n".join(lines)
+
+
+def export_adapter(src: str, dst: str, engine: str = "vllm", *, rank: int | None = None, dora: str | None = None,
+                   merge: bool = False, heads: str = "refuse", base_model=None) -> ExportResult:
+    """Export the adapter saved in ``src`` to ``dst`` for ``engine`` ("vllm", "tgi", "lorax" or "peft").
+
+    Example::
+
+        from hf_lorax.export import export_adapter
+        export_adapter("runs/sst2/adapter", "runs/sst2/vllm", engine="vllm")
+        export_adapter("runs/dora/adapter", "runs/dora/vllm", engine="vllm", dora="svd", rank=16)
+
+    ``base_model`` (an ``nn.Module`` or a path) is needed for ``merge`` and ``dora`` exports; by default the
+    adapter's ``base_model_name_or_path`` is loaded.
+    """
+    spec = engine_spec(engine)
+    if dora is not None and dora not in DORA_MODES:
+        raise ValueError(f"dora={dora!r}: choose one of {list(DORA_MODES)}.")
+    if heads not in HEAD_MODES:
+        raise ValueError(f"heads={heads!r}: choose one of {list(HEAD_MODES)}.")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank={rank!r} must be a positive integer.")
+    _check_destination(src, dst)
+    folder = read_adapter_folder(src)
+    _check_supported_tensors(folder)
+    if merge or dora == "merge":
+        return _export_merged(folder, dst, engine, base_model)
+    if engine == "peft":
+        return _export_for_peft(folder, dst)
+    return _export_uniform(folder, dst, spec, rank, dora, heads, base_model)
+
+
+def _check_destination(src: str, dst: str) -> None:
+    src_real, dst_real = os.path.realpath(src), os.path.realpath(dst)
+    if dst_real == src_real or os.path.commonpath([src_real, dst_real]) == src_real:
+        raise ValueError(f"destination {dst!r} is inside the source adapter {src!r}; choose a folder outside it.")
+    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+        raise FileExistsError(f"destination {dst!r} exists and is not an empty folder; choose a new one.")
+
+
+def _check_supported_tensors(folder: AdapterFolder) -> None:
+    embedding = [k for k in folder.shapes if "lora_embedding_" in k]
+    if embedding:
+        raise ValueError(f"{folder.path!r} adapts embeddings ({embedding[0]}); export handles linear layers only.")
+
+
+def _export_uniform(folder: AdapterFolder, dst: str, spec, rank, dora, heads, base_model) -> ExportResult:
+    config = folder.config
+    model_type = base_model_type(folder)
+    if model_type in spec.unsupported_model_types:
+        raise ValueError(f"{spec.label} has no LoRA support for {model_type} models; export with --merge to serve the "
+                         f"merged model as a base model instead.")
+    dora_modules = [m.name for m in folder.modules if m.method == "dora"]
+    if dora_modules and dora is None:
+        raise ValueError(f"{folder.path!r} is a DoRA adapter ({dora_modules[0]}, ...), which {spec.label} cannot run; "
+                         "pass --dora merge (exact, a merged model) or --dora svd --rank N (a rank-N LoRA, error reported).")
+    if dora == "svd" and rank is None:
+        raise ValueError("--dora svd needs --rank N: the rank of the LoRA that approximates each DoRA update.")
+    if config.get("bias") not in (None, "none") or config.get("lora_bias"):
+        raise ValueError(f"{folder.path!r} trains biases (bias={config.get('bias')!r}, lora_bias={config.get('lora_bias')}), "
+                         f"which {spec.label} does not load; export with --merge.")
+    head_names = folder.heads
+    if head_names and heads == "refuse":
+        raise ValueError(f"{folder.path!r} trains task heads {head_names} (modules_to_save), which {spec.label} does not "
+                         "load; pass --heads beside to write them to heads.safetensors, or --merge for a full model.")
+
+    target = rank if rank is not None else max(m.fused_r for m in folder.modules)
+    for module in folder.modules:
+        if module.fused_r > target and module.method != "dora":
+            raise ValueError(f"module {module.name} has rank {module.fused_r}, above --rank {target}; "
+                             f"pass --rank {module.fused_r} or more.")
+    if spec.max_rank is not None and target > spec.max_rank:
+        worst = max(folder.modules, key=lambda m: m.fused_r)
+        raise ValueError(f"module {worst.name} has rank {worst.fused_r}, above {spec.label}'s limit {spec.max_rank}.")
+
+    tensors = folder.load_tensors()
+    weights = _base_weights(folder, base_model, dora_modules) if dora == "svd" else {}
+    out, result = {}, ExportResult(dst=dst, engine=spec.name, kind="adapter", rank=target)
+    for module in folder.modules:
+        A, B = tensors[f"{module.key}.lora_A.weight"], tensors[f"{module.key}.lora_B.weight"]
+        if module.method == "dora":
+            fit = dora_to_lowrank(weights[module.name], A, B, module.scaling,
+                                  tensors[f"{module.key}.lora_magnitude_vector"], target)
+            A, B = fit.lora_A.to(A.dtype), fit.lora_B.to(B.dtype)
+            result.module_errors[module.name] = fit.relative_error
+        else:
+            A, B = bake_and_pad(A, B, module.scaling, target)
+        out[f"{module.key}.lora_A.weight"], out[f"{module.key}.lora_B.weight"] = A.contiguous(), B.contiguous()
+    head_tensors = {k: v for k, v in tensors.items() if "lora_" not in k}
+
+    new_config = {**config, "r": target, "lora_alpha": target, "use_rslora": False, "rank_pattern": {},
+                  "alpha_pattern": {}, "use_dora": False, "modules_to_save": None}
+    rank_value = next_rank_value(target, spec)
+    if spec.rank_values:
+        result.notes.append(f"serve with --max-lora-rank {rank_value} (or more)")
+    if head_tensors:
+        result.notes.append(f"task heads {head_names} written to heads.safetensors: load them into the base model "
+                            "yourself; the engine serves the adapter without them")
+
+    def write(tmp: str) -> None:
+        from safetensors.torch import save_file
+
+        save_file(out, os.path.join(tmp, SAFETENSORS_FILE), metadata={"format": "pt"})
+        if head_tensors:
+            save_file(head_tensors, os.path.join(tmp, "heads.safetensors"), metadata={"format": "pt"})
+        write_json(os.path.join(tmp, CONFIG_FILE), new_config)
+        write_json(os.path.join(tmp, SIDECAR_NAME), _exported_sidecar(folder, spec.name, target, dora, result))
+        _finish(folder, tmp, dst)
+
+    atomic_directory_write(dst, write)
+    _verify(dst, spec.name)
+    result.notes.append("serve: " + spec.serve_hint.format(rank=rank_value).replace("DIR", dst))
+    return result
+
+
+def _export_for_peft(folder: AdapterFolder, dst: str) -> ExportResult:
+    def write(tmp: str) -> None:
+        for name in (CONFIG_FILE, SAFETENSORS_FILE):
+            shutil.copy2(os.path.join(folder.path, name), tmp)
+        _finish(folder, tmp, dst)
+
+    atomic_directory_write(dst, write)
+    return ExportResult(dst=dst, engine="peft", kind="adapter",
+                        notes=[f"load: {ENGINES['peft'].serve_hint.replace('DIR', dst)}"])
+
+
+def _export_merged(folder: AdapterFolder, dst: str, engine: str, base_model) -> ExportResult:
+    from ..model import get_model
+
+    base = _load_base(folder, base_model)
+    merged = get_model(folder.path, model=base, is_trainable=False).merge_and_unload()
+
+    def write(tmp: str) -> None:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        base_dir = base_model if isinstance(base_model, str) else folder.config.get("base_model_name_or_path")
+        if base_dir and os.path.isdir(base_dir):
+            for name in os.listdir(base_dir):  # the tokenizer files, so the folder serves as it is
+                if name.startswith(("tokenizer", "vocab", "merges", "special_tokens_map")):
+                    shutil.copy2(os.path.join(base_dir, name), tmp)
+        for name in CARRIED_FILES[:1]:
+            if os.path.isfile(os.path.join(folder.path, name)):
+                shutil.copy2(os.path.join(folder.path, name), tmp)
+
+    atomic_directory_write(dst, write)
+    return ExportResult(dst=dst, engine=engine, kind="merged model", notes=[
+        "the adapter is merged into full weights (exact); serve the folder as a base model, e.g. "
+        f"`vllm serve {dst}` or `text-generation-launcher --model-id {dst}`"])
+
+
+def _finish(folder: AdapterFolder, tmp: str, dst: str) -> None:
+    for name in CARRIED_FILES:
+        if os.path.isfile(os.path.join(folder.path, name)):
+            shutil.copy2(os.path.join(folder.path, name), tmp)
+    write_model_card(tmp, repo_id=os.path.basename(os.path.abspath(dst)))
+
+
+def _exported_sidecar(folder: AdapterFolder, engine: str, rank: int, dora: str | None, result: ExportResult) -> dict:
+    return {
+        "format_version": SIDECAR_FORMAT, "hf_lorax_version": __version__, "config_class": "LoRAConfig",
+        "method": "lora", "rank_map": None, "alpha_map": None, "fused_slices": None, "sliced_modules": {},
+        "num_labels": folder.sidecar.get("num_labels"),
+        "exported": {"engine": engine, "from_method": folder.method, "rank": rank, "dora": dora,
+                     "max_relative_error": result.worst_error[1] if result.worst_error else 0.0},
+    }
+
+
+def _verify(dst: str, engine: str) -> None:
+    """The written adapter must be one the engine serves as is; anything else is a bug, not a user error."""
+    report = check_serving(dst, engine)
+    if not report.servable_as_is:
+        raise RuntimeError(f"hf_lorax.export wrote an adapter {engine} would not serve exactly:\n{report}")
+
+
+def _load_base(folder: AdapterFolder, base_model):
+    """The base model: given, or loaded from a path with the class its ``config.json`` names (what engines load)."""
+    import transformers
+    from peft import PeftConfig
+
+    from ..model import load_base_model
+
+    if base_model is not None and not isinstance(base_model, (str, os.PathLike)):
+        return base_model
+    config = PeftConfig.from_pretrained(folder.path)
+    path = os.fspath(base_model) if base_model is not None else config.base_model_name_or_path
+    if not path:
+        raise ValueError(f"{folder.path!r} names no base model (base_model_name_or_path is empty); pass --base_model.")
+    local = os.path.join(path, "config.json")
+    architectures = read_json(local).get("architectures") if os.path.isfile(local) else None
+    if architectures and hasattr(transformers, architectures[0]):
+        return getattr(transformers, architectures[0]).from_pretrained(path)
+    config.base_model_name_or_path = path
+    return load_base_model(config)
+
+
+def _base_weights(folder: AdapterFolder, base_model, names: list[str]) -> dict[str, torch.Tensor]:
+    """The frozen (out, in) weights of ``names`` from the base model."""
+    from transformers.pytorch_utils import Conv1D
+
+    base = _load_base(folder, base_model)
+    weights = {}
+    for name in names:
+        layer = base.get_submodule(name)
+        layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+        weights[name] = layer.weight.detach().T if isinstance(layer, Conv1D) else layer.weight.detach()
+    return weights

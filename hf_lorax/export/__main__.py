@@ -1,0 +1,59 @@
+"""``python -m hf_lorax.export``: export an adapter for a serving engine, or check how one would serve it.
+
+    python -m hf_lorax.export SRC DST --engine vllm [--rank N] [--dora merge|svd] [--merge] [--heads beside]
+    python -m hf_lorax.export --check SRC [--engine vllm]
+
+``--check`` prints, per engine (all four without ``--engine``), what the engine would refuse or silently change,
+and exits 1 when the adapter cannot be served exactly as saved. Errors are one line on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..serving import ENGINES, check_serving
+from . import DORA_MODES, HEAD_MODES, export_adapter
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m hf_lorax.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="a saved adapter folder")
+    parser.add_argument("dst", nargs="?", help="a new folder for the exported adapter (not with --check)")
+    parser.add_argument("--engine", choices=sorted(ENGINES), help="vllm, tgi, lorax or peft")
+    parser.add_argument("--check", action="store_true", help="only report how the engine would serve SRC")
+    parser.add_argument("--rank", type=int, help="pad every module to this rank; the SVD rank with --dora svd")
+    parser.add_argument("--dora", choices=DORA_MODES, help="DoRA adapters: merged full model, or rank-N SVD LoRA")
+    parser.add_argument("--merge", action="store_true", help="write the merged full model (any adapter, exact)")
+    parser.add_argument("--heads", choices=HEAD_MODES, default="refuse",
+                        help="task heads: refuse (default) or write them beside the adapter")
+    parser.add_argument("--base_model", help="base model folder for --merge / --dora (default: the adapter's)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.check:
+            if args.dst:
+                raise ValueError("--check takes one folder (SRC); drop DST.")
+            reports = [check_serving(args.src, e) for e in ([args.engine] if args.engine else ENGINES)]
+            print("\n".join(str(r) for r in reports))
+            return 0 if all(r.servable_as_is for r in reports) else 1
+        if not args.dst or not args.engine:
+            raise ValueError("pass SRC DST --engine ENGINE (or --check SRC).")
+        result = export_adapter(args.src, args.dst, args.engine, rank=args.rank, dora=args.dora, merge=args.merge,
+                                heads=args.heads, base_model=args.base_model)
+    except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
+        if args.debug or os.environ.get("HF_LORAX_DEBUG") == "1":
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""peft internals hf_lorax uses, each wrapped in a small function or re-exported under one name.
+
+Nothing else in hf_lorax imports a private peft name. :data:`PEFT_INTERNALS` declares them with the
+signatures ``tests/test_integrations.py`` checks.
+"""
+
+from __future__ import annotations
+
+from peft.tuners.lora import LoraLayer, LoraModel
+from peft.tuners.lora import layer as peft_lora
+from peft.tuners.lora.layer import VARIANT_KWARG_KEYS, LoraVariant
+from peft.tuners.tuners_utils import (
+    BaseTunerLayer,
+    _maybe_include_all_linear_layers,
+    check_adapters_to_merge,
+)
+from peft.tuners.tuners_utils import _ExcludedModule as ExcludedModule
+from peft.utils import ModulesToSaveWrapper
+from peft.utils.integrations import dequantize_module_weight
+from peft.utils.other import get_pattern_key
+from torch import nn
+
+from .guard import InternalAPI, require_signatures
+
+PEFT_RANGE = ("0.21.0", "0.22.0")  # 0.22 reorganises LoRA layer construction (upstream changelog)
+
+
+def _api(path: str, params: tuple[str, ...], reason: str) -> InternalAPI:
+    return InternalAPI(path=path, params=params, library="peft", verified=PEFT_RANGE, reason=reason)
+
+
+PREPARE_MODEL = _api("peft.tuners.lora.model:LoraModel._prepare_model", ("self", "peft_config", "model"),
+                     "resolve hf_lorax configs before peft injects layers")
+CONFIG_FROM_PRETRAINED = _api("peft.config:PeftConfigMixin.from_pretrained",
+                              ("cls", "pretrained_model_name_or_path", "subfolder"),
+                              "read hf_lorax.json beside adapter_config.json")
+PEFT_INTERNALS = [
+    PREPARE_MODEL,
+    CONFIG_FROM_PRETRAINED,
+    _api("peft.tuners.tuners_utils:BaseTuner._check_target_module_exists", ("peft_config", "key"),
+         "peft's own target matcher, so hf_lorax validates exactly what peft will adapt"),
+    _api("peft.tuners.tuners_utils:_maybe_include_all_linear_layers", ("peft_config", "model"),
+         "expand target_modules='all-linear' the way peft does"),
+    _api("peft.utils.other:get_pattern_key", ("pattern_keys", "key_to_match"),
+         "peft's rank_pattern matching, so a resolved rank is the rank peft builds"),
+    _api("peft.tuners.lora.config:LoraConfig._register_custom_module", ("self", "mapping"),
+         "route layer creation to hf_lorax's layers (peft's documented experimental API)"),
+    _api("peft.tuners.lora.layer:LoraLayer.__init__", ("self", "base_layer", "ephemeral_gpu_offload"),
+         "hf_lorax's layers initialise peft's LoRA state without peft's Linear.__init__"),
+    _api("peft.tuners.lora.layer:LoraLayer.update_layer", ("self", "adapter_name", "r", "lora_alpha", "config"),
+         "fused-slice layers create a rank n*r LoRA and then split its B"),
+    _api("peft.tuners.lora.layer:LoraLayer._cache_store", ("self", "key", "value"),
+         "DoRA merge/unmerge keep the weight norm as peft's DoRA does"),
+    _api("peft.tuners.lora.layer:LoraLayer._unmerged_base_weight", ("self",),
+         "DoRA's norm for merging comes from the weight without other merged adapters"),
+    _api("peft.tuners.tuners_utils:check_adapters_to_merge", ("module", "adapter_names"),
+         "quantized layers merge into a dense copy with peft's adapter selection"),
+]
+
+__all__ = [
+    "BaseTunerLayer", "ExcludedModule", "LoraLayer", "LoraModel", "LoraVariant", "PEFT_INTERNALS", "VARIANT_KWARG_KEYS",
+    "check_adapters_to_merge", "dequantize_module_weight", "expand_all_linear", "init_lora_state", "is_tuner_layer",
+    "is_wrapped_head", "pattern_value", "peft_bnb_module", "peft_lora", "register_layers", "target_matcher",
+]
+
+
+def target_matcher(config):
+    """peft's matcher for ``config``: ``matcher(module_name)`` is truthy when peft would adapt the module."""
+    return lambda name: LoraModel._check_target_module_exists(config, name)
+
+
+def expand_all_linear(config, model: nn.Module) -> None:
+    """Expand ``target_modules="all-linear"`` in ``config`` as peft does (peft writes into the config)."""
+    _maybe_include_all_linear_layers(config, model)
+
+
+def pattern_value(pattern, name: str, default):
+    """The value peft picks for ``name`` from a ``rank_pattern`` / ``alpha_pattern`` (first regex match)."""
+    key = get_pattern_key(list(pattern), name)
+    return pattern.get(key, default)
+
+
+def is_tuner_layer(module: nn.Module) -> bool:
+    return isinstance(module, BaseTunerLayer)
+
+
+def is_wrapped_head(module: nn.Module) -> bool:
+    return isinstance(module, ModulesToSaveWrapper)
+
+
+def register_layers(config, mapping: dict) -> None:
+    """Make peft build ``mapping[type(target)]`` for targets of that type (first matching key wins).
+
+    First checks that every peft internal the layers build on still has the verified signature: on a peft
+    that changed one, this stops with an error naming it instead of building layers that may misbehave.
+    """
+    require_signatures(PEFT_INTERNALS[2:], "build its LoRA layers")
+    config._register_custom_module(mapping)
+
+
+def peft_bnb_module():
+    """peft's bitsandbytes LoRA layers (imported on demand: it needs bitsandbytes)."""
+    from peft.tuners.lora import bnb
+
+    return bnb
+
+
+def init_lora_state(layer: nn.Module, base_layer: nn.Module, **kwargs) -> None:
+    """Initialise peft's LoRA bookkeeping on ``layer`` without running a peft layer class's ``__init__``.
+
+    peft's ``Linear.__init__`` decides Conv1D handling from ``config.fan_in_fan_out``; hf_lorax's layers decide
+    it from the layer type, so they call the shared ``LoraLayer.__init__`` directly.
+    """
+    nn.Module.__init__(layer)
+    LoraLayer.__init__(layer, base_layer, **kwargs)

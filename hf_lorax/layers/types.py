@@ -1,0 +1,32 @@
+"""Which layer types hf_lorax adapts, decided one way everywhere."""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+SUPPORTED_LAYER_TYPES = ("torch.nn.Linear", "transformers Conv1D", "torch.nn.Embedding",
+                         "bitsandbytes Linear4bit / Linear8bitLt")
+QUANTIZED_LINEAR_NAMES = frozenset({"Linear4bit", "Linear8bitLt"})
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit or 8-bit linear (checked by name: bitsandbytes need not be importable)."""
+    return type(module).__module__.split(".")[0] == "bitsandbytes" and type(module).__name__ in QUANTIZED_LINEAR_NAMES
+
+
+def is_dense(module: nn.Module) -> bool:
+    """An unquantized ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding`` (quantized linears subclass nn.Linear)."""
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(module, (nn.Linear, Conv1D, nn.Embedding))
+        and type(module).__module__.split(".")[0] != "bitsandbytes"
+        and weight is not None
+        and weight.is_floating_point()
+    )
+
+
+def out_features(module: nn.Module) -> int:
+    if isinstance(module, Conv1D):
+        return module.nf
+    return module.out_features

@@ -1,0 +1,32 @@
+"""What :func:`hf_lorax.get_model` does to a base model before adapters go in (small, explicit steps)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .config import LoRAConfig, QLoRAConfig
+
+
+def declare_mean_loss(model: nn.Module) -> None:
+    """Tell the Trainer that this head's loss is a plain mean.
+
+    transformers' classification / QA heads take ``**kwargs`` but compute a mean loss without
+    ``num_items_in_batch``; seeing ``**kwargs``, the Trainer assumes a sum over the global batch and multiplies
+    the loss by the number of processes, so under DDP the loss and gradients come out N times too large (and
+    gradient clipping then changes the result). ``accepts_loss_kwargs = False`` is the Trainer's own switch.
+    """
+    if "accepts_loss_kwargs" not in vars(type(model)) and hasattr(model, "forward"):
+        model.accepts_loss_kwargs = False
+
+
+def prepare_base_model(config: LoRAConfig, model: nn.Module) -> nn.Module:
+    """Causal LMs get hf_lorax's causal-LM loss (:mod:`hf_lorax.loss`); quantized bases k-bit preparation."""
+    if config.task_type == "CAUSAL_LM":
+        from .loss import install_causal_lm_loss
+
+        install_causal_lm_loss(model)
+    if isinstance(config, QLoRAConfig):
+        from .quantization import prepare_for_kbit_training
+
+        prepare_for_kbit_training(model)
+    return model

@@ -1,0 +1,203 @@
+"""What a config means for one model: ``plan = resolve(config, model)``, a pure function.
+
+peft matches ``target_modules`` and ``rank_pattern`` lazily and forgives mistakes: a target name or a
+rank-pattern key that matches nothing is ignored or only warned about. :func:`resolve` turns every such
+mistake into a ``ValueError`` that names the culprit and the closest real module names, and otherwise
+returns an :class:`AdapterPlan`: per adapted module its rank, alpha, scaling, fused slices and method,
+plus the task head to train. It reads the config and the model and changes neither.
+
+Layers take their values from the plan (:meth:`~hf_lorax.config.LoRAConfig.with_plan` hands peft a config
+copy whose ``rank_pattern`` / ``alpha_pattern`` state every module exactly and which carries the plan).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .integrations.peft_api import (
+    ExcludedModule,
+    expand_all_linear,
+    is_tuner_layer,
+    is_wrapped_head,
+    pattern_value,
+    target_matcher,
+)
+from .layers.types import SUPPORTED_LAYER_TYPES, is_dense, is_quantized_linear, out_features
+from .rank_map import closest_names, resolve_module_map
+from .slices import SliceSpec, fused_rank, lora_scaling, spec_for
+from .task_types import HEAD_TASK_TYPES, task_name
+
+
+class ReadOnlyDict(dict):
+    """A dict that refuses changes (a plan is a result, not a scratchpad); copies and pickles as a dict does."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("an AdapterPlan is read-only: resolve the config again to change it")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _refuse
+
+    def __reduce__(self):
+        return (type(self), (dict(self),))
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """One adapted module: per-slice ``r`` and ``alpha`` (the module's own when not sliced)."""
+
+    name: str
+    r: int
+    alpha: float
+    scaling: float
+    method: str  # "lora" or "dora"
+    slices: SliceSpec | None = None
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.slices.adapt) if self.slices else 1
+
+    @property
+    def fused_r(self) -> int:
+        """Rank of the full-module LoRA the module is saved as (``n·r`` for a fused-slice module)."""
+        return fused_rank(self.r, self.n_slices)
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    """The resolved adapter: every adapted module by exact name, and the modules trained in full."""
+
+    modules: Mapping[str, ModulePlan]
+    modules_to_save: tuple[str, ...] | None
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    target_modules: object = None  # the expanded list when the config said "all-linear", else None
+
+    @property
+    def sliced_modules(self) -> dict[str, int]:
+        return {name: m.n_slices for name, m in self.modules.items() if m.slices is not None}
+
+
+def resolve(config, model: nn.Module) -> AdapterPlan:
+    """Validate ``config`` against ``model`` and resolve its maps, slices and task head."""
+    probe = copy.deepcopy(config)  # peft's all-linear expansion writes into the config it is given
+    expand_all_linear(probe, model)
+    modules_to_save = list(config.modules_to_save or []) or None
+    if task_name(config.task_type) in HEAD_TASK_TYPES and not modules_to_save:
+        modules_to_save = find_task_heads(model) or None
+
+    modules = dict(plain_modules(model))
+    heads = tuple(modules_to_save or ())
+    is_target = target_matcher(probe)
+    targeted = []
+    for name in modules:
+        if name in heads or name.startswith(tuple(f"{h}." for h in heads)):
+            continue
+        hit = is_target(name)
+        if hit and not isinstance(hit, ExcludedModule):
+            targeted.append(name)
+
+    specs = config.slice_specs
+    _check_target_names(probe, targeted, list(modules))
+    _check_layer_types(config, targeted, modules, specs)
+    ranks = resolve_module_map(config.rank_map, targeted, all_modules=list(modules), what="rank_map")
+    alphas = resolve_module_map(config.alpha_map, targeted, all_modules=list(modules), what="alpha_map")
+    if (ranks or alphas) and config.use_rslora and config.init_lora_weights in ("pissa", "olora"):
+        raise ValueError("rank_map/alpha_map cannot be combined with use_rslora and PiSSA/OLoRA initialisation.")
+    rank_pattern = {**ranks, **{k: v for k, v in (config.rank_pattern or {}).items() if k not in ranks}}
+    alpha_pattern = {**alphas, **{k: v for k, v in (config.alpha_pattern or {}).items() if k not in alphas}}
+    _check_slice_keys(specs, targeted)
+
+    plans = {}
+    for name in targeted:
+        r = pattern_value(rank_pattern, name, config.r)
+        alpha = pattern_value(alpha_pattern, name, config.lora_alpha)
+        spec = spec_for(name, specs)
+        if spec is not None:
+            spec.bounds(out_features(modules[name]), name)  # raises if the output does not split into the layout
+            # exact entries, so saving can state the equivalent full-module rank for plain peft
+            rank_pattern[name], alpha_pattern[name] = r, alpha
+        plans[name] = ModulePlan(name=name, r=r, alpha=alpha, scaling=lora_scaling(alpha, r, config.use_rslora),
+                                 method="dora" if config.use_dora else "lora", slices=spec)
+    expanded = probe.target_modules if probe.target_modules != config.target_modules else None
+    return AdapterPlan(modules=ReadOnlyDict(plans), modules_to_save=tuple(modules_to_save) if modules_to_save else None,
+                       rank_pattern=ReadOnlyDict(rank_pattern), alpha_pattern=ReadOnlyDict(alpha_pattern),
+                       target_modules=expanded)
+
+
+def plain_modules(model: nn.Module):
+    """``(name, module)`` of the model as the user built it: adapter wrappers stand for their base layer."""
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix) for prefix in skip):
+            continue
+        if is_tuner_layer(module) or is_wrapped_head(module):
+            skip.append(name + ".")
+            yield name, module.get_base_layer() if is_tuner_layer(module) else module
+            continue
+        yield name, module
+
+
+def adaptable_names(model: nn.Module) -> list[str]:
+    """Names of the modules hf_lorax has layers for, skipping adapter internals."""
+    return [name for name, module in plain_modules(model) if is_dense(module)]
+
+
+def find_task_heads(model: nn.Module) -> list[str]:
+    """Top-level modules outside the transformer body: the task head (RoBERTa ``classifier``, GPT-2 ``score``)."""
+    body = getattr(model, "base_model_prefix", None)
+    if not body or not hasattr(model, body):
+        return []
+    return [name for name, _ in model.named_children() if name != body]
+
+
+def adaptable_suffixes(names: list[str]) -> list[str]:
+    """Distinct last components of module names, e.g. ['query', 'value', 'dense', ...]."""
+    seen: dict[str, None] = {}
+    for name in names:
+        seen.setdefault(name.split(".")[-1], None)
+    return [s for s in seen if not s.isdigit()]
+
+
+def _check_target_names(config, targeted: list[str], all_names: list[str]) -> None:
+    candidates = adaptable_suffixes(all_names)
+    if not targeted:
+        raise ValueError(
+            f"target_modules={_show(config.target_modules)} matched no module of the model. "
+            f"Module names it could target (by suffix): {candidates[:12]}."
+        )
+    if isinstance(config.target_modules, str):
+        return  # a regex; peft matches it as a whole
+    for entry in config.target_modules:
+        if not any(name == entry or name.endswith("." + entry) for name in targeted):
+            raise ValueError(
+                f"target_modules entry {entry!r} matches no module of the model. Closest names: "
+                f"{closest_names(entry, candidates)}."
+            )
+
+
+def _check_layer_types(config, targeted: list[str], modules: dict[str, nn.Module], specs: dict) -> None:
+    for name in targeted:
+        module = modules[name]
+        if is_dense(module) or is_quantized_linear(module):
+            continue
+        if config.use_dora or spec_for(name, specs) is not None:
+            raise ValueError(
+                f"{config.method.upper()} cannot adapt {name} ({type(module).__name__}): hf_lorax supports "
+                f"{', '.join(SUPPORTED_LAYER_TYPES)}. Remove it from target_modules."
+            )
+
+
+def _check_slice_keys(specs: dict, targeted: list[str]) -> None:
+    for key in specs:
+        if not any(name == key or name.endswith("." + key) for name in targeted):
+            raise ValueError(
+                f"fused_slices key {key!r} matches no adapted module. Add it to target_modules; adapted modules "
+                f"look like {closest_names(key, targeted)}."
+            )
+
+
+def _show(target_modules) -> str:
+    return repr(sorted(target_modules) if isinstance(target_modules, set) else target_modules)

@@ -1,0 +1,220 @@
+"""Where a saved adapter can be served, and what each serving engine would refuse or silently change.
+
+Each engine's LoRA loader reads only some ``adapter_config.json`` keys and applies its own scaling. The rules
+below are written from the engines' loading code (vLLM ``vllm/lora/peft_helper.py`` and
+``LoRALayerWeights.from_config``; LoRAX's adapter loader, whose punica kernels TGI's multi-LoRA support
+shares; peft's ``LoraModel``):
+
+===========  ==========================================  ==================================================
+engine       reads                                       scaling / limits / refusals
+===========  ==========================================  ==================================================
+vllm         r, lora_alpha, use_rslora, target_modules,  one ``lora_alpha/r`` (``/√r`` with rsLoRA) for
+             bias, modules_to_save, use_dora             every module; refuses DoRA, ``modules_to_save``,
+                                                         biases, ranks above ``max_lora_rank`` (≤ 512);
+                                                         GPT-2 has no LoRA support
+lorax, tgi   r, lora_alpha, use_rslora, target_modules,  one scaling for every module; A/B stacked across
+             fan_in_fan_out                              layers (needs one rank); fast kernels for r ≤ 128;
+                                                         DoRA, heads and biases are not read (dropped)
+peft         every peft key                              per-module ``rank_pattern`` / ``alpha_pattern``,
+                                                         DoRA, heads: loads hf_lorax adapters as they are
+===========  ==========================================  ==================================================
+
+:func:`check_serving` lists per module what an engine would do with an adapter as saved;
+:func:`hf_lorax.export.export_adapter` writes the form each engine computes exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .adapter_files import AdapterFolder, read_adapter_folder, read_json
+
+# vLLM's accepted ``--max-lora-rank`` values (``vllm/config``: MaxLoRARanks).
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What one engine's LoRA loader does with a peft adapter folder."""
+
+    name: str
+    label: str
+    reads_patterns: bool  # rank_pattern / alpha_pattern honoured (else one scaling for all modules)
+    dora: str  # "supported", "refused" or "ignored" (the magnitude is silently dropped)
+    heads: str  # modules_to_save: "supported", "refused" or "ignored"
+    biases: str  # LoRA / trained biases: "supported", "refused" or "ignored"
+    uniform_rank: bool  # needs every module at one rank
+    max_rank: int | None
+    fast_rank: int | None = None  # above this, slower kernels
+    rank_values: tuple[int, ...] | None = None  # accepted max-rank settings
+    unsupported_model_types: frozenset = field(default_factory=frozenset)
+    serve_hint: str = ""
+
+
+ENGINES: dict[str, EngineSpec] = {
+    "vllm": EngineSpec(
+        name="vllm", label="vLLM", reads_patterns=False, dora="refused", heads="refused", biases="refused",
+        uniform_rank=False, max_rank=max(VLLM_MAX_LORA_RANKS), rank_values=VLLM_MAX_LORA_RANKS,
+        unsupported_model_types=frozenset({"gpt2"}),
+        serve_hint="vllm serve BASE --enable-lora --max-lora-rank {rank} --lora-modules NAME=DIR",
+    ),
+    "lorax": EngineSpec(
+        name="lorax", label="LoRAX", reads_patterns=False, dora="ignored", heads="ignored", biases="ignored",
+        uniform_rank=True, max_rank=None, fast_rank=128,
+        serve_hint="lorax-launcher --model-id BASE, then request with adapter_id=DIR (adapter_source local)",
+    ),
+    "tgi": EngineSpec(
+        name="tgi", label="TGI", reads_patterns=False, dora="ignored", heads="ignored", biases="ignored",
+        uniform_rank=True, max_rank=None, fast_rank=128,
+        serve_hint="text-generation-launcher --model-id BASE --lora-adapters NAME=DIR",
+    ),
+    "peft": EngineSpec(
+        name="peft", label="peft", reads_patterns=True, dora="supported", heads="supported", biases="supported",
+        uniform_rank=False, max_rank=None,
+        serve_hint='PeftModel.from_pretrained(base_model, "DIR")',
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing an engine would do differently from hf_lorax. ``kind``: "refused", "wrong" or "note"."""
+
+    kind: str
+    module: str  # a module name, or "" for the whole adapter
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.module}: " if self.module else ""
+        return f"[{self.kind}] {where}{self.message}"
+
+
+@dataclass
+class ServingReport:
+    """What :func:`check_serving` found for one engine."""
+
+    engine: str
+    folder: str
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def refused(self) -> list[Finding]:
+        return [f for f in self.findings if f.kind == "refused"]
+
+    @property
+    def wrong(self) -> list[Finding]:
+        """What the engine would load without error but compute differently (served silently wrong)."""
+        return [f for f in self.findings if f.kind == "wrong"]
+
+    @property
+    def servable_as_is(self) -> bool:
+        return not self.refused and not self.wrong
+
+    def __str__(self) -> str:
+        label = ENGINES[self.engine].label
+        head = f"{label}: " + ("loads as is" if self.servable_as_is else
+                               f"{len(self.refused)} refused, {len(self.wrong)} served wrong")
+        return "\n".join([head, *(f"  {f}" for f in self.findings)])
+
+
+def engine_spec(engine: str) -> EngineSpec:
+    if engine not in ENGINES:
+        raise ValueError(f"Unknown serving engine {engine!r}; choose one of {sorted(ENGINES)}.")
+    return ENGINES[engine]
+
+
+def check_serving(adapter_dir: str | AdapterFolder, engine: str) -> ServingReport:
+    """List, per module, what ``engine`` would refuse or silently change in the adapter saved in ``adapter_dir``."""
+    spec = engine_spec(engine)
+    folder = adapter_dir if isinstance(adapter_dir, AdapterFolder) else read_adapter_folder(adapter_dir)
+    report = ServingReport(engine=engine, folder=folder.path)
+    config, add = folder.config, report.findings.append
+    model_type = base_model_type(folder)
+    if model_type in spec.unsupported_model_types:
+        add(Finding("refused", "", f"{spec.label} has no LoRA support for {model_type} models."))
+    if not spec.reads_patterns:
+        uniform = _uniform_scaling(config)
+        for module in folder.modules:
+            if abs(module.scaling - uniform) > 1e-12 * max(1.0, abs(uniform)):
+                add(Finding("wrong", module.name, f"scaling {module.scaling:g} would be served as {uniform:g} "
+                            f"({spec.label} ignores rank_pattern/alpha_pattern and uses lora_alpha/r for every module)."))
+    dora = [m.name for m in folder.modules if m.method == "dora"]
+    if dora and spec.dora != "supported":
+        kind = "refused" if spec.dora == "refused" else "wrong"
+        for name in dora:
+            add(Finding(kind, name, f"DoRA {'is refused by' if kind == 'refused' else 'magnitude is dropped by'} "
+                        f"{spec.label}; export with --dora merge or --dora svd."))
+    heads = folder.heads
+    if heads and spec.heads != "supported":
+        kind = "refused" if spec.heads == "refused" else "wrong"
+        add(Finding(kind, ",".join(heads), f"task heads (modules_to_save) are {'refused' if kind == 'refused' else 'not loaded'} "
+                    f"by {spec.label}."))
+    if (config.get("bias") not in (None, "none") or config.get("lora_bias")) and spec.biases != "supported":
+        kind = "refused" if spec.biases == "refused" else "wrong"
+        add(Finding(kind, "", f"trained biases (bias={config.get('bias')!r}, lora_bias={config.get('lora_bias')}) "
+                    f"are {'refused' if kind == 'refused' else 'not loaded'} by {spec.label}."))
+    ranks = sorted({m.fused_r for m in folder.modules})
+    if spec.max_rank is not None:
+        for module in folder.modules:
+            if module.fused_r > spec.max_rank:
+                add(Finding("refused", module.name, f"rank {module.fused_r} is above {spec.label}'s limit {spec.max_rank}."))
+    if spec.uniform_rank and len(ranks) > 1:
+        add(Finding("wrong", "", f"ranks {ranks} differ across modules; {spec.label} stacks A/B across layers at one "
+                    "rank (export pads them with zeros)."))
+    if spec.rank_values and ranks and max(ranks) != config.get("r") and max(ranks) <= spec.max_rank:
+        add(Finding("note", "", f"serve with --max-lora-rank {next_rank_value(max(ranks), spec)} or more "
+                    f"(the largest module rank is {max(ranks)})."))
+    if spec.fast_rank and ranks and max(ranks) > spec.fast_rank:
+        add(Finding("note", "", f"rank {max(ranks)} is above {spec.fast_rank}: {spec.label} falls back to slower kernels."))
+    return report
+
+
+def next_rank_value(rank: int, spec: EngineSpec) -> int:
+    """The smallest rank setting ``spec`` accepts that holds ``rank`` (``rank`` itself without a list)."""
+    if not spec.rank_values:
+        return rank
+    fitting = [v for v in spec.rank_values if v >= rank]
+    if not fitting:
+        raise ValueError(f"rank {rank} is above {spec.label}'s largest max-lora-rank {spec.rank_values[-1]}.")
+    return fitting[0]
+
+
+def _uniform_scaling(config: dict) -> float:
+    r, alpha = config["r"], config["lora_alpha"]
+    return alpha / (r**0.5 if config.get("use_rslora") else r)
+
+
+def base_model_type(folder: AdapterFolder) -> str | None:
+    """The ``model_type`` of the adapter's base: its local ``config.json`` if there is one, else a name guess."""
+    base = folder.config.get("base_model_name_or_path") or ""
+    local = os.path.join(base, "config.json")
+    if base and os.path.isfile(local):
+        return read_json(local).get("model_type")
+    name = base.rsplit("/", 1)[-1].lower()
+    return "gpt2" if name.startswith(("gpt2", "distilgpt2")) else None
+
+
+def serving_summary(folder: AdapterFolder, name: str = "ADAPTER", engines=("vllm", "tgi", "lorax", "peft")) -> list[dict]:
+    """Rows for the model card's "Serving" section: engine, status, and the command that makes it servable
+    (``name``: how the commands refer to the adapter, e.g. its Hub repo id)."""
+    rows = []
+    for engine in engines:
+        report = check_serving(folder, engine)
+        blocked = [f for f in report.refused if not f.module and "no LoRA support" in f.message]
+        if report.servable_as_is:
+            status, how = "loads as is", ENGINES[engine].serve_hint.format(rank=_max_rank(folder, engine)).replace("DIR", name)
+        elif blocked:
+            status, how = "cannot be served", blocked[0].message
+        else:
+            status = "needs `hf_lorax.export`"
+            extra = " --dora merge" if any("DoRA" in f.message for f in report.findings) else ""
+            how = f"python -m hf_lorax.export ADAPTER_DIR OUT --engine {engine}{extra}"
+        rows.append({"engine": ENGINES[engine].label, "status": status, "how": how})
+    return rows
+
+
+def _max_rank(folder: AdapterFolder, engine: str) -> int:
+    top = max((m.fused_r for m in folder.modules), default=1)
+    spec = ENGINES[engine]
+    return next_rank_value(top, spec) if spec.max_rank is None or top <= spec.max_rank else top

@@ -1,0 +1,207 @@
+"""Serving: adapters with rank/alpha maps are mis-served as saved; after export they are served exactly."""
+
+import copy
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import RecordingApi, gpt2_config, randomize_adapters, roberta_config
+from engine_reference import EngineRefused, serve
+from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, RobertaForSequenceClassification
+
+from hf_lorax import DoRAConfig, LoRAConfig, check_serving, export_adapter, get_model, push_adapter
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ISSUE_MAPS = dict(rank_map={"layers.{0-1}.self_attn.q_proj": 16, "layers.{2-3}.*": 4}, alpha_map={"down_proj": 8})
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def trained(base, config, folder):
+    """An hf_lorax adapter with non-trivial weights, saved to ``folder``; returns the live model."""
+    model = get_model(config, model=copy.deepcopy(base))
+    randomize_adapters(model, seed=3)
+    model.eval().save_pretrained(folder)
+    return model
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.double()
+
+
+def digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+IDS = torch.randint(3, 96, (2, 10), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("engine", ["vllm", "lorax", "tgi"])
+def test_rank_and_alpha_maps_are_served_wrong_as_saved_and_exactly_after_export(tmp_path, engine):
+    base = tiny_llama()
+    model = trained(base, LoRAConfig(r=8, lora_alpha=16, target_modules=LLAMA_TARGETS, **ISSUE_MAPS), tmp_path / "a")
+    ours = logits(model, IDS)
+    before = digest(tmp_path / "a")
+    if engine == "vllm":  # (a) the bug: vLLM loads it and applies one scaling
+        served_as_saved = logits(serve(base, tmp_path / "a", engine), IDS)
+        assert (served_as_saved - ours).abs().max() > 1e-2
+    else:  # LoRAX/TGI cannot even stack the differing ranks
+        with pytest.raises(EngineRefused):
+            serve(base, tmp_path / "a", engine)
+    report = check_serving(str(tmp_path / "a"), engine)
+    assert not report.servable_as_is and any("down_proj" in f.module for f in report.wrong)
+
+    result = export_adapter(str(tmp_path / "a"), str(tmp_path / "out"), engine)  # (b) exact after export
+    assert result.rank == 16
+    served = logits(serve(base, tmp_path / "out", engine, max_lora_rank=16), IDS)
+    assert (served - ours).abs().max() < 1e-5
+    assert check_serving(str(tmp_path / "out"), engine).servable_as_is
+    assert digest(tmp_path / "a") == before  # src untouched
+    exported = get_model(str(tmp_path / "out"), model=copy.deepcopy(base)).eval()  # hf_lorax/peft read it too
+    assert (logits(exported, IDS) - ours).abs().max() < 1e-5
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Serving" in card
+
+
+def test_an_adapter_without_maps_already_serves_exactly(tmp_path):
+    base = tiny_llama()
+    model = trained(base, LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), tmp_path / "a")
+    assert (logits(serve(base, tmp_path / "a", "vllm"), IDS) - logits(model, IDS)).abs().max() < 1e-5
+    assert check_serving(str(tmp_path / "a"), "vllm").servable_as_is
+
+
+def test_rslora_with_maps(tmp_path):
+    base = tiny_llama()
+    model = trained(base, LoRAConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"],
+                                     rank_map={"layers.{0-1}.*": 8}), tmp_path / "a")
+    export_adapter(str(tmp_path / "a"), str(tmp_path / "out"), "vllm", rank=32)
+    served = serve(base, tmp_path / "out", "vllm", max_lora_rank=32)
+    assert (logits(served, IDS) - logits(model, IDS)).abs().max() < 1e-5
+
+
+def test_gpt2_fused_slices_for_lorax_and_vllm_refusal(tmp_path):
+    torch.manual_seed(0)
+    GPT2LMHeadModel(gpt2_config()).save_pretrained(tmp_path / "base")
+    base = GPT2LMHeadModel.from_pretrained(tmp_path / "base").eval()  # peft records its name_or_path
+    config = LoRAConfig(base_model_name_or_path=str(tmp_path / "base"), r=2, lora_alpha=8, target_modules=["c_attn", "c_proj"],
+                        fused_slices={"c_attn": ["q", "v"]}, rank_map={"h.1.attn.c_attn": 4}, lora_dropout=0.0)
+    model = trained(base, config, tmp_path / "a")
+    export_adapter(str(tmp_path / "a"), str(tmp_path / "out"), "lorax")
+    assert (logits(serve(base, tmp_path / "out", "lorax"), IDS) - logits(model, IDS)).abs().max() < 1e-5
+    report = check_serving(str(tmp_path / "a"), "vllm")
+    assert any("no LoRA support for gpt2" in f.message for f in report.refused)
+    with pytest.raises(ValueError, match="vLLM has no LoRA support for gpt2.*--merge"):
+        export_adapter(str(tmp_path / "a"), str(tmp_path / "vllm"), "vllm")
+    export_adapter(str(tmp_path / "a"), str(tmp_path / "merged"), "vllm", merge=True)  # a base model vLLM serves
+    merged = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    assert (logits(merged, IDS) - logits(model, IDS)).abs().max() < 1e-5
+
+
+def test_roberta_head_is_refused_or_written_beside(tmp_path):
+    torch.manual_seed(0)
+    base = RobertaForSequenceClassification(roberta_config()).eval()
+    config = LoRAConfig(task_type="SEQ_CLS", num_labels=2, r=4, target_modules=["query", "value"],
+                        alpha_map={"value": 16})
+    model = trained(base, config, tmp_path / "a")
+    with pytest.raises(ValueError, match=r"task heads \['classifier'\].*--heads beside"):
+        export_adapter(str(tmp_path / "a"), str(tmp_path / "out"), "vllm")
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    export_adapter(str(tmp_path / "a"), str(tmp_path / "out"), "vllm", heads="beside")
+    served = serve(base, tmp_path / "out", "vllm")
+    from safetensors.torch import load_file
+
+    heads = {k.removeprefix("base_model.model."): v for k, v in load_file(tmp_path / "out" / "heads.safetensors").items()}
+    served.load_state_dict(heads, strict=False)
+    assert (logits(served, IDS) - logits(model, IDS)).abs().max() < 1e-5
+
+
+def test_dora_merge_is_exact_and_svd_reports_the_error_it_makes(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "base")
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    config = DoRAConfig(base_model_name_or_path=str(tmp_path / "base"), task_type="CAUSAL_LM", r=4, lora_alpha=8,
+                        target_modules=["q_proj", "v_proj"], rank_map={"layers.0.*": 8})
+    model = trained(base, config, tmp_path / "a")
+    with pytest.raises(ValueError, match="DoRA adapter.*--dora merge.*--dora svd"):
+        export_adapter(str(tmp_path / "a"), str(tmp_path / "x"), "vllm")
+    with pytest.raises(ValueError, match="--dora svd needs --rank"):
+        export_adapter(str(tmp_path / "a"), str(tmp_path / "x"), "vllm", dora="svd")
+
+    export_adapter(str(tmp_path / "a"), str(tmp_path / "merged"), "vllm", dora="merge")
+    merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert (logits(merged, IDS) - logits(model, IDS)).abs().max() < 1e-5
+
+    result = export_adapter(str(tmp_path / "a"), str(tmp_path / "svd"), "vllm", dora="svd", rank=4)
+    deltas = {}  # the true DoRA update of each module, from the live model
+    for name in result.module_errors:
+        layer = model.get_submodule(f"base_model.model.{name}")
+        merged_weight = layer.lora_variant["default"].merge_safe(layer, "default", layer.get_base_layer().weight)
+        deltas[name] = merged_weight.double() - layer.get_base_layer().weight.double()
+    from engine_reference import served_deltas
+
+    served = served_deltas(tmp_path / "svd", "vllm")
+    for name, delta in deltas.items():
+        measured = float((served[name] - delta).norm() / delta.norm())
+        assert measured == pytest.approx(result.module_errors[name], rel=1e-4, abs=1e-6), name
+    assert result.worst_error[1] == max(result.module_errors.values()) > 0
+    full = export_adapter(str(tmp_path / "a"), str(tmp_path / "svd_full"), "vllm", dora="svd", rank=32)
+    assert full.worst_error[1] < 1e-6  # at full rank the SVD LoRA is the DoRA update
+    assert (logits(serve(base, tmp_path / "svd_full", "vllm", max_lora_rank=32), IDS) - logits(model, IDS)).abs().max() < 1e-4
+
+
+def test_bad_input_is_named(tmp_path):
+    base = tiny_llama()
+    trained(base, LoRAConfig(r=8, target_modules=["q_proj"], rank_map={"layers.0.self_attn.q_proj": 600}), tmp_path / "a")
+    with pytest.raises(ValueError, match="Unknown serving engine 'triton'.*lorax"):
+        export_adapter(str(tmp_path / "a"), str(tmp_path / "x"), "triton")
+    with pytest.raises(ValueError, match="inside the source adapter"):
+        export_adapter(str(tmp_path / "a"), str(tmp_path / "a" / "x"), "vllm")
+    with pytest.raises(ValueError, match="layers.0.self_attn.q_proj has rank 600, above vLLM's limit 512"):
+        export_adapter(str(tmp_path / "a"), str(tmp_path / "x"), "vllm")
+    with pytest.raises(ValueError, match="has rank 600, above --rank 16"):
+        export_adapter(str(tmp_path / "a"), str(tmp_path / "x"), "lorax", rank=16)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        export_adapter(str(tmp_path / "empty"), str(tmp_path / "x"), "vllm")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an empty folder"):
+        export_adapter(str(tmp_path / "a"), str(tmp_path / "full"), "lorax", rank=600)
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_export_check_and_errors(tmp_path):
+    base = tiny_llama()
+    trained(base, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], **{"alpha_map": {"v_proj": 2}}), tmp_path / "a")
+    run = lambda *args: subprocess.run([sys.executable, "-m", "hf_lorax.export", *args], capture_output=True,  # noqa: E731
+                                       text=True, timeout=300)
+    check = run("--check", str(tmp_path / "a"), "--engine", "vllm")
+    assert check.returncode == 1 and "served wrong" in check.stdout and "v_proj" in check.stdout
+    done = run(str(tmp_path / "a"), str(tmp_path / "out"), "--engine", "vllm")
+    assert done.returncode == 0 and "wrote adapter for vLLM" in done.stdout
+    assert run("--check", str(tmp_path / "out"), "--engine", "vllm").returncode == 0
+    bad = run(str(tmp_path / "a"), str(tmp_path / "a" / "in"), "--engine", "vllm")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "inside the source adapter" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert run(str(tmp_path / "nope"), str(tmp_path / "o2"), "--engine", "vllm").returncode == 2
+
+
+def test_push_refuses_what_an_engine_would_mis_serve(tmp_path):
+    base = tiny_llama()
+    trained(base, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], alpha_map={"v_proj": 2}), tmp_path / "a")
+    with pytest.raises(ValueError, match="vllm would not serve.*hf_lorax.export"):
+        push_adapter(str(tmp_path / "a"), "me/x", api=RecordingApi(), serving_engines=["vllm"])
+    api = RecordingApi()
+    push_adapter(str(tmp_path / "a"), "me/x", api=api, serving_engines=["vllm"], force=True)
+    assert "adapter_model.safetensors" in api.uploaded()
+    push_adapter(str(tmp_path / "a"), "me/x", api=RecordingApi(), serving_engines=["peft"])
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "| vLLM | needs `hf_lorax.export` |" in card and "| peft | loads as is |" in card
