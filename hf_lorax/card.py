@@ -84,6 +84,7 @@ def render_model_card(
         results_table=_results_table(results), reference_source=(results.get("reference") or {}).get("source"),
         hyperparameters_table=_dict_table(results.get("hyperparameters"), ("hyperparameter", "value")),
         has_plot=os.path.isfile(os.path.join(folder, "rank_utilization.png")),
+        has_curve=os.path.isfile(os.path.join(folder, "training_curve.png")),
         auto_class=AUTO_CLASSES.get(task_type, "AutoModel"), num_labels=sidecar.get("num_labels"),
         load_kwargs=_load_kwargs(sidecar),
     )

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 UPLOADABLE = (
     "adapter_config.json", "adapter_model.safetensors", "hf_lorax.json", "README.md", "results.json",
-    "rank_utilization.png", "rank_utilization.json", "suggested_rank_map.json",
+    "rank_utilization.png", "rank_utilization.json", "suggested_rank_map.json", "training_curve.png",
 )
 BASE_WEIGHT_PATTERN = re.compile(
     r"^(model|pytorch_model|tf_model|flax_model)(-\d+-of-\d+)?\.(safetensors|bin|h5|msgpack)(\.index\.json)?$"

@@ -31,7 +31,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from hf_lorax import describe, get_model
-    from hf_lorax_paper.tasks.glue import GlueArguments, results_table, run
+    from hf_lorax_paper.experiment import parse, run
+    from hf_lorax_paper.tasks.glue import GluePlugin, results_table
     from hf_lorax_paper.tasks.glue_data import compute_metrics, get_task, read_tsv
     from hf_lorax_paper.tasks.synthetic import pretrain_tiny_roberta, write_sst2_folder
 
@@ -42,13 +43,12 @@ def main(argv=None) -> dict:
     pretrain_tiny_roberta(str(base_dir), seed=args.seed)
     write_sst2_folder(str(data_dir), seed=args.seed, n_train=args.train_size)
     print(f"[2/4] scripts/run_glue.py --preset demo/sst2 --method {args.method} --data_dir {data_dir}")
-    glue_args = GlueArguments(
-        preset="demo/sst2", model_name_or_path=str(base_dir), data_dir=str(data_dir), output_dir=str(out),
-        method=args.method, epochs=args.epochs, seed=args.seed, rank_map=json.dumps(
-            {"layer.{0-1}.attention.self.query": 16, "layer.{2-3}.*": 4}),
-        rank_utilization_steps=50, use_cpu=True, logging_steps=20,
-    )
-    results = run(glue_args)
+    argv = ["--preset", "demo/sst2", "--model_name_or_path", str(base_dir), "--data_dir", str(data_dir),
+            "--output_dir", str(out), "--method", args.method, "--num_train_epochs", str(args.epochs),
+            "--seed", str(args.seed), "--rank_map", json.dumps({"layer.{0-1}.attention.self.query": 16,
+                                                                 "layer.{2-3}.*": 4}),
+            "--rank_utilization_steps", "50", "--use_cpu", "true", "--logging_steps", "20", "--report_to", "none"]
+    results = run(GluePlugin(), parse(GluePlugin(), argv))
     adapter_dir = out / "adapter"
 
     print(f"[3/4] Reloading {adapter_dir} with hf_lorax.get_model and re-scoring the dev set")
@@ -76,6 +76,7 @@ def main(argv=None) -> dict:
     print(f"  adapter      {adapter_dir}/ (adapter_config.json, adapter_model.safetensors, hf_lorax.json, README.md)")
     print(f"  results      {out / 'results.json'}, {out / 'results.md'}")
     print(f"  rank usage   {out / 'rank_utilization.png'}, {out / 'suggested_rank_map.json'}")
+    print(f"  curve        {out / 'training_curve.png'}")
     print(f"  base model   {base_dir}/   data {data_dir}/")
     if abs(reloaded - accuracy) > 1e-6:
         raise SystemExit(f"The reloaded adapter scored {reloaded:.4f}, the trained one {accuracy:.4f}.")

@@ -86,14 +86,16 @@ def baseline(base: str, splits: dict, out: str, batch: int, threads: int) -> dic
 def ours(base: str, data_dir: str, out: str, n: int, batch: int, threads: int) -> dict:
     import torch
 
-    from hf_lorax_paper.tasks.glue import GlueArguments, run
+    from hf_lorax_paper.experiment import parse, run
+    from hf_lorax_paper.tasks.glue import GluePlugin
 
     torch.set_num_threads(threads)
-    args = GlueArguments(task="sst2", model_name_or_path=base, data_dir=data_dir, output_dir=out, epochs=1,
-                         batch_size=batch, max_length=128, learning_rate=5e-4, max_train_samples=n,
-                         max_eval_samples=872, use_cpu=True, disable_tqdm=True, logging_steps=10**6)
-    results = run(args)
-    return {"train_runtime_s": results["train_runtime_s"], "accuracy": results["main_metric"]["value"]}
+    argv = ["--task", "sst2", "--model_name_or_path", base, "--data_dir", data_dir, "--output_dir", out,
+            "--num_train_epochs", "1", "--per_device_train_batch_size", str(batch), "--max_length", "128",
+            "--learning_rate", "5e-4", "--max_train_samples", str(n), "--max_eval_samples", "872", "--use_cpu", "true",
+            "--disable_tqdm", "true", "--logging_steps", str(10**6), "--report_to", "none"]
+    results = run(GluePlugin(), parse(GluePlugin(), argv))
+    return {"train_runtime_s": results["timings_s"]["train"], "accuracy": results["main_metric"]["value"]}
 
 
 def main(argv=None) -> dict:

@@ -1,36 +1,20 @@
-"""E2E NLG with the LoRA paper's GPT-2 presets (Table 3).
+"""E2E NLG with the LoRA paper's GPT-2 presets, the way transformers' example scripts are run.
 
-    python scripts/run_e2e.py --preset gpt2-medium/e2e [--method lora|dora|qlora|qdora] [--rank_map FILE]
-        [--data_dir ../shared/data/e2e | --train_file trainset.csv --validation_file devset.csv
-         --test_file testset_w_refs.csv] [--length_penalty 0.8] [--num_beams 10]
-        [--push_to_hub --hub_model_id me/gpt2-medium-lora-e2e] [--output_dir runs/e2e]
+    python scripts/run_e2e.py --preset gpt2-medium/e2e --data_dir e2e-dataset [--method lora|dora|full|bitfit]
+        [--length_penalty 0.8] [--train_file F --validation_file F --test_file F]
+        [any TrainingArguments flag: --num_train_epochs 1 --max_steps 100 --bf16 true --report_to tensorboard ...]
 
-Any preset field (r, lora_alpha, learning_rate, batch_size, epochs, length_penalty, ...) can be overridden.
-Without local files the data comes from the Hub (GEM/e2e_nlg). Writes adapter/, predictions.txt,
-references.txt, results.json and results.md into --output_dir.
+The preset fills defaults (Table 11's learning rate, batch size, warmup, label smoothing, ...); every flag
+you give wins. Without local files the data come from the Hub (GEM/e2e_nlg). Errors: one line on stderr,
+exit code 2 (--debug or HF_LORAX_DEBUG=1 shows the traceback).
 """
 
 from __future__ import annotations
 
 import sys
 
-from transformers import HfArgumentParser
-
-from hf_lorax_paper.tasks.e2e import E2EArguments, results_table, run
-
-
-def main(argv=None) -> dict:
-    (args,) = HfArgumentParser(E2EArguments).parse_args_into_dataclasses(args=argv)
-    results = run(args)
-    if results is None:  # a non-main process of a distributed run: the main one reports
-        return {}
-    print("\n" + results_table([results]))
-    unavailable = results.get("metrics_unavailable") or {}
-    for name, reason in unavailable.items():
-        print(f"{name} not computed: {reason}")
-    print(f"\nadapter: {args.output_dir}/adapter   results: {args.output_dir}/results.json")
-    return results
-
+from hf_lorax_paper.experiment import main
+from hf_lorax_paper.tasks.e2e import E2EPlugin
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(E2EPlugin(), sys.argv[1:]))

@@ -17,7 +17,9 @@ from transformers import (
 
 from hf_lorax import LoRAConfig, get_model
 from hf_lorax.targeted_loss import TargetedLossTrainer, targeted_causal_lm_loss
-from hf_lorax_paper.tasks.e2e import CausalLMCollator, E2EArguments, generate, merged_adapter, resolve, run
+from hf_lorax_paper.experiment import parse
+from hf_lorax_paper.experiment import run as run_experiment
+from hf_lorax_paper.tasks.e2e import CausalLMCollator, E2EPlugin, generate, merged_adapter
 from hf_lorax_paper.tasks.e2e_data import (
     detokenize,
     encode_example,
@@ -280,11 +282,27 @@ def e2e_csv(tmp_path_factory):
     return write_csv(tmp_path_factory.mktemp("e2e_data") / "trainset.csv", _rows())
 
 
+E2E = E2EPlugin()
+
+
 def _args(tiny_base, e2e_csv, out, **kw):
-    kw = {"max_steps": 6, "batch_size": 6, "learning_rate": 5e-3, "warmup_steps": 0, "num_beams": 3,
-          "max_new_tokens": 20, "rank_utilization_steps": 2, "logging_steps": 2, **kw}
-    return E2EArguments(model_name_or_path=tiny_base, train_file=str(e2e_csv), test_file=str(e2e_csv),
-                        output_dir=str(out), use_cpu=True, disable_tqdm=True, **kw)
+    options = {"model_name_or_path": tiny_base, "train_file": str(e2e_csv), "test_file": str(e2e_csv),
+               "output_dir": str(out), "use_cpu": True, "disable_tqdm": True, "report_to": "none", "max_steps": 6,
+               "per_device_train_batch_size": 6, "learning_rate": 5e-3, "warmup_steps": 0, "num_beams": 3,
+               "max_new_tokens": 20, "rank_utilization_steps": 2, "logging_steps": 2, **kw}
+    argv = []
+    for key, value in options.items():
+        if value is not None:
+            argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv
+
+
+def run(argv):
+    return run_experiment(E2E, parse(E2E, argv))
+
+
+def resolve(argv):
+    return parse(E2E, argv).preset
 
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
@@ -348,14 +366,12 @@ def test_push_to_hub_uploads_the_adapter(tiny_base, e2e_csv, tmp_path, recorded_
     ],
 )
 def test_bad_input(content, change, error, match, tiny_base, e2e_csv, tmp_path):
-    args = _args(tiny_base, e2e_csv, tmp_path / "out")
+    options = dict(change)
     if content is not None:
         (tmp_path / "bad.csv").write_text(content, encoding="utf-8")
-        args.test_file = str(tmp_path / "bad.csv")
-    for key, value in change.items():
-        setattr(args, key, value)
+        options["test_file"] = str(tmp_path / "bad.csv")
     with pytest.raises(error, match=match):
-        run(args)
+        run(_args(tiny_base, e2e_csv, tmp_path / "out", **options))
     assert not (tmp_path / "out").exists()
 
 
@@ -392,10 +408,9 @@ def test_collator_pads_right():
 
 
 def test_cli_overrides_reach_the_preset():
-    from transformers import HfArgumentParser
-
-    (args,) = HfArgumentParser(E2EArguments).parse_args_into_dataclasses(
-        args=["--preset", "gpt2-large/e2e", "--length_penalty", "0.8", "--num_beams", "4", "--r", "8", "--no_meteor"])
-    preset = resolve(args)
+    experiment = parse(E2E, ["--preset", "gpt2-large/e2e", "--length_penalty", "0.8", "--num_beams", "4", "--r", "8",
+                             "--no_meteor"])
+    preset, args = experiment.preset, experiment.training
     assert (preset.model_name_or_path, preset.length_penalty, preset.num_beams, preset.r) == ("gpt2-large", 0.8, 4, 8)
-    assert (preset.learning_rate, preset.max_new_tokens, args.meteor) == (2e-4, 64, False)
+    assert (args.learning_rate, preset.max_new_tokens, experiment.data.meteor) == (2e-4, 64, False)
+    assert (args.label_smoothing_factor, args.max_grad_norm, args.warmup_steps, args.seed) == (0.1, 0.0, 500, 110)

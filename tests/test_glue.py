@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +11,10 @@ from conftest import randomize_adapters, roberta_config
 from transformers import RobertaForSequenceClassification
 
 from hf_lorax import LoRAConfig, get_model
+from hf_lorax_paper.experiment import parse
+from hf_lorax_paper.experiment import run as run_experiment
 from hf_lorax_paper.metrics.glue import accuracy, f1_binary, matthews_corrcoef, pearson, spearman
-from hf_lorax_paper.tasks.glue import GlueArguments, load_init_adapter, resolve, run
+from hf_lorax_paper.tasks.glue import GluePlugin, load_init_adapter
 from hf_lorax_paper.tasks.glue_data import TASKS, get_task, load_local, read_tsv
 from hf_lorax_paper.tasks.glue_presets import PAPER_RESULTS, PRESETS, get_preset
 from hf_lorax_paper.tasks.synthetic import build_tokenizer
@@ -119,14 +119,18 @@ def write_glue(root: Path, n=24) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("glue_base")
+def write_tiny_base(path) -> str:
+    """A tiny RoBERTa classifier and its tokenizer, saved to ``path``."""
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
     RobertaForSequenceClassification(roberta_config(vocab_size=len(tokenizer))).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    return write_tiny_base(tmp_path_factory.mktemp("glue_base"))
 
 
 @pytest.fixture(scope="module")
@@ -146,10 +150,27 @@ def test_readers_handle_original_layouts(glue_dir):
     assert mnli["train"]["label"][:3] == [0, 1, 2]
 
 
+GLUE = GluePlugin()
+
+
+def to_argv(options: dict) -> list[str]:
+    """``{"num_train_epochs": 1, "use_cpu": True}`` -> ``["--num_train_epochs", "1", "--use_cpu", "true"]``."""
+    argv = []
+    for key, value in options.items():
+        if value is not None:
+            argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv
+
+
 def _args(tiny_base, glue_dir, out, task, **kw):
-    kw = {"epochs": 1, "batch_size": 8, "max_length": 32, "rank_utilization_steps": 1, **kw}
-    return GlueArguments(task=task, model_name_or_path=tiny_base, data_dir=str(glue_dir / TASKS[task].folder),
-                         output_dir=str(out), use_cpu=True, disable_tqdm=True, **kw)
+    options = {"task": task, "model_name_or_path": tiny_base, "data_dir": str(glue_dir / TASKS[task].folder),
+               "output_dir": str(out), "num_train_epochs": 1, "per_device_train_batch_size": 8, "max_length": 32,
+               "rank_utilization_steps": 1, "use_cpu": True, "disable_tqdm": True, "report_to": "none", **kw}
+    return to_argv(options)
+
+
+def run(argv):
+    return run_experiment(GLUE, parse(GLUE, argv))
 
 
 @pytest.mark.parametrize(("task", "method"), [("sst2", "lora"), ("mrpc", "dora"), ("stsb", "lora"), ("mnli", "lora")])
@@ -169,25 +190,10 @@ def test_end_to_end_per_task_family(task, method, tiny_base, glue_dir, tmp_path)
     assert json.loads((adapter / "hf_lorax.json").read_text())["num_labels"] == TASKS[task].num_labels
 
 
-def test_torchrun_two_processes(tiny_base, glue_dir, tmp_path):
-    """The documented ``torchrun --nproc_per_node 2 scripts/run_glue.py``: exits 0, one process writes and reports."""
-    script = Path(__file__).resolve().parents[1] / "scripts" / "run_glue.py"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541", str(script),
-           "--task", "sst2", "--model_name_or_path", tiny_base, "--data_dir", str(glue_dir / "SST-2"),
-           "--output_dir", str(tmp_path), "--epochs", "1", "--batch_size", "4", "--max_length", "32",
-           "--use_cpu", "true", "--disable_tqdm", "true", "--rank_utilization_steps", "2"]
-    proc = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("| preset | method |") == 1  # the results table, from rank 0 only
-    assert json.loads((tmp_path / "results.json").read_text())["task"] == "sst2"
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    assert not [n for n in os.listdir(tmp_path) if ".hf_lorax-tmp-" in n]
-
-
 def test_init_from_mnli_adapter(tiny_base, glue_dir, tmp_path):
     run(_args(tiny_base, glue_dir, tmp_path / "mnli", "mnli"))
     results = run(_args(tiny_base, glue_dir, tmp_path / "rte", "rte", init_adapter=str(tmp_path / "mnli" / "adapter"),
-                        epochs=0.01))
+                        num_train_epochs=0.01))
     assert any("classifier.out_proj" in k for k in results["init_adapter_skipped"])  # 3 labels -> 2: head re-initialised
 
 
@@ -211,13 +217,12 @@ def test_init_adapter_with_mismatched_rank(tiny_base, glue_dir, tmp_path):
     ],
 )
 def test_bad_input(change, error, match, tiny_base, glue_dir, tmp_path):
-    args = _args(tiny_base, glue_dir, tmp_path / "out", "sst2")
     for key, value in change.items():
-        setattr(args, key, str(glue_dir / value) if key == "data_dir" and value != "MISSING" else value)
-        if key == "data_dir" and value == "MISSING":
-            args.data_dir = str(tmp_path / "nowhere")
+        if key == "data_dir":
+            change[key] = str(glue_dir / value) if value != "MISSING" else str(tmp_path / "nowhere")
+    argv = _args(tiny_base, glue_dir, tmp_path / "out", "sst2") + to_argv(change)  # later flags win
     with pytest.raises(error, match=match):
-        run(args)
+        run(argv)
     assert not (tmp_path / "out").exists()
 
 
@@ -232,9 +237,13 @@ def test_labels_out_of_range(glue_dir, tmp_path):
         read_tsv(str(bad / "train.tsv"), get_task("sst2"))
 
 
-def test_resolve_overrides():
-    preset, task = resolve(GlueArguments(preset="roberta-large/rte", learning_rate=1e-4, r=4))
-    assert (preset.learning_rate, preset.r, preset.batch_size, task.name) == (1e-4, 4, 8, "rte")
+def test_preset_fills_defaults_and_flags_win():
+    experiment = parse(GLUE, ["--preset", "roberta-large/rte", "--learning_rate", "1e-4", "--r", "4"])
+    args = experiment.training
+    assert (args.learning_rate, experiment.preset.r, args.per_device_train_batch_size, args.num_train_epochs) == (
+        1e-4, 4, 8, 20)
+    assert experiment.preset.task == "rte" and args.metric_for_best_model == "accuracy"
+    assert "learning_rate" not in experiment.from_preset and "num_train_epochs" in experiment.from_preset
 
 
 def test_load_init_adapter_copies_lora(tiny_roberta, tmp_path):
@@ -257,10 +266,11 @@ def test_real_glue_files(tiny_base, tmp_path):
         assert sorted([labels.count(1), labels.count(0)], reverse=True) == sorted([ones_or_zeros, other], reverse=True)
     stsb = load_local(str(SHARED_GLUE), get_task("stsb"))
     assert len(stsb["validation"]["label"]) == 1500
-    args = GlueArguments(task="sst2", model_name_or_path=tiny_base, data_dir=str(SHARED_GLUE), output_dir=str(tmp_path),
-                         epochs=1, batch_size=16, max_train_samples=64, max_eval_samples=64, use_cpu=True,
-                         disable_tqdm=True)
-    assert run(args)["main_metric"]["value"] is not None
+    argv = to_argv({"task": "sst2", "model_name_or_path": tiny_base, "data_dir": str(SHARED_GLUE),
+                    "output_dir": str(tmp_path), "num_train_epochs": 1, "per_device_train_batch_size": 16,
+                    "max_train_samples": 64, "max_eval_samples": 64, "use_cpu": True, "disable_tqdm": True,
+                    "report_to": "none"})
+    assert run(argv)["main_metric"]["value"] is not None
     assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
 
 

@@ -1,21 +1,21 @@
-"""E2E NLG with the LoRA paper's GPT-2 presets: ``scripts/run_e2e.py`` is a thin wrapper around :func:`run`.
+"""E2E NLG with the LoRA paper's GPT-2 presets: the E2E plug-in of :mod:`hf_lorax_paper.experiment`.
 
-One run trains an adapter with ``transformers.Trainer`` (loss on the reference tokens only, label
-smoothing, the LM head applied only where there are labels — :mod:`.targeted_loss`), saves it, decodes
-the test MRs with batched beam search with the adapter merged into the weights, scores the outputs with
-the E2E metrics (BLEU, NIST, METEOR, ROUGE-L, CIDEr; :mod:`hf_lorax_paper.metrics.e2e`) and writes
-``predictions.txt``, ``references.txt``, ``results.json`` and ``results.md`` next to ``adapter/``.
-Every input is validated before anything is written to the output directory.
+``scripts/run_e2e.py`` runs it. A run trains with ``hf_lorax.TargetedLossTrainer`` (loss on the reference
+tokens only, label smoothing, the LM head applied only where there are labels), decodes the test MRs with
+batched beam search (left-padded, KV cache, adapter merged into the weights), scores the outputs with the
+E2E metrics (BLEU, NIST, METEOR, ROUGE-L, CIDEr; :mod:`hf_lorax_paper.metrics.e2e`) and writes
+``predictions.txt`` and ``references.txt`` beside the run's results. Every input is validated before
+anything is written to the output directory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
+from ..experiment import MethodArguments, TaskPlugin, rank_map_argument, timed
 from .e2e_data import (
     HUB_DATASETS,
     E2ESplit,
@@ -30,88 +30,148 @@ from .e2e_data import (
     write_references,
 )
 from .e2e_presets import METRICS, PAPER_SOURCE, SCALED_X100, E2EPreset, get_preset
-from .runs import (
-    RunArguments,
-    adapter_config,
-    check_method,
-    finish_distributed,
-    rank_map_argument,
-    save_run,
-    write_results,
-)
 
-OVERRIDABLE = ("model_name_or_path", "r", "lora_alpha", "lora_dropout", "learning_rate", "batch_size", "epochs",
-               "weight_decay", "warmup_steps", "label_smoothing", "max_length", "num_beams", "length_penalty",
-               "no_repeat_ngram_size", "max_new_tokens")
+PRESET_FIELDS = ("model_name_or_path", "r", "lora_alpha", "lora_dropout", "max_length", "num_beams", "length_penalty",
+                 "no_repeat_ngram_size", "max_new_tokens")
+# The LoRA paper quotes its FT row from earlier work without the settings; these are hf_lorax's choices.
+BASELINE_TRAINING = {"full": {"learning_rate": 5e-5, "warmup_steps": 500}, "bitfit": {"learning_rate": 1e-3}}
 
 
 @dataclass
-class E2EArguments(RunArguments):
-    """Arguments of ``scripts/run_e2e.py``; every preset field can be overridden."""
+class E2EDataArguments:
+    """E2E data and decoding arguments of ``scripts/run_e2e.py`` (preset fields can be overridden)."""
 
-    preset: str = field(default="gpt2-medium/e2e", metadata={"help": "gpt2-medium/e2e or gpt2-large/e2e"})
-    warmup_steps: int | None = None
-    label_smoothing: float | None = None
-    num_beams: int | None = None
-    length_penalty: float | None = field(default=None, metadata={"help": "0.9 (paper, default) or 0.8 (repo README)"})
-    no_repeat_ngram_size: int | None = None
-    max_new_tokens: int | None = None
     train_file: str | None = field(default=None, metadata={"help": "mr,ref CSV (overrides --data_dir's trainset.csv)"})
     validation_file: str | None = field(default=None, metadata={"help": "mr,ref CSV for the eval loss per epoch"})
     test_file: str | None = field(default=None, metadata={"help": "mr,ref CSV to decode and score"})
     data_dir: str | None = field(default=None, metadata={"help": "folder with trainset.csv, devset.csv, testset_w_refs.csv"})
     dataset_name: str = field(default="GEM/e2e_nlg", metadata={"help": "Hub dataset when no local files are given"})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "first N distinct MRs of validation/test"})
-    max_steps: int = field(default=-1, metadata={"help": "stop training after N steps (-1: the preset's epochs)"})
-    output_dir: str = "runs/e2e"
-    seed: int = 110  # microsoft/LoRA's E2E command line
-    eval_batch_size: int = field(default=16, metadata={"help": "MRs per beam-search batch"})
+    max_length: int | None = None
+    num_beams: int | None = None
+    length_penalty: float | None = field(default=None, metadata={"help": "0.9 (paper, default) or 0.8 (repo README)"})
+    no_repeat_ngram_size: int | None = None
+    max_new_tokens: int | None = None
     meteor: bool = field(default=True, metadata={"help": "compute METEOR (needs Java)"})
-    logging_steps: int = 100
-    bf16: bool = False
 
 
-def resolve(args: E2EArguments) -> E2EPreset:
-    """The preset with the arguments' overrides applied; validates every setting."""
-    check_method(args.method)
-    preset = get_preset(args.preset)
-    preset = replace(preset, **{k: getattr(args, k) for k in OVERRIDABLE if getattr(args, k) is not None})
-    if not preset.model_name_or_path:
-        raise ValueError(f"Preset {preset.name} has no model; pass --model_name_or_path.")
-    positive = {"r": preset.r, "batch_size": preset.batch_size, "max_length": preset.max_length,
-                "num_beams": preset.num_beams, "max_new_tokens": preset.max_new_tokens,
-                "eval_batch_size": args.eval_batch_size, "learning_rate": preset.learning_rate}
-    for name, value in positive.items():
-        if value <= 0:
-            raise ValueError(f"--{name} must be positive, got {value}.")
-    if not 0 <= preset.label_smoothing < 1 or not 0 <= preset.lora_dropout < 1:
-        raise ValueError("--label_smoothing and --lora_dropout must be in [0, 1).")
-    if preset.epochs <= 0 and args.max_steps <= 0:
-        raise ValueError("--epochs must be positive (or pass --max_steps).")
-    if args.push_to_hub and not args.hub_model_id:
-        raise ValueError("--push_to_hub needs --hub_model_id (e.g. me/gpt2-medium-lora-e2e).")
-    return preset
+class E2EPlugin(TaskPlugin):
+    name = "e2e"
+    data_arguments = E2EDataArguments
+    default_output_dir = "runs/e2e"
 
+    def resolve(self, method: MethodArguments, data: E2EDataArguments) -> E2EPreset:
+        """The preset (default ``gpt2-medium/e2e``) with the overrides applied; validates every setting."""
+        preset = get_preset(method.preset or "gpt2-medium/e2e")
+        sources = {**vars(method), **vars(data)}
+        preset = replace(preset, **{k: sources[k] for k in PRESET_FIELDS if sources.get(k) is not None})
+        if not preset.model_name_or_path:
+            raise ValueError(f"Preset {preset.name} has no model; pass --model_name_or_path.")
+        for name in ("r", "max_length", "num_beams", "max_new_tokens"):
+            if getattr(preset, name) <= 0:
+                raise ValueError(f"--{name} must be positive, got {getattr(preset, name)}.")
+        if not 0 <= preset.lora_dropout < 1:
+            raise ValueError("--lora_dropout must be in [0, 1).")
+        return preset
 
-def load_splits(args: E2EArguments) -> dict[str, E2ESplit]:
-    """Local CSVs when any of ``--data_dir`` / ``--*_file`` is given, else the Hub."""
-    if args.data_dir or args.train_file or args.validation_file or args.test_file:
-        files = resolve_local_files(args.data_dir, args.train_file, args.validation_file, args.test_file)
-        return load_local(files, args.max_train_samples, args.max_eval_samples)
-    if args.dataset_name not in HUB_DATASETS:
-        raise ValueError(f"--dataset_name {args.dataset_name!r}: choose one of {list(HUB_DATASETS)}.")
-    return load_hub(args.dataset_name, args.max_train_samples, args.max_eval_samples)
+    def training_defaults(self, preset: E2EPreset, method: MethodArguments, data: E2EDataArguments) -> dict:
+        return {
+            "num_train_epochs": preset.epochs, "learning_rate": preset.learning_rate,
+            "per_device_train_batch_size": preset.batch_size, "per_device_eval_batch_size": 16,
+            "weight_decay": preset.weight_decay, "warmup_steps": preset.warmup_steps, "lr_scheduler_type": "linear",
+            "label_smoothing_factor": preset.label_smoothing,
+            "max_grad_norm": 0.0,  # microsoft/LoRA trains E2E with --clip 0.0
+            "eval_strategy": "epoch" if self._has_validation(data) else "no", "save_strategy": "epoch",
+            "save_total_limit": 1, "prediction_loss_only": True, "remove_unused_columns": False,
+            "train_sampling_strategy": "group_by_length", "logging_steps": 100,
+            "seed": 110,  # microsoft/LoRA's E2E command line
+            **BASELINE_TRAINING.get(method.method, {}),
+        }
 
+    @staticmethod
+    def _has_validation(data: E2EDataArguments) -> bool:
+        if not (data.data_dir or data.train_file or data.validation_file or data.test_file):
+            return True  # the Hub dataset has a validation split
+        if data.validation_file:
+            return True
+        return bool(data.data_dir) and os.path.isfile(os.path.join(data.data_dir, "devset.csv"))
 
-def build_config(preset: E2EPreset, args: E2EArguments):
-    return adapter_config(
-        args.method, base_model_name_or_path=preset.model_name_or_path, task_type="CAUSAL_LM", r=preset.r,
-        lora_alpha=preset.lora_alpha, lora_dropout=preset.lora_dropout, target_modules=list(preset.target_modules),
-        rank_map=rank_map_argument(args.rank_map), fused_slices={m: list(preset.slices) for m in preset.target_modules})
+    def load_splits(self, preset, method: MethodArguments, data: E2EDataArguments) -> dict[str, E2ESplit]:
+        """Local CSVs when any of ``--data_dir`` / ``--*_file`` is given, else the Hub."""
+        _scorer()  # a missing scorer fails in seconds, not after hours of training
+        if data.data_dir or data.train_file or data.validation_file or data.test_file:
+            files = resolve_local_files(data.data_dir, data.train_file, data.validation_file, data.test_file)
+            return load_local(files, method.max_train_samples, method.max_eval_samples)
+        if data.dataset_name not in HUB_DATASETS:
+            raise ValueError(f"--dataset_name {data.dataset_name!r}: choose one of {list(HUB_DATASETS)}.")
+        return load_hub(data.dataset_name, method.max_train_samples, method.max_eval_samples)
+
+    def task_type(self) -> str:
+        return "CAUSAL_LM"
+
+    def adapter_fields(self, preset: E2EPreset, method: MethodArguments, data) -> dict:
+        return dict(base_model_name_or_path=preset.model_name_or_path, task_type="CAUSAL_LM", r=preset.r,
+                    lora_alpha=preset.lora_alpha, lora_dropout=preset.lora_dropout,
+                    target_modules=list(preset.target_modules), rank_map=rank_map_argument(method.rank_map),
+                    fused_slices={m: list(preset.slices) for m in preset.target_modules})
+
+    def trainer_inputs(self, tokenizer, preset: E2EPreset, method, data, splits) -> dict:
+        from datasets import Dataset
+
+        from hf_lorax import TargetedLossTrainer
+
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"The tokenizer of {preset.model_name_or_path!r} has no end-of-text token; E2E needs one.")
+
+        def encode(split: E2ESplit) -> Dataset:
+            rows = [encode_example(tokenizer, m, r, preset.max_length) for m, r in zip(split.mrs, split.refs)]
+            return Dataset.from_dict({"input_ids": [x["input_ids"] for x in rows], "labels": [x["labels"] for x in rows]})
+
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return {"trainer_class": TargetedLossTrainer, "train_dataset": encode(splits["train"]),
+                "eval_dataset": encode(splits["validation"]) if "validation" in splits else None,
+                "data_collator": CausalLMCollator(pad)}
+
+    def evaluate(self, trainer, model, tokenizer, preset: E2EPreset, method, data: E2EDataArguments, splits,
+                 output_dir: str) -> dict:
+        timings = {}
+        eval_loss = None
+        if trainer.eval_dataset is not None:
+            with timed(timings, "evaluate"):
+                eval_loss = trainer.evaluate().get("eval_loss")
+        if not trainer.is_world_process_zero():  # one process decodes and scores
+            return {"record": None, "timings": timings}
+        test_mrs, test_refs = group_by_mr(splits["test"].mrs, splits["test"].refs)
+        with timed(timings, "decode"):
+            predictions = generate(model, tokenizer, test_mrs, preset, trainer.args.per_device_eval_batch_size)
+        os.makedirs(output_dir, exist_ok=True)
+        write_predictions(os.path.join(output_dir, "predictions.txt"), predictions)
+        write_references(os.path.join(output_dir, "references.txt"), test_refs)
+        with timed(timings, "score"):
+            scores = _scorer()(predictions, test_refs, meteor=data.meteor)
+        metrics = {m: scores[m] for m in METRICS if isinstance(scores.get(m), (int, float))}
+        row = next((r for r in preset.paper_rows if r.method == {"full": "FT"}.get(method.method, "LoRA")), None)
+        if method.method == "bitfit":
+            row = None  # Table 3 has no BitFit row
+        record = {
+            "task": "e2e", "task_type": "text-generation",
+            "dataset": {"name": "E2E NLG", "type": "e2e_nlg", "config": None, "split": "test"},
+            "metrics": metrics, "metrics_unavailable": dict(scores.get("unavailable") or {}),
+            "main_metric": {"name": "BLEU", "value": metrics.get("BLEU")},
+            "reference": {"source": PAPER_SOURCE, "method": row.method, "metrics": row.metrics()} if row else None,
+            "paper_rows": [asdict(r) for r in preset.paper_rows],
+            "hyperparameters": {k: v for k, v in asdict(preset).items() if k not in ("setting", "task")},
+            "eval_loss": eval_loss, "decode_runtime_s": timings["decode"],
+            "data": {split: {"source": s.source, "rows": len(s)} for split, s in splits.items()},
+            "test_mrs": len(test_mrs), "test_references": len(splits["test"]),
+        }
+        return {"record": record, "timings": timings}
+
+    def results_table(self, results: list[dict]) -> str:
+        return results_table(results)
 
 
 def _scorer():
-    """The metrics function, imported before training so a missing scorer fails in seconds, not hours."""
+    """The metrics function (imported up front, so a missing scorer fails before training)."""
     try:
         from ..metrics.e2e import e2e_scores
     except ImportError as exc:
@@ -142,7 +202,12 @@ class CausalLMCollator:
 
 @contextlib.contextmanager
 def merged_adapter(model) -> Iterator[None]:
-    """The adapter folded into the base weights for decoding (no extra latency), unmerged afterwards."""
+    """The adapter folded into the base weights for decoding (no extra latency), unmerged afterwards.
+
+    A model without an adapter (``--method full`` / ``bitfit``) decodes as it is."""
+    if not hasattr(model, "merge_adapter"):
+        yield
+        return
     model.merge_adapter()
     try:
         yield
@@ -174,104 +239,12 @@ def generate(model, tokenizer, mrs: Sequence[str], preset: E2EPreset, batch_size
                 input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                 num_beams=preset.num_beams, length_penalty=preset.length_penalty,
                 no_repeat_ngram_size=preset.no_repeat_ngram_size, max_new_tokens=preset.max_new_tokens,
-                eos_token_id=eos, pad_token_id=pad,
+                eos_token_id=eos, pad_token_id=pad, use_cache=True,  # the KV cache: each step runs one new token
             )
             for j, i in enumerate(rows):
                 text = tokenizer.decode(generated[j, width:], skip_special_tokens=True)
                 outputs[i] = detokenize(text.split("\n")[0].strip())
     return outputs
-
-
-def run(args: E2EArguments) -> dict | None:
-    """Train, decode and score one E2E run; writes the adapter, predictions, references and results.
-
-    Returns the results record; ``None`` on the non-main processes of a distributed run.
-    """
-    from datasets import Dataset
-    from transformers import AutoTokenizer, TrainingArguments, set_seed
-
-    from hf_lorax import RankUtilizationCallback, TargetedLossTrainer, get_model, push_adapter
-
-    preset = resolve(args)
-    e2e_scores = _scorer()
-    splits = load_splits(args)  # every row parsed before anything is written
-    test_mrs, test_refs = group_by_mr(splits["test"].mrs, splits["test"].refs)
-    set_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(preset.model_name_or_path)
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"The tokenizer of {preset.model_name_or_path!r} has no end-of-text token; E2E needs one.")
-    model = get_model(build_config(preset, args))  # fp32 weights; --bf16 trains under autocast
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-    def encode(split: E2ESplit) -> Dataset:
-        rows = [encode_example(tokenizer, m, r, preset.max_length) for m, r in zip(split.mrs, split.refs)]
-        return Dataset.from_dict({"input_ids": [x["input_ids"] for x in rows], "labels": [x["labels"] for x in rows]})
-
-    train_set = encode(splits["train"])
-    eval_set = encode(splits["validation"]) if "validation" in splits else None
-
-    os.makedirs(args.output_dir, exist_ok=True)
-    training_args = TrainingArguments(
-        output_dir=os.path.join(args.output_dir, "checkpoints"), num_train_epochs=preset.epochs, max_steps=args.max_steps,
-        learning_rate=preset.learning_rate, per_device_train_batch_size=preset.batch_size,
-        per_device_eval_batch_size=preset.batch_size, weight_decay=preset.weight_decay,
-        warmup_steps=preset.warmup_steps, lr_scheduler_type="linear", label_smoothing_factor=preset.label_smoothing,
-        max_grad_norm=0.0,  # microsoft/LoRA trains E2E with --clip 0.0
-        eval_strategy="epoch" if eval_set is not None else "no", save_strategy="epoch", save_total_limit=1,
-        prediction_loss_only=True, remove_unused_columns=False, train_sampling_strategy="group_by_length",
-        logging_steps=args.logging_steps, report_to=[], seed=args.seed, use_cpu=args.use_cpu, bf16=args.bf16,
-        disable_tqdm=args.disable_tqdm, dataloader_num_workers=0,
-    )
-    callbacks = []
-    if args.rank_utilization:
-        callbacks.append(RankUtilizationCallback(every_n_steps=args.rank_utilization_steps, output_dir=args.output_dir,
-                                                 log_per_module=False))
-    trainer = TargetedLossTrainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
-                                  data_collator=CausalLMCollator(tokenizer.pad_token_id if tokenizer.pad_token_id
-                                                                 is not None else tokenizer.eos_token_id),
-                                  callbacks=callbacks)
-    train_output = trainer.train()
-    eval_loss = trainer.evaluate().get("eval_loss") if eval_set is not None else None
-
-    results = None
-    if trainer.is_world_process_zero():  # under torchrun / accelerate, one process decodes and writes
-        adapter_dir = save_run(model, args.output_dir)
-        start = time.perf_counter()
-        predictions = generate(model, tokenizer, test_mrs, preset, args.eval_batch_size)
-        decode_s = time.perf_counter() - start
-        write_predictions(os.path.join(args.output_dir, "predictions.txt"), predictions)
-        write_references(os.path.join(args.output_dir, "references.txt"), test_refs)
-        scores = e2e_scores(predictions, test_refs, meteor=args.meteor)
-
-        results = results_record(preset, args, scores, splits, trainable, train_output, eval_loss, decode_s)
-        write_results(args.output_dir, adapter_dir, results, results_table([results]), card_name=args.hub_model_id)
-        if args.push_to_hub:
-            results["hub"] = push_adapter(adapter_dir, args.hub_model_id, private=args.hub_private).commit_url
-    finish_distributed()
-    return results
-
-
-def results_record(preset: E2EPreset, args: E2EArguments, scores: dict, splits: dict[str, E2ESplit], trainable: int,
-                   train_output, eval_loss: float | None, decode_s: float) -> dict:
-    """``results.json``: the fields ``hf_lorax.card`` renders (task_type, dataset, metrics, reference) and the run."""
-    metrics = {m: scores[m] for m in METRICS if isinstance(scores.get(m), (int, float))}
-    reference = preset.reference
-    n_mrs = len(group_by_mr(splits["test"].mrs, splits["test"].refs)[0])
-    return {
-        "task": "e2e", "task_type": "text-generation",
-        "dataset": {"name": "E2E NLG", "type": "e2e_nlg", "config": None, "split": "test"},
-        "metrics": metrics,
-        "metrics_unavailable": dict(scores.get("unavailable") or {}),
-        "main_metric": {"name": "BLEU", "value": metrics.get("BLEU")},
-        "reference": {"source": PAPER_SOURCE, "metrics": reference.metrics()} if reference else None,
-        "paper_rows": [asdict(row) for row in preset.paper_rows],
-        "preset": preset.name, "method": args.method, "trainable_params": trainable,
-        "hyperparameters": {k: v for k, v in asdict(preset).items() if k not in ("setting", "task")},
-        "train_runtime_s": train_output.metrics.get("train_runtime"), "train_loss": train_output.training_loss,
-        "eval_loss": eval_loss, "decode_runtime_s": decode_s,
-        "data": {split: {"source": s.source, "rows": len(s)} for split, s in splits.items()},
-        "test_mrs": n_mrs, "test_references": len(splits["test"]), "seed": args.seed,
-    }
 
 
 def _fmt(name: str, value: float | None) -> str:

@@ -1,78 +1,151 @@
-"""GLUE fine-tuning with the LoRA paper's presets: ``scripts/run_glue.py`` is a thin wrapper around :func:`run`.
+"""GLUE with the LoRA paper's presets: the GLUE plug-in of :mod:`hf_lorax_paper.experiment`.
 
-Fast by construction: examples are tokenized without padding, batches are padded dynamically and grouped
-by length (the official scripts pad everything to 512), and evaluation runs batched without gradients.
-Every input is validated before anything is written to the output directory.
+``scripts/run_glue.py`` runs it. Fast by construction: examples are tokenized without padding, batches are
+padded dynamically and grouped by length (the official scripts pad everything to 512), and evaluation runs
+batched without gradients. Every input is validated before anything is written to the output directory.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field, replace
 
+from ..experiment import MethodArguments, TaskPlugin, rank_map_argument, timed
 from .glue_data import GlueTask, compute_metrics, get_task, load_hub, load_local
-from .glue_presets import PAPER_SOURCE, GluePreset, get_preset
-from .runs import (
-    RunArguments,
-    adapter_config,
-    check_method,
-    finish_distributed,
-    rank_map_argument,
-    save_run,
-    write_results,
-)
+from .glue_presets import PAPER_SOURCE, GluePreset, get_preset, paper_result
 
 
 @dataclass
-class GlueArguments(RunArguments):
-    """Arguments of ``scripts/run_glue.py``; every preset field can be overridden."""
+class GlueDataArguments:
+    """GLUE data arguments of ``scripts/run_glue.py``."""
 
-    preset: str | None = field(default=None, metadata={"help": "e.g. roberta-base/sst2, roberta-large-dagger/rte"})
     task: str | None = field(default=None, metadata={"help": "GLUE task when no preset is given"})
-    warmup_ratio: float | None = None
-    official_scripts: bool = field(default=False, metadata={"help": "microsoft/LoRA script values (alpha 16, wd 0.1)"})
     data_dir: str | None = field(default=None, metadata={"help": "local GLUE folder (original TSV layout)"})
+    max_length: int | None = field(default=None, metadata={"help": "overrides the preset's max sequence length"})
+    official_scripts: bool = field(default=False, metadata={"help": "microsoft/LoRA script values (alpha 16, wd 0.1)"})
     init_adapter: str | None = field(default=None, metadata={"help": "adapter to start from (the MNLI one)"})
-    output_dir: str = "runs/glue"
-    seed: int = 0
-    eval_batch_size: int = 64
-    logging_steps: int = 50
 
 
-def resolve(args: GlueArguments) -> tuple[GluePreset, GlueTask]:
-    """The preset with the arguments' overrides applied, and its task; validates everything."""
-    check_method(args.method)
-    if args.preset:
-        preset = get_preset(args.preset, args.official_scripts)
-        if args.task and get_task(args.task).name != preset.task:
-            raise ValueError(f"--task {args.task!r} contradicts --preset {args.preset!r}.")
-    elif args.task:
-        task = get_task(args.task)
-        preset = replace(get_preset(f"roberta-base/{task.name}", args.official_scripts), setting="custom")
-    else:
-        raise ValueError("Pass --preset (e.g. roberta-base/sst2) or --task.")
-    overrides = {k: getattr(args, k) for k in ("model_name_or_path", "r", "lora_alpha", "lora_dropout", "learning_rate",
-                                               "batch_size", "epochs", "max_length", "weight_decay", "warmup_ratio")
-                 if getattr(args, k) is not None}
-    preset = replace(preset, **overrides)
-    if not preset.model_name_or_path:
-        raise ValueError(f"Preset {preset.name} has no model; pass --model_name_or_path.")
-    if args.push_to_hub and not args.hub_model_id:
-        raise ValueError("--push_to_hub needs --hub_model_id (e.g. me/roberta-base-lora-sst2).")
-    return preset, get_task(preset.task)
+# full fine-tuning and BitFit: the LoRA paper quotes these rows from earlier work without their settings, so
+# these are hf_lorax's choices: RoBERTa's fine-tuning recipe (Liu et al. 2019, Appendix C: lr 1e-5..3e-5,
+# weight decay 0.1, 10 epochs) and a learning rate inside BitFit's search range (Ben Zaken et al. 2022).
+BASELINE_TRAINING = {
+    "full": {"learning_rate": 2e-5, "weight_decay": 0.1, "num_train_epochs": 10},
+    "bitfit": {"learning_rate": 5e-4, "weight_decay": 0.0},
+}
 
 
-def load_splits(args: GlueArguments, task: GlueTask) -> dict:
-    if args.data_dir:
-        return load_local(args.data_dir, task, args.max_train_samples, args.max_eval_samples)
-    return load_hub(task, args.max_train_samples, args.max_eval_samples)
+class GluePlugin(TaskPlugin):
+    name = "glue"
+    data_arguments = GlueDataArguments
+    default_output_dir = "runs/glue"
+
+    def resolve(self, method: MethodArguments, data: GlueDataArguments) -> GluePreset:
+        """The preset with the overrides applied, and validated."""
+        if method.preset:
+            preset = get_preset(method.preset, data.official_scripts)
+            if data.task and get_task(data.task).name != preset.task:
+                raise ValueError(f"--task {data.task!r} contradicts --preset {method.preset!r}.")
+        elif data.task:
+            task = get_task(data.task)
+            preset = replace(get_preset(f"roberta-base/{task.name}", data.official_scripts), setting="custom")
+        else:
+            raise ValueError("Pass --preset (e.g. roberta-base/sst2) or --task.")
+        overrides = {k: getattr(method, k) for k in ("model_name_or_path", "r", "lora_alpha", "lora_dropout")
+                     if getattr(method, k) is not None}
+        if data.max_length is not None:
+            overrides["max_length"] = data.max_length
+        preset = replace(preset, **overrides)
+        if not preset.model_name_or_path:
+            raise ValueError(f"Preset {preset.name} has no model; pass --model_name_or_path.")
+        return preset
+
+    def training_defaults(self, preset: GluePreset, method: MethodArguments, data) -> dict:
+        task = get_task(preset.task)
+        return {
+            "output_dir": "runs/glue", "num_train_epochs": preset.epochs, "learning_rate": preset.learning_rate,
+            "per_device_train_batch_size": preset.batch_size, "per_device_eval_batch_size": 64,
+            "weight_decay": preset.weight_decay, "warmup_steps": preset.warmup_ratio, "lr_scheduler_type": "linear",
+            "eval_strategy": "epoch", "save_strategy": "epoch", "save_total_limit": 1,
+            "load_best_model_at_end": True, "metric_for_best_model": metric_key(task).removeprefix("eval_"),
+            "greater_is_better": True, "train_sampling_strategy": "group_by_length", "logging_steps": 50, "seed": 0,
+            **BASELINE_TRAINING.get(method.method, {}),
+        }
+
+    def load_splits(self, preset: GluePreset, method: MethodArguments, data: GlueDataArguments) -> dict:
+        task = get_task(preset.task)
+        if data.init_adapter:
+            from hf_lorax import read_adapter_folder
+
+            read_adapter_folder(data.init_adapter)  # a missing or broken folder fails here, naming the file
+        if data.data_dir:
+            return load_local(data.data_dir, task, method.max_train_samples, method.max_eval_samples)
+        return load_hub(task, method.max_train_samples, method.max_eval_samples)
+
+    def task_type(self) -> str:
+        return "SEQ_CLS"
+
+    def num_labels(self, preset: GluePreset) -> int:
+        return get_task(preset.task).num_labels
+
+    def adapter_fields(self, preset: GluePreset, method: MethodArguments, data) -> dict:
+        return dict(base_model_name_or_path=preset.model_name_or_path, task_type="SEQ_CLS",
+                    num_labels=self.num_labels(preset), r=preset.r, lora_alpha=preset.lora_alpha,
+                    lora_dropout=preset.lora_dropout, target_modules=list(preset.target_modules),
+                    rank_map=rank_map_argument(method.rank_map))
+
+    def after_model(self, model, method: MethodArguments, data: GlueDataArguments) -> dict:
+        if not data.init_adapter:
+            return {}
+        return {"init_adapter": data.init_adapter, "init_adapter_skipped": load_init_adapter(model, data.init_adapter)}
+
+    def trainer_inputs(self, tokenizer, preset: GluePreset, method, data, splits) -> dict:
+        from datasets import Dataset
+        from transformers import DataCollatorWithPadding, Trainer
+
+        task = get_task(preset.task)
+
+        def encode(batch):
+            return tokenizer(*[batch[k] for k in task.text_keys], truncation=True, max_length=preset.max_length)
+
+        encoded = {name: Dataset.from_dict(split).map(encode, batched=True, remove_columns=list(task.text_keys))
+                   for name, split in splits.items()}
+        eval_sets = {s: encoded[s] for s in task.eval_splits}
+        return {"trainer_class": Trainer, "train_dataset": encoded["train"],
+                "eval_dataset": eval_sets if len(eval_sets) > 1 else eval_sets[task.eval_splits[0]],
+                "data_collator": DataCollatorWithPadding(tokenizer),
+                "compute_metrics": lambda p: compute_metrics(task, p.predictions, p.label_ids)}
+
+    def evaluate(self, trainer, model, tokenizer, preset: GluePreset, method, data, splits, output_dir) -> dict:
+        task, timings = get_task(preset.task), {}
+        with timed(timings, "evaluate"):
+            final = trainer.evaluate()  # the best epoch's weights when load_best_model_at_end
+        key = metric_key(task)
+        history = [e for e in trainer.state.log_history if key in e]
+        best = max(history, key=lambda e: e[key]) if history else final
+        metrics = {k.removeprefix("eval_"): v for k, v in final.items()
+                   if k.startswith("eval_") and not k.endswith(("runtime", "per_second", "loss", "epoch"))
+                   and "preparation" not in k}
+        reference = paper_result(preset, method.method)
+        record = {
+            "task": task.name, "task_type": "text-classification",
+            "dataset": {"name": f"GLUE {task.folder}", "type": "nyu-mll/glue", "config": task.name,
+                        "split": task.eval_splits[0]},
+            "metrics": metrics,
+            "main_metric": {"name": key.removeprefix("eval_"), "value": final.get(key),
+                            "best_epoch": best.get("epoch"), "best_value": best.get(key)},
+            "reference": {"source": PAPER_SOURCE, "method": reference[0],
+                          "metrics": {key.removeprefix("eval_"): reference[1] / 100}} if reference else None,
+            "hyperparameters": {k: v for k, v in asdict(preset).items() if k not in ("setting", "task")},
+        }
+        return {"record": record, "timings": timings}
+
+    def results_table(self, results: list[dict]) -> str:
+        return results_table(results)
 
 
-def build_config(preset: GluePreset, task: GlueTask, args: GlueArguments):
-    return adapter_config(
-        args.method, base_model_name_or_path=preset.model_name_or_path, task_type="SEQ_CLS",
-        num_labels=task.num_labels, r=preset.r, lora_alpha=preset.lora_alpha, lora_dropout=preset.lora_dropout,
-        target_modules=list(preset.target_modules), rank_map=rank_map_argument(args.rank_map))
+def metric_key(task: GlueTask) -> str:
+    """The Trainer's name for the task's main metric (MNLI reports the matched split's)."""
+    return f"eval_{task.eval_splits[0]}_{task.main_metric}" if len(task.eval_splits) > 1 else f"eval_{task.main_metric}"
 
 
 def load_init_adapter(model, path: str) -> list[str]:
@@ -106,96 +179,9 @@ def load_init_adapter(model, path: str) -> list[str]:
     return skipped
 
 
-def run(args: GlueArguments) -> dict | None:
-    """Train and evaluate one GLUE task; writes the adapter, ``results.json`` and ``results.md``.
-
-    Returns the results record; ``None`` on the non-main processes of a distributed run.
-    """
-    from datasets import Dataset
-    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
-
-    from hf_lorax import RankUtilizationCallback, get_model, push_adapter
-
-    preset, task = resolve(args)
-    splits = load_splits(args, task)  # validated before anything is written
-    if args.init_adapter and not os.path.isdir(args.init_adapter):
-        raise FileNotFoundError(f"--init_adapter {args.init_adapter!r} is not an adapter folder.")
-    set_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(preset.model_name_or_path)
-    model = get_model(build_config(preset, task, args))
-    skipped = load_init_adapter(model, args.init_adapter) if args.init_adapter else []
-
-    def encode(batch):
-        texts = [batch[k] for k in task.text_keys]
-        return tokenizer(*texts, truncation=True, max_length=preset.max_length)
-
-    data = {name: Dataset.from_dict(split).map(encode, batched=True, remove_columns=list(task.text_keys))
-            for name, split in splits.items()}
-    eval_sets = {s: data[s] for s in task.eval_splits}
-    main_split = task.eval_splits[0]
-    metric_key = f"eval_{main_split}_{task.main_metric}" if len(eval_sets) > 1 else f"eval_{task.main_metric}"
-
-    os.makedirs(args.output_dir, exist_ok=True)
-    training_args = TrainingArguments(
-        output_dir=os.path.join(args.output_dir, "checkpoints"), num_train_epochs=preset.epochs,
-        learning_rate=preset.learning_rate, per_device_train_batch_size=preset.batch_size,
-        per_device_eval_batch_size=args.eval_batch_size, weight_decay=preset.weight_decay,
-        warmup_steps=preset.warmup_ratio, lr_scheduler_type="linear", eval_strategy="epoch", save_strategy="epoch",
-        save_total_limit=1, load_best_model_at_end=True, metric_for_best_model=metric_key.removeprefix("eval_"),
-        greater_is_better=True, train_sampling_strategy="group_by_length", logging_steps=args.logging_steps, report_to=[],
-        seed=args.seed, use_cpu=args.use_cpu, disable_tqdm=args.disable_tqdm, dataloader_num_workers=0,
-    )
-    callbacks = []
-    if args.rank_utilization:
-        callbacks.append(RankUtilizationCallback(every_n_steps=args.rank_utilization_steps, output_dir=args.output_dir,
-                                                 log_per_module=False))
-    trainer = Trainer(
-        model=model, args=training_args, train_dataset=data["train"],
-        eval_dataset=eval_sets if len(eval_sets) > 1 else eval_sets[main_split],
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=lambda p: compute_metrics(task, p.predictions, p.label_ids), callbacks=callbacks,
-    )
-    train_output = trainer.train()
-    final = trainer.evaluate()  # the best epoch's adapter is loaded back by load_best_model_at_end
-    history = [e for e in trainer.state.log_history if metric_key in e]
-    best = max(history, key=lambda e: e[metric_key]) if history else final
-
-    results = None
-    if trainer.is_world_process_zero():  # under torchrun / accelerate, one process writes the run's files
-        adapter_dir = save_run(model, args.output_dir)
-        results = results_record(preset, task, args, final, best, metric_key, train_output, skipped)
-        write_results(args.output_dir, adapter_dir, results, results_table([results]), card_name=args.hub_model_id)
-        if args.push_to_hub:
-            results["hub"] = push_adapter(adapter_dir, args.hub_model_id, private=args.hub_private).commit_url
-    finish_distributed()
-    return results
-
-
-def results_record(preset, task, args, final, best, metric_key, train_output, skipped) -> dict:
-    prefix = metric_key.removesuffix(task.main_metric)
-    metrics = {k.removeprefix("eval_"): v for k, v in final.items()
-               if k.startswith("eval_") and not k.endswith(("runtime", "per_second", "loss", "epoch"))
-               and "preparation" not in k}
-    return {
-        "task": task.name, "task_type": "text-classification",
-        "dataset": {"name": f"GLUE {task.folder}", "type": "nyu-mll/glue", "config": task.name,
-                    "split": task.eval_splits[0]},
-        "metrics": metrics,
-        "main_metric": {"name": metric_key.removeprefix("eval_"), "value": final.get(metric_key),
-                        "best_epoch": best.get("epoch"), "best_value": best.get(metric_key)},
-        "reference": {"source": PAPER_SOURCE, "metrics": {metric_key.removeprefix("eval_"): preset.reference / 100}}
-        if preset.reference is not None else None,
-        "preset": preset.name, "method": args.method,
-        "hyperparameters": {k: v for k, v in asdict(preset).items() if k not in ("setting", "task")},
-        "train_runtime_s": train_output.metrics.get("train_runtime"),
-        "init_adapter": args.init_adapter, "init_adapter_skipped": skipped, "seed": args.seed,
-        "metric_prefix": prefix,
-    }
-
-
 def results_table(results: list[dict]) -> str:
     """Markdown table of runs set against the paper's Table 2 numbers (x100)."""
-    lines = ["| preset | method | metric | ours | paper | difference |", "|---|---|---|---|---|---|"]
+    lines = ["| preset | method | metric | ours | paper (same method) | difference |", "|---|---|---|---|---|---|"]
     for r in results:
         main = r["main_metric"]
         ours = 100 * main["value"] if main["value"] is not None else float("nan")

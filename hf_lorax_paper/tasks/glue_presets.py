@@ -25,6 +25,16 @@ PAPER_RESULTS: dict[str, dict[str, float]] = {
                              "rte": 85.2, "stsb": 92.3},
 }
 PAPER_AVERAGE = {"roberta-base": 87.2, "roberta-large": 89.0, "roberta-large-dagger": 88.6}
+# Table 2's baseline rows: RoBERTa fine-tuning (FT) and BitFit (base only), same metrics, x100.
+PAPER_BASELINES: dict[tuple[str, str], dict[str, float]] = {
+    ("roberta-base", "full"): {"mnli": 87.6, "sst2": 94.8, "mrpc": 90.2, "cola": 63.6, "qnli": 92.8, "qqp": 91.9,
+                               "rte": 78.7, "stsb": 91.2},
+    ("roberta-base", "bitfit"): {"mnli": 84.7, "sst2": 93.7, "mrpc": 92.7, "cola": 62.0, "qnli": 91.8, "qqp": 84.0,
+                                 "rte": 81.5, "stsb": 90.8},
+    ("roberta-large", "full"): {"mnli": 90.2, "sst2": 96.4, "mrpc": 90.9, "cola": 68.0, "qnli": 94.7, "qqp": 92.2,
+                                "rte": 86.6, "stsb": 92.4},
+}
+PAPER_METHOD_NAMES = {"lora": "LoRA", "full": "FT", "bitfit": "BitFit"}
 PAPER_SOURCE = "LoRA paper (Hu et al. 2021), Table 2, GLUE dev"
 INIT_FROM_MNLI = ("mrpc", "rte", "stsb")
 
@@ -94,3 +104,11 @@ def get_preset(name: str, official_scripts: bool = False) -> GluePreset:
     if official_scripts and preset.setting == "roberta-base":
         preset = replace(preset, lora_alpha=16, weight_decay=0.1)
     return preset
+
+
+def paper_result(preset: GluePreset, method: str) -> tuple[str, float] | None:
+    """The paper's Table 2 number for this preset's task with ``method``'s row (LoRA's for DoRA/QLoRA runs)."""
+    if method in ("full", "bitfit"):
+        value = PAPER_BASELINES.get((preset.setting, method), {}).get(preset.task)
+        return (PAPER_METHOD_NAMES[method], value) if value is not None else None
+    return ("LoRA", preset.reference) if preset.reference is not None else None

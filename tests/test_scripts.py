@@ -1,0 +1,177 @@
+"""The task scripts as users run them: TrainingArguments flags, baselines, one-line errors, curves, launchers."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from test_glue import GLUE, TASKS, _args, run, to_argv, write_glue, write_tiny_base
+
+from hf_lorax_paper import experiment
+from hf_lorax_paper.experiment import parse
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    return write_tiny_base(tmp_path_factory.mktemp("scripts_base"))
+
+
+@pytest.fixture(scope="module")
+def glue_dir(tmp_path_factory):
+    return write_glue(tmp_path_factory.mktemp("scripts_glue"))
+
+
+def test_standard_flags_reach_training_arguments_and_results(tiny_base, glue_dir, tmp_path):
+    argv = _args(tiny_base, glue_dir, tmp_path, "sst2", max_steps=3, gradient_accumulation_steps=2,
+                 learning_rate=1e-3, eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
+                 lr_scheduler_type="constant", seed=7)
+    results = run(argv)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    args = saved["training_args"]
+    assert (args["max_steps"], args["gradient_accumulation_steps"], args["learning_rate"], args["seed"]) == (3, 2, 1e-3, 7)
+    assert args["lr_scheduler_type"] == "constant" and args["eval_strategy"] == "no"
+    assert "learning_rate" not in saved["from_preset"] and "weight_decay" in saved["from_preset"]
+    assert saved["timings_s"]["train"] > 0 and saved["timings_s"]["evaluate"] > 0
+    assert results["trainable_params"] == saved["trainable_params"]
+    for folder in (tmp_path, tmp_path / "adapter"):  # the curve, in the run and beside the adapter
+        assert (folder / "training_curve.png").stat().st_size > 1000
+    assert "![training curve](training_curve.png)" in (tmp_path / "adapter" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("method", ["full", "bitfit"])
+def test_baselines_train_the_expected_parameters(method, tiny_base, glue_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    results = run(_args(tiny_base, glue_dir, tmp_path, "sst2", method=method, max_steps=2))
+    reference = AutoModelForSequenceClassification.from_pretrained(tiny_base, num_labels=2)
+    if method == "full":
+        expected = sum(p.numel() for p in reference.parameters())
+    else:  # every bias, and the classifier head
+        expected = sum(p.numel() for n, p in reference.named_parameters()
+                       if n.endswith(".bias") or n.startswith("classifier."))
+        assert expected < sum(p.numel() for p in reference.parameters()) / 10
+    assert results["trainable_params"] == expected
+    assert (tmp_path / "model" / "model.safetensors").is_file() and not (tmp_path / "adapter").exists()
+    table = (tmp_path / "results.md").read_text()
+    assert f"| custom/sst2 | {method} |" in table
+
+
+def test_baseline_rows_match_the_method():
+    experiment_full = parse(GLUE, ["--preset", "roberta-base/rte", "--method", "full"])
+    assert (experiment_full.training.learning_rate, experiment_full.training.num_train_epochs) == (2e-5, 10)
+    from hf_lorax_paper.tasks.glue_presets import paper_result
+
+    assert paper_result(experiment_full.preset, "full") == ("FT", 78.7)
+    assert paper_result(experiment_full.preset, "bitfit") == ("BitFit", 81.5)
+    assert paper_result(experiment_full.preset, "dora") == ("LoRA", 86.6)
+
+
+def test_qlora_quant_storage_for_fsdp():
+    from hf_lorax_paper.tasks.glue import GluePlugin
+
+    exp = parse(GLUE, ["--preset", "roberta-base/sst2", "--method", "qlora", "--quant_storage", "bfloat16"])
+    from hf_lorax import QLoRAConfig
+
+    config = QLoRAConfig(quant_storage=exp.method.quant_storage, **GluePlugin().adapter_fields(exp.preset, exp.method, exp.data))
+    assert config.bnb_config().bnb_4bit_quant_storage == torch.bfloat16
+
+
+def test_report_to_defaults_to_tensorboard_when_installed(monkeypatch):
+    monkeypatch.setattr(experiment.importlib.util, "find_spec", lambda name: object() if name == "tensorboard" else None)
+    assert parse(GLUE, ["--preset", "roberta-base/sst2"]).training.report_to == ["tensorboard"]
+    assert parse(GLUE, ["--preset", "roberta-base/sst2", "--report_to", "none"]).training.report_to == []
+    monkeypatch.setattr(experiment.importlib.util, "find_spec", lambda name: None)
+    assert parse(GLUE, ["--preset", "roberta-base/sst2"]).training.report_to == []
+
+
+def _script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], env=ENV, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _push_main(argv):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import push_adapter
+    finally:
+        sys.path.pop(0)
+    return push_adapter.main(argv)
+
+
+@pytest.mark.parametrize(
+    ("task", "args", "message"),
+    [
+        ("glue", ["--preset", "roberta-huge/sst2"], "Unknown preset 'roberta-huge/sst2'"),
+        ("glue", ["--preset", "roberta-base/sst2", "--num_train_epochs", "abc"], "num_train_epochs"),
+        ("glue", ["--preset", "roberta-base/sst2", "--bogus_flag", "1"], "--bogus_flag"),
+        ("glue", ["--task", "sst2", "--model_name_or_path", "x", "--data_dir", "/nowhere"], "does not exist"),
+        ("e2e", ["--preset", "gpt2-xl/e2e"], "Unknown E2E preset 'gpt2-xl/e2e'"),
+        ("e2e", ["--train_file", "/nowhere.csv", "--test_file", "/nowhere.csv"], "nowhere.csv"),
+        ("push", ["/nowhere", "--repo_id", "me/x"], "does not exist"),
+    ],
+)
+def test_cli_errors_are_one_line_and_exit_2(task, args, message, tmp_path, capsys):
+    from hf_lorax_paper.tasks.e2e import E2EPlugin
+
+    if task == "push":
+        code = _push_main(args)
+    else:
+        code = experiment.main(GLUE if task == "glue" else E2EPlugin(), [*args, "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_real_script_process_exits_2_without_a_traceback_and_shows_it_with_debug(tmp_path):
+    proc = _script("run_glue.py", "--preset", "roberta-huge/sst2", "--output_dir", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: Unknown preset 'roberta-huge/sst2'")
+    proc = _script("run_glue.py", "--preset", "roberta-huge/sst2", "--debug")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_accelerate_ddp_cpu_config_runs_two_processes(tiny_base, glue_dir, tmp_path):
+    """examples/accelerate/ddp_cpu.yaml, as documented: two gloo processes, one writes and reports."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "examples" / "accelerate" / "ddp_cpu.yaml"), "--main_process_port", "29547",
+           str(ROOT / "scripts" / "run_glue.py"), *_args(tiny_base, glue_dir, tmp_path, "sst2", max_steps=2,
+                                                          per_device_train_batch_size=4, rank_utilization_steps=1)]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("| preset | method |") == 1
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["task"] == "sst2" and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert not [n for n in os.listdir(tmp_path) if ".hf_lorax-tmp-" in n]
+
+
+@pytest.mark.parametrize("name", ["fsdp.yaml", "deepspeed_zero3.yaml"])
+def test_gpu_launcher_configs_are_valid_for_accelerate(name):
+    """Dry check (they need GPUs, and DeepSpeed): accelerate loads each file, and every plugin key is an
+    option ``accelerate launch`` takes (a misspelt key would otherwise be ignored)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    path = ROOT / "examples" / "accelerate" / name
+    config = load_config_from_file(str(path))
+    raw = yaml.safe_load(path.read_text())
+    assert config.num_processes == raw["num_processes"] and str(config.distributed_type).endswith(raw["distributed_type"])
+    options = {action.dest for action in launch_command_parser()._actions}
+    section = raw["fsdp_config" if name == "fsdp.yaml" else "deepspeed_config"]
+    assert set(section) <= options, set(section) - options
+
+
+def test_every_shipped_launcher_config_has_a_test():
+    tested = {"ddp_cpu.yaml", "fsdp.yaml", "deepspeed_zero3.yaml"}
+    assert {p.name for p in (ROOT / "examples" / "accelerate").glob("*.yaml")} == tested
+
+
+def test_glue_argv_helper_matches_the_task_table():
+    assert to_argv({"use_cpu": True, "r": None}) == ["--use_cpu", "true"] and "sst2" in TASKS
