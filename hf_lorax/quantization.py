@@ -16,9 +16,11 @@ def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
 
     peft's ``prepare_model_for_kbit_training`` casts every non-quantized parameter to float32
     (peft#3265, #1149): on a bf16 model that doubles the embeddings, norms and head. Training adapters
-    needs much less: frozen base parameters, inputs that require grad (so gradient checkpointing
-    propagates to the adapters), and no in-place weight repacking on CPU. Layer norms stay in the
-    dtype they were loaded in; bitsandbytes computes the 4-bit matmuls in the compute dtype.
+    needs much less: frozen base parameters and no in-place weight repacking on CPU. Layer norms stay in
+    the dtype they were loaded in; bitsandbytes computes the 4-bit matmuls in the compute dtype. Inputs
+    that require grad (which reentrant gradient checkpointing needs) are left to transformers: its
+    ``gradient_checkpointing_enable`` turns them on when checkpointing is on; a hook installed here
+    unconditionally would break ``torch.compile`` graphs for every run.
     """
     from .layers.bnb import disable_cpu_repacking
 
@@ -30,8 +32,6 @@ def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     disable_cpu_repacking(model)
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
     return model
 
 

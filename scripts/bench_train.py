@@ -19,7 +19,6 @@ import json
 import os
 import statistics
 import tempfile
-import time
 
 from bench_utils import (
     cuda_available,
@@ -29,6 +28,7 @@ from bench_utils import (
     rss_bytes,
     run_worker,
     step_memory,
+    time_steps,
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -121,13 +121,7 @@ def worker(args) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    times = []
-    for _ in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    times = time_steps(step, args.warmup + args.steps, device)
     peak_rss = peak_rss_bytes() - before
     peak, _ = step_memory(step, model, optimizer, device)
     return {

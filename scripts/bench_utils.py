@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 
@@ -91,6 +92,20 @@ def step_memory(step: Callable[[], object], model, optimizer, device: str) -> tu
     before = live_tensor_bytes(model, optimizer)
     added = cpu_step_peak_bytes(step)
     return before + added, added
+
+
+def time_steps(step: Callable[[], object], n: int, device: str) -> list[float]:
+    """Wall time of each of ``n`` calls of ``step`` (synchronizing CUDA after each, so the time is the GPU's)."""
+    import torch
+
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def run_worker(script: str, args: list[str]) -> dict:

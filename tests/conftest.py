@@ -13,7 +13,8 @@ from transformers import (  # noqa: E402
     RobertaForSequenceClassification,
 )
 
-torch.set_num_threads(2)
+# Under pytest-xdist (``make test`` runs 2 workers on the 2 cores) each worker keeps to one thread.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 def gpt2_config(**overrides) -> GPT2Config:

@@ -30,3 +30,14 @@ def test_bench_infer_reports_merged_over_base(tmp_path):
     result = _run("bench_infer.py", "--quick", "--repeats", "1", "--seq", "16", tmp_path=tmp_path)
     assert [r["batch"] for r in result["rows"]] == [1, 32]
     assert all(r["merged_over_base"] > 0 for r in result["rows"])
+
+
+def test_bench_gpu_suite_runs_its_rows_and_counts_flops(tmp_path):
+    result = _run("bench_gpu.py", "--quick", "--cpu", "--shapes", "quick-llama", "--configs", "full",
+                  "hf_lorax_lora", tmp_path=tmp_path)
+    rows = {r["config"]: r for r in result["rows"]}
+    assert set(rows) == {"full", "hf_lorax_lora"} and all(r["median_ms"] > 0 for r in rows.values())
+    # full fine-tuning counts 6N per token, a LoRA step 4N + adapter: the same base, so full > LoRA
+    assert rows["full"]["flops_per_token"] > rows["hf_lorax_lora"]["flops_per_token"] > 0
+    assert rows["full"]["mfu"] is None  # no peak figure on CPU
+    assert "lora_step_hf_lorax_over_full" in result["ratios"]["quick-llama/eager"]

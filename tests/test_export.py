@@ -178,20 +178,24 @@ def test_bad_input_is_named(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_cli_export_check_and_errors(tmp_path):
+def test_cli_export_check_and_errors(tmp_path, capsys):
+    from hf_lorax.export.__main__ import main
+
     base = tiny_llama()
     trained(base, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], **{"alpha_map": {"v_proj": 2}}), tmp_path / "a")
-    run = lambda *args: subprocess.run([sys.executable, "-m", "hf_lorax.export", *args], capture_output=True,  # noqa: E731
-                                       text=True, timeout=300)
-    check = run("--check", str(tmp_path / "a"), "--engine", "vllm")
-    assert check.returncode == 1 and "served wrong" in check.stdout and "v_proj" in check.stdout
-    done = run(str(tmp_path / "a"), str(tmp_path / "out"), "--engine", "vllm")
-    assert done.returncode == 0 and "wrote adapter for vLLM" in done.stdout
-    assert run("--check", str(tmp_path / "out"), "--engine", "vllm").returncode == 0
-    bad = run(str(tmp_path / "a"), str(tmp_path / "a" / "in"), "--engine", "vllm")
+    assert main(["--check", str(tmp_path / "a"), "--engine", "vllm"]) == 1
+    out = capsys.readouterr().out
+    assert "served wrong" in out and "v_proj" in out
+    assert main([str(tmp_path / "a"), str(tmp_path / "out"), "--engine", "vllm"]) == 0
+    assert "wrote adapter for vLLM" in capsys.readouterr().out
+    assert main(["--check", str(tmp_path / "out"), "--engine", "vllm"]) == 0
+    assert main([str(tmp_path / "nope"), str(tmp_path / "o2"), "--engine", "vllm"]) == 2
+    capsys.readouterr()
+    # the real process: exit code 2, one line, no traceback
+    bad = subprocess.run([sys.executable, "-m", "hf_lorax.export", str(tmp_path / "a"), str(tmp_path / "a" / "in"),
+                          "--engine", "vllm"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "inside the source adapter" in bad.stderr
     assert "Traceback" not in bad.stderr
-    assert run(str(tmp_path / "nope"), str(tmp_path / "o2"), "--engine", "vllm").returncode == 2
 
 
 def test_push_refuses_what_an_engine_would_mis_serve(tmp_path):

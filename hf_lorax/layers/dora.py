@@ -108,8 +108,12 @@ class FactorizedDoraLinearVariant(LoraVariant):
 
     @staticmethod
     def base_weight(module: LoraLayer) -> torch.Tensor:
-        """The frozen weight as (out, in), dequantized if needed."""
-        return _oriented(dequantize_module_weight(module.get_base_layer()), module.fan_in_fan_out)
+        """The frozen weight as (out, in), dequantized if needed (a dense weight is used as it is, which
+        keeps ``torch.compile`` graphs whole: peft's dequantize helper inspects type names)."""
+        weight = module.get_base_layer().weight
+        if not weight.is_floating_point():
+            weight = dequantize_module_weight(module.get_base_layer())
+        return _oriented(weight, module.fan_in_fan_out)
 
     @staticmethod
     def factors(module: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,8 +121,18 @@ class FactorizedDoraLinearVariant(LoraVariant):
 
     @classmethod
     def weight_sq(cls, module: LoraLayer) -> torch.Tensor:
-        """Squared row norms of the frozen weight, recomputed only when the stored weight changes."""
+        """Squared row norms of the frozen weight, recomputed only when the stored weight changes.
+
+        Under ``torch.compile`` they are recomputed every step instead: the cache's data-pointer check
+        would break the graph, and inductor fuses the square-and-sum into one pass over the weight
+        (1/tokens of the layer's matmul work) without a weight-sized temporary.
+        """
         param = module.get_base_layer().weight
+        if torch.compiler.is_compiling():
+            cached = getattr(module, "_hf_lorax_weight_sq", None)
+            if not param.is_floating_point() and cached is not None:
+                return cached[1]  # a quantized weight is never written in place; the norm from init stands
+            return cls.base_weight(module).float().pow(2).sum(dim=1)
         key = (param.data_ptr(), param._version, param.dtype, param.device)
         cached = getattr(module, "_hf_lorax_weight_sq", None)
         if cached is None or cached[0] != key:
