@@ -66,6 +66,77 @@ class CrossEntropyFromLogits(torch.autograd.Function):
         return grad, None, None
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """``sum over rows of CE(hidden @ weightᵀ + bias, target)`` with label smoothing, never holding ``n × vocab``.
+
+    Why this exists: even on labelled positions only, the ``n × vocab`` logits (50,257 or 128,256 wide) and
+    their gradient are the largest tensors of a causal-LM step. Here the rows go through the head in chunks
+    whose float32 logits stay under ``CHUNK_ELEMENTS``; each chunk's loss and its gradients with respect to
+    ``hidden``, ``weight`` and ``bias`` are computed at once (Liger-Kernel's fused-linear-cross-entropy
+    scheme, in plain PyTorch so it runs on CPU and CUDA), so backward only scales them. Rows whose target is
+    ``ignore_index`` contribute nothing. Smoothing follows ``F.cross_entropy(label_smoothing=eps)``:
+    ``(1 - eps)·NLL + eps·mean_j(-log p_j)``.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, label_smoothing: float, ignore_index: int):
+        with torch.autocast(device_type=hidden.device.type, enabled=False):  # float32 logits under autocast too
+            return LinearCrossEntropy._forward(ctx, hidden, weight, bias, targets, label_smoothing, ignore_index)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, targets, label_smoothing: float, ignore_index: int):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        weight32 = weight.to(dtype)
+        loss = torch.zeros((), dtype=dtype, device=hidden.device)
+        grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight32) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros(vocab, dtype=dtype, device=hidden.device) if bias is not None and ctx.needs_input_grad[2] else None
+        keep = 1.0 - label_smoothing
+        for rows in _row_chunks(n, vocab):
+            h = hidden[rows].to(dtype)
+            logits = h @ weight32.T
+            if bias is not None:
+                logits = logits + bias.to(dtype)
+            target = targets[rows]
+            valid = target.ne(ignore_index)
+            safe = torch.where(valid, target, torch.zeros_like(target))
+            lse = torch.logsumexp(logits, dim=-1)
+            nll = lse - logits.gather(1, safe.unsqueeze(1)).squeeze(1)
+            row_loss = keep * nll + label_smoothing * (lse - logits.mean(dim=-1)) if label_smoothing else nll
+            loss = loss + (row_loss * valid).sum()
+            grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in the logits' buffer
+            grad.scatter_add_(1, safe.unsqueeze(1), grad.new_full((grad.shape[0], 1), -keep))
+            if label_smoothing:
+                grad.sub_(label_smoothing / vocab)
+            grad.mul_(valid.unsqueeze(1).to(grad.dtype))
+            if grad_hidden is not None:
+                grad_hidden[rows] = grad @ weight32
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.T, h)
+            if grad_bias is not None:
+                grad_bias.add_(grad.sum(dim=0))
+        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None))
+        ctx.present = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) if present else None for present in ctx.present]
+        grads = [None if g is None else (g * grad_loss).to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+        return grads[0], grads[1], grads[2], None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: torch.Tensor | None = None, label_smoothing: float = 0.0,
+                         ignore_index: int = -100) -> torch.Tensor:
+    """The summed cross-entropy of the LM head ``hidden @ weightᵀ + bias`` against ``targets``, without logits."""
+    return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1),
+                                    float(label_smoothing), ignore_index)
+
+
 def causal_lm_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,

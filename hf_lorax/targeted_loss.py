@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
+from .loss import linear_cross_entropy
+
 IGNORE_INDEX = -100
 
 
@@ -41,10 +43,12 @@ def output_embeddings(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def head_on_positions(head: nn.Module, mask: torch.Tensor) -> Iterator[None]:
+def head_on_positions(head: nn.Module, mask: torch.Tensor, capture: list | None = None) -> Iterator[None]:
     """While active, ``head`` receives ``hidden[:, :-1][mask]`` (shape ``n x hidden``) instead of ``hidden``.
 
-    ``mask`` is ``batch x (seq - 1)``: position ``t`` is kept when the token at ``t + 1`` has a label.
+    ``mask`` is ``batch x (seq - 1)``: position ``t`` is kept when the token at ``t + 1`` has a label. With
+    ``capture``, those hidden states are appended to it and the head gets none of them (``0 x hidden``): the
+    loss is then computed from the hidden states without any logits (:func:`hf_lorax.loss.linear_cross_entropy`).
     """
     calls = []
 
@@ -55,7 +59,11 @@ def head_on_positions(head: nn.Module, mask: torch.Tensor) -> Iterator[None]:
             raise RuntimeError(f"lm_head got hidden states of shape {tuple(hidden.shape)}, expected {expected} x hidden: "
                                "the model must run its head once on every position (logits_to_keep=0).")
         calls.append(1)
-        return (hidden[:, :-1][mask], *rest)
+        selected = hidden[:, :-1][mask]
+        if capture is not None:
+            capture.append(selected)
+            return (selected[:0], *rest)
+        return (selected, *rest)
 
     handle = head.register_forward_pre_hook(gather)
     try:
@@ -72,19 +80,30 @@ def targeted_causal_lm_loss(
     labels: torch.Tensor,
     label_smoothing: float = 0.0,
     num_items_in_batch: torch.Tensor | int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_logits: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(loss, logits)`` of a causal LM with the head applied only where the shifted labels are not -100.
 
-    ``inputs`` are the model's keyword inputs without ``labels``; ``logits`` is ``n_labelled x vocab``.
+    ``inputs`` are the model's keyword inputs without ``labels``; ``logits`` is ``n_labelled x vocab``. With
+    ``return_logits=False`` and a plain ``nn.Linear`` head (not itself adapted), no logits are formed at all:
+    the head's matmul and the cross-entropy run in row chunks (:class:`hf_lorax.loss.LinearCrossEntropy`),
+    and ``None`` is returned in their place.
     """
     shifted = labels[:, 1:]
     mask = shifted.ne(IGNORE_INDEX)
     targets = shifted[mask]
-    with head_on_positions(output_embeddings(model), mask):
+    head = output_embeddings(model)
+    logits_free = not return_logits and type(head) is nn.Linear
+    captured: list[torch.Tensor] = []
+    with head_on_positions(head, mask, captured if logits_free else None):
         outputs = model(**inputs, use_cache=False)
-    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-    # fp32 log-softmax, as the LabelSmoother's smoothed term; the tensor is small now (n_labelled x vocab)
-    loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=label_smoothing)
+    if logits_free:
+        logits = None
+        loss_sum = linear_cross_entropy(captured[0], head.weight, targets, head.bias, label_smoothing, IGNORE_INDEX)
+    else:
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        # fp32 log-softmax, as the LabelSmoother's smoothed term; the tensor is small now (n_labelled x vocab)
+        loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=label_smoothing)
     denominator = targets.numel() if num_items_in_batch is None else num_items_in_batch
     if torch.is_tensor(denominator):
         denominator = denominator.to(loss_sum.device)
@@ -104,7 +123,7 @@ class TargetedLossTrainer(Trainer):
         if not self.model_accepts_loss_kwargs:
             num_items_in_batch = None  # the Trainer then divides a per-batch mean by the accumulation steps
         loss, logits = targeted_causal_lm_loss(model, inputs, labels, self.args.label_smoothing_factor,
-                                               num_items_in_batch)
+                                               num_items_in_batch, return_logits=return_outputs)
         if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             scale = self.accelerator.num_processes // self.get_tp_size()
             loss = loss * (scale if self.args.n_gpu <= 1 else self.args.n_gpu)

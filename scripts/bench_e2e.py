@@ -9,7 +9,10 @@ downloaded) and the same batches of 8 E2E examples (MR prefix + reference, loss 
   ``transformers``' ``LabelSmoother(0.1)(outputs, labels, shift_labels=True)`` — what ``Trainer`` with
   ``label_smoothing_factor=0.1`` does;
 * ``targeted``: :func:`hf_lorax.targeted_loss.targeted_causal_lm_loss` — the LM head and the
-  cross-entropy run only on positions whose next token has a label.
+  cross-entropy run only on positions whose next token has a label;
+* ``logits_free``: the same with ``return_logits=False`` (what ``TargetedLossTrainer`` trains with): the
+  head's matmul and the cross-entropy run in row chunks (``hf_lorax.loss.LinearCrossEntropy``), no
+  ``n_labelled x vocab`` logits are held.
 
 Batches come from ``../shared/data/e2e/devset.csv`` when present (else generated MRs), encoded exactly as
 ``run_e2e.py`` does with a byte-level BPE trained offline on those sentences (GPT-2's scheme, a smaller
@@ -48,7 +51,7 @@ from bench_utils import (
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CONFIGS = ("full_logits", "targeted")
+CONFIGS = ["full_logits", "targeted", "logits_free"]
 SHAPES = {"quick": dict(layers=2, hidden=768, heads=12), "full": dict(layers=6, hidden=768, heads=12)}
 VOCAB = 50257
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "e2e", "devset.csv")
@@ -136,7 +139,8 @@ def worker(args) -> dict:
         if args.worker == "full_logits":
             loss = smoother(model(**inputs), batch["labels"], shift_labels=True)
         else:
-            loss, _ = targeted_causal_lm_loss(model, inputs, batch["labels"], label_smoothing=0.1)
+            loss, _ = targeted_causal_lm_loss(model, inputs, batch["labels"], label_smoothing=0.1,
+                                              return_logits=args.worker == "targeted")
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -198,7 +202,7 @@ def main(argv=None) -> dict:
                       f"step peak {r['step_peak_bytes'] / 2**20:8.1f} MiB", flush=True)
     rows = [max(rs, key=lambda r: r["tokens_per_s"]) for rs in runs.values()]  # tensor bytes do not vary
     by = {r["config"]: r for r in rows}
-    full, targeted = by["full_logits"], by["targeted"]
+    full, targeted, free = by["full_logits"], by["targeted"], by["logits_free"]
     result = {
         "device": args.device, "threads": args.threads, "shape": {**SHAPES[shape], "vocab": VOCAB}, "batch": args.batch,
         "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "data": data, "rows": rows,
@@ -206,6 +210,10 @@ def main(argv=None) -> dict:
             "tokens_per_s_targeted_over_full": targeted["tokens_per_s"] / full["tokens_per_s"],
             "peak_mem_targeted_over_full": targeted["peak_bytes"] / full["peak_bytes"],
             "step_peak_mem_targeted_over_full": targeted["step_peak_bytes"] / full["step_peak_bytes"],
+            "tokens_per_s_logits_free_over_full": free["tokens_per_s"] / full["tokens_per_s"],
+            "peak_mem_logits_free_over_full": free["peak_bytes"] / full["peak_bytes"],
+            "step_peak_mem_logits_free_over_targeted": free["step_peak_bytes"] / targeted["step_peak_bytes"],
+            "tokens_per_s_logits_free_over_targeted": free["tokens_per_s"] / targeted["tokens_per_s"],
         },
         "first_loss_difference": abs(targeted["first_loss"] - full["first_loss"]),
     }

@@ -179,6 +179,26 @@ def test_targeted_loss_equals_trainer_label_smoothed_loss(tmp_path, num_items):
         torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
+def test_training_loss_forms_no_logits_and_trains_a_tied_head_exactly(tmp_path):
+    """Full fine-tuning: the tied LM head trains, and its gradient equals the Trainer's; the head runs on 0 rows."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=96, n_positions=64,
+                                       bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
+    args = TrainingArguments(str(tmp_path), label_smoothing_factor=0.1, use_cpu=True, report_to=[])
+    plain, targeted = Trainer(model=model, args=args), TargetedLossTrainer(model=model, args=args)
+    batch = _batch()
+    ref_loss, ref_grads = _loss_and_grads(plain, model, batch)
+    rows = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    loss, grads = _loss_and_grads(targeted, model, batch)
+    handle.remove()
+    assert rows == [0]  # the head computed no logits
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    assert grads["transformer.wte.weight"].abs().max() > 0
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
 def test_targeted_loss_head_sees_labelled_positions_only():
     model = _lora_gpt2()
     batch = _batch()

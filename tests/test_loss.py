@@ -116,3 +116,38 @@ def test_keeps_fewer_vocabulary_sized_buffers():
 
     logits_bytes = 64 * 4096 * 4
     assert peak(causal_lm_loss) <= 1.5 * logits_bytes < 2.5 * logits_bytes <= peak(ForCausalLMLoss)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_linear_cross_entropy_equals_head_then_cross_entropy(monkeypatch, label_smoothing):
+    """Value and gradients (hidden, weight, bias) equal ``F.cross_entropy(hidden @ Wᵀ + b)``, across chunks."""
+    import hf_lorax.loss as loss_module
+    from hf_lorax.loss import linear_cross_entropy
+
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 50 * 8)  # several row chunks
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(50, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (37,), generator=g)
+    targets[::5] = -100
+    ours = linear_cross_entropy(hidden, weight, targets, bias, label_smoothing)
+    reference = torch.nn.functional.cross_entropy(hidden @ weight.T + bias, targets, reduction="sum",
+                                                  label_smoothing=label_smoothing)
+    torch.testing.assert_close(ours, reference, atol=1e-12, rtol=1e-12)
+    for a, b in zip(torch.autograd.grad(0.7 * ours, (hidden, weight, bias)),
+                    torch.autograd.grad(0.7 * reference, (hidden, weight, bias))):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_linear_cross_entropy_keeps_float32_logits_under_autocast():
+    from hf_lorax.loss import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(8, 16, generator=g), torch.randn(40, 16, generator=g)
+    targets = torch.randint(0, 40, (8,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_cross_entropy(hidden, weight, targets)
+    reference = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
