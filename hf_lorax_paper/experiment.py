@@ -128,6 +128,8 @@ def parse(plugin: TaskPlugin, argv: list[str]) -> Experiment:
     from transformers import TrainingArguments
 
     argv = list(argv)
+    if "-h" in argv or "--help" in argv:  # every group's flags, TrainingArguments' included
+        _parser((MethodArguments, plugin.data_arguments, TrainingArguments)).parse_args_into_dataclasses(args=argv)
     method, data, _ = _parser((MethodArguments, plugin.data_arguments)).parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True)
     check_method(method.method)
@@ -149,7 +151,7 @@ def parse(plugin: TaskPlugin, argv: list[str]) -> Experiment:
 
 def explicit_flags(argv: list[str]) -> set[str]:
     """The option names given on a command line (``--name value`` and ``--name=value``)."""
-    return {token[2:].split("=", 1)[0] for token in argv if token.startswith("--")}
+    return {token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")}
 
 
 def _tokens(name: str, value) -> list[str]:

@@ -83,6 +83,15 @@ def test_qlora_quant_storage_for_fsdp():
     assert config.bnb_config().bnb_4bit_quant_storage == torch.bfloat16
 
 
+def test_help_lists_every_group_and_dashed_flags_count_as_given(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse(GLUE, ["--help"])
+    text = capsys.readouterr().out
+    assert exit_info.value.code == 0 and all(f"--{n}" in text for n in ("preset", "data_dir", "num_train_epochs", "bf16"))
+    experiment = parse(GLUE, ["--preset", "roberta-base/sst2", "--num-train-epochs", "2"])
+    assert experiment.training.num_train_epochs == 2 and "num_train_epochs" not in experiment.from_preset
+
+
 def test_report_to_defaults_to_tensorboard_when_installed(monkeypatch):
     monkeypatch.setattr(experiment.importlib.util, "find_spec", lambda name: object() if name == "tensorboard" else None)
     assert parse(GLUE, ["--preset", "roberta-base/sst2"]).training.report_to == ["tensorboard"]
