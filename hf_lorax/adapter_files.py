@@ -107,7 +107,7 @@ class AdapterFolder:
         """The ``modules_to_save`` entries (task heads) that have tensors in the weights file."""
         names = [k.removeprefix("base_model.model.") for k in self.shapes if "lora_" not in k]
         listed = sorted(set(self.config.get("modules_to_save") or []))
-        return [h for h in listed if any(n == h or n.startswith(h + ".") or f".{h}." in f".{n}" for n in names)]
+        return [h for h in listed if any(f".{h}." in f".{n}" for n in names)]
 
     def rows(self) -> list[AdaptedModule]:
         return [m.row() for m in self.modules]

@@ -130,13 +130,21 @@ class LoRAConfig(LoraConfig):
         This is what peft receives from :func:`hf_lorax.get_model`; ``self`` is left as it was.
         """
         resolved = copy.deepcopy(self)
-        resolved.rank_pattern = dict(plan.rank_pattern)
-        resolved.alpha_pattern = dict(plan.alpha_pattern)
-        resolved.modules_to_save = list(plan.modules_to_save) if plan.modules_to_save else None
-        if plan.target_modules is not None:
-            resolved.target_modules = plan.target_modules
-        resolved.resolved_plan = plan
+        resolved.adopt_plan(plan)
         return resolved
+
+    def adopt_plan(self, plan) -> None:
+        """Write ``plan``'s exact ranks, alphas, task head and targets into this config, in place.
+
+        Only for a config peft already holds (see :func:`hf_lorax.model_prep.prepare_injection`); a user's
+        config gets :meth:`with_plan` instead.
+        """
+        self.rank_pattern = dict(plan.rank_pattern)
+        self.alpha_pattern = dict(plan.alpha_pattern)
+        self.modules_to_save = list(plan.modules_to_save) if plan.modules_to_save else None
+        if plan.target_modules is not None:
+            self.target_modules = plan.target_modules
+        self.resolved_plan = plan
 
     # -- saving -------------------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi
 
-from .adapter_files import check_adapter_dir, read_json
+from .adapter_files import check_adapter_dir, read_adapter_folder, read_json
 from .card import CARD_NAME, write_model_card
 from .serving import check_serving
 
@@ -141,8 +141,9 @@ def push_adapter(
     ``force=True``; export it with ``python -m hf_lorax.export`` first.
     """
     plan = plan_upload(folder, repo_id, results)
+    saved = read_adapter_folder(folder) if serving_engines else None
     for engine in serving_engines:
-        report = check_serving(folder, engine)
+        report = check_serving(saved, engine)
         if not report.servable_as_is and not force:
             first = (report.wrong + report.refused)[0]
             raise ValueError(

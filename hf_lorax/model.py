@@ -24,9 +24,7 @@ from torch import nn
 from .adapter_files import atomic_directory_write, check_adapter_dir, read_sidecar
 from .card import write_model_card
 from .config import LoRAConfig
-from .integrations.peft_api import register_layers
-from .layers import layer_mapping
-from .model_prep import declare_mean_loss, prepare_base_model
+from .model_prep import prepare_base_model, prepare_injection
 from .plan import resolve
 from .task_types import AUTO_CLASSES, LABELLED_TASK_TYPES, task_name
 
@@ -78,11 +76,8 @@ def get_model(
 
 def _resolved(config: LoRAConfig, base: nn.Module) -> LoRAConfig:
     """The copy of ``config`` peft receives: resolved against ``base``, hf_lorax's layers registered."""
-    plan = resolve(config, base)
-    if plan.modules_to_save:
-        declare_mean_loss(base)
-    resolved = config.with_plan(plan)
-    register_layers(resolved, layer_mapping())
+    resolved = config.with_plan(resolve(config, base))
+    prepare_injection(resolved, base)
     return resolved
 
 
@@ -163,11 +158,11 @@ def _check_every_weight_loaded(model: PeftModel, path: str) -> None:
     """peft only warns when saved adapter weights have no place in the model (then they keep their initial
     values, and the adapter silently does nothing); here that is an error naming a key."""
     from peft import get_peft_model_state_dict
-
-    from .adapter_files import read_adapter_folder
+    from safetensors import safe_open
 
     expected = set(get_peft_model_state_dict(model))
-    unplaced = sorted(k for k in read_adapter_folder(path).shapes if k not in expected)
+    with safe_open(os.path.join(path, "adapter_model.safetensors"), framework="pt") as weights:
+        unplaced = sorted(k for k in weights.keys() if k not in expected)
     if unplaced:
         raise ValueError(
             f"The adapter in {path!r} holds weights this {type(model.get_base_model()).__name__} has no place for, "

@@ -5,6 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from .config import LoRAConfig, QLoRAConfig
+from .integrations.peft_api import register_layers
+from .layers import layer_mapping
+from .plan import resolve
 
 
 def declare_mean_loss(model: nn.Module) -> None:
@@ -17,6 +20,20 @@ def declare_mean_loss(model: nn.Module) -> None:
     """
     if "accepts_loss_kwargs" not in vars(type(model)) and hasattr(model, "forward"):
         model.accepts_loss_kwargs = False
+
+
+def prepare_injection(config: LoRAConfig, model: nn.Module) -> None:
+    """Make ``config`` ready for peft to inject into ``model``: resolved (in place, unless it already carries a
+    plan), the Trainer told the head's loss is a mean, hf_lorax's layers registered.
+
+    :func:`hf_lorax.get_model` calls it on the resolved copy it hands peft; the peft hook on the config object
+    peft already holds (``peft.get_peft_model`` keeps the object it is given and edits it itself).
+    """
+    if config.resolved_plan is None:
+        config.adopt_plan(resolve(config, model))
+    if config.resolved_plan.modules_to_save:
+        declare_mean_loss(model)
+    register_layers(config, layer_mapping())
 
 
 def prepare_base_model(config: LoRAConfig, model: nn.Module) -> nn.Module:

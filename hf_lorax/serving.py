@@ -29,6 +29,7 @@ import os
 from dataclasses import dataclass, field
 
 from .adapter_files import AdapterFolder, read_adapter_folder, read_json
+from .slices import lora_scaling
 
 # vLLM's accepted ``--max-lora-rank`` values (``vllm/config``: MaxLoRARanks).
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -134,7 +135,7 @@ def check_serving(adapter_dir: str | AdapterFolder, engine: str) -> ServingRepor
     if model_type in spec.unsupported_model_types:
         add(Finding("refused", "", f"{spec.label} has no LoRA support for {model_type} models."))
     if not spec.reads_patterns:
-        uniform = _uniform_scaling(config)
+        uniform = lora_scaling(config["lora_alpha"], config["r"], bool(config.get("use_rslora")))
         for module in folder.modules:
             if abs(module.scaling - uniform) > 1e-12 * max(1.0, abs(uniform)):
                 add(Finding("wrong", module.name, f"scaling {module.scaling:g} would be served as {uniform:g} "
@@ -178,11 +179,6 @@ def next_rank_value(rank: int, spec: EngineSpec) -> int:
     if not fitting:
         raise ValueError(f"rank {rank} is above {spec.label}'s largest max-lora-rank {spec.rank_values[-1]}.")
     return fitting[0]
-
-
-def _uniform_scaling(config: dict) -> float:
-    r, alpha = config["r"], config["lora_alpha"]
-    return alpha / (r**0.5 if config.get("use_rslora") else r)
 
 
 def base_model_type(folder: AdapterFolder) -> str | None:

@@ -278,11 +278,10 @@ TRAINING_FIELDS = ("num_train_epochs", "max_steps", "learning_rate", "per_device
 
 def effective_training_args(args) -> dict:
     """The training arguments a run used (JSON-ready), for ``results.json``."""
-    out = {}
-    for name in TRAINING_FIELDS:
-        value = getattr(args, name, None)
-        out[name] = getattr(value, "value", value) if not isinstance(value, (list, int, float, str, bool, type(None))) else value
-    return out
+    from enum import Enum
+
+    values = {name: getattr(args, name, None) for name in TRAINING_FIELDS}
+    return {name: value.value if isinstance(value, Enum) else value for name, value in values.items()}
 
 
 def save_run(model, output_dir: str, method: str) -> str:

@@ -210,9 +210,8 @@ def _export_merged(folder: AdapterFolder, dst: str, engine: str, base_model) -> 
             for name in os.listdir(base_dir):  # the tokenizer files, so the folder serves as it is
                 if name.startswith(("tokenizer", "vocab", "merges", "special_tokens_map")):
                     shutil.copy2(os.path.join(base_dir, name), tmp)
-        for name in CARRIED_FILES[:1]:
-            if os.path.isfile(os.path.join(folder.path, name)):
-                shutil.copy2(os.path.join(folder.path, name), tmp)
+        if os.path.isfile(os.path.join(folder.path, "results.json")):  # the run's results travel with the model
+            shutil.copy2(os.path.join(folder.path, "results.json"), tmp)
 
     atomic_directory_write(dst, write)
     return ExportResult(dst=dst, engine=engine, kind="merged model", notes=[

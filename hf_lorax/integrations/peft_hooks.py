@@ -15,11 +15,9 @@ from peft.tuners.lora import LoraConfig, LoraModel
 
 from ..adapter_files import read_sidecar
 from ..config import LoRAConfig
-from ..layers import layer_mapping
-from ..model_prep import declare_mean_loss
-from ..plan import resolve
+from ..model_prep import prepare_injection
 from .guard import install_hook, wrap
-from .peft_api import CONFIG_FROM_PRETRAINED, PREPARE_MODEL, register_layers
+from .peft_api import CONFIG_FROM_PRETRAINED, PREPARE_MODEL
 
 logger = logging.getLogger(__name__)
 
@@ -35,29 +33,10 @@ def install() -> None:
                  "hf_lorax.get_model(path) still reads hf_lorax.json.")
 
 
-def adopt_plan(config: LoRAConfig, model) -> None:
-    """Resolve ``config`` against ``model`` and register hf_lorax's layers on it, in place.
-
-    Only for the config object peft already holds (``peft.get_peft_model`` keeps the object it is given and
-    edits it itself, e.g. ``target_modules``); :func:`hf_lorax.get_model` instead passes peft a resolved copy
-    and never edits the user's config.
-    """
-    if config.resolved_plan is None:
-        plan = resolve(config, model)
-        config.rank_pattern, config.alpha_pattern = dict(plan.rank_pattern), dict(plan.alpha_pattern)
-        config.modules_to_save = list(plan.modules_to_save) if plan.modules_to_save else None
-        if plan.target_modules is not None:
-            config.target_modules = plan.target_modules
-        config.resolved_plan = plan
-    if config.resolved_plan.modules_to_save:
-        declare_mean_loss(model)
-    register_layers(config, layer_mapping())
-
-
 def _prepare_model_wrapper(original):
     def _prepare_model(self, peft_config, model):
         if isinstance(peft_config, LoRAConfig):
-            adopt_plan(peft_config, model)
+            prepare_injection(peft_config, model)
         return original(self, peft_config, model)
 
     return _prepare_model
