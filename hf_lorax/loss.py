@@ -80,22 +80,28 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, label_smoothing: float, ignore_index: int):
-        with torch.autocast(device_type=hidden.device.type, enabled=False):  # float32 logits under autocast too
-            return LinearCrossEntropy._forward(ctx, hidden, weight, bias, targets, label_smoothing, ignore_index)
+        device = hidden.device.type
+        # The head's GEMMs run in the autocast dtype when autocast is on (as the stock head's F.linear does),
+        # else in the inputs' dtype; the softmax and the loss always in at least float32.
+        matmul_dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                        else torch.promote_types(hidden.dtype, weight.dtype))
+        with torch.autocast(device_type=device, enabled=False):
+            return LinearCrossEntropy._forward(ctx, hidden, weight, bias, targets, label_smoothing, ignore_index,
+                                               matmul_dtype)
 
     @staticmethod
-    def _forward(ctx, hidden, weight, bias, targets, label_smoothing: float, ignore_index: int):
+    def _forward(ctx, hidden, weight, bias, targets, label_smoothing: float, ignore_index: int, matmul_dtype):
         n, vocab = hidden.shape[0], weight.shape[0]
-        dtype = torch.promote_types(hidden.dtype, torch.float32)
-        weight32 = weight.to(dtype)
+        dtype = torch.promote_types(matmul_dtype, torch.float32)
+        weight_mm = weight.to(matmul_dtype)
         loss = torch.zeros((), dtype=dtype, device=hidden.device)
         grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight32) if ctx.needs_input_grad[1] else None
+        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros(vocab, dtype=dtype, device=hidden.device) if bias is not None and ctx.needs_input_grad[2] else None
         keep = 1.0 - label_smoothing
         for rows in _row_chunks(n, vocab):
-            h = hidden[rows].to(dtype)
-            logits = h @ weight32.T
+            h = hidden[rows].to(matmul_dtype)
+            logits = (h @ weight_mm.T).to(dtype)
             if bias is not None:
                 logits = logits + bias.to(dtype)
             target = targets[rows]
@@ -110,12 +116,13 @@ class LinearCrossEntropy(torch.autograd.Function):
             if label_smoothing:
                 grad.sub_(label_smoothing / vocab)
             grad.mul_(valid.unsqueeze(1).to(grad.dtype))
-            if grad_hidden is not None:
-                grad_hidden[rows] = grad @ weight32
-            if grad_weight is not None:
-                grad_weight.addmm_(grad.T, h)
             if grad_bias is not None:
                 grad_bias.add_(grad.sum(dim=0))
+            grad = grad.to(matmul_dtype)
+            if grad_hidden is not None:
+                grad_hidden[rows] = grad @ weight_mm
+            if grad_weight is not None:
+                grad_weight.add_(grad.T @ h)
         ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None))
         ctx.present = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)

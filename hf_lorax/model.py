@@ -37,6 +37,7 @@ def get_model(
     *,
     is_trainable: bool = True,
     allow_pickle: bool = False,
+    logits_free_loss: bool = True,
     **from_pretrained_kwargs: Any,
 ) -> PeftModel:
     """Build (or load) a ``PeftModel`` with hf_lorax adapters.
@@ -49,6 +50,9 @@ def get_model(
         is_trainable: when loading a saved adapter, whether its weights train (default) or are frozen.
         allow_pickle: load an adapter saved only as a pickle ``adapter_model.bin`` (refused by default, as
             unpickling can run code; loaded with ``torch.load(weights_only=True)``).
+        logits_free_loss: for causal LMs of the verified architectures, training forwards with ``labels`` compute
+            the loss from the hidden states in row chunks and never form the logits (:mod:`hf_lorax.logits_free`;
+            ``outputs.logits`` is then ``None`` in training). ``False`` keeps the model's own forward.
         **from_pretrained_kwargs: passed to the Auto class's ``from_pretrained`` (``torch_dtype``, ...).
 
     The task head (RoBERTa's ``classifier``, GPT-2's ``score``, ...) is trained and saved with the adapter;
@@ -63,7 +67,8 @@ def get_model(
         again = get_model("out/adapter")
     """
     if isinstance(config, (str, os.PathLike)):
-        return _load_adapter(os.fspath(config), model, is_trainable, allow_pickle, from_pretrained_kwargs)
+        return _load_adapter(os.fspath(config), model, is_trainable, allow_pickle, logits_free_loss,
+                             from_pretrained_kwargs)
     if not isinstance(config, LoRAConfig):
         raise TypeError(
             f"get_model takes an hf_lorax config (LoRAConfig, DoRAConfig, QLoRAConfig) or an adapter directory, "
@@ -71,7 +76,8 @@ def get_model(
         )
     base = model if model is not None else load_base_model(config, **from_pretrained_kwargs)
     _check_base_model(config, base)
-    return with_hf_lorax_saving(get_peft_model(base, _resolved(config, prepare_base_model(config, base))))
+    prepared = prepare_base_model(config, base, logits_free_loss)
+    return with_hf_lorax_saving(get_peft_model(prepared, _resolved(config, prepared)))
 
 
 def _resolved(config: LoRAConfig, base: nn.Module) -> LoRAConfig:
@@ -128,7 +134,8 @@ def _check_base_model(config: LoRAConfig, base: nn.Module) -> None:
             logger.info("pad_token_id was unset; using eos_token_id=%s for the classification head.", eos)
 
 
-def _load_adapter(path: str, model: nn.Module | None, is_trainable: bool, allow_pickle: bool, kwargs: dict) -> PeftModel:
+def _load_adapter(path: str, model: nn.Module | None, is_trainable: bool, allow_pickle: bool, logits_free_loss: bool,
+                  kwargs: dict) -> PeftModel:
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "adapter_config.json")):
             raise FileNotFoundError(f"{path!r} has no adapter_config.json; it is not a saved adapter directory.")
@@ -142,7 +149,7 @@ def _load_adapter(path: str, model: nn.Module | None, is_trainable: bool, allow_
         config = PeftConfig.from_pretrained(path)
     base = model if model is not None else load_base_model(config, **kwargs)
     if isinstance(config, LoRAConfig):
-        config = _resolved(config, prepare_base_model(config, base))
+        config = _resolved(config, prepare_base_model(config, base, logits_free_loss))
     try:
         loaded = PeftModel.from_pretrained(base, path, config=config, is_trainable=is_trainable)
     except RuntimeError as exc:

@@ -36,11 +36,15 @@ def prepare_injection(config: LoRAConfig, model: nn.Module) -> None:
     register_layers(config, layer_mapping())
 
 
-def prepare_base_model(config: LoRAConfig, model: nn.Module) -> nn.Module:
-    """Causal LMs get hf_lorax's causal-LM loss (:mod:`hf_lorax.loss`); quantized bases k-bit preparation."""
+def prepare_base_model(config: LoRAConfig, model: nn.Module, logits_free_loss: bool = True) -> nn.Module:
+    """Causal LMs train without logits (:mod:`hf_lorax.logits_free`, unless ``logits_free_loss=False``) and get
+    the one-buffer loss of :mod:`hf_lorax.loss` wherever logits are formed; quantized bases k-bit preparation."""
     if config.task_type == "CAUSAL_LM":
+        from .logits_free import enable_logits_free_loss
         from .loss import install_causal_lm_loss
 
+        if logits_free_loss:
+            enable_logits_free_loss(model)  # first: it checks that the model computes the stock loss
         install_causal_lm_loss(model)
     if isinstance(config, QLoRAConfig):
         from .quantization import prepare_for_kbit_training

@@ -48,7 +48,8 @@ def head_on_positions(head: nn.Module, mask: torch.Tensor, capture: list | None 
 
     ``mask`` is ``batch x (seq - 1)``: position ``t`` is kept when the token at ``t + 1`` has a label. With
     ``capture``, those hidden states are appended to it and the head gets none of them (``0 x hidden``): the
-    loss is then computed from the hidden states without any logits (:func:`hf_lorax.loss.linear_cross_entropy`).
+    loss is then computed from the hidden states without any logits (:func:`hf_lorax.loss.linear_cross_entropy`);
+    under ``torch.compile`` the captured tensor is ``hidden[:, :-1]`` whole (``batch x (seq - 1) x hidden``).
     """
     calls = []
 
@@ -59,6 +60,11 @@ def head_on_positions(head: nn.Module, mask: torch.Tensor, capture: list | None 
             raise RuntimeError(f"lm_head got hidden states of shape {tuple(hidden.shape)}, expected {expected} x hidden: "
                                "the model must run its head once on every position (logits_to_keep=0).")
         calls.append(1)
+        if capture is not None and torch.compiler.is_compiling():
+            # a boolean gather has a data-dependent shape (a graph break under torch.compile): hand over every
+            # position instead; the unlabelled ones carry ignore_index and add nothing to the loss
+            capture.append(hidden[:, :-1])
+            return (hidden[:, :0], *rest)
         selected = hidden[:, :-1][mask]
         if capture is not None:
             capture.append(selected)
@@ -99,7 +105,9 @@ def targeted_causal_lm_loss(
         outputs = model(**inputs, use_cache=False)
     if logits_free:
         logits = None
-        loss_sum = linear_cross_entropy(captured[0], head.weight, targets, head.bias, label_smoothing, IGNORE_INDEX)
+        hidden = captured[0]
+        rows_targets = shifted if hidden.dim() == 3 else targets  # every position, captured under torch.compile
+        loss_sum = linear_cross_entropy(hidden, head.weight, rows_targets, head.bias, label_smoothing, IGNORE_INDEX)
     else:
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         # fp32 log-softmax, as the LabelSmoother's smoothed term; the tensor is small now (n_labelled x vocab)

@@ -34,6 +34,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 METHODS = ("lora", "dora", "qlora", "qdora")
 CONFIGS = ["full", *(f"{lib}_{m}" for m in METHODS for lib in ("peft", "hf_lorax"))]
+# hf_lorax with its fused eager path off (hf_lorax.layers.set_fused_path): what the fused node is worth.
+# Compiled steps never use the fused node, so these rows run in eager mode only.
+UNFUSED = [f"hf_lorax-unfused_{m}" for m in METHODS]
 # name: (family, layers, hidden, heads, kv_heads, intermediate, vocab, seq, batch, r, targets)
 SHAPES = {
     "gpt2-medium": ("gpt2", 24, 1024, 16, 16, 4096, 50257, 512, 8, 16, ["c_attn", "c_proj", "c_fc"]),
@@ -82,7 +85,7 @@ def load_model(config: str, shape: str, path: str, device: str):
     common = dict(r=r, lora_alpha=2 * r, target_modules=targets, task_type=task)
     quantized = method.startswith("q")
     placement = {"device_map": {"": device}} if device != "cpu" else {}
-    if library == "hf_lorax":
+    if library.startswith("hf_lorax"):
         if quantized:
             cfg = hf_lorax.QLoRAConfig(base_model_name_or_path=path, use_dora=method == "qdora",
                                        num_labels=2 if task == "SEQ_CLS" else None, **common)
@@ -98,6 +101,10 @@ def load_model(config: str, shape: str, path: str, device: str):
         else:
             base = auto.from_pretrained(path, dtype=torch.bfloat16).to(device)
         model = get_peft_model(base, LoraConfig(use_dora=method in ("dora", "qdora"), **common))
+    if library == "hf_lorax-unfused":
+        from hf_lorax.layers import set_fused_path
+
+        set_fused_path(model, False)
     for p in model.parameters():  # adapters (and a task head) train in fp32
         if p.requires_grad:
             p.data = p.data.float()
@@ -191,6 +198,9 @@ def ratios(rows: list[dict]) -> dict:
                 entry[f"{m}_peak_mem_hf_lorax_over_peft"] = mem[ours] / mem[theirs]
             if ours in med and "full" in med:
                 entry[f"{m}_step_hf_lorax_over_full"] = med[ours] / med["full"]
+            if ours in med and f"hf_lorax-unfused_{m}" in med:
+                entry[f"{m}_step_fused_over_unfused"] = med[ours] / med[f"hf_lorax-unfused_{m}"]
+                entry[f"{m}_peak_mem_fused_over_unfused"] = mem[ours] / mem[f"hf_lorax-unfused_{m}"]
             if ours in med and "hf_lorax_lora" in med and m != "lora":
                 entry[f"{m}_over_lora_hf_lorax"] = med[ours] / med["hf_lorax_lora"]
         out[f"{shape}/{mode}"] = entry
@@ -201,7 +211,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["gpt2-medium", "roberta-large", "llama-1b"], choices=list(SHAPES))
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
-    parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
+    parser.add_argument("--configs", nargs="+", default=CONFIGS + UNFUSED, choices=CONFIGS + UNFUSED)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=1, help="processes per configuration, alternating")
@@ -229,7 +239,8 @@ def main(argv=None) -> dict:
             build_base(shape, base)
             for mode in args.modes:
                 for repeat in range(args.repeats):
-                    order = args.configs if repeat % 2 == 0 else list(reversed(args.configs))  # alternate
+                    configs = [c for c in args.configs if mode == "eager" or c not in UNFUSED]
+                    order = configs if repeat % 2 == 0 else list(reversed(configs))  # alternate
                     for config in order:
                         worker_args = ["--worker", config, "--shape", shape, "--mode", mode, "--base", base,
                                        "--warmup", str(args.warmup), "--steps", str(args.steps)]
@@ -243,10 +254,10 @@ def main(argv=None) -> dict:
 
 
 def print_table(result: dict) -> None:
-    print(f"{'shape/mode':<26} {'config':<16} {'ms/step':>9} {'tokens/s':>10} {'MFU':>6} {'peak MiB':>9}")
+    print(f"{'shape/mode':<26} {'config':<24} {'ms/step':>9} {'tokens/s':>10} {'MFU':>6} {'peak MiB':>9}")
     for r in result["rows"]:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        print(f"{r['shape'] + '/' + r['mode']:<26} {r['config']:<16} {r['median_ms']:9.1f} {r['tokens_per_s']:10.0f} "
+        print(f"{r['shape'] + '/' + r['mode']:<26} {r['config']:<24} {r['median_ms']:9.1f} {r['tokens_per_s']:10.0f} "
               f"{mfu:>6} {r['peak_bytes'] / 2**20:9.0f}")
     for key, entry in result["ratios"].items():
         print(key, " ".join(f"{k}={v:.2f}" for k, v in entry.items()))

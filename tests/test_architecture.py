@@ -7,8 +7,10 @@ ROOT = Path(__file__).resolve().parents[1]
 LIBRARY, HARNESS = "hf_lorax", "hf_lorax_paper"
 PRIVATE_NAMES = ("_register_custom_module", "_maybe_include_all_linear_layers", "_check_target_module_exists",
                  "_ExcludedModule", "_prepare_model", "LOSS_MAPPING", "_loss_function")
-# Outside hf_lorax/integrations, peft and transformers are imported from their top level only (plus Conv1D's module).
-PUBLIC_IMPORTS = {"peft", "transformers", "transformers.pytorch_utils", "transformers.pytorch_utils.Conv1D"}
+# Outside hf_lorax/integrations, peft and transformers are imported from their top level only, plus two documented
+# public modules transformers does not re-export from its top level (Conv1D's, and the model output classes').
+PUBLIC_IMPORTS = {"peft", "transformers", "transformers.pytorch_utils", "transformers.pytorch_utils.Conv1D",
+                  "transformers.modeling_outputs", "transformers.modeling_outputs.CausalLMOutputWithPast"}
 
 
 def _module_name(path: Path) -> str:

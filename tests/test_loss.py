@@ -140,14 +140,20 @@ def test_linear_cross_entropy_equals_head_then_cross_entropy(monkeypatch, label_
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
-def test_linear_cross_entropy_keeps_float32_logits_under_autocast():
+def test_linear_cross_entropy_under_autocast_is_the_stock_heads_bf16_matmul_and_float32_softmax():
+    """As ``lm_head`` under autocast: bf16 GEMMs (tensor cores on GPU), then the softmax and loss in float32."""
     from hf_lorax.loss import linear_cross_entropy
 
     g = torch.Generator().manual_seed(0)
-    hidden, weight = torch.randn(8, 16, generator=g), torch.randn(40, 16, generator=g)
+    hidden, weight = torch.randn(8, 16, generator=g), torch.randn(40, 16, generator=g, requires_grad=True)
     targets = torch.randint(0, 40, (8,), generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ours = linear_cross_entropy(hidden, weight, targets)
-    reference = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+        stock = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight).float(), targets,
+                                                  reduction="sum")
     assert ours.dtype == torch.float32
-    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)
+    (grad_ours,) = torch.autograd.grad(ours, weight)
+    (grad_stock,) = torch.autograd.grad(stock, weight)
+    assert grad_ours.dtype == torch.float32
+    torch.testing.assert_close(grad_ours, grad_stock, atol=2e-2, rtol=2e-2)  # bf16 GEMMs both

@@ -10,6 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .dora import DoraMagnitude, FactorizedDoraEmbeddingVariant, FactorizedDoraLinearVariant, dora_row_norm
+from .fused import FusedLoraLinear, fused_lora_linear, set_fused_path
 from .lora import LoraEmbedding, LoraLinear, SlicedLoraB
 from .types import SUPPORTED_LAYER_TYPES, is_dense, is_quantized_linear, out_features
 
@@ -34,13 +35,16 @@ __all__ = [
     "DoraMagnitude",
     "FactorizedDoraEmbeddingVariant",
     "FactorizedDoraLinearVariant",
+    "FusedLoraLinear",
     "LoraEmbedding",
     "LoraLinear",
     "SUPPORTED_LAYER_TYPES",
     "SlicedLoraB",
     "dora_row_norm",
+    "fused_lora_linear",
     "is_dense",
     "is_quantized_linear",
     "layer_mapping",
     "out_features",
+    "set_fused_path",
 ]

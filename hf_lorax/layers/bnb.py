@@ -1,9 +1,11 @@
 """LoRA / DoRA on bitsandbytes 4-bit and 8-bit linears (QLoRA, QDoRA).
 
-peft's bnb layers, with three changes:
+peft's bnb layers, with four changes:
 
 * DoRA is hf_lorax's factorized variant; its ``W Aᵀ`` runs through the quantized kernel;
 * fused slices and ``target_name`` work as on dense layers;
+* in eager mode a 4-bit layer is one autograd node, its weight dequantised and freed inside it
+  (:mod:`hf_lorax.layers.fused`);
 * merging de-quantizes: the merged layer becomes a dense ``nn.Linear`` in the compute dtype, and
   unmerging restores the original quantized layer bit for bit. peft instead re-quantizes the merged weight
   (lossy every time, peft#2321).
@@ -27,6 +29,7 @@ from ..integrations.peft_api import (
     peft_bnb_module,
 )
 from .dora import FactorizedDoraLinearVariant
+from .fused import FusedForwardMixin
 from .lora import FusedSliceMixin
 
 peft_bnb = peft_bnb_module()
@@ -39,13 +42,24 @@ def disable_cpu_repacking(module: nn.Module) -> None:
             layer.support_avx512bf16_for_cpu = False
 
 
-class _QuantizedLora(FusedSliceMixin):
+class _QuantizedLora(FusedForwardMixin, FusedSliceMixin):
     def _init_quantized(self, base_layer, adapter_name, config, r, lora_alpha, **kwargs) -> None:
         init_lora_state(self, base_layer)
         self.fan_in_fan_out = False
         self._active_adapter = adapter_name
         disable_cpu_repacking(self.get_base_layer())
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+    def _fused_weight(self):
+        """A 4-bit weight is dequantised inside the fused node (LLM.int8() keeps its own int8 matmul)."""
+        base = self.get_base_layer()
+        if not isinstance(base, bnb.nn.Linear4bit):
+            return None
+        return lambda: dequantize_module_weight(base)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        fused = self._fused_forward(x, *args, **kwargs)
+        return fused if fused is not None else super().forward(x, *args, **kwargs)
 
     def resolve_lora_variant(self, *, config, **kwargs):
         if config.use_dora:

@@ -6,7 +6,8 @@ inference and saving behave exactly as in peft, and parameter names stay peft's 
 
 * DoRA uses :mod:`hf_lorax.layers.dora` (norm from the factors, no d×k temporaries);
 * ``Conv1D`` is recognised by type, not by the config's ``fan_in_fan_out`` flag;
-* a layer on a fused projection can adapt only some slices (:class:`SlicedLoraB`).
+* a layer on a fused projection can adapt only some slices (:class:`SlicedLoraB`);
+* in eager mode the whole layer (LoRA or DoRA) is one autograd node (:mod:`hf_lorax.layers.fused`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from transformers.pytorch_utils import Conv1D
 from ..integrations.peft_api import VARIANT_KWARG_KEYS, init_lora_state, peft_lora
 from ..slices import SliceSpec, fused_alpha, fused_rank
 from .dora import FactorizedDoraEmbeddingVariant, FactorizedDoraLinearVariant
+from .fused import FusedForwardMixin
 
 
 class SlicedLoraB(nn.Module):
@@ -136,7 +138,7 @@ class WeightNormCacheMixin:
         self.__dict__.pop("_hf_lorax_weight_sq", None)
 
 
-class LoraLinear(FusedSliceMixin, WeightNormCacheMixin, peft_lora.Linear):
+class LoraLinear(FusedForwardMixin, FusedSliceMixin, WeightNormCacheMixin, peft_lora.Linear):
     """LoRA / DoRA on ``nn.Linear`` or GPT-2 ``Conv1D``, optionally on slices of a fused projection."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int = 0, lora_alpha: float = 1, **kwargs):
@@ -154,10 +156,14 @@ class LoraLinear(FusedSliceMixin, WeightNormCacheMixin, peft_lora.Linear):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """``W x + B (s · A dropout(x))``: the scaling multiplies the r-wide ``A x``, not the output.
 
-        peft scales ``B A x`` (batch × seq × out) and then adds it: one more output-sized tensor and pass
-        per layer. Merged layers, disabled adapters, mixed-adapter batches, variants (DoRA) and ``lora_bias``
-        take peft's path.
+        Eager calls go through the fused node (:class:`~hf_lorax.layers.fused.FusedForwardMixin`). Otherwise
+        (``torch.compile`` traces this code): peft scales ``B A x`` (batch × seq × out) and then adds it, one
+        more output-sized tensor and pass per layer. Merged layers, disabled adapters, mixed-adapter batches,
+        variants (DoRA) and ``lora_bias`` take peft's path.
         """
+        fused = self._fused_forward(x, *args, **kwargs)
+        if fused is not None:
+            return fused
         active = [a for a in self.active_adapters if a in self.lora_A]
         if (self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None
                 or any(a in self.lora_variant or self.lora_bias.get(a, False) for a in active)):

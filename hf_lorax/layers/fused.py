@@ -1,0 +1,198 @@
+"""One autograd node per adapted linear: base GEMM, low-rank update and (DoRA) rescaling in a single pass.
+
+Why this exists: in eager mode a peft LoRA linear is six to nine autograd nodes (input cast, base linear,
+dropout, ``lora_A``, scaling, ``lora_B``, add, output cast; DoRA adds its rescale). Each keeps its own copy
+of what it needs — the base linear a cast ``x``, dropout its mask and output, ``lora_A`` the dropped ``x``
+again — and each launches its own kernels, which is what makes a small-batch LoRA step on a GPU cost as much
+as full fine-tuning. :class:`FusedLoraLinear` (Unsloth's ``fast_lora`` scheme, in plain PyTorch so it runs
+on CPU and CUDA alike) computes::
+
+    c = x Wᵀ + B (s · A drop(x))            out = c + bias          (LoRA)
+                                            out = n ⊙ c + bias      (DoRA, n = m / ‖W + s·BA‖ detached)
+
+with the update added into the base GEMM's output buffer, and keeps for backward only ``x`` (once, in the
+dtype both GEMMs read), the boolean dropout mask, the r-wide ``s · A drop(x)`` and, for DoRA, ``c``.
+Backward forms ``dx = g W + (s · (g B) A) ⊙ mask/(1-p)``, ``dA``, ``dB`` (and the bias and magnitude
+gradients when they train); the frozen ``W`` gets no gradient. A 4-bit weight is dequantised in forward and
+again in backward, and freed right after each use (what bitsandbytes' own ``matmul_4bit`` does).
+
+Dropout, biases, rank maps, fused slices and DoRA all stay on this path. Under ``torch.compile`` the layers
+use their plain code instead (inductor fuses it and chooses what to save; an opaque node would stop it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .dora import FactorizedDoraLinearVariant
+
+WeightSource = Callable[[], torch.Tensor]  # returns the frozen weight as (out, in) in the base compute dtype
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype active for ``device``'s type, or None when autocast is off there."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+class FusedLoraLinear(torch.autograd.Function):
+    """``out = [n ⊙] (x Wᵀ + B (s · A drop(x))) + bias`` as one autograd node (see the module docstring).
+
+    Inputs: ``x`` (..., in); ``weight`` the frozen (out, in) weight, or a callable that materialises it
+    (quantized bases); ``bias`` (out,) or None; ``lora_A`` (r, in); ``lora_B`` (out, r); ``scaling``;
+    ``dropout_p``; ``norm_scale`` DoRA's (out,) ``m / ‖W + s·BA‖`` or None; ``base_dtype`` / ``lora_dtype`` the
+    dtypes the base and low-rank GEMMs run in (the autocast dtype under autocast); ``out_dtype`` the dtype the
+    stock layer would return. The frozen weight gets no gradient: callers must not pass one that requires it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, norm_scale,
+                base_dtype: torch.dtype, lora_dtype: torch.dtype, out_dtype: torch.dtype):
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1])
+            w = weight() if callable(weight) else weight
+            x_base = x2.to(base_dtype)
+            combined = x_base @ w.to(base_dtype).T
+            del w  # a dequantised weight is freed here
+            x_lora = x_base if lora_dtype == base_dtype else x2.to(lora_dtype)
+            mask = None
+            if dropout_p:
+                # the RNG draw F.dropout makes on CPU (float Bernoulli over x's shape), kept as a bool mask
+                mask = torch.empty_like(x_lora).bernoulli_(1 - dropout_p).bool()
+                dropped = x_lora * mask / (1 - dropout_p)
+            else:
+                dropped = x_lora
+            h = (dropped @ lora_A.to(lora_dtype).T) * scaling
+            del dropped
+            update = h @ lora_B.to(lora_dtype).T
+            if update.dtype == combined.dtype:
+                combined += update
+            else:
+                combined = (combined.to(update.dtype) + update).to(base_dtype)
+            del update
+            out = combined if norm_scale is None else combined * norm_scale.to(combined.dtype)
+            if bias is not None:
+                out = out + bias.to(out.dtype)
+        ctx.weight_source = weight if callable(weight) else None
+        ctx.scaling, ctx.dropout_p = scaling, dropout_p
+        ctx.base_dtype, ctx.lora_dtype = base_dtype, lora_dtype
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.has_bias, ctx.has_norm_scale, ctx.has_mask = bias is not None, norm_scale is not None, mask is not None
+        # x is kept once: in the base dtype when both GEMMs read that dtype (autocast), else as given
+        x_saved = x_base if lora_dtype == base_dtype else x2
+        saved = [x_saved, h, lora_A, lora_B]
+        saved.append(weight if not callable(weight) else h.new_empty(0))
+        saved.append(mask if mask is not None else h.new_empty(0, dtype=torch.bool))
+        saved.append(combined if norm_scale is not None else h.new_empty(0))
+        saved.append(norm_scale if norm_scale is not None else h.new_empty(0))
+        saved.append(bias if bias is not None else h.new_empty(0))
+        ctx.save_for_backward(*saved)
+        return out.to(out_dtype).reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_saved, h, lora_A, lora_B, weight, mask, combined, norm_scale, bias = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_bias = g.sum(0).to(bias.dtype) if ctx.has_bias and needs[2] else None
+        grad_norm_scale = None
+        if ctx.has_norm_scale:
+            if needs[7]:  # per-output dot products over the rows; the GEMM accumulates in float32
+                grad_norm_scale = torch.einsum("no,no->o", g.to(combined.dtype), combined).to(norm_scale.dtype)
+            g = g * norm_scale.to(g.dtype)
+        g_base, g_lora = g.to(ctx.base_dtype), g.to(ctx.lora_dtype)
+        A, B = lora_A.to(ctx.lora_dtype), lora_B.to(ctx.lora_dtype)
+        grad_B = (g_lora.T @ h).to(lora_B.dtype) if needs[4] else None
+        grad_A = grad_x = None
+        if needs[3] or needs[0]:
+            dh = (g_lora @ B) * ctx.scaling  # (N, r)
+            x_lora = x_saved.to(ctx.lora_dtype)
+            if needs[3]:
+                dropped = x_lora if mask.numel() == 0 else x_lora * mask / (1 - ctx.dropout_p)
+                grad_A = (dh.T @ dropped).to(lora_A.dtype)
+                del dropped
+            if needs[0]:
+                grad_x = dh @ A
+                if mask.numel():
+                    grad_x = grad_x * mask / (1 - ctx.dropout_p)
+                w = ctx.weight_source() if ctx.weight_source is not None else weight
+                base_grad = g_base @ w.to(ctx.base_dtype)
+                del w
+                grad_x = (base_grad.to(grad_x.dtype) + grad_x).to(ctx.x_dtype).reshape(ctx.x_shape)
+        return grad_x, None, grad_bias, grad_A, grad_B, None, None, grad_norm_scale, None, None, None
+
+
+def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor | WeightSource, bias: torch.Tensor | None,
+                      lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, dropout_p: float = 0.0,
+                      norm_scale: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Apply :class:`FusedLoraLinear` with the dtypes the stock layers use.
+
+    Dense weight (a tensor): the base GEMM runs in the autocast dtype, else the weight's, and so does the output.
+    Quantized weight (a callable): it runs in the autocast dtype, else ``compute_dtype``, and the output has
+    ``x``'s dtype (as bitsandbytes' ``Linear4bit`` returns it). The low-rank GEMMs run in the autocast dtype,
+    else ``lora_A``'s.
+    """
+    if torch.is_tensor(weight) and weight.requires_grad:
+        raise ValueError("fused_lora_linear computes no gradient for the base weight, which requires one here.")
+    cast = autocast_dtype(x.device)
+    if torch.is_tensor(weight):
+        base = out = cast or weight.dtype
+    else:
+        base, out = cast or compute_dtype or x.dtype, x.dtype
+    return FusedLoraLinear.apply(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), norm_scale,
+                                 base, cast or lora_A.dtype, out)
+
+
+class FusedForwardMixin:
+    """Sends a layer's eager forward through :class:`FusedLoraLinear` whenever the call allows it.
+
+    The plain path (peft's, or the layer's own) is kept for what the fused node does not cover: several
+    active adapters, mixed-adapter batches, merged or disabled adapters, ``lora_bias``, 8-bit bases, a base
+    weight that trains, extra forward arguments, and ``torch.compile`` tracing. :func:`set_fused_path` turns it
+    off per model (e.g. to compare the two).
+    """
+
+    use_fused_path: bool = True
+
+    def _fused_weight(self) -> torch.Tensor | WeightSource | None:
+        """The frozen weight as (out, in), a callable that dequantises it, or None (not fusable)."""
+        weight = self.get_base_layer().weight
+        if not weight.is_floating_point() or weight.requires_grad:
+            return None
+        return weight.T if self.fan_in_fan_out else weight
+
+    def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor | None:
+        """The layer's output through the fused node, or None when this call must take the plain path."""
+        if (not self.use_fused_path or args or any(v is not None for v in kwargs.values())
+                or torch.compiler.is_compiling() or self.disable_adapters or self.merged):
+            return None
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if len(active) != 1 or self.lora_bias.get(active[0], False):
+            return None
+        adapter = active[0]
+        variant = self.lora_variant.get(adapter)
+        if variant is not None and not isinstance(variant, FactorizedDoraLinearVariant):
+            return None
+        weight = self._fused_weight()
+        if weight is None:
+            return None
+        dropout = self.lora_dropout[adapter]
+        p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+        norm_scale = None
+        if variant is not None:  # DoRA: m / ‖W + s·BA‖, the norm from the factors and detached
+            magnitude = self.lora_magnitude_vector[adapter].weight
+            norm_scale = magnitude / variant.weight_norm(self, adapter).to(magnitude.dtype)
+        base = self.get_base_layer()
+        return fused_lora_linear(x, weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                                 self.scaling[adapter], p, norm_scale, getattr(base, "compute_dtype", None))
+
+
+def set_fused_path(model: torch.nn.Module, enabled: bool) -> int:
+    """Turn the fused eager path of every hf_lorax linear in ``model`` on or off; returns how many layers."""
+    layers = [m for m in model.modules() if isinstance(m, FusedForwardMixin)]
+    for layer in layers:
+        layer.use_fused_path = bool(enabled)
+    return len(layers)

@@ -1,0 +1,124 @@
+"""Causal-LM training steps that never hold the ``batch × seq × vocab`` logits, with a plain ``Trainer``.
+
+Why this exists: in a LoRA step of a causal LM the logits (8 × 512 × 50,257 for GPT-2 medium, 128,256 wide
+for Llama 3) and their gradient are the largest tensors, larger than all adapter activations together. A
+training forward that gets ``labels`` does not need them: only the loss leaves the model. So for the causal
+LMs :func:`hf_lorax.get_model` builds, a training-mode forward with labels calls the decoder stack the model's
+own forward calls (``base_model``: ``self.model``, ``self.transformer``, ...) with the same arguments, and
+computes the loss from its last hidden state with :func:`hf_lorax.loss.linear_cross_entropy` (the LM head and
+the cross-entropy in row chunks). Everything else is the model's own ``forward``: evaluation, generation,
+calls without labels and calls with extra options (``logits_to_keep``, positional arguments) return logits as
+before. In training the output's ``logits`` is ``None``, as with Liger-Kernel's fused loss; the ``Trainer``
+only reads ``loss``.
+
+The loss equals transformers' ``ForCausalLMLoss`` (labels shifted left, ``-100`` ignored, mean over labelled
+tokens or the sum over ``num_items_in_batch``), value and gradients (tests/test_logits_free.py), for the
+architectures in :data:`VERIFIED_MODEL_TYPES`: the ones whose forward is exactly ``base_model``, then
+``lm_head`` on its last hidden state, then that loss. Others (logit soft-capping, logit scales, MoE auxiliary losses, an adapted or wrapped head) keep
+their own forward, with the one-buffer loss of :mod:`hf_lorax.loss`.
+
+It is switched per model instance, before any other loss is installed: ``get_model(config,
+logits_free_loss=False)`` or :func:`disable_logits_free_loss` leave the model's forward as transformers wrote it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .loss import linear_cross_entropy
+
+IGNORE_INDEX = -100
+
+# model_type: checked by tests/test_logits_free.py to compute its loss as ForCausalLMLoss(lm_head(base_model(...)))
+VERIFIED_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "opt", "gpt_neox"})
+
+
+def logits_free_unsupported_reason(model: nn.Module) -> str | None:
+    """Why ``model``'s training loss cannot be computed without logits (None: it can)."""
+    from .integrations.transformers_api import uses_stock_causal_lm_loss
+
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in VERIFIED_MODEL_TYPES:
+        return f"model_type {model_type!r} is not among the verified causal LMs {sorted(VERIFIED_MODEL_TYPES)}"
+    if not uses_stock_causal_lm_loss(model):
+        return "the model does not compute transformers' stock causal-LM loss (a custom loss_function is set)"
+    if getattr(config, "output_router_logits", False):
+        return "the model adds a router auxiliary loss"
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        return f"its LM head is a {type(head).__name__}, not a plain nn.Linear"
+    return None
+
+
+class LogitsFreeCausalLM:
+    """The training forward described in the module docstring, placed on one model instance."""
+
+    def forward(self, *args, labels=None, **kwargs):
+        head = self.get_output_embeddings()
+        if (labels is None or args or not self.training or not torch.is_grad_enabled()
+                or kwargs.get("logits_to_keep", 0) != 0 or kwargs.get("shift_labels") is not None
+                or type(head) is not nn.Linear or hasattr(head, "_hf_hook")):  # accelerate-dispatched head
+            return super().forward(*args, labels=labels, **kwargs)
+        # the decoder stack the model's own forward calls (``self.model``, ``self.transformer``, ...), with the
+        # same arguments; the LM head and the loss are replaced by the chunked linear cross-entropy
+        kwargs.pop("logits_to_keep", None)
+        outputs = self.base_model(**kwargs)
+        hidden = outputs.last_hidden_state.to(head.weight.device)
+        loss = causal_lm_loss_from_hidden(hidden, head, labels, kwargs.get("num_items_in_batch"))
+        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(outputs, "past_key_values", None),
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+def causal_lm_loss_from_hidden(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
+                               num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+    """``ForCausalLMLoss(head(hidden), labels)`` without the logits: labels shifted left, -100 ignored."""
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden.device)
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    if not torch.compiler.is_compiling():  # eager: only labelled rows go through the head (a dynamic shape)
+        keep = targets.ne(IGNORE_INDEX)
+        rows, targets = rows[keep], targets[keep]
+    total = linear_cross_entropy(rows, head.weight, targets, head.bias, 0.0, IGNORE_INDEX)
+    if num_items_in_batch is None:
+        return total / targets.ne(IGNORE_INDEX).sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def enable_logits_free_loss(model: nn.Module) -> bool:
+    """Give ``model`` (this instance) :class:`LogitsFreeCausalLM`'s forward if it supports it; returns whether it did."""
+    if isinstance(model, LogitsFreeCausalLM):
+        return True
+    if logits_free_unsupported_reason(model) is not None:
+        return False
+    cls = type(model)
+    if cls not in _CLASSES:
+        def forward(self, *args, **kwargs):
+            return LogitsFreeCausalLM.forward(self, *args, **kwargs)
+
+        # the model's own signature and docstring: the Trainer picks dataset columns and loss kwargs from it
+        functools.update_wrapper(forward, cls.forward)
+        # ``__name__`` stays the model's: the Trainer and others look model classes up by it (the Trainer's
+        # label smoother shifts labels only for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+        qualname = f"LogitsFree{cls.__name__}"
+        _CLASSES[cls] = type(cls.__name__, (LogitsFreeCausalLM, cls),
+                             {"__module__": __name__, "__qualname__": qualname, "forward": forward})
+        globals()[qualname] = _CLASSES[cls]  # importable by qualified name, so the model pickles
+    model.__class__ = _CLASSES[cls]
+    return True
+
+
+def disable_logits_free_loss(model: nn.Module) -> None:
+    """Give ``model`` (a base model, or the ``PeftModel`` around it) its own class's forward back."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if isinstance(inner, LogitsFreeCausalLM):
+        inner.__class__ = next(c for c in type(inner).__mro__[1:] if not issubclass(c, LogitsFreeCausalLM))
