@@ -46,6 +46,8 @@ def logits_free_unsupported_reason(model: nn.Module) -> str | None:
     model_type = getattr(config, "model_type", None)
     if model_type not in VERIFIED_MODEL_TYPES:
         return f"model_type {model_type!r} is not among the verified causal LMs {sorted(VERIFIED_MODEL_TYPES)}"
+    if not type(model).__module__.startswith("transformers.models."):
+        return f"{type(model).__qualname__} is not transformers' own class (its forward may compute more than the loss)"
     if not uses_stock_causal_lm_loss(model):
         return "the model does not compute transformers' stock causal-LM loss (a custom loss_function is set)"
     if getattr(config, "output_router_logits", False):
@@ -63,6 +65,7 @@ class LogitsFreeCausalLM:
         head = self.get_output_embeddings()
         if (labels is None or args or not self.training or not torch.is_grad_enabled()
                 or kwargs.get("logits_to_keep", 0) != 0 or kwargs.get("shift_labels") is not None
+                or kwargs.get("return_dict") is False
                 or type(head) is not nn.Linear or hasattr(head, "_hf_hook")):  # accelerate-dispatched head
             return super().forward(*args, labels=labels, **kwargs)
         # the decoder stack the model's own forward calls (``self.model``, ``self.transformer``, ...), with the

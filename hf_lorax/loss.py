@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 CHUNK_ELEMENTS = 1 << 24  # float32 temporaries of at most 64 MiB
+HALF_PRECISION_GEMM_DEVICES = ("cuda", "xpu")  # where bf16/fp16 GEMMs outrun float32 ones
 
 
 def _row_chunks(rows: int, vocab: int) -> list[slice]:
@@ -76,18 +77,32 @@ class LinearCrossEntropy(torch.autograd.Function):
     scheme, in plain PyTorch so it runs on CPU and CUDA), so backward only scales them. Rows whose target is
     ``ignore_index`` contribute nothing. Smoothing follows ``F.cross_entropy(label_smoothing=eps)``:
     ``(1 - eps)·NLL + eps·mean_j(-log p_j)``.
+
+    liger-kernel's Triton ``LigerFusedLinearCrossEntropyFunction`` is not used: it runs on CUDA only, and whether
+    it beats this on a GPU is unmeasured (no GPU was available; docs/benchmarks_gpu.md).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, label_smoothing: float, ignore_index: int):
-        device = hidden.device.type
-        # The head's GEMMs run in the autocast dtype when autocast is on (as the stock head's F.linear does),
-        # else in the inputs' dtype; the softmax and the loss always in at least float32.
-        matmul_dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
-                        else torch.promote_types(hidden.dtype, weight.dtype))
-        with torch.autocast(device_type=device, enabled=False):
+        matmul_dtype = LinearCrossEntropy.matmul_dtype(hidden, weight)  # reads the caller's autocast state
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
             return LinearCrossEntropy._forward(ctx, hidden, weight, bias, targets, label_smoothing, ignore_index,
                                                matmul_dtype)
+
+    @staticmethod
+    def matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+        """The dtype of the head's GEMMs; the softmax and the loss always run in at least float32.
+
+        On GPUs the autocast dtype when autocast is on (as the stock head's ``F.linear``), else the inputs' dtype:
+        a float32 head GEMM costs a GPU several times the bf16 one. On CPUs at least float32: without bf16 GEMM
+        units a bf16 GEMM is the slower one (measured on this project's 2-core CPU, 333 × 768 by 768 × 50,257:
+        3.1 s in bf16 against 0.8 s in float32, and 80 s for the bf16 ``grad @ W``).
+        """
+        device = hidden.device.type
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        if device in HALF_PRECISION_GEMM_DEVICES:
+            return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
+        return torch.promote_types(dtype, torch.float32)
 
     @staticmethod
     def _forward(ctx, hidden, weight, bias, targets, label_smoothing: float, ignore_index: int, matmul_dtype):

@@ -39,6 +39,17 @@ def _grads(model, batch, autocast: torch.dtype | None = None):
     return float(loss), grads
 
 
+def _assert_same_step(fused, plain, batch, autocast=None, rel=1e-6, rtol=1e-4, atol=1e-6):
+    """One training step of each from the same seed: equal loss, the same adapter gradients (float32 ones)."""
+    loss_f, grads_f = _grads(fused, batch, autocast)
+    loss_p, grads_p = _grads(plain, batch, autocast)
+    assert loss_f == pytest.approx(loss_p, rel=rel)
+    assert grads_f.keys() == grads_p.keys() and grads_f
+    for name in grads_f:
+        assert grads_f[name].dtype == grads_p[name].dtype == torch.float32, name
+        torch.testing.assert_close(grads_f[name], grads_p[name], rtol=rtol, atol=atol, msg=name)
+
+
 def _pair(config, base):
     fused = get_model(config, model=copy.deepcopy(base))
     plain = get_model(copy.deepcopy(config), model=copy.deepcopy(base))
@@ -71,12 +82,7 @@ def test_gpt2_fused_equals_plain_float32(case, input_ids):
     batch = {"input_ids": input_ids, "labels": input_ids}
     assert _count_fused_nodes(fused, batch) == 8  # 2 blocks x (c_attn, attn.c_proj, c_fc, mlp.c_proj)
     assert _count_fused_nodes(plain, batch) == 0
-    loss_f, grads_f = _grads(fused, batch)
-    loss_p, grads_p = _grads(plain, batch)
-    assert loss_f == pytest.approx(loss_p, rel=1e-6)
-    assert grads_f.keys() == grads_p.keys() and grads_f
-    for name in grads_f:
-        torch.testing.assert_close(grads_f[name], grads_p[name], rtol=1e-4, atol=1e-6, msg=name)
+    _assert_same_step(fused, plain, batch)
 
 
 def test_roberta_fused_equals_plain_under_bf16_autocast():
@@ -86,12 +92,8 @@ def test_roberta_fused_equals_plain_under_bf16_autocast():
     fused, plain = _pair(config, RobertaForSequenceClassification(roberta_config()))
     ids = torch.randint(3, 96, (4, 16), generator=torch.Generator().manual_seed(2))
     batch = {"input_ids": ids, "labels": torch.tensor([0, 1, 1, 0])}
-    loss_f, grads_f = _grads(fused, batch, autocast=torch.bfloat16)
-    loss_p, grads_p = _grads(plain, batch, autocast=torch.bfloat16)
-    assert loss_f == pytest.approx(loss_p, rel=2e-2)
-    for name in grads_f:  # bf16 GEMMs on both sides, summed in different orders
-        assert grads_f[name].dtype == grads_p[name].dtype == torch.float32, name
-        torch.testing.assert_close(grads_f[name], grads_p[name], rtol=5e-2, atol=5e-3, msg=name)
+    # bf16 GEMMs on both sides, summed in different orders
+    _assert_same_step(fused, plain, batch, autocast=torch.bfloat16, rel=2e-2, rtol=5e-2, atol=5e-3)
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["qlora", "qdora"])
@@ -107,13 +109,10 @@ def test_4bit_fused_equals_plain(tmp_path, use_dora, compute_dtype, input_ids):
     set_fused_path(plain, False)
     batch = {"input_ids": input_ids, "labels": input_ids}
     assert _count_fused_nodes(fused, batch) == 8
-    loss_f, grads_f = _grads(fused, batch)
-    loss_p, grads_p = _grads(plain, batch)
-    exact = compute_dtype == "float32"
-    assert loss_f == pytest.approx(loss_p, rel=1e-5 if exact else 2e-2)
-    for name in grads_f:
-        torch.testing.assert_close(grads_f[name], grads_p[name], rtol=1e-4 if exact else 5e-2,
-                                   atol=1e-6 if exact else 5e-3, msg=name)
+    if compute_dtype == "float32":
+        _assert_same_step(fused, plain, batch, rel=1e-5)
+    else:
+        _assert_same_step(fused, plain, batch, rel=2e-2, rtol=5e-2, atol=5e-3)
 
 
 def test_the_node_is_exact_in_float64():
@@ -177,3 +176,15 @@ def test_fused_layers_keep_fewer_activations(dropout, autocast, at_most):
     batch = {"input_ids": ids, "labels": ids}
     fused_bytes, plain_bytes = _saved_bytes(fused, batch, autocast), _saved_bytes(plain, batch, autocast)
     assert fused_bytes <= plain_bytes * at_most, (fused_bytes, plain_bytes)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_fused_layers_under_gradient_checkpointing(use_reentrant, input_ids):
+    """Checkpointing reruns each block's forward in backward: the fused node must redraw the same dropout mask
+    (checkpoint restores the RNG state) and give the plain path's gradients."""
+    torch.manual_seed(0)
+    config = DoRAConfig(task_type="CAUSAL_LM", r=4, target_modules=GPT2_TARGETS, lora_dropout=0.1)
+    fused, plain = _pair(config, GPT2LMHeadModel(gpt2_config()))
+    for m in (fused, plain):
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    _assert_same_step(fused, plain, {"input_ids": input_ids, "labels": input_ids})

@@ -133,6 +133,17 @@ def test_unsupported_models_keep_their_forward():
     assert not isinstance(model.get_base_model(), LogitsFreeCausalLM)
     model.train()
     assert model(input_ids=torch.tensor([[3, 4, 5]]), labels=torch.tensor([[3, 4, 5]])).logits is not None
+    # a subclass with its own forward (here: an extra loss term) is not transformers' model: left alone
+    class WithAuxLoss(tf.GPT2LMHeadModel):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out["loss"] = out["loss"] + 1.0
+            return out
+
+    custom = WithAuxLoss(gpt2_config())
+    assert "not transformers' own class" in logits_free_unsupported_reason(custom)
+    model = get_model(LoRAConfig(task_type="CAUSAL_LM", r=4, target_modules=["c_attn"]), model=custom).train()
+    assert model(input_ids=torch.tensor([[3, 4, 5]]), labels=torch.tensor([[3, 4, 5]])).logits is not None
     # an adapted (or modules_to_save) LM head takes the model's own forward, with logits
     for targets in (["c_attn", "lm_head"], ["c_attn"]):
         adapted = get_model(LoRAConfig(task_type="CAUSAL_LM", r=4, target_modules=targets,

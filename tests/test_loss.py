@@ -140,20 +140,28 @@ def test_linear_cross_entropy_equals_head_then_cross_entropy(monkeypatch, label_
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
-def test_linear_cross_entropy_under_autocast_is_the_stock_heads_bf16_matmul_and_float32_softmax():
-    """As ``lm_head`` under autocast: bf16 GEMMs (tensor cores on GPU), then the softmax and loss in float32."""
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_linear_cross_entropy_matmul_dtype_under_autocast(device):
+    """CUDA: bf16 head GEMMs as the stock ``lm_head`` under autocast, softmax and loss in float32. CPU: float32
+    GEMMs (a CPU without bf16 units runs them several times faster), so the loss is the float32 one."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     from hf_lorax.loss import linear_cross_entropy
 
     g = torch.Generator().manual_seed(0)
-    hidden, weight = torch.randn(8, 16, generator=g), torch.randn(40, 16, generator=g, requires_grad=True)
-    targets = torch.randint(0, 40, (8,), generator=g)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    hidden = torch.randn(8, 16, generator=g).to(device)
+    weight = torch.randn(40, 16, generator=g).to(device).requires_grad_(True)
+    targets = torch.randint(0, 40, (8,), generator=g).to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         ours = linear_cross_entropy(hidden, weight, targets)
         stock = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight).float(), targets,
                                                   reduction="sum")
+    reference = stock if device == "cuda" else torch.nn.functional.cross_entropy(hidden @ weight.T, targets,
+                                                                                 reduction="sum")
+    tolerance = 2e-2 if device == "cuda" else 1e-5
     assert ours.dtype == torch.float32
-    torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, reference, atol=1e-5 if device == "cpu" else 1e-2, rtol=tolerance)
     (grad_ours,) = torch.autograd.grad(ours, weight)
-    (grad_stock,) = torch.autograd.grad(stock, weight)
+    (grad_reference,) = torch.autograd.grad(reference, weight)
     assert grad_ours.dtype == torch.float32
-    torch.testing.assert_close(grad_ours, grad_stock, atol=2e-2, rtol=2e-2)  # bf16 GEMMs both
+    torch.testing.assert_close(grad_ours, grad_reference, atol=tolerance, rtol=tolerance)

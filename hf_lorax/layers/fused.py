@@ -52,44 +52,41 @@ class FusedLoraLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, norm_scale,
                 base_dtype: torch.dtype, lora_dtype: torch.dtype, out_dtype: torch.dtype):
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1])
+            rows = x.reshape(-1, x.shape[-1])
+            x_base = rows.to(base_dtype)
+            x_lora = x_base if lora_dtype == base_dtype else rows.to(lora_dtype)
             w = weight() if callable(weight) else weight
-            x_base = x2.to(base_dtype)
             combined = x_base @ w.to(base_dtype).T
             del w  # a dequantised weight is freed here
-            x_lora = x_base if lora_dtype == base_dtype else x2.to(lora_dtype)
             mask = None
-            if dropout_p:
-                # the RNG draw F.dropout makes on CPU (float Bernoulli over x's shape), kept as a bool mask
+            if dropout_p:  # F.dropout's CPU draw (a float Bernoulli over x's shape), kept as a bool mask
                 mask = torch.empty_like(x_lora).bernoulli_(1 - dropout_p).bool()
-                dropped = x_lora * mask / (1 - dropout_p)
+                h = ((x_lora * mask / (1 - dropout_p)) @ lora_A.to(lora_dtype).T).mul_(scaling)
             else:
-                dropped = x_lora
-            h = (dropped @ lora_A.to(lora_dtype).T) * scaling
-            del dropped
-            update = h @ lora_B.to(lora_dtype).T
-            if update.dtype == combined.dtype:
-                combined += update
-            else:
-                combined = (combined.to(update.dtype) + update).to(base_dtype)
-            del update
+                h = (x_lora @ lora_A.to(lora_dtype).T).mul_(scaling)
+            if lora_dtype == base_dtype:
+                combined.addmm_(h, lora_B.to(lora_dtype).T)  # the update lands in the base GEMM's buffer
+            else:  # no autocast, mixed dtypes: the sum in the wider one (peft adds a float32 update to the output)
+                wide = torch.promote_types(base_dtype, lora_dtype)
+                combined = combined.to(wide).addmm_(h.to(wide), lora_B.to(wide).T)
             out = combined if norm_scale is None else combined * norm_scale.to(combined.dtype)
             if bias is not None:
-                out = out + bias.to(out.dtype)
+                out.add_(bias.to(out.dtype))  # combined itself is kept for DoRA's backward, never shifted
         ctx.weight_source = weight if callable(weight) else None
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
         ctx.base_dtype, ctx.lora_dtype = base_dtype, lora_dtype
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.has_bias, ctx.has_norm_scale, ctx.has_mask = bias is not None, norm_scale is not None, mask is not None
-        # x is kept once: in the base dtype when both GEMMs read that dtype (autocast), else as given
-        x_saved = x_base if lora_dtype == base_dtype else x2
-        saved = [x_saved, h, lora_A, lora_B]
-        saved.append(weight if not callable(weight) else h.new_empty(0))
-        saved.append(mask if mask is not None else h.new_empty(0, dtype=torch.bool))
-        saved.append(combined if norm_scale is not None else h.new_empty(0))
-        saved.append(norm_scale if norm_scale is not None else h.new_empty(0))
-        saved.append(bias if bias is not None else h.new_empty(0))
-        ctx.save_for_backward(*saved)
+        empty = h.new_empty(0)
+        ctx.save_for_backward(
+            x_base if lora_dtype == base_dtype else rows,  # x once: in the dtype both GEMMs read, else as given
+            h, lora_A, lora_B,
+            empty if callable(weight) else weight,
+            mask if mask is not None else empty,
+            combined if norm_scale is not None else empty,
+            norm_scale if norm_scale is not None else empty,
+            bias if bias is not None else empty,
+        )
         return out.to(out_dtype).reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -100,28 +97,29 @@ class FusedLoraLinear(torch.autograd.Function):
         grad_bias = g.sum(0).to(bias.dtype) if ctx.has_bias and needs[2] else None
         grad_norm_scale = None
         if ctx.has_norm_scale:
-            if needs[7]:  # per-output dot products over the rows; the GEMM accumulates in float32
-                grad_norm_scale = torch.einsum("no,no->o", g.to(combined.dtype), combined).to(norm_scale.dtype)
+            if needs[7]:  # as autograd's backward of ``combined * n``: products summed over the rows
+                grad_norm_scale = (g.to(combined.dtype) * combined).sum(0, dtype=torch.float32).to(norm_scale.dtype)
             g = g * norm_scale.to(g.dtype)
-        g_base, g_lora = g.to(ctx.base_dtype), g.to(ctx.lora_dtype)
-        A, B = lora_A.to(ctx.lora_dtype), lora_B.to(ctx.lora_dtype)
+        g_lora = g.to(ctx.lora_dtype)
         grad_B = (g_lora.T @ h).to(lora_B.dtype) if needs[4] else None
         grad_A = grad_x = None
         if needs[3] or needs[0]:
-            dh = (g_lora @ B) * ctx.scaling  # (N, r)
-            x_lora = x_saved.to(ctx.lora_dtype)
+            dh = (g_lora @ lora_B.to(ctx.lora_dtype)).mul_(ctx.scaling)  # (N, r)
             if needs[3]:
-                dropped = x_lora if mask.numel() == 0 else x_lora * mask / (1 - ctx.dropout_p)
+                x_lora = x_saved.to(ctx.lora_dtype)
+                dropped = x_lora * mask / (1 - ctx.dropout_p) if ctx.has_mask else x_lora
                 grad_A = (dh.T @ dropped).to(lora_A.dtype)
-                del dropped
+                del x_lora, dropped
             if needs[0]:
-                grad_x = dh @ A
-                if mask.numel():
-                    grad_x = grad_x * mask / (1 - ctx.dropout_p)
                 w = ctx.weight_source() if ctx.weight_source is not None else weight
-                base_grad = g_base @ w.to(ctx.base_dtype)
+                grad_x = (g.to(ctx.base_dtype) @ w.to(ctx.base_dtype)).to(torch.promote_types(ctx.base_dtype,
+                                                                                              ctx.lora_dtype))
                 del w
-                grad_x = (base_grad.to(grad_x.dtype) + grad_x).to(ctx.x_dtype).reshape(ctx.x_shape)
+                if ctx.has_mask:
+                    grad_x += (dh @ lora_A.to(ctx.lora_dtype)).mul_(mask).div_(1 - ctx.dropout_p).to(grad_x.dtype)
+                else:
+                    grad_x.addmm_(dh.to(grad_x.dtype), lora_A.to(grad_x.dtype))
+                grad_x = grad_x.to(ctx.x_dtype).reshape(ctx.x_shape)
         return grad_x, None, grad_bias, grad_A, grad_B, None, None, grad_norm_scale, None, None, None
 
 
