@@ -34,7 +34,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 METHODS = ("lora", "dora", "qlora", "qdora")
 CONFIGS = ["full", *(f"{lib}_{m}" for m in METHODS for lib in ("peft", "hf_lorax"))]
-# hf_lorax with its fused eager path off (hf_lorax.layers.set_fused_path): what the fused node is worth.
+# hf_lorax with its fused eager node off (hf_lorax.layers.set_fused_path), against the hf_lorax rows, which use
+# it where it is the default (CUDA): what the node is worth.
 # Compiled steps never use the fused node, so these rows run in eager mode only.
 UNFUSED = [f"hf_lorax-unfused_{m}" for m in METHODS]
 # name: (family, layers, hidden, heads, kv_heads, intermediate, vocab, seq, batch, r, targets)

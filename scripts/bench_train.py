@@ -35,8 +35,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 CONFIGS = ["full_ft", "peft_lora", "hf_lorax_lora", "peft_dora", "hf_lorax_dora", "hf_lorax_lora_bf16",
            "peft_qlora", "hf_lorax_qlora", "hf_lorax_qdora",
-           # what two of hf_lorax's defaults are worth: the fused eager layers, the logits-free causal-LM loss
-           "hf_lorax_lora_unfused", "hf_lorax_dora_unfused", "hf_lorax_lora_logits"]
+           # the fused eager node forced on / off (its default follows the device), and the logits-free loss off
+           "hf_lorax_lora_fused", "hf_lorax_lora_unfused", "hf_lorax_dora_fused", "hf_lorax_dora_unfused",
+           "hf_lorax_lora_logits"]
 SHAPES = {  # (layers, hidden, heads, vocab, seq, batch)
     "quick": (2, 256, 4, 8192, 128, 4),
     "full": (6, 768, 12, 50257, 256, 4),
@@ -90,10 +91,10 @@ def load_model(config_name: str, model: str, path: str, device: str, dropout: fl
     dtype = torch.bfloat16 if config_name.endswith("bf16") else torch.float32
     model = hf_lorax.get_model(cls(**common), model=auto.from_pretrained(path, dtype=dtype).to(device),
                                logits_free_loss=not config_name.endswith("_logits"))
-    if config_name.endswith("_unfused"):
+    if config_name.endswith("fused"):
         from hf_lorax.layers import set_fused_path
 
-        set_fused_path(model, False)
+        set_fused_path(model, not config_name.endswith("_unfused"))
     return model
 
 
@@ -158,10 +159,10 @@ def ratios(rows: list[dict]) -> dict:
             "qlora_step_over_bf16_lora": ratio("hf_lorax_qlora", "hf_lorax_lora_bf16", "median_step_s"),
             "qlora_peak_mem_hf_lorax_over_peft": ratio("hf_lorax_qlora", "peft_qlora", "peak_bytes"),
             "qlora_step_hf_lorax_over_peft": ratio("hf_lorax_qlora", "peft_qlora", "median_step_s"),
-            "lora_step_fused_over_unfused": ratio("hf_lorax_lora", "hf_lorax_lora_unfused", "median_step_s"),
-            "lora_peak_mem_fused_over_unfused": ratio("hf_lorax_lora", "hf_lorax_lora_unfused", "peak_bytes"),
-            "dora_step_fused_over_unfused": ratio("hf_lorax_dora", "hf_lorax_dora_unfused", "median_step_s"),
-            "dora_peak_mem_fused_over_unfused": ratio("hf_lorax_dora", "hf_lorax_dora_unfused", "peak_bytes"),
+            "lora_step_fused_over_unfused": ratio("hf_lorax_lora_fused", "hf_lorax_lora_unfused", "median_step_s"),
+            "lora_peak_mem_fused_over_unfused": ratio("hf_lorax_lora_fused", "hf_lorax_lora_unfused", "peak_bytes"),
+            "dora_step_fused_over_unfused": ratio("hf_lorax_dora_fused", "hf_lorax_dora_unfused", "median_step_s"),
+            "dora_peak_mem_fused_over_unfused": ratio("hf_lorax_dora_fused", "hf_lorax_dora_unfused", "peak_bytes"),
             "lora_step_logits_free_over_logits": ratio("hf_lorax_lora", "hf_lorax_lora_logits", "median_step_s"),
             "lora_peak_mem_logits_free_over_logits": ratio("hf_lorax_lora", "hf_lorax_lora_logits", "peak_bytes"),
         }

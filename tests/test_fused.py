@@ -55,7 +55,7 @@ def _pair(config, base):
     plain = get_model(copy.deepcopy(config), model=copy.deepcopy(base))
     for m in (fused, plain):
         randomize_adapters(m, seed=1)
-    assert set_fused_path(plain, False) > 0
+    assert set_fused_path(fused, True) == set_fused_path(plain, False) > 0
     return fused, plain
 
 
@@ -106,6 +106,7 @@ def test_4bit_fused_equals_plain(tmp_path, use_dora, compute_dtype, input_ids):
     fused, plain = get_model(config), get_model(copy.deepcopy(config))
     for m in (fused, plain):
         randomize_adapters(m, seed=1)
+    set_fused_path(fused, True)
     set_fused_path(plain, False)
     batch = {"input_ids": input_ids, "labels": input_ids}
     assert _count_fused_nodes(fused, batch) == 8
@@ -139,8 +140,24 @@ def test_a_trainable_base_weight_is_refused_by_the_node_and_keeps_the_plain_path
     torch.manual_seed(0)
     model = get_model(LoRAConfig(task_type="CAUSAL_LM", r=4, target_modules=["c_attn"]),
                       model=GPT2LMHeadModel(gpt2_config()))
+    set_fused_path(model, True)
     model.get_base_model().transformer.h[0].attn.c_attn.base_layer.weight.requires_grad_(True)
     assert _count_fused_nodes(model, {"input_ids": input_ids, "labels": input_ids}) == 1  # layer 1 only
+
+
+def test_the_default_follows_the_device(input_ids):
+    """On by default for CUDA inputs only (on CPU the plain layers measured faster); set_fused_path overrides."""
+    torch.manual_seed(0)
+    model = get_model(LoRAConfig(task_type="CAUSAL_LM", r=4, target_modules=GPT2_TARGETS),
+                      model=GPT2LMHeadModel(gpt2_config()))
+    batch = {"input_ids": input_ids, "labels": input_ids}
+    assert _count_fused_nodes(model, batch) == 0  # CPU default
+    set_fused_path(model, True)
+    assert _count_fused_nodes(model, batch) == 8
+    set_fused_path(model, None)
+    assert _count_fused_nodes(model, batch) == 0
+    if torch.cuda.is_available():
+        assert _count_fused_nodes(model.cuda(), {k: v.cuda() for k, v in batch.items()}) == 8
 
 
 def _saved_bytes(model, batch, autocast: bool) -> int:

@@ -17,7 +17,8 @@ gradients when they train); the frozen ``W`` gets no gradient. A 4-bit weight is
 again in backward, and freed right after each use (what bitsandbytes' own ``matmul_4bit`` does).
 
 Dropout, biases, rank maps, fused slices and DoRA all stay on this path. Under ``torch.compile`` the layers
-use their plain code instead (inductor fuses it and chooses what to save; an opaque node would stop it).
+use their plain code instead (inductor fuses it and chooses what to save; an opaque node would stop it). In
+eager mode the node is the default for CUDA inputs (see :class:`FusedForwardMixin` for why not on CPU).
 """
 
 from __future__ import annotations
@@ -144,16 +145,21 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor | WeightSource, bias
                                  base, cast or lora_A.dtype, out)
 
 
+FUSED_BY_DEFAULT_ON = ("cuda",)  # device types whose inputs take the fused node unless a model says otherwise
+
+
 class FusedForwardMixin:
     """Sends a layer's eager forward through :class:`FusedLoraLinear` whenever the call allows it.
 
-    The plain path (peft's, or the layer's own) is kept for what the fused node does not cover: several
-    active adapters, mixed-adapter batches, merged or disabled adapters, ``lora_bias``, 8-bit bases, a base
-    weight that trains, extra forward arguments, and ``torch.compile`` tracing. :func:`set_fused_path` turns it
-    off per model (e.g. to compare the two).
+    By default on CUDA inputs only: on this project's 2-core CPU the node kept 3–10% less peak memory but took
+    1.10–1.18× the step time of the plain layers (docs/benchmarks.md); its GPU time is unmeasured, and
+    ``scripts/bench_gpu.py``'s ``hf_lorax-unfused_*`` rows measure it. :func:`set_fused_path` turns it on or off
+    per model. The plain path (peft's, or the layer's own) is kept for what the fused node does not cover:
+    several active adapters, mixed-adapter batches, merged or disabled adapters, ``lora_bias``, 8-bit bases, a
+    base weight that trains, extra forward arguments, and ``torch.compile`` tracing.
     """
 
-    use_fused_path: bool = True
+    use_fused_path: bool | None = None  # None: by the input's device type (FUSED_BY_DEFAULT_ON)
 
     def _fused_weight(self) -> torch.Tensor | WeightSource | None:
         """The frozen weight as (out, in), a callable that dequantises it, or None (not fusable)."""
@@ -164,7 +170,8 @@ class FusedForwardMixin:
 
     def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor | None:
         """The layer's output through the fused node, or None when this call must take the plain path."""
-        if (not self.use_fused_path or args or any(v is not None for v in kwargs.values())
+        enabled = self.use_fused_path if self.use_fused_path is not None else x.device.type in FUSED_BY_DEFAULT_ON
+        if (not enabled or args or any(v is not None for v in kwargs.values())
                 or torch.compiler.is_compiling() or self.disable_adapters or self.merged):
             return None
         active = [a for a in self.active_adapters if a in self.lora_A]
@@ -188,9 +195,10 @@ class FusedForwardMixin:
                                  self.scaling[adapter], p, norm_scale, getattr(base, "compute_dtype", None))
 
 
-def set_fused_path(model: torch.nn.Module, enabled: bool) -> int:
-    """Turn the fused eager path of every hf_lorax linear in ``model`` on or off; returns how many layers."""
+def set_fused_path(model: torch.nn.Module, enabled: bool | None) -> int:
+    """Turn the fused eager path of every hf_lorax linear in ``model`` on (True) or off (False), or back to the
+    default by device (None); returns how many layers."""
     layers = [m for m in model.modules() if isinstance(m, FusedForwardMixin)]
     for layer in layers:
-        layer.use_fused_path = bool(enabled)
+        layer.use_fused_path = None if enabled is None else bool(enabled)
     return len(layers)
