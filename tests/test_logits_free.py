@@ -83,6 +83,9 @@ def test_logits_free_loss_and_gradients_equal_the_models_own(arch):
         reference = stock.eval()(input_ids=ids, labels=labels)
     assert evaluated.logits.shape == (2, 12, 96)
     assert float(evaluated.loss) == pytest.approx(float(reference.loss), rel=1e-6)
+    free.train()  # a tuple output was asked for: the model's own forward, logits included
+    as_tuple = free(input_ids=ids, labels=labels, return_dict=False)
+    assert isinstance(as_tuple, tuple) and as_tuple[1].shape == (2, 12, 96)
 
 
 def test_trainer_trains_without_forming_logits(tmp_path):
