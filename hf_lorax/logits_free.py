@@ -26,11 +26,10 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .loss import linear_cross_entropy
+from .loss import linear_cross_entropy, per_item, shifted_labels
 
 IGNORE_INDEX = -100
 
@@ -81,17 +80,13 @@ class LogitsFreeCausalLM:
 def causal_lm_loss_from_hidden(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
                                num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
     """``ForCausalLMLoss(head(hidden), labels)`` without the logits: labels shifted left, -100 ignored."""
-    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden.device)
+    targets = shifted_labels(labels, IGNORE_INDEX).reshape(-1).to(hidden.device)
     rows = hidden.reshape(-1, hidden.shape[-1])
     if not torch.compiler.is_compiling():  # eager: only labelled rows go through the head (a dynamic shape)
         keep = targets.ne(IGNORE_INDEX)
         rows, targets = rows[keep], targets[keep]
     total = linear_cross_entropy(rows, head.weight, targets, head.bias, 0.0, IGNORE_INDEX)
-    if num_items_in_batch is None:
-        return total / targets.ne(IGNORE_INDEX).sum()
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+    return per_item(total, targets.ne(IGNORE_INDEX).sum(), num_items_in_batch)
 
 
 _CLASSES: dict[type, type] = {}

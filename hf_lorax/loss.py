@@ -174,15 +174,25 @@ def causal_lm_loss(
     mean over labelled tokens, or the sum divided by ``num_items_in_batch`` when the ``Trainer`` passes it.
     """
     if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        shift_labels = shifted_labels(labels, ignore_index)
     flat_logits = logits.reshape(-1, vocab_size)
     targets = shift_labels.reshape(-1).to(flat_logits.device)
     total = CrossEntropyFromLogits.apply(flat_logits, targets, ignore_index).sum()
-    if num_items_in_batch is None:
-        return total / targets.ne(ignore_index).sum()
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+    return per_item(total, targets.ne(ignore_index).sum(), num_items_in_batch)
+
+
+def shifted_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """The next token's label at each position (``ignore_index`` at the last one), as ``ForCausalLMLoss``."""
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
+def per_item(total: torch.Tensor, n_labelled, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+    """A summed loss as the Trainer expects it: over ``num_items_in_batch`` when given (gradient accumulation,
+    several devices), else the mean over this batch's ``n_labelled`` tokens."""
+    denominator = n_labelled if num_items_in_batch is None else num_items_in_batch
+    if torch.is_tensor(denominator):
+        denominator = denominator.to(total.device)
+    return total / denominator
 
 
 def install_causal_lm_loss(model: torch.nn.Module) -> bool:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
-from .loss import linear_cross_entropy
+from .loss import linear_cross_entropy, per_item
 
 IGNORE_INDEX = -100
 
@@ -112,10 +112,7 @@ def targeted_causal_lm_loss(
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         # fp32 log-softmax, as the LabelSmoother's smoothed term; the tensor is small now (n_labelled x vocab)
         loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=label_smoothing)
-    denominator = targets.numel() if num_items_in_batch is None else num_items_in_batch
-    if torch.is_tensor(denominator):
-        denominator = denominator.to(loss_sum.device)
-    return loss_sum / denominator, logits
+    return per_item(loss_sum, targets.numel(), num_items_in_batch), logits
 
 
 class TargetedLossTrainer(Trainer):
