@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .integrations.peft_api import LoraLayer
+from .integrations.peft_api import LoraLayer, is_wrapped_head
+from .task_types import task_name
 
 
 @dataclass
@@ -33,6 +34,9 @@ class AdapterReport:
     total_params: int = 0
     base_bytes_per_param: float | None = None  # all frozen base parameters, as stored
     quantized_bytes_per_param: float | None = None  # 4-bit linears only (packed weights + constants)
+    heads: dict[str, int] = field(default_factory=dict)  # modules trained in full besides the adapters: params
+    targets: str = ""  # target_modules, and where they came from (the user, or peft's default for the architecture)
+    loss: str = ""  # causal LMs: the logits-free loss, or the model's own and why
 
     def to_dict(self) -> dict:
         return {**asdict(self), "rows": [asdict(r) for r in self.rows]}
@@ -59,6 +63,13 @@ class AdapterReport:
             f"adapter {self.adapter!r}: {len(self.rows)} modules, {self.adapter_params:,} adapter params; "
             f"trainable {self.trainable_params:,} of {self.total_params:,} ({pct:.4f}%)"
         )
+        if self.heads:
+            text += "\ntrained in full besides the adapters: " + ", ".join(
+                f"{name} ({n:,} params)" for name, n in self.heads.items())
+        if self.targets:
+            text += f"\ntargets: {self.targets}"
+        if self.loss:
+            text += f"\nloss: {self.loss}"
         if self.base_bytes_per_param is not None:
             text += f"\nbase: {self.base_bytes_per_param:.3f} bytes/param"
         if self.quantized_bytes_per_param is not None:
@@ -117,10 +128,48 @@ def describe(model: nn.Module, adapter: str | None = None) -> AdapterReport:
             )
         )
         report.adapter_params += params
+    report.heads = _heads(model, adapter)
+    report.targets = _targets(model, adapter)
+    report.loss = _loss(model)
     report.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     report.total_params = sum(p.numel() for p in model.parameters())
     report.base_bytes_per_param, report.quantized_bytes_per_param = _base_storage(model)
     return report
+
+
+def _heads(model: nn.Module, adapter: str) -> dict[str, int]:
+    """Modules peft trains in full for ``adapter`` (``modules_to_save``: the task head), with their parameter count."""
+    heads = {}
+    for name, module in model.named_modules():
+        if is_wrapped_head(module) and adapter in module.modules_to_save:
+            heads[_strip_prefix(name)] = sum(p.numel() for p in module.modules_to_save[adapter].parameters())
+    return heads
+
+
+def _targets(model: nn.Module, adapter: str) -> str:
+    config = getattr(model, "peft_config", {}).get(adapter)
+    if config is None:
+        return ""
+    targets = config.target_modules
+    shown = repr(sorted(targets)) if isinstance(targets, (set, list, tuple)) else repr(targets)
+    plan = getattr(config, "resolved_plan", None)
+    if plan is not None and plan.default_targets_for is not None:
+        shown += f" (peft's default for model_type {plan.default_targets_for!r})"
+    return shown
+
+
+def _loss(model: nn.Module) -> str:
+    """Which training loss a causal LM computes: the logits-free one, or its own and why."""
+    from .logits_free import LogitsFreeCausalLM, logits_free_unsupported_reason
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(model, "peft_config", {}).get(_active_adapter(model))
+    if task_name(getattr(config, "task_type", None)) != "CAUSAL_LM":
+        return ""
+    if isinstance(inner, LogitsFreeCausalLM):
+        return "logits-free (LM head and cross-entropy in row chunks from the hidden states)"
+    reason = logits_free_unsupported_reason(inner)
+    return f"the model's own ({reason})" if reason else "the model's own (logits_free_loss=False)"
 
 
 def _base_storage(model: nn.Module) -> tuple[float | None, float | None]:

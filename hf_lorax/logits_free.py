@@ -12,10 +12,14 @@ before. In training the output's ``logits`` is ``None``, as with Liger-Kernel's 
 only reads ``loss``.
 
 The loss equals transformers' ``ForCausalLMLoss`` (labels shifted left, ``-100`` ignored, mean over labelled
-tokens or the sum over ``num_items_in_batch``), value and gradients (tests/test_logits_free.py), for the
-architectures in :data:`VERIFIED_MODEL_TYPES`: the ones whose forward is exactly ``base_model``, then
-``lm_head`` on its last hidden state, then that loss. Others (logit soft-capping, logit scales, MoE auxiliary losses, an adapted or wrapped head) keep
-their own forward, with the one-buffer loss of :mod:`hf_lorax.loss`.
+tokens or the sum over ``num_items_in_batch``), value and gradients, for models whose forward is exactly
+``base_model``, then a plain linear LM head on its last hidden state, then that loss. Support is read from the
+model itself (:func:`logits_free_unsupported_reason`), never from a list of names: transformers' own class,
+its stock causal-LM loss, no configured logit soft-capping, logit scaling or router auxiliary loss, and exactly
+two children that hold parameters, the decoder stack and an ``nn.Linear`` output embedding (a head with a
+transform before its projection, as BERT's, is not). tests/test_zoo_*.py check loss and gradients against
+transformers' own forward for every causal LM in the zoo. Others keep their own forward, with the one-buffer
+loss of :mod:`hf_lorax.loss`; :func:`hf_lorax.describe` says which loss a model trains with and why.
 
 It is switched per model instance, before any other loss is installed: ``get_model(config,
 logits_free_loss=False)`` or :func:`disable_logits_free_loss` leave the model's forward as transformers wrote it.
@@ -24,37 +28,62 @@ logits_free_loss=False)`` or :func:`disable_logits_free_loss` leave the model's 
 from __future__ import annotations
 
 import functools
+import inspect
+import re
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .loss import linear_cross_entropy, per_item, shifted_labels
+from .loss import causal_lm_loss, linear_cross_entropy, per_item, shifted_labels
 
 IGNORE_INDEX = -100
 
-# model_type: checked by tests/test_logits_free.py to compute its loss as ForCausalLMLoss(lm_head(base_model(...)))
-VERIFIED_MODEL_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "opt", "gpt_neox"})
+# Config fields that change the logits after the LM head (soft-capping, scaling), matched by name: Gemma 2/3's
+# ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's ``logits_scaling``, Falcon-H1's
+# ``lm_head_multiplier``, ... A value of None (or 1 for a scale) leaves the logits as the head computes them.
+_LOGIT_TRANSFORM = re.compile(r"(logit|lm_head).*(scal|cap|multiplier)|(scal|cap|multiplier).*(logit|lm_head)")
+_NEUTRAL = (None, False, 1, 1.0)
 
 
 def logits_free_unsupported_reason(model: nn.Module) -> str | None:
-    """Why ``model``'s training loss cannot be computed without logits (None: it can)."""
+    """Why ``model``'s training loss cannot be computed without logits (None: it can), read from the model."""
     from .integrations.transformers_api import uses_stock_causal_lm_loss
 
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in VERIFIED_MODEL_TYPES:
-        return f"model_type {model_type!r} is not among the verified causal LMs {sorted(VERIFIED_MODEL_TYPES)}"
     if not type(model).__module__.startswith("transformers.models."):
         return f"{type(model).__qualname__} is not transformers' own class (its forward may compute more than the loss)"
-    if not uses_stock_causal_lm_loss(model):
+    # hf_lorax's own one-buffer loss (installed after this check by get_model) is the stock loss, computed leaner
+    if getattr(model, "_loss_function", None) is not causal_lm_loss and not uses_stock_causal_lm_loss(model):
         return "the model does not compute transformers' stock causal-LM loss (a custom loss_function is set)"
+    if not _forward_calls_loss_function(type(model)):
+        return f"{type(model).__name__}.forward computes its loss itself, not with transformers' loss_function"
     if getattr(config, "output_router_logits", False):
-        return "the model adds a router auxiliary loss"
-    head = model.get_output_embeddings()
+        return "the model adds a router auxiliary loss (output_router_logits=True)"
+    for key, value in sorted((config.to_dict() if config is not None else {}).items()):
+        if _LOGIT_TRANSFORM.search(key) and "attn" not in key and not isinstance(value, dict) and value not in _NEUTRAL:
+            return f"the model transforms its logits after the LM head ({key}={value!r})"
+    head, body = model.get_output_embeddings(), getattr(model, "base_model", model)
     if type(head) is not nn.Linear:
         return f"its LM head is a {type(head).__name__}, not a plain nn.Linear"
+    children = {name: child for name, child in model.named_children() if next(child.parameters(), None) is not None}
+    if body is model or body not in children.values():
+        return "it has no separate decoder stack (base_model) to call"
+    if head not in children.values():
+        return "its LM head applies a transform before the output projection"
+    others = sorted(name for name, child in children.items() if child is not body and child is not head)
+    if others:
+        return f"its forward uses {others} besides the decoder stack and the LM head"
     return None
+
+
+def _forward_calls_loss_function(cls: type) -> bool:
+    """Whether ``cls.forward`` computes its loss with ``self.loss_function`` (BART's causal LM, for one, calls an
+    unshifted ``CrossEntropyLoss`` inline, whatever ``loss_function`` says)."""
+    try:
+        return "self.loss_function(" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):  # no source to read: not known to use the stock loss
+        return False
 
 
 class LogitsFreeCausalLM:

@@ -50,8 +50,8 @@ def get_model(
         is_trainable: when loading a saved adapter, whether its weights train (default) or are frozen.
         allow_pickle: load an adapter saved only as a pickle ``adapter_model.bin`` (refused by default, as
             unpickling can run code; loaded with ``torch.load(weights_only=True)``).
-        logits_free_loss: for causal LMs of the verified architectures, training forwards with ``labels`` compute
-            the loss from the hidden states in row chunks and never form the logits (:mod:`hf_lorax.logits_free`;
+        logits_free_loss: for causal LMs whose loss is a plain shifted cross-entropy, training forwards with
+            ``labels`` compute the loss from the hidden states in row chunks and never form the logits (:mod:`hf_lorax.logits_free`;
             ``outputs.logits`` is then ``None`` in training). ``False`` keeps the model's own forward.
         **from_pretrained_kwargs: passed to the Auto class's ``from_pretrained`` (``torch_dtype``, ...).
 

@@ -20,6 +20,8 @@ from torch import nn
 
 from .integrations.peft_api import (
     ExcludedModule,
+    adapter_child_names,
+    default_target_modules,
     expand_all_linear,
     is_tuner_layer,
     is_wrapped_head,
@@ -29,7 +31,7 @@ from .integrations.peft_api import (
 from .layers.types import SUPPORTED_LAYER_TYPES, is_dense, is_quantized_linear, out_features
 from .rank_map import closest_names, resolve_module_map
 from .slices import SliceSpec, fused_rank, lora_scaling, spec_for
-from .task_types import HEAD_TASK_TYPES, task_name
+from .task_types import HEAD_TASK_TYPES, PEFT_ADDED_HEADS, task_name
 
 
 class ReadOnlyDict(dict):
@@ -73,7 +75,8 @@ class AdapterPlan:
     modules_to_save: tuple[str, ...] | None
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
-    target_modules: object = None  # the expanded list when the config said "all-linear", else None
+    target_modules: object = None  # the expanded list ("all-linear") or peft's default (no targets given), else None
+    default_targets_for: str | None = None  # the model_type whose peft default target_modules were used
 
     @property
     def sliced_modules(self) -> dict[str, int]:
@@ -83,9 +86,11 @@ class AdapterPlan:
 def resolve(config, model: nn.Module) -> AdapterPlan:
     """Validate ``config`` against ``model`` and resolve its maps, slices and task head."""
     probe = copy.deepcopy(config)  # peft's all-linear expansion writes into the config it is given
+    default_for = _apply_default_targets(probe, model)
     expand_all_linear(probe, model)
     modules_to_save = list(config.modules_to_save or []) or None
-    if task_name(config.task_type) in HEAD_TASK_TYPES and not modules_to_save:
+    found_heads = task_name(config.task_type) in HEAD_TASK_TYPES and not modules_to_save
+    if found_heads:
         modules_to_save = find_task_heads(model) or None
 
     modules = dict(plain_modules(model))
@@ -100,7 +105,8 @@ def resolve(config, model: nn.Module) -> AdapterPlan:
             targeted.append(name)
 
     specs = config.slice_specs
-    _check_target_names(probe, targeted, list(modules))
+    _check_target_names(probe, targeted, modules, default_for)
+    check_modules_to_save(list(modules), modules_to_save or [], targeted, task_name(config.task_type), found_heads)
     _check_layer_types(config, targeted, modules, specs)
     ranks = resolve_module_map(config.rank_map, targeted, all_modules=list(modules), what="rank_map")
     alphas = resolve_module_map(config.alpha_map, targeted, all_modules=list(modules), what="alpha_map")
@@ -124,7 +130,7 @@ def resolve(config, model: nn.Module) -> AdapterPlan:
     expanded = probe.target_modules if probe.target_modules != config.target_modules else None
     return AdapterPlan(modules=ReadOnlyDict(plans), modules_to_save=tuple(modules_to_save) if modules_to_save else None,
                        rank_pattern=ReadOnlyDict(rank_pattern), alpha_pattern=ReadOnlyDict(alpha_pattern),
-                       target_modules=expanded)
+                       target_modules=expanded, default_targets_for=default_for)
 
 
 def plain_modules(model: nn.Module):
@@ -146,11 +152,65 @@ def adaptable_names(model: nn.Module) -> list[str]:
 
 
 def find_task_heads(model: nn.Module) -> list[str]:
-    """Top-level modules outside the transformer body: the task head (RoBERTa ``classifier``, GPT-2 ``score``)."""
-    body = getattr(model, "base_model_prefix", None)
-    if not body or not hasattr(model, body):
+    """The task head: the top-level modules outside the transformer body that hold parameters.
+
+    BERT's ``classifier`` (not its parameter-free ``dropout``), DistilBERT's ``pre_classifier`` and
+    ``classifier``, DeBERTa's ``pooler`` and ``classifier``, GPT-2's ``score``, ``qa_outputs``. The body is the
+    child transformers names ``base_model_prefix``; a task class without one (T5's question answering keeps
+    ``shared``, ``encoder`` and ``decoder`` on itself) has as body the children of the architecture's bare model.
+    """
+    body = _body_names(model)
+    if body is None:
         return []
-    return [name for name, _ in model.named_children() if name != body]
+    return [name for name, child in model.named_children()
+            if name not in body and next(child.parameters(), None) is not None]
+
+
+def _body_names(model: nn.Module) -> set[str] | None:
+    prefix = getattr(model, "base_model_prefix", None)
+    if not prefix:
+        return None
+    if isinstance(getattr(model, prefix, None), nn.Module):
+        return {prefix}
+    try:  # the bare model's children, built on the meta device (no memory, no weights)
+        import torch
+        from transformers import AutoModel
+
+        with torch.device("meta"):
+            bare = AutoModel.from_config(model.config)
+    except Exception:  # noqa: BLE001 - no bare counterpart (not a transformers model): no head is known
+        return None
+    return {name for name, _ in bare.named_children()}
+
+
+def check_modules_to_save(names: list[str], entries: list[str], targeted: list[str], task: str | None,
+                          found: bool) -> None:
+    """Check that each ``modules_to_save`` entry selects exactly the modules meant, under peft's rule.
+
+    peft wraps every module whose name (in the ``PeftModel``, after the adapter layers are in) ends with an
+    entry, as a plain string: ``dropout`` also hits each ``lora_dropout``, ``classifier`` also ``pre_classifier``.
+    Found heads (``found``) may hit only the heads; a user's entries must hit some module and no adapter layer
+    internals. peft's task classes add names of their own (``classifier``, ``score``, ``qa_outputs``); they
+    are checked the same way.
+    """
+    internals = adapter_child_names()
+    keys = [*names, *(f"{t}.{child}" for t in targeted for child in internals)]
+    prefixed = {f"base_model.model.{k}": k for k in keys}
+    prefixed.update({"base_model": "base_model", "base_model.model": "base_model.model"})
+    heads = set(entries)
+    for entry in [*entries, *PEFT_ADDED_HEADS.get(task, ())]:
+        hits = [short for key, short in prefixed.items() if key.endswith(entry)]
+        if entry in entries and not hits and entry not in PEFT_ADDED_HEADS.get(task, ()):  # peft saves its own
+            raise ValueError(f"modules_to_save entry {entry!r} matches no module of the model. Top-level modules: "
+                             f"{sorted({n.split('.')[0] for n in names})}.")
+        wrong = [h for h in hits if (h not in heads if found else h.rsplit(".", 1)[-1] in internals)]
+        if wrong:
+            what = "task head" if found else "modules_to_save"
+            raise ValueError(
+                f"{what} entry {entry!r} would also train {wrong[:3]}: peft matches modules_to_save by name suffix "
+                f"(a module is wrapped when its name ends with the entry). Name the module by a longer, unique "
+                f"dotted name, or set modules_to_save explicitly; intended: {sorted(heads)}."
+            )
 
 
 def adaptable_suffixes(names: list[str]) -> list[str]:
@@ -161,19 +221,41 @@ def adaptable_suffixes(names: list[str]) -> list[str]:
     return [s for s in seen if not s.isdigit()]
 
 
-def _check_target_names(config, targeted: list[str], all_names: list[str]) -> None:
-    candidates = adaptable_suffixes(all_names)
+def _apply_default_targets(config, model: nn.Module) -> str | None:
+    """No ``target_modules``: peft's default for the architecture, as peft sets it before injecting (written into
+    ``config``); returns the model_type whose default was used."""
+    if config.target_modules is not None or getattr(config, "target_parameters", None):
+        return None
+    model_type, default = default_target_modules(model)
+    if default is None:
+        raise ValueError(
+            f"target_modules is not set and peft has no default LoRA targets for model_type {model_type!r} "
+            f"({type(model).__name__}). Set target_modules to some of its linear layers, e.g. "
+            f"{adaptable_suffixes(_adaptable(dict(plain_modules(model))))[:12]}, or to 'all-linear'."
+        )
+    config.target_modules = default if isinstance(default, str) else set(default)
+    return model_type
+
+
+def _adaptable(modules: dict[str, nn.Module]) -> list[str]:
+    return [n for n, m in modules.items() if is_dense(m) or is_quantized_linear(m)] or list(modules)
+
+
+def _check_target_names(config, targeted: list[str], modules: dict[str, nn.Module], default_for: str | None) -> None:
+    candidates = adaptable_suffixes(_adaptable(modules))
+    given = f"target_modules={_show(config.target_modules)}"
+    if default_for is not None:
+        given += f" (peft's default for model_type {default_for!r})"
     if not targeted:
         raise ValueError(
-            f"target_modules={_show(config.target_modules)} matched no module of the model. "
-            f"Module names it could target (by suffix): {candidates[:12]}."
+            f"{given} matched no module of the model. Layer names it could target (by suffix): {candidates[:12]}."
         )
     if isinstance(config.target_modules, str):
         return  # a regex; peft matches it as a whole
-    for entry in config.target_modules:
+    for entry in sorted(config.target_modules):
         if not any(name == entry or name.endswith("." + entry) for name in targeted):
             raise ValueError(
-                f"target_modules entry {entry!r} matches no module of the model. Closest names: "
+                f"target_modules entry {entry!r} of {given} matches no module of the model. Closest layer names: "
                 f"{closest_names(entry, candidates)}."
             )
 

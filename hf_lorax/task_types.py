@@ -28,3 +28,7 @@ METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "qlora": "QLoRA", "qdora": "QDoR
 def task_name(task_type) -> str | None:
     """The plain string of a peft ``TaskType`` (an enum or a string)."""
     return getattr(task_type, "value", task_type)
+# Names peft's task classes append to ``modules_to_save`` themselves (``PeftModelForSequenceClassification``,
+# ``PeftModelForTokenClassification``, ``PeftModelForQuestionAnswering``); tests/test_heads.py checks them.
+PEFT_ADDED_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                    "QUESTION_ANS": ("qa_outputs",)}

@@ -59,7 +59,8 @@ PEFT_INTERNALS = [
 
 __all__ = [
     "BaseTunerLayer", "ExcludedModule", "LoraLayer", "LoraModel", "LoraVariant", "PEFT_INTERNALS", "VARIANT_KWARG_KEYS",
-    "check_adapters_to_merge", "dequantize_module_weight", "expand_all_linear", "init_lora_state", "is_tuner_layer",
+    "adapter_child_names", "check_adapters_to_merge", "default_target_modules", "dequantize_module_weight",
+    "expand_all_linear", "init_lora_state", "is_tuner_layer",
     "is_wrapped_head", "pattern_value", "peft_bnb_module", "peft_lora", "register_layers", "target_matcher",
 ]
 
@@ -113,3 +114,16 @@ def init_lora_state(layer: nn.Module, base_layer: nn.Module, **kwargs) -> None:
     """
     nn.Module.__init__(layer)
     LoraLayer.__init__(layer, base_layer, **kwargs)
+
+
+def default_target_modules(model: nn.Module) -> tuple[str | None, object]:
+    """``(model_type, targets)``: peft's default LoRA ``target_modules`` for the model's architecture (None when
+    peft has none), looked up as ``LoraModel._prepare_adapter_config`` does when a config sets no targets."""
+    model_type = LoraModel.get_model_config(model).get("model_type")
+    return model_type, LoraModel.target_module_mapping.get(model_type)
+
+
+def adapter_child_names() -> tuple[str, ...]:
+    """Names of the submodules peft's LoRA layers add under an adapted module (``lora_A``, ``lora_dropout``, ...):
+    peft matches ``modules_to_save`` by name suffix, so an entry must not be a suffix of these."""
+    return (*LoraLayer.adapter_layer_names, "lora_dropout", "base_layer")
