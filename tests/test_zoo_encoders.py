@@ -1,4 +1,4 @@
-"""Zoo matrix, BERT-family encoders: LoRA and DoRA with a rank map on every head transformers has (tests/zoo.py).
+"""Zoo matrix, BERT-family encoders: LoRA and DoRA with a rank map on every head transformers has (tests/zoo.py, tests/zoo_run.py).
 
 Each case: one SGD step next to plain peft on the same weights (loss, every gradient, eval outputs), the
 adapter's effect far above the tolerance, save, reload through hf_lorax and through plain peft in one
@@ -6,16 +6,16 @@ subprocess per file that never imports hf_lorax.
 """
 
 import pytest
-import zoo
+import zoo_run
 
-CASES = zoo.cases("encoders", ("lora", "dora"))
+CASES = zoo_run.cases("encoders", ("lora", "dora"))
 
 
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
-    return zoo.run_matrix(CASES, tmp_path_factory.mktemp("encoders"))
+    return zoo_run.run_matrix(CASES, tmp_path_factory.mktemp("encoders"))
 
 
 @pytest.mark.parametrize(("cell", "method"), CASES)
 def test_cell(matrix, cell, method):
-    zoo.check_case(matrix, cell, method)
+    zoo_run.check_case(matrix, cell, method)
