@@ -54,7 +54,7 @@ def logits_free_unsupported_reason(model: nn.Module) -> str | None:
     if not type(model).__module__.startswith("transformers.models."):
         return f"{type(model).__qualname__} is not transformers' own class (its forward may compute more than the loss)"
     # hf_lorax's own one-buffer loss (installed after this check by get_model) is the stock loss, computed leaner
-    if getattr(model, "_loss_function", None) is not causal_lm_loss and not uses_stock_causal_lm_loss(model):
+    if getattr(model, "loss_function", None) is not causal_lm_loss and not uses_stock_causal_lm_loss(model):
         return "the model does not compute transformers' stock causal-LM loss (a custom loss_function is set)"
     if not _forward_calls_loss_function(type(model)):
         return f"{type(model).__name__}.forward computes its loss itself, not with transformers' loss_function"

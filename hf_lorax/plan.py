@@ -255,7 +255,7 @@ def _check_target_names(config, targeted: list[str], modules: dict[str, nn.Modul
     for entry in sorted(config.target_modules):
         if not any(name == entry or name.endswith("." + entry) for name in targeted):
             raise ValueError(
-                f"target_modules entry {entry!r} of {given} matches no module of the model. Closest layer names: "
+                f"target_modules entry {entry!r} matches no module of the model ({given}). Closest layer names: "
                 f"{closest_names(entry, candidates)}."
             )
 
