@@ -164,7 +164,10 @@ def _loss(model: nn.Module) -> str:
 
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(model, "peft_config", {}).get(_active_adapter(model))
-    if task_name(getattr(config, "task_type", None)) != "CAUSAL_LM":
+    task = task_name(getattr(config, "task_type", None))
+    if task == "SEQ_2_SEQ_LM":
+        return "the model's own (the logits-free loss covers decoder-only causal LMs)"
+    if task != "CAUSAL_LM":
         return ""
     if isinstance(inner, LogitsFreeCausalLM):
         return "logits-free (LM head and cross-entropy in row chunks from the hidden states)"

@@ -169,3 +169,15 @@ def test_mixtral_with_explicit_targets_matches_plain_peft(tmp_path):
 def test_readme_table_is_current():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert zoo.readme_table() in readme, "regenerate the README's zoo table: python tests/zoo.py"
+
+
+def test_a_zeroed_lora_b_fails_the_plain_peft_reload_check(tmp_path):
+    """The matrix's reload check has teeth: the same saved adapter with lora_B zeroed is caught."""
+    from safetensors.torch import load_file, save_file
+
+    entry = zoo_run.run_cell(CELLS["llama-SEQ_CLS"], "lora", tmp_path)
+    weights_file = Path(entry["adapter"]) / "adapter_model.safetensors"
+    weights = load_file(weights_file)
+    save_file({k: v.zero_() if "lora_B" in k else v for k, v in weights.items()}, weights_file)
+    result = zoo_run.peft_reload([entry], tmp_path)[entry["id"]]
+    assert result["max_diff"] > zoo.EFFECT > zoo.TOL
