@@ -198,6 +198,7 @@ def check_modules_to_save(names: list[str], entries: list[str], targeted: list[s
     prefixed = {f"base_model.model.{k}": k for k in keys}
     prefixed.update({"base_model": "base_model", "base_model.model": "base_model.model"})
     heads = set(entries)
+    found = found and bool(heads)  # no head found (not a transformers task model): nothing more is known
     for entry in [*entries, *PEFT_ADDED_HEADS.get(task, ())]:
         hits = [short for key, short in prefixed.items() if key.endswith(entry)]
         if entry in entries and not hits and entry not in PEFT_ADDED_HEADS.get(task, ()):  # peft saves its own

@@ -181,3 +181,15 @@ def test_a_zeroed_lora_b_fails_the_plain_peft_reload_check(tmp_path):
     save_file({k: v.zero_() if "lora_B" in k else v for k, v in weights.items()}, weights_file)
     result = zoo_run.peft_reload([entry], tmp_path)[entry["id"]]
     assert result["max_diff"] > zoo.EFFECT > zoo.TOL
+
+
+def test_a_model_without_a_known_body_keeps_peft_s_own_head_names():
+    """Not a transformers task model: no head is found, and peft's own ``classifier`` may wrap what it finds."""
+
+    class Custom(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.classifier = torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)
+
+    plan = resolve(LoRAConfig(task_type="SEQ_CLS", target_modules=["encoder"]), Custom())
+    assert plan.modules_to_save is None and list(plan.modules) == ["encoder"]
