@@ -27,6 +27,7 @@ The configs are ``peft.LoraConfig`` subclasses: ``peft.get_peft_model``, ``PeftM
 Importing hf_lorax installs the version-guarded hooks listed in :mod:`hf_lorax.integrations`.
 """
 
+from . import _command_startup  # noqa: F401  (first: an hf_lorax command imports quietly)
 from ._version import __version__
 from .adapter_files import read_adapter_folder
 from .analysis import RankUtilizationCallback

@@ -355,8 +355,10 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, OSEr
 
 def main(plugin: TaskPlugin, argv: list[str] | None = None, show: Callable[[str], None] = print) -> int:
     """A task script: parse, run, print the results table. User errors: one line on stderr, exit code 2."""
+    from hf_lorax.cli import debug_enabled  # first: in a script, torch/transformers/peft import quietly
+
     argv = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in argv or os.environ.get("HF_LORAX_DEBUG") == "1"
+    debug = "--debug" in argv or debug_enabled()
     argv = strip_bare_debug(argv)
     try:
         experiment = parse(plugin, argv)

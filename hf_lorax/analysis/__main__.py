@@ -7,11 +7,11 @@ folder), and with ``--against`` the subspace similarity φ of the two adapters' 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 from ..adapter_files import write_json
+from ..cli import OneLineArgumentParser, debug_enabled
 from .callback import RankUtilizationCallback
 from .report import analyze, updates_from_adapter_dir
 from .spectra import subspace_similarity, subspace_similarity_grid
@@ -40,17 +40,30 @@ def _base_weights(base_dir: str | None) -> dict | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hf_lorax.analysis", description=__doc__.split("\n\n")[0])
+    """The command line; user errors are one ``error:`` line on stderr and exit code 2."""
+    parser = OneLineArgumentParser(prog="python -m hf_lorax.analysis", description=__doc__.split("\n\n")[0])
     parser.add_argument("adapter_dir")
     parser.add_argument("--against", help="a second adapter folder to compare subspaces with (paper §7.2)")
     parser.add_argument("--base_model", help="local base model folder, for ‖ΔW‖/‖W‖")
     parser.add_argument("--output_dir", help="where to write the plot and JSON files (default: adapter_dir)")
-    parser.add_argument("--threshold", type=float, default=0.9, help="energy kept by the suggested ranks")
+    parser.add_argument("--threshold", type=float, default=0.9, help="energy kept by the suggested ranks, in (0, 1]")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
-    for path in filter(None, [args.adapter_dir, args.against]):
-        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
-            parser.error(f"{path!r} is not an adapter folder (no adapter_config.json).")
+    try:
+        if not 0 < args.threshold <= 1:
+            raise ValueError(f"--threshold {args.threshold} must be in (0, 1].")
+        for path in filter(None, [args.adapter_dir, args.against]):
+            if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+                raise FileNotFoundError(f"{path!r} is not an adapter folder (no adapter_config.json).")
+        return _report(args)
+    except (ValueError, OSError) as exc:
+        if args.debug or debug_enabled():
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
+
+def _report(args) -> int:
     updates = updates_from_adapter_dir(args.adapter_dir, _base_weights(args.base_model))
     stats = analyze(updates)
     print(f"{'module':<48} {'r':>3} {'eff.rank':>8} {'util':>6} {'r90':>4} {'r99':>4} {'stable':>7} {'|dW|/|W|':>9}")

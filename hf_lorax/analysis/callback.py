@@ -43,7 +43,7 @@ class RankUtilizationCallback(TrainerCallback):
 
     def __init__(self, every_n_steps: int = 100, output_dir: str | None = None, log_per_module: bool = True,
                  threshold: float = 0.9, plot: bool = True):
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps={every_n_steps!r} must be a positive integer.")
         if not 0 < threshold <= 1:
             raise ValueError(f"threshold={threshold} must be in (0, 1].")

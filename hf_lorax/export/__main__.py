@@ -10,15 +10,15 @@ and exits 1 when the adapter cannot be served exactly as saved. Errors are one l
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from ..cli import OneLineArgumentParser, debug_enabled
 from ..serving import ENGINES, check_serving
 from . import DORA_MODES, HEAD_MODES, export_adapter
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m hf_lorax.export", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m hf_lorax.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="a saved adapter folder")
     parser.add_argument("dst", nargs="?", help="a new folder for the exported adapter (not with --check)")
     parser.add_argument("--engine", choices=sorted(ENGINES), help="vllm, tgi, lorax or peft")
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         result = export_adapter(args.src, args.dst, args.engine, rank=args.rank, dora=args.dora, merge=args.merge,
                                 heads=args.heads, base_model=args.base_model)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
-        if args.debug or os.environ.get("HF_LORAX_DEBUG") == "1":
+        if args.debug or debug_enabled():
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
