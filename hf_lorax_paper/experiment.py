@@ -16,12 +16,13 @@ adapter with its model card (or, for ``full`` / ``bitfit``, the model).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,12 +128,15 @@ def parse(plugin: TaskPlugin, argv: list[str]) -> Experiment:
     """Parse ``argv`` for ``plugin``: the preset's training values first, the user's flags after them (they win)."""
     from transformers import TrainingArguments
 
+    from .arguments import check_arguments, check_training_arguments
+
     argv = list(argv)
     if "-h" in argv or "--help" in argv:  # every group's flags, TrainingArguments' included
         _parser((MethodArguments, plugin.data_arguments, TrainingArguments)).parse_args_into_dataclasses(args=argv)
     method, data, _ = _parser((MethodArguments, plugin.data_arguments)).parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True)
     check_method(method.method)
+    check_arguments(method, data)
     preset = plugin.resolve(method, data)
     defaults = {"output_dir": plugin.default_output_dir, "report_to": default_report_to(),
                 "bf16": cuda_bf16(), "dataloader_num_workers": 0,
@@ -144,6 +148,7 @@ def parse(plugin: TaskPlugin, argv: list[str]) -> Experiment:
         method, data, training = parser.parse_args_into_dataclasses(args=tokens + argv)
     except ValueError as exc:  # HfArgumentParser's unused-argument message, or TrainingArguments' own checks
         raise UsageError(str(exc).splitlines()[0]) from exc
+    check_training_arguments(training)
     push, training.push_to_hub = training.push_to_hub, False  # the Trainer would upload every checkpoint
     return Experiment(method=method, data=data, training=training, preset=preset, push_adapter=push,
                       from_preset=sorted(name for name in defaults if name not in given))
@@ -232,7 +237,7 @@ def run(plugin: TaskPlugin, experiment: Experiment) -> dict | None:
                                                  output_dir=args.output_dir, log_per_module=False))
     trainer = trainer_class(model=model, args=args, callbacks=callbacks, **inputs)
     timings = {}
-    with _timed(timings, "train"):
+    with timed(timings, "train"):
         train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     outcome = plugin.evaluate(trainer, model, tokenizer, preset, method, data, splits, args.output_dir)
     timings.update(outcome.get("timings", {}))
@@ -253,20 +258,14 @@ def run(plugin: TaskPlugin, experiment: Experiment) -> dict | None:
     return results
 
 
-class _timed:
-    def __init__(self, timings: dict, name: str):
-        self.timings, self.name = timings, name
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.timings[self.name] = time.perf_counter() - self.start
-
-
-def timed(timings: dict, name: str) -> _timed:
+@contextlib.contextmanager
+def timed(timings: dict, name: str) -> Iterator[None]:
     """``with timed(timings, "decode"):`` records the block's wall time in seconds."""
-    return _timed(timings, name)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = time.perf_counter() - start
 
 
 TRAINING_FIELDS = ("num_train_epochs", "max_steps", "learning_rate", "per_device_train_batch_size",

@@ -43,6 +43,11 @@ def test_standard_flags_reach_training_arguments_and_results(tiny_base, glue_dir
     for folder in (tmp_path, tmp_path / "adapter"):  # the curve, in the run and beside the adapter
         assert (folder / "training_curve.png").stat().st_size > 1000
     assert "![training curve](training_curve.png)" in (tmp_path / "adapter" / "README.md").read_text()
+    # what ran, not the preset's values (roberta-base/sst2: 60 epochs, learning rate 5e-4)
+    hyper = saved["hyperparameters"]
+    assert (hyper["epochs"], hyper["learning_rate"], hyper["max_steps"], hyper["gradient_accumulation_steps"]) == (1, 1e-3, 3, 2)
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "| learning_rate | 0.001 |" in card and "| max_steps | 3 |" in card and "| epochs | 60" not in card
 
 
 @pytest.mark.parametrize("method", ["full", "bitfit"])
