@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .loss import linear_cross_entropy, per_item, shifted_labels
+from .loss import check_labels_shape, linear_cross_entropy, per_item, shifted_labels
 
 IGNORE_INDEX = -100
 
@@ -80,6 +80,7 @@ class LogitsFreeCausalLM:
 def causal_lm_loss_from_hidden(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
                                num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
     """``ForCausalLMLoss(head(hidden), labels)`` without the logits: labels shifted left, -100 ignored."""
+    check_labels_shape(labels, hidden.shape[:-1], "the hidden states (batch, tokens)")
     targets = shifted_labels(labels, IGNORE_INDEX).reshape(-1).to(hidden.device)
     rows = hidden.reshape(-1, hidden.shape[-1])
     if not torch.compiler.is_compiling():  # eager: only labelled rows go through the head (a dynamic shape)

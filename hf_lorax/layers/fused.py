@@ -198,7 +198,9 @@ class FusedForwardMixin:
 def set_fused_path(model: torch.nn.Module, enabled: bool | None) -> int:
     """Turn the fused eager path of every hf_lorax linear in ``model`` on (True) or off (False), or back to the
     default by device (None); returns how many layers."""
+    if enabled is not None and not isinstance(enabled, bool):  # bool("false") would turn it on
+        raise TypeError(f"set_fused_path: enabled must be True, False or None (the default by device), got {enabled!r}.")
     layers = [m for m in model.modules() if isinstance(m, FusedForwardMixin)]
     for layer in layers:
-        layer.use_fused_path = None if enabled is None else bool(enabled)
+        layer.use_fused_path = enabled
     return len(layers)

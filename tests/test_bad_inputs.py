@@ -1,0 +1,114 @@
+"""Bad input that used to give a traceback deep in torch, or a silently wrong result: now an error naming it.
+
+Adapter folders (factor shapes, a missing tensor, a config that does not fit its weights, a config read the way
+peft reads it), labels that do not fit the tokens, ``set_fused_path``'s setting.
+"""
+
+import json
+import re
+
+import pytest
+import torch
+from conftest import gpt2_config
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from test_export import tiny_llama, trained
+from transformers import GPT2LMHeadModel
+
+from hf_lorax import LoRAConfig, check_serving, export_adapter, get_model, read_adapter_folder
+from hf_lorax.export.__main__ import main as export_main
+from hf_lorax.layers import set_fused_path
+
+A_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+B_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad_inputs") / "a"
+    trained(tiny_llama(), LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), folder)
+    return folder
+
+
+def _copy_with(saved, tmp_path, tensors=None, config=None):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    weights = load_file(saved / "adapter_model.safetensors")
+    save_file(tensors(weights) if tensors else weights, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    raw = json.loads((saved / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(config(raw) if config else raw))
+    return folder
+
+
+def _drop_b(weights):
+    del weights[B_KEY]
+    return weights
+
+
+def _rank_8_b(weights):
+    weights[B_KEY] = torch.zeros(weights[B_KEY].shape[0], 8)
+    return weights
+
+
+@pytest.mark.parametrize(("tensors", "config", "match"), [
+    (_drop_b, None, rf"holds {A_KEY} but not {B_KEY}: the file is incomplete"),
+    (_rank_8_b, None, rf"{A_KEY} has rank 4 \(shape \[4, 32\]\) but .*lora_B.weight has rank 8 \(shape \[32, 8\]\)"),
+    (None, lambda c: {**c, "r": 8}, rf"{A_KEY} has rank 4, but adapter_config.json gives .*q_proj rank 8"),
+])
+def test_a_broken_folder_is_refused_naming_the_tensor(saved, tmp_path, capsys, tensors, config, match):
+    folder = _copy_with(saved, tmp_path, tensors, config)
+    with pytest.raises(ValueError, match=match):
+        read_adapter_folder(str(folder))
+    with pytest.raises(ValueError, match=match):
+        check_serving(str(folder), "vllm")
+    with pytest.raises(ValueError, match=match):
+        export_adapter(str(folder), str(tmp_path / "out"), "vllm")
+    assert not (tmp_path / "out").exists()
+    assert export_main(["--check", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and A_KEY in err
+
+
+def test_a_config_without_lora_alpha_is_read_with_peft_default(saved, tmp_path):
+    folder = _copy_with(saved, tmp_path, config=lambda c: {k: v for k, v in c.items() if k != "lora_alpha"})
+    parsed = read_adapter_folder(str(folder))
+    peft_model = PeftModel.from_pretrained(tiny_llama(), str(folder))
+    q_proj = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert parsed.config["lora_alpha"] == peft_model.peft_config["default"].lora_alpha == 8
+    assert parsed.modules[0].scaling == q_proj.scaling["default"] == 2.0
+    assert check_serving(str(folder), "vllm").servable_as_is
+    export_adapter(str(folder), str(tmp_path / "out"), "vllm")  # the peft default is written out explicitly
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["lora_alpha"] == 4  # scaling baked into B
+
+
+@pytest.mark.parametrize("logits_free", [True, False])
+def test_labels_that_do_not_fit_the_tokens_name_both_shapes(logits_free):
+    model = get_model(LoRAConfig(task_type="CAUSAL_LM", r=2, target_modules=["c_attn"]),
+                      model=GPT2LMHeadModel(gpt2_config()), logits_free_loss=logits_free).train()
+    ids = torch.randint(0, 64, (2, 10))
+    what = "the hidden states" if logits_free else "the logits"
+    with pytest.raises(ValueError, match=rf"labels have shape \(2, 8\), but {what} \(batch, tokens\) have shape \(2, 10\)"):
+        model(input_ids=ids, labels=ids[:, :8])
+    assert model(input_ids=ids, labels=ids).loss.isfinite()
+
+
+def test_targeted_loss_names_both_shapes():
+    from hf_lorax import targeted_causal_lm_loss
+
+    model = get_model(LoRAConfig(task_type="CAUSAL_LM", r=2, target_modules=["c_attn"]),
+                      model=GPT2LMHeadModel(gpt2_config()))
+    ids = torch.randint(0, 64, (2, 10))
+    with pytest.raises(ValueError, match=r"labels have shape \(2, 9\), but input_ids have shape \(2, 10\)"):
+        targeted_causal_lm_loss(model, {"input_ids": ids}, ids[:, 1:])
+
+
+@pytest.mark.parametrize("setting", ["false", "true", 0, 1, "", [True]])
+def test_set_fused_path_takes_exactly_true_false_none(setting):
+    model = get_model(LoRAConfig(r=2, target_modules=["c_attn"]), model=GPT2LMHeadModel(gpt2_config()))
+    with pytest.raises(TypeError, match=r"enabled must be True, False or None .*got " + re.escape(repr(setting))):
+        set_fused_path(model, setting)
+    layers = [m for m in model.modules() if hasattr(m, "use_fused_path")]
+    assert layers and all(m.use_fused_path is None for m in layers)  # nothing changed
+    for value in (True, False, None):
+        assert set_fused_path(model, value) == len(layers)
+        assert all(m.use_fused_path is value for m in layers)
