@@ -43,8 +43,12 @@ PEFT_DEFAULTED_KEYS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_p
 
 
 def read_json(path: str) -> dict:
+    """A JSON file; a damaged one is a ``ValueError`` naming the file (json's own message names no file)."""
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON (truncated or edited?): {exc}") from exc
 
 
 def read_sidecar(directory: str) -> dict | None:
@@ -144,7 +148,6 @@ def read_adapter_folder(path: str) -> AdapterFolder:
     folder = AdapterFolder(path=path, config=config, sidecar=read_sidecar(path) or {})
     with safe_open(folder.weights_path, framework="pt") as f:
         folder.shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-    check_factor_shapes(folder.weights_path, folder.shapes)
     sliced = folder.sidecar.get("sliced_modules") or {}
     specs = parse_fused_slices(folder.sidecar.get("fused_slices"))
     rslora = bool(config.get("use_rslora"))
@@ -248,10 +251,10 @@ def check_weights_file(path: str, allow_pickle: bool = False) -> None:
 
     try:
         with safe_open(weights, framework="pt") as f:
-            for key in f.keys():
-                f.get_slice(key).get_shape()
+            shapes = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
     except Exception as exc:  # safetensors raises its own SafetensorError for every kind of damage
         raise ValueError(f"{weights} is truncated or corrupt ({exc}); save the adapter again.") from exc
+    check_factor_shapes(weights, shapes)  # a missing lora_B would otherwise load as zeros: an adapter doing nothing
     size = os.path.getsize(weights)
     with open(weights, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")

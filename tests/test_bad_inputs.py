@@ -112,3 +112,53 @@ def test_set_fused_path_takes_exactly_true_false_none(setting):
     for value in (True, False, None):
         assert set_fused_path(model, value) == len(layers)
         assert all(m.use_fused_path is value for m in layers)
+
+
+def test_every_reader_of_a_folder_refuses_a_missing_factor(saved, tmp_path):
+    """get_model would otherwise load the missing lora_B as zeros: an adapter that silently does nothing."""
+    from hf_lorax import push_adapter
+
+    folder = _copy_with(saved, tmp_path, _drop_b)
+    with pytest.raises(ValueError, match=rf"holds {A_KEY} but not {B_KEY}"):
+        get_model(str(folder), model=tiny_llama())
+    with pytest.raises(ValueError, match=rf"holds {A_KEY} but not {B_KEY}"):
+        push_adapter(str(folder), "me/x", dry_run=True)
+
+
+def test_damaged_json_beside_an_adapter_is_named(saved, tmp_path):
+    from hf_lorax import write_model_card
+
+    folder = _copy_with(saved, tmp_path)
+    (folder / "results.json").write_text('{"metrics": {"accuracy": 0.9')
+    with pytest.raises(ValueError, match=r"results.json is not valid JSON"):
+        write_model_card(str(folder))
+
+
+def test_base_weights_that_do_not_fit_the_adapter_are_named(saved):
+    from hf_lorax.analysis.report import updates_from_adapter_dir
+
+    with pytest.raises(ValueError, match=r"q_proj has shape \(5, 5\), the adapter's update \(32, 32\)"):
+        updates_from_adapter_dir(str(saved), {"model.layers.0.self_attn.q_proj": torch.zeros(5, 5)})
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(lr=float("nan")), "lr=nan must be a finite number > 0"), (dict(lr=0.0), "lr=0.0 must be"),
+    (dict(lr=1e-3, loraplus_lr_ratio=float("nan")), "loraplus_lr_ratio=nan"),
+    (dict(lr=1e-3, weight_decay=-0.1), "weight_decay=-0.1"),
+])
+def test_loraplus_numbers_are_checked(kwargs, match):
+    from hf_lorax import create_loraplus_optimizer
+
+    model = get_model(LoRAConfig(r=2, target_modules=["c_attn"]), model=GPT2LMHeadModel(gpt2_config()))
+    with pytest.raises(ValueError, match=match):
+        create_loraplus_optimizer(model, **kwargs)
+
+
+@pytest.mark.parametrize(("argv", "message"), [(["--epochs", "-1"], "error: --epochs -1.0: must be a finite number > 0."),
+                                               (["--train_size", "0"], "error: --train_size 0: must be a whole number >= 1.")])
+def test_demo_numbers_are_checked(argv, message, capsys):
+    from hf_lorax_paper.demo import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2 and capsys.readouterr().err == message + "\n"
