@@ -108,7 +108,7 @@ class AdapterFolder:
     @property
     def base_changing_init(self) -> str | None:
         """The ``init_lora_weights`` the adapter was trained with if that initialisation changed the base."""
-        return base_changing_init(self.config)
+        return base_changing_init(self.config.get("init_lora_weights"))
 
     @property
     def adapter_params(self) -> int:

@@ -18,10 +18,23 @@ CONVERTIBLE_INITS = ("pissa", "olora", "corda", "lora_ga")
 PEFT_REBUILT_INITS = ("pissa", "olora")
 
 
-def base_changing_init(config: dict) -> str | None:
-    """The ``init_lora_weights`` of an adapter config if that initialisation changed the base, else None."""
-    init = config.get("init_lora_weights")
+def base_changing_init(init) -> str | None:
+    """``init`` (an ``init_lora_weights`` value) if that initialisation changed the base, else None."""
     return init if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS) else None
+
+
+def check_loadable(init, path: str) -> None:
+    """Loading a saved adapter runs its initialisation again on the base (peft ``update_layer``); refuse the
+    ones that do not rebuild the base the adapter was trained on (randomized SVD, data-driven, quantized)."""
+    init = base_changing_init(init)
+    if init is None or init.lower() in PEFT_REBUILT_INITS:
+        return
+    family = init_family(init)
+    fix = ("convert it with `python -m hf_lorax.export SRC OUT --engine peft --initial_adapter INIT_DIR` (INIT_DIR: "
+           "the adapter saved right after initialisation) and load the result" if family in CONVERTIBLE_INITS
+           else "load it onto the quantized base it was trained with")
+    raise ValueError(f"{path!r} was trained with init_lora_weights={init!r}, which changed the base ({CHANGES[family]}); "
+                     f"loading runs that initialisation again and does not rebuild the same base. Instead, {fix}.")
 
 
 def init_family(init: str) -> str:

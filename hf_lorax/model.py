@@ -22,6 +22,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from torch import nn
 
 from .adapter_files import atomic_directory_write, check_adapter_dir, read_sidecar
+from .base_init import check_loadable
 from .card import write_model_card
 from .config import LoRAConfig
 from .model_prep import prepare_base_model, prepare_injection
@@ -140,6 +141,7 @@ def _load_adapter(path: str, model: nn.Module | None, is_trainable: bool, allow_
         if not os.path.isfile(os.path.join(path, "adapter_config.json")):
             raise FileNotFoundError(f"{path!r} has no adapter_config.json; it is not a saved adapter directory.")
         config = check_adapter_dir(path, allow_pickle)
+        check_loadable(config.init_lora_weights, path)  # the base it was trained on must be rebuildable
         sidecar = read_sidecar(path)  # a malformed sidecar fails here with its own message
         if sidecar is not None and not isinstance(config, LoRAConfig):  # the peft hook is off
             config = LoRAConfig.from_peft_config(config, sidecar)

@@ -123,3 +123,26 @@ def test_cli_refuses_in_one_line_and_converts_with_initial_adapter(tmp_path, cap
     assert export_main([str(tmp_path / "a"), str(tmp_path / "out"), "--engine", "vllm",
                         "--initial_adapter", str(tmp_path / "init")]) == 0
     assert "converted from init_lora_weights='pissa'" in capsys.readouterr().out
+
+
+def test_get_model_loads_what_peft_rebuilds_and_refuses_the_rest(tmp_path):
+    from hf_lorax import get_model
+
+    base = tiny_llama()
+    ours = logits(pissa_like(base, "pissa", tmp_path / "p"), IDS)
+    assert (logits(get_model(str(tmp_path / "p" / "a"), model=copy.deepcopy(base), is_trainable=False), IDS) - ours).abs().max() < 1e-4
+    pissa_like(base, "pissa_niter_2", tmp_path / "n")
+    with pytest.raises(ValueError, match=r"init_lora_weights='pissa_niter_2'.*does not rebuild the same base.*--initial_adapter"):
+        get_model(str(tmp_path / "n" / "a"), model=copy.deepcopy(base))
+
+
+def test_merged_export_of_a_converted_adapter_is_the_trained_model(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    base = tiny_llama()
+    ours = logits(pissa_like(base, "pissa_niter_2", tmp_path), IDS)
+    with pytest.raises(ValueError, match="a merge adds it to the original weights"):
+        export_adapter(str(tmp_path / "a"), str(tmp_path / "m0"), "vllm", merge=True, base_model=copy.deepcopy(base))
+    export_adapter(str(tmp_path / "a"), str(tmp_path / "m"), "vllm", merge=True, base_model=copy.deepcopy(base),
+                   initial_adapter=str(tmp_path / "init"))
+    assert (logits(LlamaForCausalLM.from_pretrained(tmp_path / "m").eval(), IDS) - ours).abs().max() < 1e-4
