@@ -4,8 +4,8 @@ Why: importing torch, transformers, peft and bitsandbytes can log or print lines
 user's command (bitsandbytes logs "Failed to load CPU gemm_4bit_forward ..." on CPUs with AVX512-BF16). A
 command's output is its own result and, on a mistake, one ``error:`` line on stderr.
 
-* :func:`quiet_imports`: a ``with`` block whose imports run with logging, ``warnings`` and ``print``
-  held back; what was held back is written out after all if the import fails;
+* :func:`quiet_imports`: a ``with`` block whose imports run with logging, ``warnings`` and output (fds 1
+  and 2) held back; what was held back is written out after all if the import fails;
 * :func:`quiet_startup`: called first by ``hf_lorax/__init__.py``; in a process started as an hf_lorax
   command (:func:`is_command_line`) it imports the heavy libraries inside :func:`quiet_imports`, and does
   nothing otherwise, so ``import hf_lorax`` in a user's program changes nothing they see;
@@ -22,10 +22,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import io
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
 
@@ -43,23 +43,56 @@ def debug_enabled() -> bool:
 
 @contextlib.contextmanager
 def quiet_imports() -> Iterator[None]:
-    """Run the block's imports with log records (WARNING and below), warnings and prints held back.
+    """Run the block's imports with log records (WARNING and below), warnings and output held back.
 
-    On an exception the held-back text is written to stderr before it propagates: a failing import keeps its
-    explanation.
+    Output is held at the file-descriptor level (fds 1 and 2 point to a temporary file), not by swapping
+    ``sys.stdout`` / ``sys.stderr``: a library that keeps a handle on ``sys.stderr`` at import (transformers'
+    log handler does) must still reach the real stderr afterwards. On an exception the held-back output is
+    written to stderr before it propagates: a failing import keeps its explanation.
     """
-    held = io.StringIO()
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
+    held = tempfile.TemporaryFile()
+    saved = _hold_fds(held)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(held), contextlib.redirect_stderr(held):
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     except BaseException:
-        sys.stderr.write(held.getvalue())
+        _restore_fds(saved)
+        held.seek(0)
+        sys.stderr.write(held.read().decode(errors="replace"))
         raise
+    else:
+        _restore_fds(saved)
     finally:
+        held.close()
         logging.disable(previous)
+
+
+def _hold_fds(held) -> list[tuple[int, int]]:
+    """Point fds 1 and 2 at ``held``; returns ``(fd, saved copy)`` pairs (none where an fd is not open)."""
+    saved = []
+    for stream, fd in ((sys.stdout, 1), (sys.stderr, 2)):
+        if stream is not None:
+            stream.flush()
+        try:
+            copy = os.dup(fd)
+        except OSError:
+            continue
+        os.dup2(held.fileno(), fd)
+        saved.append((fd, copy))
+    return saved
+
+
+def _restore_fds(saved: list[tuple[int, int]]) -> None:
+    for stream in (sys.stdout, sys.stderr):  # what the block wrote stays held back
+        if stream is not None:
+            stream.flush()
+    while saved:
+        fd, copy = saved.pop()
+        os.dup2(copy, fd)
+        os.close(copy)
 
 
 def main_module(orig_argv: list[str] | None = None) -> str | None:

@@ -42,7 +42,7 @@ def test_flagged_as_saved_and_served_exactly_after_conversion(init, tmp_path):
     base = tiny_llama()
     ours = logits(pissa_like(base, init, tmp_path), IDS)
     # the bug: vLLM adds s·BA to the original weights
-    assert (logits(serve(base, tmp_path / "a", "vllm"), IDS) - ours).abs().max() > 1e-2
+    assert (logits(serve(base, tmp_path / "a", "vllm"), IDS) - ours).abs().max() > 0.1
     report = check_serving(str(tmp_path / "a"), "vllm")
     assert not report.servable_as_is and f"init_lora_weights={init!r}" in str(report) and "--initial_adapter" in str(report)
     with pytest.raises(ValueError, match=f"init_lora_weights={init!r}.*--initial_adapter INIT_DIR"):

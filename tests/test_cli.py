@@ -81,17 +81,18 @@ def test_debug_shows_third_party_messages(tmp_path):
     assert "chatty-log: kernel not found" in proc.stderr
 
 
-def test_quiet_imports_holds_back_only_the_import(tmp_path, monkeypatch, capsys, caplog):
+def test_quiet_imports_holds_back_only_the_import(tmp_path, monkeypatch, capfd, caplog):
     (tmp_path / "chatty_mod.py").write_text(
-        "import logging, sys, warnings\n"
+        "import logging, os, warnings\n"
         "logging.getLogger('chatty').warning('import log')\n"
         "warnings.warn('import warning')\n"
-        "print('import print', file=sys.stderr)\n")
-    (tmp_path / "broken_mod.py").write_text("import sys\nprint('why it broke', file=sys.stderr)\nraise ImportError('no')\n")
+        "os.write(2, b'import output on fd 2\\n')\n"
+        "os.write(1, b'import output on fd 1\\n')\n")
+    (tmp_path / "broken_mod.py").write_text("import os\nos.write(2, b'why it broke\\n')\nraise ImportError('no')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with quiet_imports():
         import chatty_mod  # noqa: F401
-    assert capsys.readouterr() == ("", "")
+    assert capfd.readouterr() == ("", "")
     # after the block, warnings and log records show as before
     with pytest.warns(UserWarning, match="later"):
         warnings.warn("later", UserWarning, stacklevel=1)
@@ -101,7 +102,29 @@ def test_quiet_imports_holds_back_only_the_import(tmp_path, monkeypatch, capsys,
     # a failing import keeps its explanation
     with pytest.raises(ImportError, match="no"), quiet_imports():
         import broken_mod  # noqa: F401
-    assert "why it broke" in capsys.readouterr().err
+    assert "why it broke" in capfd.readouterr().err
+
+
+COMMAND = textwrap.dedent('''
+    __hf_lorax_command__ = True  # as scripts/*.py declare it
+    import logging, warnings
+    import hf_lorax
+    from transformers.utils import logging as transformers_logging
+    transformers_logging.get_logger("transformers.probe").warning("transformers warning after start-up")
+    logging.getLogger("mine").warning("log record after start-up")
+    warnings.warn("python warning after start-up")
+    print("result")
+''')
+
+
+def test_a_command_keeps_every_warning_after_start_up(tmp_path):
+    """Only the import is quiet: transformers' log handler, bound to stderr while importing, still reaches it."""
+    (tmp_path / "command.py").write_text(COMMAND)
+    proc = _run(tmp_path, str(tmp_path / "command.py"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == "result\n" and "chatty" not in proc.stderr
+    for line in ("transformers warning after start-up", "log record after start-up", "python warning after start-up"):
+        assert line in proc.stderr
 
 
 @pytest.mark.parametrize(("argv", "module"), [
