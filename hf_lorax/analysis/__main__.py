@@ -85,6 +85,9 @@ def _report(args) -> int:
                 continue
             A2 = other[(u.module, u.part)].lora_A
             name = f"{u.module}[{u.part}]" if u.part else u.module
+            if A2.shape[1] != u.lora_A.shape[1]:
+                raise ValueError(f"--against {args.against!r}: {name} adapts {A2.shape[1]} input features, "
+                                 f"{args.adapter_dir!r} {u.lora_A.shape[1]}; the adapters are of different base models.")
             similarity[name] = {"top1": subspace_similarity(u.lora_A, A2, 1, 1),
                                 "full": subspace_similarity(u.lora_A, A2), "grid": subspace_similarity_grid(u.lora_A, A2)}
             print(f"{name:<48} top-1 {similarity[name]['top1']:.3f}   full {similarity[name]['full']:.3f}")
