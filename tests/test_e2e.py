@@ -380,7 +380,7 @@ def test_push_to_hub_uploads_the_adapter(tiny_base, e2e_csv, tmp_path, recorded_
         (None, {"preset": "gpt2-xl/e2e"}, ValueError, "Unknown E2E preset 'gpt2-xl/e2e'"),
         (None, {"method": "ia3"}, ValueError, "--method 'ia3'"),
         (None, {"push_to_hub": True}, ValueError, "--push_to_hub needs --hub_model_id"),
-        (None, {"num_beams": 0}, ValueError, "--num_beams must be positive"),
+        (None, {"num_beams": 0}, ValueError, r"--num_beams 0: must be a whole number >= 1"),
         (None, {"test_file": None}, FileNotFoundError, "E2E needs a test set"),
         (None, {"data_dir": "nowhere"}, FileNotFoundError, "--data_dir 'nowhere' does not exist"),
     ],
