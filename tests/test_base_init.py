@@ -146,3 +146,15 @@ def test_merged_export_of_a_converted_adapter_is_the_trained_model(tmp_path):
     export_adapter(str(tmp_path / "a"), str(tmp_path / "m"), "vllm", merge=True, base_model=copy.deepcopy(base),
                    initial_adapter=str(tmp_path / "init"))
     assert (logits(LlamaForCausalLM.from_pretrained(tmp_path / "m").eval(), IDS) - ours).abs().max() < 1e-4
+
+
+def test_glue_init_adapter_with_a_changed_base_is_refused(tmp_path, capsys):
+    from hf_lorax_paper import experiment
+    from hf_lorax_paper.tasks.glue import GluePlugin
+
+    pissa_like(tiny_llama(), "pissa", tmp_path)
+    code = experiment.main(GluePlugin(), ["--task", "sst2", "--model_name_or_path", "unused", "--init_adapter",
+                                          str(tmp_path / "a"), "--output_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "init_lora_weights='pissa', which changed its base" in err
+    assert not (tmp_path / "run").exists()

@@ -82,7 +82,11 @@ class GluePlugin(TaskPlugin):
         if data.init_adapter:
             from hf_lorax import read_adapter_folder
 
-            read_adapter_folder(data.init_adapter)  # a missing or broken folder fails here, naming the file
+            init = read_adapter_folder(data.init_adapter).base_changing_init  # a broken folder fails here, named
+            if init:  # its factors belong to a changed base, not to the fresh model's
+                raise ValueError(f"--init_adapter {data.init_adapter!r} was trained with init_lora_weights={init!r}, "
+                                 "which changed its base; convert it first: python -m hf_lorax.export SRC OUT "
+                                 "--engine peft --initial_adapter INIT_DIR.")
         if data.data_dir:
             return load_local(data.data_dir, task, method.max_train_samples, method.max_eval_samples)
         return load_hub(task, method.max_train_samples, method.max_eval_samples)
