@@ -95,6 +95,8 @@ def targeted_causal_lm_loss(
     the head's matmul and the cross-entropy run in row chunks (:class:`hf_lorax.loss.LinearCrossEntropy`),
     and ``None`` is returned in their place.
     """
+    if not 0 <= label_smoothing <= 1:  # ``not`` catches NaN
+        raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1].")
     if inputs.get("input_ids") is not None:
         check_labels_shape(labels, inputs["input_ids"].shape, "input_ids")
     shifted = labels[:, 1:]

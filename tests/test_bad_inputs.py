@@ -175,3 +175,30 @@ def test_analysis_against_an_adapter_of_another_base_is_one_line(saved, tmp_path
     assert analysis_main([str(saved), "--against", str(tmp_path / "small"), "--output_dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "adapts 16 input features" in err and "different base models" in err
+
+
+def test_analysis_base_model_that_cannot_give_every_norm_is_one_line(saved, tmp_path, capsys):
+    from hf_lorax.analysis.__main__ import main as analysis_main
+
+    empty = tmp_path / "empty_base"
+    empty.mkdir()
+    (empty / "pytorch_model.bin").write_bytes(b"")
+    assert analysis_main([str(saved), "--base_model", str(empty), "--output_dir", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --base_model '{empty}' holds no .safetensors weights.")
+    other = tmp_path / "other_base"  # a base without the adapted modules: each ‖ΔW‖/‖W‖ would read "-"
+    GPT2LMHeadModel(gpt2_config()).save_pretrained(other)
+    capsys.readouterr()  # transformers' own save progress
+    assert analysis_main([str(saved), "--base_model", str(other), "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the base weights hold no weight for model.layers.0.self_attn.q_proj" in err
+
+
+@pytest.mark.parametrize("smoothing", [-0.1, 1.5, float("nan")])
+def test_targeted_loss_label_smoothing_is_checked(smoothing):
+    from hf_lorax import targeted_causal_lm_loss
+
+    model = get_model(LoRAConfig(task_type="CAUSAL_LM", r=2, target_modules=["c_attn"]),
+                      model=GPT2LMHeadModel(gpt2_config()))
+    ids = torch.randint(0, 64, (2, 10))
+    with pytest.raises(ValueError, match=r"label_smoothing=.* must be in \[0, 1\]"):
+        targeted_causal_lm_loss(model, {"input_ids": ids}, ids, label_smoothing=smoothing)

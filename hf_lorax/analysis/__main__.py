@@ -25,9 +25,14 @@ def _base_weights(base_dir: str | None) -> dict | None:
     from safetensors.torch import load_file
 
     weights = {}
-    for name in sorted(os.listdir(base_dir)):
-        if name.endswith(".safetensors"):
+    files = [name for name in sorted(os.listdir(base_dir)) if name.endswith(".safetensors")]
+    if not files:
+        raise FileNotFoundError(f"--base_model {base_dir!r} holds no .safetensors weights.")
+    for name in files:
+        try:
             weights.update(load_file(os.path.join(base_dir, name)))
+        except Exception as exc:  # safetensors raises its own SafetensorError for every kind of damage
+            raise ValueError(f"{os.path.join(base_dir, name)} is truncated or corrupt ({exc}).") from exc
     from transformers import AutoConfig
 
     conv1d = AutoConfig.from_pretrained(base_dir).model_type in {"gpt2"}  # Conv1D stores (in, out)

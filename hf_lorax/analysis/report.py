@@ -117,6 +117,9 @@ def updates_from_adapter_dir(path: str, base_weights: dict[str, torch.Tensor] | 
         A, B = state[f"{module.key}.lora_A.weight"], state[f"{module.key}.lora_B.weight"]
         magnitude = state.get(f"{module.key}.lora_magnitude_vector")
         W = _find_weight(base_weights, module.name)
+        if base_weights and W is None:  # else its ‖ΔW‖/‖W‖ would silently read "-"
+            raise ValueError(f"the base weights hold no weight for {module.name}; the adapter was not trained on "
+                             "this base model.")
         if W is not None and tuple(W.shape) != (B.shape[0], A.shape[1]):
             raise ValueError(f"the base weight of {module.name} has shape {tuple(W.shape)}, the adapter's update "
                              f"{(B.shape[0], A.shape[1])}: the adapter was not trained on this base model.")
