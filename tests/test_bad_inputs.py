@@ -202,3 +202,20 @@ def test_targeted_loss_label_smoothing_is_checked(smoothing):
     ids = torch.randint(0, 64, (2, 10))
     with pytest.raises(ValueError, match=r"label_smoothing=.* must be in \[0, 1\]"):
         targeted_causal_lm_loss(model, {"input_ids": ids}, ids, label_smoothing=smoothing)
+
+
+def test_analysis_keeps_a_training_runs_history(saved, tmp_path, capsys):
+    import shutil
+
+    from hf_lorax.analysis.__main__ import main as analysis_main
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(saved, folder)
+    history = {"history": [{"step": 10, "summary": {}}], "modules": []}
+    (folder / "rank_utilization.json").write_text(json.dumps(history))
+    assert analysis_main([str(folder)]) == 2
+    assert "holds the training run's rank-utilization history" in capsys.readouterr().err
+    assert json.loads((folder / "rank_utilization.json").read_text()) == history  # untouched
+    assert analysis_main([str(folder), "--output_dir", str(tmp_path / "o")]) == 0
+    assert analysis_main([str(folder), "--overwrite"]) == 0
+    assert json.loads((folder / "rank_utilization.json").read_text())["history"] == []

@@ -2,7 +2,8 @@
 
 Prints per-module rank utilization of a saved adapter, writes ``rank_utilization.png``,
 ``rank_utilization.json`` and ``suggested_rank_map.json`` (into ``--output_dir``, default the adapter
-folder), and with ``--against`` the subspace similarity φ of the two adapters' ``A`` matrices.
+folder, where a training run's files are kept unless ``--overwrite``), and with ``--against`` the subspace
+similarity φ of the two adapters' ``A`` matrices.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import os
 import sys
 
-from ..adapter_files import write_json
+from ..adapter_files import read_json, write_json
 from ..cli import OneLineArgumentParser, debug_enabled
-from .callback import RankUtilizationCallback
+from .callback import JSON_NAME, RankUtilizationCallback
 from .report import analyze, updates_from_adapter_dir
 from .spectra import subspace_similarity, subspace_similarity_grid
 
@@ -52,6 +53,7 @@ def main(argv=None) -> int:
     parser.add_argument("--base_model", help="local base model folder, for ‖ΔW‖/‖W‖")
     parser.add_argument("--output_dir", help="where to write the plot and JSON files (default: adapter_dir)")
     parser.add_argument("--threshold", type=float, default=0.9, help="energy kept by the suggested ranks, in (0, 1]")
+    parser.add_argument("--overwrite", action="store_true", help="replace a training run's rank-utilization files")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     try:
@@ -60,12 +62,22 @@ def main(argv=None) -> int:
         for path in filter(None, [args.adapter_dir, args.against]):
             if not os.path.isfile(os.path.join(path, "adapter_config.json")):
                 raise FileNotFoundError(f"{path!r} is not an adapter folder (no adapter_config.json).")
+        if not args.overwrite:
+            _keep_training_history(args.output_dir or args.adapter_dir)
         return _report(args)
     except (ValueError, OSError) as exc:
         if args.debug or debug_enabled():
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _keep_training_history(directory: str) -> None:
+    """The training callback's files hold the run's history, which this command's report (one point) would replace."""
+    path = os.path.join(directory, JSON_NAME)
+    if os.path.isfile(path) and read_json(path).get("history"):
+        raise FileExistsError(f"{path} holds the training run's rank-utilization history, which this report would "
+                              "replace; pass --output_dir DIR (or --overwrite).")
 
 
 def _report(args) -> int:
