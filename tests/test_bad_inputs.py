@@ -219,3 +219,16 @@ def test_analysis_keeps_a_training_runs_history(saved, tmp_path, capsys):
     assert analysis_main([str(folder), "--output_dir", str(tmp_path / "o")]) == 0
     assert analysis_main([str(folder), "--overwrite"]) == 0
     assert json.loads((folder / "rank_utilization.json").read_text())["history"] == []
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(every_n_steps=0), "every_n_steps=0 must be a positive integer"),
+    (dict(every_n_steps=True), "every_n_steps=True must be a positive integer"),
+    (dict(every_n_steps=2.5), "every_n_steps=2.5"), (dict(threshold=0), r"threshold=0 must be in \(0, 1\]"),
+    (dict(threshold=float("nan")), "threshold=nan"), (dict(threshold=True), "threshold=True"),
+])
+def test_rank_utilization_callback_numbers_are_checked(kwargs, match):
+    from hf_lorax import RankUtilizationCallback
+
+    with pytest.raises(ValueError, match=match):
+        RankUtilizationCallback(**kwargs)

@@ -45,7 +45,7 @@ class RankUtilizationCallback(TrainerCallback):
                  threshold: float = 0.9, plot: bool = True):
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps={every_n_steps!r} must be a positive integer.")
-        if not 0 < threshold <= 1:
+        if isinstance(threshold, bool) or not 0 < threshold <= 1:
             raise ValueError(f"threshold={threshold} must be in (0, 1].")
         self.every_n_steps, self.output_dir, self.log_per_module = every_n_steps, output_dir, log_per_module
         self.threshold, self.plot = threshold, plot
