@@ -232,3 +232,11 @@ def test_rank_utilization_callback_numbers_are_checked(kwargs, match):
 
     with pytest.raises(ValueError, match=match):
         RankUtilizationCallback(**kwargs)
+
+
+@pytest.mark.parametrize("threshold", ["1.5", "0", "nan"])
+def test_analysis_threshold_is_one_line(saved, threshold, capsys):
+    from hf_lorax.analysis.__main__ import main as analysis_main
+
+    assert analysis_main([str(saved), "--threshold", threshold]) == 2
+    assert capsys.readouterr().err == f"error: --threshold {float(threshold)} must be in (0, 1].\n"

@@ -55,14 +55,13 @@ def test_the_simulated_chatter_shows_when_a_program_imports_hf_lorax(tmp_path):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["-m", "hf_lorax.export", "--engine", "vlm"], "error: argument --engine: invalid choice: 'vlm'"),
-    (["-m", "hf_lorax.export", "/no/such/adapter", "out", "--engine", "vllm"], "error: Adapter folder '/no/such/adapter' does not exist."),
-    (["-m", "hf_lorax.analysis", "/no/such/adapter"], "error: '/no/such/adapter' is not an adapter folder"),
-    (["-m", "hf_lorax.analysis", "x", "--threshold", "1.5"], "error: --threshold 1.5 must be in (0, 1]."),
     ([str(ROOT / "scripts" / "run_glue.py"), "--preset", "roberta-huge/sst2"], "error: Unknown preset 'roberta-huge/sst2'"),
     ([str(ROOT / "scripts" / "run_e2e.py"), "--num_train_epochs", "-1"], "error: --num_train_epochs -1.0"),
     ([str(ROOT / "scripts" / "push_adapter.py"), "/no/such/adapter"], "error: the following arguments are required: --repo_id"),
 ])
 def test_commands_print_one_line_despite_third_party_chatter(tmp_path, args, message):
+    """Each kind of command (hf_lorax, a task script, a tool script) and each kind of mistake (argparse's, a
+    range, a bad value); every process imports torch, so the list stays short."""
     proc = _run(tmp_path, *args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stdout == ""
@@ -75,8 +74,6 @@ def test_help_shows_only_the_usage(tmp_path):
 
 
 def test_debug_shows_third_party_messages(tmp_path):
-    proc = _run(tmp_path, "-m", "hf_lorax.export", "--engine", "vlm")
-    assert "chatty" not in proc.stderr
     proc = _run(tmp_path, "-m", "hf_lorax.export", "--engine", "vlm", debug=True)
     assert "chatty-log: kernel not found" in proc.stderr
 
