@@ -25,6 +25,7 @@ from .adapter_files import atomic_directory_write, check_adapter_dir, read_sidec
 from .base_init import check_loadable
 from .card import write_model_card
 from .config import LoRAConfig
+from .integrations.sharding import gathered_adapter_state, is_sharded
 from .model_prep import prepare_base_model, prepare_injection
 from .plan import resolve
 from .task_types import AUTO_CLASSES, LABELLED_TASK_TYPES, task_name
@@ -75,6 +76,7 @@ def get_model(
             f"get_model takes an hf_lorax config (LoRAConfig, DoRAConfig, QLoRAConfig) or an adapter directory, "
             f"got {type(config).__name__}."
         )
+    check_sharding_support(config)
     base = model if model is not None else load_base_model(config, **from_pretrained_kwargs)
     _check_base_model(config, base)
     prepared = prepare_base_model(config, base, logits_free_loss)
@@ -112,6 +114,20 @@ def load_base_model(config: PeftConfig, **from_pretrained_kwargs: Any) -> nn.Mod
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " HF_HUB_OFFLINE=1 is set, so only local directories and the local cache are used." if offline else ""
         raise OSError(f"Could not load base model {name!r} with {auto.__name__}: {exc}.{hint}") from exc
+
+
+def check_sharding_support(config: LoRAConfig) -> None:
+    """Refuse what DeepSpeed ZeRO-3 cannot shard, before anything loads (else DeepSpeed fails mid-setup with an
+    ``AttributeError`` about ``ds_id``): ZeRO-3 partitions floating-point tensors only."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    storage = getattr(config, "quant_storage", None)
+    if storage is not None and not getattr(config, "load_in_8bit", False) and storage == "uint8" \
+            and is_deepspeed_zero3_enabled():
+        raise ValueError(
+            f"QLoRAConfig(quant_storage={storage!r}) under DeepSpeed ZeRO-3: ZeRO-3 partitions floating-point tensors "
+            f"only. Set quant_storage to the compute dtype ({config.compute_dtype!r}; the scripts' --quant_storage)."
+        )
 
 
 def _looks_like_path(name: str) -> bool:
@@ -193,8 +209,15 @@ class HfLoraxSaving:
 
     def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs) -> None:
         """peft's ``save_pretrained``, all-or-nothing (:func:`~hf_lorax.adapter_files.atomic_directory_write`),
-        with hf_lorax's model card rendered from the saved files."""
+        with hf_lorax's model card rendered from the saved files.
+
+        Under DeepSpeed ZeRO-3 or FSDP2 the adapter's parameters are sharded: unless a ``state_dict`` is given,
+        they are gathered first, a collective, so every process must call this (as transformers' own
+        ``save_pretrained``), with ``is_main_process`` true on the one that writes.
+        """
         parent = super()
+        if kwargs.get("state_dict") is None and is_sharded(self):
+            kwargs["state_dict"] = gathered_adapter_state(self)
         if not is_main_process:
             return parent.save_pretrained(save_directory, *args, is_main_process=False, **kwargs)
         name = os.path.basename(os.path.abspath(save_directory))

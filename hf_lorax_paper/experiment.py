@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .processes import check_process_group, join_cpu_processes
+
 METHODS = ("lora", "dora", "qlora", "qdora", "full", "bitfit")
 ADAPTER_METHODS = METHODS[:4]
 RUN_FILES = ("rank_utilization.png", "rank_utilization.json", "suggested_rank_map.json", "training_curve.png")
@@ -139,7 +141,7 @@ def parse(plugin: TaskPlugin, argv: list[str]) -> Experiment:
     check_arguments(method, data)
     preset = plugin.resolve(method, data)
     defaults = {"output_dir": plugin.default_output_dir, "report_to": default_report_to(),
-                "bf16": cuda_bf16(), "dataloader_num_workers": 0,
+                "bf16": cuda_bf16(), "dataloader_num_workers": 0, **join_cpu_processes(explicit_flags(argv)),
                 **plugin.training_defaults(preset, method, data)}
     given = explicit_flags(argv)
     tokens = [t for name, value in defaults.items() if name not in given for t in _tokens(name, value)]
@@ -149,6 +151,7 @@ def parse(plugin: TaskPlugin, argv: list[str]) -> Experiment:
     except ValueError as exc:  # HfArgumentParser's unused-argument message, or TrainingArguments' own checks
         raise UsageError(str(exc).splitlines()[0]) from exc
     check_training_arguments(training)
+    check_process_group(training, UsageError)
     push, training.push_to_hub = training.push_to_hub, False  # the Trainer would upload every checkpoint
     return Experiment(method=method, data=data, training=training, preset=preset, push_adapter=push,
                       from_preset=sorted(name for name in defaults if name not in given))
@@ -243,14 +246,19 @@ def run(plugin: TaskPlugin, experiment: Experiment) -> dict | None:
     timings.update(outcome.get("timings", {}))
 
     results = None
-    if trainer.is_world_process_zero():  # under torchrun / accelerate, one process writes the run's files
+    main = trainer.is_world_process_zero()  # under torchrun / accelerate, one process writes the run's files
+    # every process saves: a ZeRO-3 / FSDP model gathers its sharded adapter first (a collective)
+    saved = save_run(model, args.output_dir, method.method, is_main_process=main)
+    if main:
         os.makedirs(args.output_dir, exist_ok=True)
         curve = plot_training_curve(trainer.state.log_history, os.path.join(args.output_dir, "training_curve.png"))
         results = {**outcome["record"], **facts, "preset": preset.name, "method": method.method,
                    "trainable_params": trainable, "train_loss": train_output.training_loss,
                    "training_args": effective_training_args(args), "from_preset": experiment.from_preset,
-                   "timings_s": timings, "training_curve": os.path.basename(curve) if curve else None}
-        saved = save_run(model, args.output_dir, method.method)
+                   "timings_s": timings, "training_curve": os.path.basename(curve) if curve else None,
+                   "distributed": {"processes": trainer.accelerator.num_processes,
+                                   "engine": trainer.accelerator.distributed_type.value}}
+        copy_run_files(args.output_dir, saved)
         write_results(plugin, args.output_dir, saved, results, args.hub_model_id, method.method in ADAPTER_METHODS)
         if experiment.push_adapter:
             results["hub"] = push_adapter(saved, args.hub_model_id, private=args.hub_private_repo).commit_url
@@ -283,14 +291,19 @@ def effective_training_args(args) -> dict:
     return {name: value.value if isinstance(value, Enum) else value for name, value in values.items()}
 
 
-def save_run(model, output_dir: str, method: str) -> str:
-    """Save the adapter to ``output_dir/adapter`` (or the model to ``output_dir/model``) with the run's files."""
+def save_run(model, output_dir: str, method: str, is_main_process: bool = True) -> str:
+    """Save the adapter to ``output_dir/adapter`` (or the model to ``output_dir/model``); every process calls it
+    and the main one writes. Returns the folder."""
     folder = os.path.join(output_dir, "adapter" if method in ADAPTER_METHODS else "model")
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, is_main_process=is_main_process)
+    return folder
+
+
+def copy_run_files(output_dir: str, folder: str) -> None:
+    """The run's report files (rank utilization, training curve) beside the saved adapter or model."""
     for name in RUN_FILES:
         if os.path.isfile(os.path.join(output_dir, name)):
             shutil.copy(os.path.join(output_dir, name), folder)
-    return folder
 
 
 def write_results(plugin: TaskPlugin, output_dir: str, saved: str, results: dict, card_name: str | None,

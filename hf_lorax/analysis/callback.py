@@ -7,6 +7,7 @@ import os
 from transformers import TrainerCallback
 
 from ..adapter_files import write_json
+from ..integrations.sharding import is_sharded
 from .plots import plot_rank_utilization
 from .report import (
     ModuleStats,
@@ -26,7 +27,8 @@ SUGGESTION_NAME = "suggested_rank_map.json"
 class RankUtilizationCallback(TrainerCallback):
     """Log rank utilization through the Trainer's loggers and write a report at the end of training.
 
-    Every ``every_n_steps`` optimizer steps (main process only) the singular values of each adapter's
+    Every ``every_n_steps`` optimizer steps (on the main process; under ZeRO-3 or FSDP2 every process first
+    gathers the sharded factors, one layer at a time) the singular values of each adapter's
     ``ΔW = s·BA`` are computed from the factors (an r×r SVD per module), and a summary is logged through
     ``Trainer.log`` — so TensorBoard, W&B and every other configured reporter, and
     ``trainer.state.log_history``, receive it: ``rank_utilization/mean``, ``/min``, per module type
@@ -52,9 +54,14 @@ class RankUtilizationCallback(TrainerCallback):
         self.history: list[dict] = []
         self.latest: list[ModuleStats] = []
         self._pending: dict[str, float] = {}
+        self._last_step: int | None = None  # the last step measured (on every process, for the collectives)
 
     def measure(self, model, step: int) -> dict[str, float]:
-        self.latest = analyze(updates_from_model(model))
+        """Analyze ``model``'s adapters now; returns the metrics to log (on one process: see the class doc)."""
+        return self.record(analyze(updates_from_model(model)), step)
+
+    def record(self, stats: list[ModuleStats], step: int) -> dict[str, float]:
+        self.latest = stats
         summary = summarize(self.latest)
         self.history.append({"step": step, "summary": summary})
         metrics = dict(summary)
@@ -66,9 +73,21 @@ class RankUtilizationCallback(TrainerCallback):
         if state.global_step % self.every_n_steps == 0:
             # every rank logs at this step: Trainer's logging gathers the loss across processes
             control.should_log = True
-            if state.is_world_process_zero and model is not None:
-                self._pending = self.measure(model, state.global_step)
+            self._measure_once(model, state)
         return control
+
+    def _measure_once(self, model, state) -> None:
+        """Measure on the main process only. Sharded factors (ZeRO-3, FSDP2) are gathered by every process
+        first (a collective), so every process takes the same steps here whatever its rank."""
+        self._last_step = state.global_step
+        if model is None:
+            return
+        if is_sharded(model):
+            updates = updates_from_model(model)
+            if state.is_world_process_zero:
+                self._pending = self.record(analyze(updates), state.global_step)
+        elif state.is_world_process_zero:
+            self._pending = self.measure(model, state.global_step)
 
     def hf_lorax_pending_logs(self) -> dict[str, float]:
         """Metrics waiting to be merged into the next ``Trainer.log`` call.
@@ -87,11 +106,13 @@ class RankUtilizationCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero or model is None:
+        if model is None:
             return control
-        if not self.history or self.history[-1]["step"] != state.global_step:
-            self.measure(model, state.global_step)
-        self.write(self.output_dir or args.output_dir, step=state.global_step)
+        if self._last_step != state.global_step:  # the same answer on every process
+            self._measure_once(model, state)
+            self._pending = {}
+        if state.is_world_process_zero:
+            self.write(self.output_dir or args.output_dir, step=state.global_step)
         return control
 
     def write(self, directory: str, step: int | None = None) -> dict[str, str]:

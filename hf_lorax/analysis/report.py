@@ -12,6 +12,7 @@ import torch
 
 from ..adapter_files import read_adapter_folder
 from ..integrations.peft_api import LoraLayer, dequantize_module_weight
+from ..integrations.sharding import full_params
 from .spectra import (
     effective_rank,
     energy,
@@ -91,7 +92,11 @@ def analyze(updates: list[LowRankUpdate]) -> list[ModuleStats]:
 
 
 def updates_from_model(model: torch.nn.Module, adapter: str | None = None) -> list[LowRankUpdate]:
-    """The low-rank updates of every adapted linear/Conv1D layer (fused modules split into their slices)."""
+    """The low-rank updates of every adapted linear/Conv1D layer (fused modules split into their slices).
+
+    Sharded factors and weights (DeepSpeed ZeRO-3, FSDP2) are gathered one layer at a time, so under sharding
+    this is a collective: every process must call it (:class:`~hf_lorax.analysis.RankUtilizationCallback` does).
+    """
     updates = []
     for name, layer in model.named_modules():
         if not isinstance(layer, LoraLayer):
@@ -99,12 +104,18 @@ def updates_from_model(model: torch.nn.Module, adapter: str | None = None) -> li
         adapter_name = adapter or _first_active(layer)
         if adapter_name not in layer.lora_A:
             continue
-        A, B = layer.lora_A[adapter_name].weight.detach(), layer.lora_B[adapter_name].weight.detach()
-        W = dequantize_module_weight(layer.get_base_layer()).detach()
-        W = W.T if getattr(layer, "fan_in_fan_out", False) else W
-        magnitude = layer.lora_magnitude_vector[adapter_name].weight.detach() if adapter_name in layer.lora_magnitude_vector else None
-        spec = getattr(layer, "slice_specs", {}).get(adapter_name)
-        updates += _split(_clean(name), A, B, float(layer.scaling[adapter_name]), W, magnitude, spec)
+        base = layer.get_base_layer()
+        tensors = [layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight, base.weight]
+        if adapter_name in layer.lora_magnitude_vector:
+            tensors.append(layer.lora_magnitude_vector[adapter_name].weight)
+        with full_params(tensors) as (A, B, W, *magnitude):
+            if not W.is_floating_point():
+                W = dequantize_module_weight(base)
+            W = W.detach().T if getattr(layer, "fan_in_fan_out", False) else W.detach()
+            spec = getattr(layer, "slice_specs", {}).get(adapter_name)
+            # copies: the gathered tensors are released when the block ends; W is only read inside it
+            updates += _split(_clean(name), A.detach().clone(), B.detach().clone(), float(layer.scaling[adapter_name]),
+                              W, magnitude[0].detach().clone() if magnitude else None, spec)
     return updates
 
 

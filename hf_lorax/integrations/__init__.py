@@ -28,5 +28,6 @@ Layers subclass peft's ``lora.Linear`` / ``lora.Embedding`` / ``LoraVariant`` th
 helpers they need are imported from :mod:`hf_lorax.integrations.peft_api` only.
 
 Modules: ``guard`` (version ranges, signature checks), ``peft_api`` (peft internals as small functions),
-``peft_hooks`` and ``transformers_hooks`` (the hooks), ``hooks`` (:func:`install`, run by ``import hf_lorax``).
+``peft_hooks`` and ``transformers_hooks`` (the hooks), ``hooks`` (:func:`install`, run by ``import hf_lorax``),
+``sharding`` (whole tensors of DeepSpeed ZeRO-3 and FSDP2 parameters; ``deepspeed.zero.GatheredParameters``).
 """
