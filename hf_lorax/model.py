@@ -25,7 +25,7 @@ from .adapter_files import atomic_directory_write, check_adapter_dir, read_sidec
 from .base_init import check_loadable
 from .card import write_model_card
 from .config import LoRAConfig
-from .integrations.sharding import gathered_adapter_state, is_sharded
+from .integrations.sharding import gathered_adapter_state, is_sharded, zero3_enabled
 from .model_prep import prepare_base_model, prepare_injection
 from .plan import resolve
 from .task_types import AUTO_CLASSES, LABELLED_TASK_TYPES, task_name
@@ -119,11 +119,9 @@ def load_base_model(config: PeftConfig, **from_pretrained_kwargs: Any) -> nn.Mod
 def check_sharding_support(config: LoRAConfig) -> None:
     """Refuse what DeepSpeed ZeRO-3 cannot shard, before anything loads (else DeepSpeed fails mid-setup with an
     ``AttributeError`` about ``ds_id``): ZeRO-3 partitions floating-point tensors only."""
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
     storage = getattr(config, "quant_storage", None)
     if storage is not None and not getattr(config, "load_in_8bit", False) and storage == "uint8" \
-            and is_deepspeed_zero3_enabled():
+            and zero3_enabled():
         raise ValueError(
             f"QLoRAConfig(quant_storage={storage!r}) under DeepSpeed ZeRO-3: ZeRO-3 partitions floating-point tensors "
             f"only. Set quant_storage to the compute dtype ({config.compute_dtype!r}; the scripts' --quant_storage)."

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .curves import plot_training_curve
 from .processes import check_process_group, join_cpu_processes
 
 METHODS = ("lora", "dora", "qlora", "qdora", "full", "bitfit")
@@ -317,34 +318,6 @@ def write_results(plugin: TaskPlugin, output_dir: str, saved: str, results: dict
     write_text(os.path.join(output_dir, "results.md"), plugin.results_table([results]) + "\n")
     if adapter:
         write_model_card(saved, card_name or os.path.basename(os.path.abspath(output_dir)), results=results)
-
-
-def plot_training_curve(log_history: list[dict], path: str) -> str | None:
-    """Training loss and every logged eval metric against the step, as a PNG; None when nothing was logged."""
-    losses = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
-    evals = {k: [(e["step"], e[k]) for e in log_history if k in e] for e in log_history for k in e
-             if k.startswith("eval_") and not k.endswith(("runtime", "per_second", "epoch"))}
-    if not losses and not evals:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
-    if losses:
-        axes[0][0].plot(*zip(*losses), label="train loss")
-    axes[0][0].set(xlabel="step", ylabel="loss", title="training loss")
-    for name, points in sorted(evals.items()):
-        axes[0][-1 if name != "eval_loss" else 0].plot(*zip(*points), marker="o", label=name)
-    if evals:
-        axes[0][1].set(xlabel="step", title="evaluation")
-    for ax in axes[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def finish_distributed() -> None:

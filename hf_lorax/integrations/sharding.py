@@ -40,6 +40,13 @@ def is_dtensor(param: torch.Tensor) -> bool:
     return isinstance(param, DTensor)
 
 
+def zero3_enabled() -> bool:
+    """Whether a DeepSpeed ZeRO-3 config is active (transformers then loads models partitioned)."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
 def is_sharded(model: nn.Module) -> bool:
     """Whether any parameter of ``model`` is a ZeRO-3 partition or a ``DTensor``."""
     return any(is_zero3_param(p) or is_dtensor(p) for p in model.parameters())
