@@ -11,7 +11,8 @@ from transformers.pytorch_utils import Conv1D
 
 from .dora import DoraMagnitude, FactorizedDoraEmbeddingVariant, FactorizedDoraLinearVariant, dora_row_norm
 from .fused import FusedLoraLinear, fused_lora_linear, set_fused_path
-from .lora import LoraEmbedding, LoraLinear, SlicedLoraB
+from .lora import LoraEmbedding, LoraLinear
+from .sliced import SlicedLoraB
 from .types import SUPPORTED_LAYER_TYPES, is_dense, is_quantized_linear, out_features
 
 

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 
 from .dora import FactorizedDoraLinearVariant
+from .sliced import b_weight
 
 WeightSource = Callable[[], torch.Tensor]  # returns the frozen weight as (out, in) in the base compute dtype
 
@@ -191,7 +192,7 @@ class FusedForwardMixin:
             magnitude = self.lora_magnitude_vector[adapter].weight
             norm_scale = magnitude / variant.weight_norm(self, adapter).to(magnitude.dtype)
         base = self.get_base_layer()
-        return fused_lora_linear(x, weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+        return fused_lora_linear(x, weight, base.bias, self.lora_A[adapter].weight, b_weight(self.lora_B[adapter]),
                                  self.scaling[adapter], p, norm_scale, getattr(base, "compute_dtype", None))
 
 
