@@ -91,8 +91,8 @@ def layout_for_model(spec: SliceSpec, module_name: str, model_config) -> SliceSp
             widths = (heads, 1, 1)
         else:
             groups = heads
-    elif model_type == "gpt_bigcode" and suffix == "c_attn" and get("multi_query", True):
-        widths = (heads, 1, 1)
+    elif model_type == "gpt_bigcode" and suffix == "c_attn":  # multi-query: [q | k | v] with one k/v head
+        widths, groups = ((heads, 1, 1), 1) if get("multi_query", True) else (None, heads)
     elif model_type == "phi3" and suffix == "qkv_proj":
         widths = (heads, kv_heads, kv_heads)
     return SliceSpec(layout=spec.layout, adapt=spec.adapt, widths=widths, groups=groups)
