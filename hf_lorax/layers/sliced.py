@@ -29,7 +29,10 @@ class SlicedLoraB(nn.Linear):
     """A bias-free ``nn.Linear(n·r, out)`` whose entries outside ``slice_mask`` get no gradient."""
 
     def __init__(self, mask: torch.Tensor, adapted_entries: int):
-        super().__init__(mask.shape[1], mask.shape[0], bias=False, device=mask.device)
+        super().__init__(mask.shape[1], mask.shape[0], bias=False, device="meta")
+        # the values come from peft's B (see FusedSliceMixin._use_slices): no init, so no random numbers drawn and
+        # a seeded run draws what plain peft draws
+        self.weight = nn.Parameter(torch.empty(mask.shape, device=mask.device))
         self.register_buffer("slice_mask", mask, persistent=False)  # derived from the config, never saved
         self.adapted_entries = adapted_entries  # the trained entries (counted from the rows: works on meta too)
 
