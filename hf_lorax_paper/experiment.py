@@ -226,11 +226,10 @@ def run(plugin: TaskPlugin, experiment: Experiment) -> dict | None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     inputs = plugin.trainer_inputs(tokenizer, preset, method, data, splits)
     trainer_class = inputs.pop("trainer_class")
-    callbacks = []
-    if method.rank_utilization and method.method in ADAPTER_METHODS:
-        callbacks.append(RankUtilizationCallback(every_n_steps=method.rank_utilization_steps,
-                                                 output_dir=args.output_dir, log_per_module=False))
-    trainer = trainer_class(model=model, args=args, callbacks=callbacks, **inputs)
+    trainer = trainer_class(model=model, args=args, **inputs)
+    if method.rank_utilization and method.method in ADAPTER_METHODS:  # first, so the reporters get its metrics
+        RankUtilizationCallback(every_n_steps=method.rank_utilization_steps, output_dir=args.output_dir,
+                                log_per_module=False).attach(trainer)
     timings = {}
     with _timed(timings, "train"):
         train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)

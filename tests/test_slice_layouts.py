@@ -11,7 +11,14 @@ import pytest
 import torch
 from conftest import randomize_adapters
 from peft import get_peft_model
-from transformers import AutoModelForCausalLM, FalconConfig, GPT2Config, GPTBigCodeConfig, GPTNeoXConfig, Phi3Config
+from transformers import (
+    AutoModelForCausalLM,
+    FalconConfig,
+    GPT2Config,
+    GPTBigCodeConfig,
+    GPTNeoXConfig,
+    Phi3Config,
+)
 
 from hf_lorax import LoRAConfig
 
