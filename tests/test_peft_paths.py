@@ -169,10 +169,12 @@ def test_every_loader_equals_plain_peft(kind, saved, input_ids):
 
     peft_loaded = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base_dir), folder, is_trainable=True)
     auto = AutoPeftModelForCausalLM.from_pretrained(folder)
+    lazy = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base_dir), folder, low_cpu_mem_usage=True)
     hf_loaded = get_model(str(folder))
     transformers_loaded = GPT2LMHeadModel.from_pretrained(base_dir)
     transformers_loaded.load_adapter(str(folder))
-    for name, model in [("PeftModel", peft_loaded), ("AutoPeftModel", auto), ("get_model", hf_loaded),
+    for name, model in [("PeftModel", peft_loaded), ("AutoPeftModel", auto), ("low_cpu_mem_usage", lazy),
+                        ("get_model", hf_loaded),
                         ("transformers", transformers_loaded)]:
         torch.testing.assert_close(logits(model, input_ids), reference, atol=1e-5, rtol=1e-5, msg=name)
     if "slices" in kind:

@@ -43,10 +43,15 @@ class FusedSliceMixin:
         """Swap peft's dense ``B`` for a :class:`SlicedLoraB` with the same values off-block-zeroed."""
         dense = self.lora_B[adapter].weight
         rows = entry.slices.rows(self.out_features, entry.name)
-        mask = block_mask(self.out_features, rows, entry.r, device=dense.device)
+        # on the base weight's device: under low_cpu_mem_usage peft builds the adapter on meta and assigns the
+        # weights later, but the mask is no saved state and must be real from the start
+        mask = block_mask(self.out_features, rows, entry.r, device=self.get_base_layer().weight.device)
         sliced = SlicedLoraB(mask, adapted_entries=sum(map(len, rows)) * entry.r).to(dtype=dense.dtype)
-        with torch.no_grad():
-            sliced.weight.copy_(dense * mask)  # zero init stays zero; init_lora_weights=False keeps its blocks
+        if dense.is_meta:  # low_cpu_mem_usage: peft assigns the loaded weight later
+            sliced.weight = nn.Parameter(torch.empty_like(dense), requires_grad=dense.requires_grad)
+        else:
+            with torch.no_grad():
+                sliced.weight.copy_(dense * mask)  # zero init stays zero; init_lora_weights=False keeps its blocks
         sliced.weight.requires_grad_(dense.requires_grad)
         if config.init_lora_weights == "gaussian":  # std 1/r of the per-slice rank, not of n*r
             nn.init.normal_(self.lora_A[adapter].weight, std=1 / entry.r)

@@ -68,6 +68,12 @@ def trained_numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def trained_parameter_count(model: nn.Module) -> int:
+    """Entries that train: parameters requiring grad, a sliced ``B`` counted by its blocks (the paper's count)."""
+    sliced = {id(m.weight): m.adapted_entries for m in model.modules() if isinstance(m, SlicedLoraB)}
+    return sum(sliced.get(id(p), p.numel()) for p in model.parameters() if p.requires_grad)
+
+
 def b_weight(lora_B: nn.Module) -> torch.Tensor:
     """The ``B`` weight a forward should multiply with: masked-gradient for sliced ``B``, else the weight."""
     return lora_B.trained_weight() if isinstance(lora_B, SlicedLoraB) else lora_B.weight
