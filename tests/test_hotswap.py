@@ -68,3 +68,12 @@ def test_peft_hotswap_alone_is_wrong_with_patterns(two_adapters, input_ids):
     model = PeftModel.from_pretrained(_base(), first)
     peft_hotswap_adapter(model, str(second), adapter_name="default", torch_device="cpu")
     assert (_logits(model, input_ids) - direct).abs().max() > 1e-3
+
+
+def test_transformers_load_adapter_hotswap_of_fused_slices(two_adapters, input_ids):
+    first, second = two_adapters["slices"]
+    direct = _logits(PeftModel.from_pretrained(_base(), second), input_ids)
+    model = _base()
+    model.load_adapter(str(first), adapter_name="default")
+    model.load_adapter(str(second), adapter_name="default", hotswap=True)
+    torch.testing.assert_close(_logits(model, input_ids), direct, atol=1e-5, rtol=1e-5)
