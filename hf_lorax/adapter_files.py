@@ -149,7 +149,7 @@ def read_adapter_folder(path: str) -> AdapterFolder:
     with safe_open(folder.weights_path, framework="pt") as f:
         folder.shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
     sliced = folder.sidecar.get("sliced_modules") or {}
-    specs = parse_fused_slices(folder.sidecar.get("fused_slices"))
+    specs = parse_fused_slices(folder.sidecar.get("slice_layouts") or folder.sidecar.get("fused_slices"))
     rslora = bool(config.get("use_rslora"))
     for key, a_shape in sorted(folder.shapes.items()):
         if not key.endswith(".lora_A.weight"):
@@ -167,7 +167,7 @@ def read_adapter_folder(path: str) -> AdapterFolder:
         fused_alpha = pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
         spec = spec_for(name, specs) if name in sliced else None
         n = sliced.get(name, 1) if spec else 1
-        b_params = n * (b_shape[0] // len(spec.layout)) * slice_rank(fused_r, n) if spec else _numel(b_shape)
+        b_params = sum(map(len, spec.rows(b_shape[0], name))) * slice_rank(fused_r, n) if spec else _numel(b_shape)
         magnitude = folder.shapes.get(f"{prefix}.lora_magnitude_vector")
         folder.modules.append(SavedModule(
             name=name, key=prefix, r=slice_rank(fused_r, n), alpha=slice_alpha(fused_alpha, n, rslora),

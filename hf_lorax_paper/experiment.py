@@ -221,6 +221,7 @@ def run(plugin: TaskPlugin, experiment: Experiment) -> dict | None:
     from transformers import AutoTokenizer, set_seed
 
     from hf_lorax import RankUtilizationCallback, push_adapter
+    from hf_lorax.layers import trained_parameter_count
 
     method, data, args, preset = experiment.method, experiment.data, experiment.training, experiment.preset
     if experiment.push_adapter and not args.hub_model_id:
@@ -232,14 +233,13 @@ def run(plugin: TaskPlugin, experiment: Experiment) -> dict | None:
     tokenizer = AutoTokenizer.from_pretrained(preset.model_name_or_path)
     model = build_model(plugin, preset, method, data)
     facts = plugin.after_model(model, method, data)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = trained_parameter_count(model)  # a fused-slice B counts its blocks only
     inputs = plugin.trainer_inputs(tokenizer, preset, method, data, splits)
     trainer_class = inputs.pop("trainer_class")
-    callbacks = []
-    if method.rank_utilization and method.method in ADAPTER_METHODS:
-        callbacks.append(RankUtilizationCallback(every_n_steps=method.rank_utilization_steps,
-                                                 output_dir=args.output_dir, log_per_module=False))
-    trainer = trainer_class(model=model, args=args, callbacks=callbacks, **inputs)
+    trainer = trainer_class(model=model, args=args, **inputs)
+    if method.rank_utilization and method.method in ADAPTER_METHODS:  # first, so the reporters get its metrics
+        RankUtilizationCallback(every_n_steps=method.rank_utilization_steps, output_dir=args.output_dir,
+                                log_per_module=False).attach(trainer)
     timings = {}
     with timed(timings, "train"):
         train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)

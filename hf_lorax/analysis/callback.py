@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from transformers import TrainerCallback
@@ -19,6 +20,8 @@ from .report import (
     updates_from_model,
 )
 
+logger = logging.getLogger(__name__)
+
 JSON_NAME = "rank_utilization.json"
 PNG_NAME = "rank_utilization.png"
 SUGGESTION_NAME = "suggested_rank_map.json"
@@ -30,8 +33,8 @@ class RankUtilizationCallback(TrainerCallback):
     Every ``every_n_steps`` optimizer steps (on the main process; under ZeRO-3 or FSDP2 every process first
     gathers the sharded factors, one layer at a time) the singular values of each adapter's
     ``ΔW = s·BA`` are computed from the factors (an r×r SVD per module), and a summary is logged through
-    ``Trainer.log`` — so TensorBoard, W&B and every other configured reporter, and
-    ``trainer.state.log_history``, receive it: ``rank_utilization/mean``, ``/min``, per module type
+    ``Trainer.log`` — so ``trainer.state.log_history``, and with :meth:`attach` TensorBoard, W&B and every
+    other configured reporter, receive it: ``rank_utilization/mean``, ``/min``, per module type
     (``rank_utilization/type/query/mean``) and per layer (``rank_utilization/layer/3/mean``), plus every
     module when ``log_per_module``. At the end of training it writes, into ``output_dir`` (default: the
     run's ``args.output_dir``): ``rank_utilization.json`` (history and final per-module statistics),
@@ -39,8 +42,8 @@ class RankUtilizationCallback(TrainerCallback):
 
     Example::
 
-        trainer = Trainer(model=model, args=args, train_dataset=ds,
-                          callbacks=[RankUtilizationCallback(every_n_steps=100)])
+        trainer = Trainer(model=model, args=args, train_dataset=ds)
+        RankUtilizationCallback(every_n_steps=100).attach(trainer)  # first, so the reporters see its metrics
     """
 
     def __init__(self, every_n_steps: int = 100, output_dir: str | None = None, log_per_module: bool = True,
@@ -55,6 +58,7 @@ class RankUtilizationCallback(TrainerCallback):
         self.latest: list[ModuleStats] = []
         self._pending: dict[str, float] = {}
         self._last_step: int | None = None  # the last step measured (on every process, for the collectives)
+        self._attached = False
 
     def measure(self, model, step: int) -> dict[str, float]:
         """Analyze ``model``'s adapters now; returns the metrics to log (on one process: see the class doc)."""
@@ -89,20 +93,36 @@ class RankUtilizationCallback(TrainerCallback):
         elif state.is_world_process_zero:
             self._pending = self.measure(model, state.global_step)
 
-    def hf_lorax_pending_logs(self) -> dict[str, float]:
-        """Metrics waiting to be merged into the next ``Trainer.log`` call.
+    def attach(self, trainer) -> RankUtilizationCallback:
+        """Put this callback first in ``trainer``'s callbacks (that trainer only), so that the reporters after
+        it (TensorBoard, W&B, ...) receive its metrics too; returns the callback.
 
-        :mod:`hf_lorax.integrations.transformers_hooks` merges them before any reporter sees the call. With
-        that hook off, :meth:`on_log` merges them itself: they reach ``log_history`` and later callbacks.
+        ``Trainer(callbacks=[...])`` places user callbacks after the reporters, and a callback can only add
+        metrics to the ``logs`` of a ``Trainer.log`` call the callbacks after it see.
         """
-        pending, self._pending = self._pending, {}
-        return pending
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        callbacks.insert(0, self)
+        self._attached = True
+        return self
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        reporters = [r for r in (args.report_to or []) if r != "none"]
+        if reporters and not self._attached and state.is_world_process_zero:
+            logger.warning("RankUtilizationCallback's metrics reach trainer.state.log_history but not %s: the "
+                           "reporters run before it. Use RankUtilizationCallback(...).attach(trainer) instead of "
+                           "Trainer(callbacks=[...]).", ", ".join(reporters))
+        return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        """Add the pending metrics to this ``Trainer.log`` call: its ``logs`` (what the callbacks after this one
+        receive) and the ``log_history`` entry the Trainer appended just before."""
         if self._pending and logs is not None:
-            from ..integrations.transformers_hooks import merge_pending_logs
-
-            merge_pending_logs([self], state, logs)
+            pending, self._pending = self._pending, {}
+            logs.update(pending)
+            if state.log_history:
+                state.log_history[-1].update(pending)
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):

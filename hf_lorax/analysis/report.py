@@ -151,10 +151,10 @@ def _split(module, A, B, scaling, W, magnitude, spec) -> list[LowRankUpdate]:
     if spec is None:
         return [make("", A, B, slice(None))]
     r = A.shape[0] // len(spec.adapt)
-    bounds = spec.bounds(B.shape[0], module)
+    rows = [torch.as_tensor(idx, dtype=torch.long) for idx in spec.rows(B.shape[0], module)]
     return [
-        make(part, A[i * r : (i + 1) * r], B[lo:hi, i * r : (i + 1) * r], slice(lo, hi))
-        for i, (part, (lo, hi)) in enumerate(zip(spec.adapt, bounds))
+        make(part, A[i * r : (i + 1) * r], B[idx, i * r : (i + 1) * r], idx)
+        for i, (part, idx) in enumerate(zip(spec.adapt, rows))
     ]
 
 

@@ -178,9 +178,12 @@ class FactorizedDoraLinearVariant(LoraVariant):
     def init(cls, module: LoraLayer, adapter_name: str, **kwargs: Any) -> None:
         if "lora_magnitude_vector" not in module.adapter_layer_names:
             module.adapter_layer_names = module.adapter_layer_names[:] + ("lora_magnitude_vector",)
-        magnitude = cls.weight_norm(module, adapter_name)
-        dtype = cls.factors(module, adapter_name)[0].dtype
-        module.lora_magnitude_vector[adapter_name] = DoraMagnitude(magnitude.to(dtype))
+        A, B = cls.factors(module, adapter_name)
+        if A.is_meta or B.is_meta:  # low_cpu_mem_usage: the saved magnitude is assigned when the weights load
+            magnitude = torch.empty(B.shape[0], dtype=A.dtype, device="meta")
+        else:
+            magnitude = cls.weight_norm(module, adapter_name).to(A.dtype)
+        module.lora_magnitude_vector[adapter_name] = DoraMagnitude(magnitude)
 
     @classmethod
     def forward(cls, module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):

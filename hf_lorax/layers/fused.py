@@ -29,6 +29,7 @@ import torch
 
 from ..integrations.sharding import is_zero3_param
 from .dora import FactorizedDoraLinearVariant
+from .sliced import b_weight
 
 WeightSource = Callable[[], torch.Tensor]  # returns the frozen weight as (out, in) in the base compute dtype
 
@@ -191,7 +192,7 @@ class FusedForwardMixin:
         if variant is not None:  # DoRA: m / ‖W + s·BA‖, the norm from the factors and detached
             norm_scale = self.lora_magnitude_vector[adapter](variant.weight_norm(self, adapter))
         base = self.get_base_layer()
-        return fused_lora_linear(x, weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+        return fused_lora_linear(x, weight, base.bias, self.lora_A[adapter].weight, b_weight(self.lora_B[adapter]),
                                  self.scaling[adapter], p, norm_scale, getattr(base, "compute_dtype", None))
 
 
