@@ -24,9 +24,11 @@ drop-in ``Trainer`` that runs the LM head only on labelled positions (same loss,
 
 The configs are ``peft.LoraConfig`` subclasses: ``peft.get_peft_model``, ``PeftModel.from_pretrained``,
 ``AutoPeftModelFor*``, transformers ``add_adapter`` / ``load_adapter`` and ``Trainer`` all take them.
-Importing hf_lorax installs the version-guarded hooks listed in :mod:`hf_lorax.integrations`.
+Importing hf_lorax installs the version-guarded hooks listed in :mod:`hf_lorax.integrations`; they act only on
+hf_lorax configs and adapter folders, so code that does not use hf_lorax runs as without it.
 """
 
+from . import _command_startup  # noqa: F401  (first: an hf_lorax command imports quietly)
 from ._version import __version__
 from .adapter_files import read_adapter_folder
 from .analysis import RankUtilizationCallback
@@ -34,6 +36,7 @@ from .card import write_model_card
 from .config import DoRAConfig, LoRAConfig, QLoRAConfig
 from .describe import AdapterReport, describe
 from .export import export_adapter
+from .hotswap import hotswap_adapter
 from .hub import push_adapter
 from .integrations.hooks import install as _install_hooks
 from .model import get_model, load_base_model
@@ -58,6 +61,7 @@ __all__ = [
     "describe",
     "export_adapter",
     "get_model",
+    "hotswap_adapter",
     "load_base_model",
     "loraplus_param_groups",
     "merge_and_unload",

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from peft import PeftConfig
 
+from .base_init import base_changing_init
 from .config import SIDECAR_FORMAT, SIDECAR_NAME
 from .describe import AdaptedModule
 from .integrations.peft_api import pattern_value
@@ -34,13 +35,20 @@ from .slices import SliceSpec, lora_scaling, parse_fused_slices, slice_alpha, sl
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
+# adapter_config.json keys hf_lorax reads; one a file leaves out has peft's default (``LoraConfig``'s)
+PEFT_DEFAULTED_KEYS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "use_dora", "bias",
+                       "lora_bias", "modules_to_save", "init_lora_weights")
 
 # -- reading ---------------------------------------------------------------------------------------------
 
 
 def read_json(path: str) -> dict:
+    """A JSON file; a damaged one is a ``ValueError`` naming the file (json's own message names no file)."""
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON (truncated or edited?): {exc}") from exc
 
 
 def read_sidecar(directory: str) -> dict | None:
@@ -98,6 +106,11 @@ class AdapterFolder:
         return self.sidecar.get("method") or ("dora" if self.config.get("use_dora") else "lora")
 
     @property
+    def base_changing_init(self) -> str | None:
+        """The ``init_lora_weights`` the adapter was trained with if that initialisation changed the base."""
+        return base_changing_init(self.config.get("init_lora_weights"))
+
+    @property
     def adapter_params(self) -> int:
         """Trainable parameters the adapter holds: LoRA factors (per slice), DoRA magnitudes, task heads."""
         return sum(m.params for m in self.modules) + self.other_params
@@ -126,15 +139,17 @@ def read_adapter_folder(path: str) -> AdapterFolder:
         raise FileNotFoundError(f"Adapter folder {path!r} does not exist.")
     if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
         raise FileNotFoundError(f"{path!r} has no {CONFIG_FILE}; it is not a saved adapter folder.")
-    check_adapter_dir(path)
+    peft_config = check_adapter_dir(path)
     if not os.path.isfile(os.path.join(path, SAFETENSORS_FILE)):
         raise FileNotFoundError(f"{path!r} has no {SAFETENSORS_FILE} (pickle .bin adapters are not read here).")
     config = read_json(os.path.join(path, CONFIG_FILE))
+    for key in PEFT_DEFAULTED_KEYS:  # a key the file leaves out has peft's default, as when peft loads it
+        config.setdefault(key, getattr(peft_config, key, None))
     folder = AdapterFolder(path=path, config=config, sidecar=read_sidecar(path) or {})
     with safe_open(folder.weights_path, framework="pt") as f:
         folder.shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
     sliced = folder.sidecar.get("sliced_modules") or {}
-    specs = parse_fused_slices(folder.sidecar.get("fused_slices"))
+    specs = parse_fused_slices(folder.sidecar.get("slice_layouts") or folder.sidecar.get("fused_slices"))
     rslora = bool(config.get("use_rslora"))
     for key, a_shape in sorted(folder.shapes.items()):
         if not key.endswith(".lora_A.weight"):
@@ -145,10 +160,14 @@ def read_adapter_folder(path: str) -> AdapterFolder:
         name = prefix.removeprefix("base_model.model.")
         b_shape = folder.shapes[f"{prefix}.lora_B.weight"]
         fused_r = a_shape[0]
+        configured_r = pattern_value(config.get("rank_pattern") or {}, name, config["r"])
+        if fused_r != configured_r:  # peft would build rank configured_r and refuse (or mis-scale) these tensors
+            raise ValueError(f"{folder.weights_path}: {key} has rank {fused_r}, but {CONFIG_FILE} gives {name} "
+                             f"rank {configured_r} (r / rank_pattern); the config and the weights do not belong together.")
         fused_alpha = pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
         spec = spec_for(name, specs) if name in sliced else None
         n = sliced.get(name, 1) if spec else 1
-        b_params = n * (b_shape[0] // len(spec.layout)) * slice_rank(fused_r, n) if spec else _numel(b_shape)
+        b_params = sum(map(len, spec.rows(b_shape[0], name))) * slice_rank(fused_r, n) if spec else _numel(b_shape)
         magnitude = folder.shapes.get(f"{prefix}.lora_magnitude_vector")
         folder.modules.append(SavedModule(
             name=name, key=prefix, r=slice_rank(fused_r, n), alpha=slice_alpha(fused_alpha, n, rslora),
@@ -157,6 +176,30 @@ def read_adapter_folder(path: str) -> AdapterFolder:
             slices=spec,
         ))
     return folder
+
+
+def check_factor_shapes(weights: str, shapes: dict[str, list[int]]) -> None:
+    """Every ``lora_A`` has its ``lora_B`` (and back), both are matrices, and their ranks agree; a DoRA
+    magnitude has one entry per output row. Errors name the tensor, its shape and the file."""
+    for key, shape in shapes.items():
+        for part, other in ((".lora_A.weight", ".lora_B.weight"), (".lora_B.weight", ".lora_A.weight")):
+            if not key.endswith(part):
+                continue
+            partner = key.removesuffix(part) + other
+            if partner not in shapes:
+                raise ValueError(f"{weights} holds {key} but not {partner}: the file is incomplete; save the adapter again.")
+            if len(shape) != 2:
+                raise ValueError(f"{weights}: {key} has shape {shape}; a LoRA factor is a matrix.")
+        if key.endswith(".lora_A.weight"):
+            prefix = key.removesuffix(".lora_A.weight")
+            b_shape = shapes[f"{prefix}.lora_B.weight"]
+            if shape[0] != b_shape[1]:
+                raise ValueError(f"{weights}: {key} has rank {shape[0]} (shape {shape}) but {prefix}.lora_B.weight has "
+                                 f"rank {b_shape[1]} (shape {b_shape}); the factors must share one rank.")
+            magnitude = shapes.get(f"{prefix}.lora_magnitude_vector")
+            if magnitude is not None and magnitude != [b_shape[0]]:
+                raise ValueError(f"{weights}: {prefix}.lora_magnitude_vector has shape {magnitude}; the module has "
+                                 f"{b_shape[0]} output rows.")
 
 
 def _numel(shape) -> int:
@@ -208,10 +251,10 @@ def check_weights_file(path: str, allow_pickle: bool = False) -> None:
 
     try:
         with safe_open(weights, framework="pt") as f:
-            for key in f.keys():
-                f.get_slice(key).get_shape()
+            shapes = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
     except Exception as exc:  # safetensors raises its own SafetensorError for every kind of damage
         raise ValueError(f"{weights} is truncated or corrupt ({exc}); save the adapter again.") from exc
+    check_factor_shapes(weights, shapes)  # a missing lora_B would otherwise load as zeros: an adapter doing nothing
     size = os.path.getsize(weights)
     with open(weights, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")

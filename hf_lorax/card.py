@@ -23,6 +23,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ._version import __version__
 from .adapter_files import read_adapter_folder, read_json, write_text
+from .base_init import PEFT_REBUILT_INITS, base_change_reason
 from .config import UNQUANTIZED_HEADS
 from .describe import AdaptedModule, AdapterReport
 from .serving import serving_summary
@@ -74,7 +75,7 @@ def render_model_card(
         method_name=METHOD_NAMES.get(method, method), task_description=dataset.get("name"),
         has_head=bool(config.get("modules_to_save")), adapter_params_str=f"{adapter_params:,}",
         adapter_size_str=_human_bytes(os.path.getsize(weights)) if os.path.isfile(weights) else "not saved yet",
-        hf_lorax_version=__version__, serving_table=_serving_table(serving_summary(saved, repo_id)), peft_version=config.get("peft_version", "?"),
+        hf_lorax_version=__version__, serving_table=_serving_table(serving_summary(saved, repo_id)) + _base_note(saved), peft_version=config.get("peft_version", "?"),
         slices=", ".join(f"{m}: {'/'.join(v) if isinstance(v, list) else v}" for m, v in (sidecar.get("fused_slices") or {}).items()),
         target_modules=", ".join(f"`{t}`" for t in sorted(config.get("target_modules") or [])) if not isinstance(config.get("target_modules"), str) else f"`{config['target_modules']}`",
         r=config.get("r"), alpha=config.get("lora_alpha"), rslora=config.get("use_rslora"),
@@ -90,6 +91,23 @@ def render_model_card(
     )
     template = resources.files("hf_lorax.model_cards").joinpath("adapter_card.md").read_text(encoding="utf-8")
     return ModelCard.from_template(card_data, template_str=template, **context)
+
+
+def _base_note(saved) -> str:
+    """What the card says, below the serving table, about an initialisation that changed the base: converted
+    (exactly), or how to serve it."""
+    converted = (saved.sidecar.get("exported") or {}).get("converted_from")
+    if converted:
+        return (f"\n\nConverted exactly from an adapter trained with `init_lora_weights=\"{converted['init_lora_weights']}\"` "
+                "(which changes the base weights) to a plain LoRA of the original base: ΔW = s·(B·A − B0·A0), "
+                "rank 2r, with the factors saved right after initialisation.")
+    init = saved.base_changing_init
+    if not init:
+        return ""
+    reason = base_change_reason(init, "a serving engine (vLLM, TGI, LoRAX)")
+    if init.lower() in PEFT_REBUILT_INITS:
+        reason += " peft runs the initialisation again when it loads the adapter, which rebuilds the changed base."
+    return "\n\n**The base weights changed in training.** " + reason
 
 
 def _load_kwargs(sidecar: dict) -> str:

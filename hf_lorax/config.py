@@ -9,10 +9,16 @@ They *are* ``peft.LoraConfig`` dataclasses, so ``peft.get_peft_model``, ``PeftMo
 * ``num_labels``: the label count :func:`hf_lorax.get_model` gives a classification head;
 * for :class:`QLoRAConfig`, the bitsandbytes quantization of the base.
 
-A config is a description: it is validated on construction and never changed afterwards by hf_lorax.
-What a config means for one concrete model (exact rank and alpha per module, slices, task head) is the
-:class:`~hf_lorax.plan.AdapterPlan` that :func:`hf_lorax.plan.resolve` computes; :func:`hf_lorax.get_model`
-hands peft a resolved *copy* (:meth:`LoRAConfig.with_plan`).
+A config the user builds is a *description*: it is validated on construction and never changed afterwards by
+hf_lorax. What it means for one concrete model (exact rank and alpha per module, slices, task head) is the
+:class:`~hf_lorax.plan.AdapterPlan` that :func:`hf_lorax.plan.resolve` computes. peft only ever holds a
+*resolved* copy (:meth:`LoRAConfig.with_plan`, made by :func:`hf_lorax.get_model` and by the peft hook): plain
+peft state, where ``rank_pattern`` / ``alpha_pattern`` name every module whose rank or alpha differs from
+``r`` / ``lora_alpha`` exactly (fused-slice modules with their full-module rank ``n*r``), and ``rank_map``,
+``alpha_map`` and ``fused_slices`` are ``None``: what they described is kept in :attr:`LoRAConfig.resolved_from`
+(what ``hf_lorax.json`` holds), outside peft's fields. So ``dataclasses.replace`` (peft's
+``add_weighted_adapter``), ``to_dict`` and a saved ``adapter_config.json`` all carry plain peft meaning, and a
+config read back from a folder is again such a resolved config.
 
 This module imports only the two pure leaf modules :mod:`~hf_lorax.rank_map` and :mod:`~hf_lorax.slices`.
 Saving writes a plain peft ``adapter_config.json`` (only peft's fields, so peft without hf_lorax reads it
@@ -33,7 +39,7 @@ from peft import LoraConfig
 
 from ._version import __version__
 from .rank_map import load_module_map
-from .slices import SliceSpec, fused_alpha, fused_rank, parse_fused_slices, slice_alpha, slice_rank
+from .slices import SliceSpec, parse_fused_slices, spec_for
 
 SIDECAR_NAME = "hf_lorax.json"
 SIDECAR_FORMAT = 1
@@ -86,6 +92,8 @@ class LoRAConfig(LoraConfig):
 
     # hf_lorax's own fields: saved to hf_lorax.json, never to adapter_config.json
     extra_fields: ClassVar[tuple[str, ...]] = ("rank_map", "alpha_map", "num_labels", "fused_slices")
+    # the fields a resolved config moves out of peft's view (into ``resolved_from``): they are resolved already
+    description_fields: ClassVar[tuple[str, ...]] = ("rank_map", "alpha_map", "fused_slices")
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -106,9 +114,13 @@ class LoRAConfig(LoraConfig):
         if self.fused_slices is not None:
             self.fused_slices = {k: v if isinstance(v, dict) else list(v) for k, v in self.fused_slices.items()}
         super().__post_init__()
-        # The AdapterPlan this config was resolved with (hf_lorax.plan), set only on the copies that
-        # ``with_plan`` makes: a config the user built has none.
+        # Plain attributes, not dataclass fields: peft's to_dict and dataclasses.replace never see them.
+        # The AdapterPlan this config was resolved with (hf_lorax.plan): only on copies ``with_plan`` makes.
         self.resolved_plan = None
+        # On a resolved config (made by ``with_plan`` or read from a folder): the description it came from, as
+        # hf_lorax.json holds it (rank_map, alpha_map, fused_slices, sliced_modules, slice_layouts). None on a
+        # description the user built.
+        self.resolved_from: dict | None = None
 
     @property
     def method(self) -> str:
@@ -116,67 +128,73 @@ class LoRAConfig(LoraConfig):
         return "dora" if self.use_dora else "lora"
 
     @property
+    def is_resolved(self) -> bool:
+        """Whether this is plain peft state (a resolved copy, or a config read from a saved folder)."""
+        return self.resolved_from is not None
+
+    @property
     def slice_specs(self) -> dict[str, SliceSpec]:
-        """``fused_slices`` parsed into one :class:`~hf_lorax.slices.SliceSpec` per key."""
-        return parse_fused_slices(self.fused_slices)
+        """``fused_slices`` parsed into one :class:`~hf_lorax.slices.SliceSpec` per key (of the description a
+        resolved config came from, limited to its sliced modules with their saved row structure)."""
+        if not self.is_resolved:
+            return parse_fused_slices(self.fused_slices)
+        layouts = self.resolved_from.get("slice_layouts") or {}
+        if layouts:
+            return parse_fused_slices(layouts)
+        sliced = self.resolved_from.get("sliced_modules") or {}
+        described = parse_fused_slices(self.resolved_from.get("fused_slices"))
+        return {name: spec for name in sliced if (spec := spec_for(name, described)) is not None}
 
     def base_model_kwargs(self) -> dict:
         """Extra ``from_pretrained`` kwargs :func:`hf_lorax.get_model` uses to load the base (quantization)."""
         return {}
 
     def with_plan(self, plan) -> LoRAConfig:
-        """A copy of this config that carries ``plan``'s exact per-module ranks, alphas and task head.
+        """The resolved copy of this config for ``plan``: plain peft state (see the module docstring).
 
-        This is what peft receives from :func:`hf_lorax.get_model`; ``self`` is left as it was.
+        This is what peft holds; ``self`` is left as it was.
         """
         resolved = copy.deepcopy(self)
-        resolved.adopt_plan(plan)
-        return resolved
-
-    def adopt_plan(self, plan) -> None:
-        """Write ``plan``'s exact ranks, alphas, task head and targets into this config, in place.
-
-        Only for a config peft already holds (see :func:`hf_lorax.model_prep.prepare_injection`); a user's
-        config gets :meth:`with_plan` instead.
-        """
-        self.rank_pattern = dict(plan.rank_pattern)
-        self.alpha_pattern = dict(plan.alpha_pattern)
-        self.modules_to_save = list(plan.modules_to_save) if plan.modules_to_save else None
+        source = dict(self.resolved_from) if self.is_resolved else {k: getattr(self, k) for k in self.description_fields}
+        source["sliced_modules"] = dict(plan.sliced_modules)
+        source["slice_layouts"] = {name: m.slices.as_dict() for name, m in plan.modules.items() if m.slices is not None}
+        for name in self.description_fields:
+            setattr(resolved, name, None)
+        resolved.rank_pattern = dict(plan.rank_pattern)
+        resolved.alpha_pattern = dict(plan.alpha_pattern)
+        resolved.modules_to_save = list(plan.modules_to_save) if plan.modules_to_save else None
         if plan.target_modules is not None:
-            self.target_modules = plan.target_modules
-        self.resolved_plan = plan
+            resolved.target_modules = plan.target_modules
+        resolved.resolved_from, resolved.resolved_plan = source, plan
+        return resolved
 
     # -- saving -------------------------------------------------------------------------------------------
 
     def sliced_modules(self) -> dict[str, int]:
-        """``{module: number of adapted slices}`` of the resolved plan (empty before resolution)."""
-        return dict(self.resolved_plan.sliced_modules) if self.resolved_plan is not None else {}
+        """``{module: number of adapted slices}`` of a resolved config (empty for a description)."""
+        return dict((self.resolved_from or {}).get("sliced_modules") or {})
 
     def to_dict(self) -> dict:
-        """The standard peft config dict: what ``adapter_config.json`` holds.
-
-        hf_lorax's own fields are left out (they go to ``hf_lorax.json``), and modules adapted on fused
-        slices report the rank and alpha of the equivalent full-module LoRA, so plain peft rebuilds them.
-        """
+        """The standard peft config dict: what ``adapter_config.json`` holds (hf_lorax's own fields left out;
+        they go to ``hf_lorax.json``). For a resolved config it is exactly the state peft builds layers from."""
         out = super().to_dict()
-        for name in (*self.extra_fields, "resolved_plan"):
+        for name in (*self.extra_fields, "resolved_plan", "resolved_from"):
             out.pop(name, None)
-        out["rank_pattern"] = dict(out.get("rank_pattern") or {})
-        out["alpha_pattern"] = dict(out.get("alpha_pattern") or {})
-        for module, n in self.sliced_modules().items():
-            out["rank_pattern"][module] = fused_rank(self.rank_pattern.get(module, self.r), n)
-            out["alpha_pattern"][module] = fused_alpha(self.alpha_pattern.get(module, self.lora_alpha), n, self.use_rslora)
         return out
 
     def sidecar(self) -> dict:
         """What ``hf_lorax.json`` holds."""
+        source = self.resolved_from or {}
+        data = {name: source.get(name) if name in self.description_fields and self.is_resolved else getattr(self, name)
+                for name in self.extra_fields}
         return {
             "format_version": SIDECAR_FORMAT,
             "hf_lorax_version": __version__,
             "config_class": type(self).__name__,
             "method": self.method,
-            **{name: getattr(self, name) for name in self.extra_fields},
+            **data,
             "sliced_modules": self.sliced_modules(),
+            "slice_layouts": dict(source.get("slice_layouts") or {}),
         }
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
@@ -186,24 +204,21 @@ class LoRAConfig(LoraConfig):
 
     @classmethod
     def from_peft_config(cls, config: LoraConfig, sidecar: dict) -> LoRAConfig:
-        """Rebuild the hf_lorax config that wrote ``sidecar`` from the peft config read beside it."""
+        """The resolved hf_lorax config of a saved folder: ``config`` (its ``adapter_config.json``) unchanged as
+        peft state, with ``sidecar`` (its ``hf_lorax.json``) as :attr:`resolved_from`."""
         name = sidecar.get("config_class", "LoRAConfig")
         if name not in CONFIG_CLASSES:
             raise ValueError(f"hf_lorax.json names config class {name!r}; known: {sorted(CONFIG_CLASSES)}.")
-        kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoraConfig) if f.init}
-        if isinstance(kwargs.get("target_modules"), set):
-            kwargs["target_modules"] = sorted(kwargs["target_modules"])
-        # adapter_config.json states fused-slice modules as full-module LoRAs of rank n*r; undo that.
-        rank_pattern, alpha_pattern = dict(kwargs["rank_pattern"] or {}), dict(kwargs["alpha_pattern"] or {})
-        for module, n in (sidecar.get("sliced_modules") or {}).items():
-            if module in rank_pattern:
-                rank_pattern[module] = slice_rank(rank_pattern[module], n)
-            if module in alpha_pattern:
-                alpha_pattern[module] = slice_alpha(alpha_pattern[module], n, kwargs["use_rslora"])
-        kwargs.update(rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
         target = CONFIG_CLASSES[name]
-        kwargs.update({extra: sidecar[extra] for extra in target.extra_fields if extra in sidecar})
-        return target(**kwargs)
+        kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoraConfig) if f.init}
+        kwargs.update({extra: sidecar[extra] for extra in target.extra_fields
+                       if extra in sidecar and extra not in target.description_fields})
+        out = target(**kwargs)
+        out.target_modules = config.target_modules  # as peft read it (a set), not re-normalised
+        out.resolved_from = {**{k: sidecar.get(k) for k in target.description_fields},
+                             "sliced_modules": dict(sidecar.get("sliced_modules") or {}),
+                             "slice_layouts": dict(sidecar.get("slice_layouts") or {})}
+        return out
 
 
 CONFIG_CLASSES["LoRAConfig"] = LoRAConfig

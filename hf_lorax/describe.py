@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .integrations.peft_api import LoraLayer, is_wrapped_head
+from .layers.sliced import trained_numel
 from .task_types import task_name
 
 
@@ -112,7 +113,8 @@ def describe(model: nn.Module, adapter: str | None = None) -> AdapterReport:
             continue
         spec = getattr(module, "slice_specs", {}).get(adapter)
         n = len(spec.adapt) if spec else 1
-        params = sum(p.numel() for attr in module.adapter_layer_names for p in _adapter_params(module, attr, adapter))
+        params = sum(p.numel() if isinstance(p, nn.Parameter) else trained_numel(p)  # a sliced B: its blocks
+                     for attr in module.adapter_layer_names for p in _adapter_params(module, attr, adapter))
         r = module.r[adapter] // n
         alpha = module.lora_alpha[adapter] / (n if not module.use_rslora.get(adapter) else n**0.5)
         report.rows.append(
@@ -199,7 +201,7 @@ def _adapter_params(module: nn.Module, attr: str, adapter: str):
     if container is None or adapter not in container:
         return []
     item = container[adapter]
-    return [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+    return [item] if isinstance(item, nn.Parameter) else [item]
 
 
 def _active_adapter(model: nn.Module) -> str:

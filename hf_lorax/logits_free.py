@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .loss import causal_lm_loss, linear_cross_entropy, per_item, shifted_labels
+from .loss import causal_lm_loss, check_labels_shape, linear_cross_entropy, per_item, shifted_labels
 
 IGNORE_INDEX = -100
 
@@ -109,6 +109,7 @@ class LogitsFreeCausalLM:
 def causal_lm_loss_from_hidden(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
                                num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
     """``ForCausalLMLoss(head(hidden), labels)`` without the logits: labels shifted left, -100 ignored."""
+    check_labels_shape(labels, hidden.shape[:-1], "the hidden states (batch, tokens)")
     targets = shifted_labels(labels, IGNORE_INDEX).reshape(-1).to(hidden.device)
     rows = hidden.reshape(-1, hidden.shape[-1])
     if not torch.compiler.is_compiling():  # eager: only labelled rows go through the head (a dynamic shape)
@@ -119,15 +120,15 @@ def causal_lm_loss_from_hidden(hidden: torch.Tensor, head: nn.Linear, labels: to
 
 
 _CLASSES: dict[type, type] = {}
+_PREFIX = "LogitsFree"
 
 
-def enable_logits_free_loss(model: nn.Module) -> bool:
-    """Give ``model`` (this instance) :class:`LogitsFreeCausalLM`'s forward if it supports it; returns whether it did."""
-    if isinstance(model, LogitsFreeCausalLM):
-        return True
-    if logits_free_unsupported_reason(model) is not None:
-        return False
-    cls = type(model)
+def logits_free_class(cls: type) -> type:
+    """The subclass of ``cls`` with :class:`LogitsFreeCausalLM`'s forward (made once per class).
+
+    Its ``__qualname__`` is ``LogitsFree<name>`` in this module, which :func:`__getattr__` rebuilds on demand, so a
+    model pickled in one process loads in a fresh one (``torch.save(model)``, spawned DataLoader workers).
+    """
     if cls not in _CLASSES:
         def forward(self, *args, **kwargs):
             return LogitsFreeCausalLM.forward(self, *args, **kwargs)
@@ -136,11 +137,29 @@ def enable_logits_free_loss(model: nn.Module) -> bool:
         functools.update_wrapper(forward, cls.forward)
         # ``__name__`` stays the model's: the Trainer and others look model classes up by it (the Trainer's
         # label smoother shifts labels only for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-        qualname = f"LogitsFree{cls.__name__}"
         _CLASSES[cls] = type(cls.__name__, (LogitsFreeCausalLM, cls),
-                             {"__module__": __name__, "__qualname__": qualname, "forward": forward})
-        globals()[qualname] = _CLASSES[cls]  # importable by qualified name, so the model pickles
-    model.__class__ = _CLASSES[cls]
+                             {"__module__": __name__, "__qualname__": _PREFIX + cls.__name__, "forward": forward})
+    return _CLASSES[cls]
+
+
+def __getattr__(name: str) -> type:
+    """``LogitsFree<transformers class name>``: the class pickle asks for by name (see :func:`logits_free_class`)."""
+    if name.startswith(_PREFIX):
+        import transformers
+
+        base = getattr(transformers, name[len(_PREFIX):], None)
+        if isinstance(base, type):
+            return logits_free_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def enable_logits_free_loss(model: nn.Module) -> bool:
+    """Give ``model`` (this instance) :class:`LogitsFreeCausalLM`'s forward if it supports it; returns whether it did."""
+    if isinstance(model, LogitsFreeCausalLM):
+        return True
+    if logits_free_unsupported_reason(model) is not None:
+        return False
+    model.__class__ = logits_free_class(type(model))
     return True
 
 

@@ -174,11 +174,20 @@ def causal_lm_loss(
     mean over labelled tokens, or the sum divided by ``num_items_in_batch`` when the ``Trainer`` passes it.
     """
     if shift_labels is None:
+        check_labels_shape(labels, logits.shape[:-1], "the logits (batch, tokens)")
         shift_labels = shifted_labels(labels, ignore_index)
     flat_logits = logits.reshape(-1, vocab_size)
     targets = shift_labels.reshape(-1).to(flat_logits.device)
     total = CrossEntropyFromLogits.apply(flat_logits, targets, ignore_index).sum()
     return per_item(total, targets.ne(ignore_index).sum(), num_items_in_batch)
+
+
+def check_labels_shape(labels: torch.Tensor, tokens: tuple[int, ...], what: str) -> None:
+    """One label per token: a ``ValueError`` naming both shapes, where the loss would otherwise fail deep in
+    indexing (or, for some shapes, silently pair the wrong labels with the tokens)."""
+    if tuple(labels.shape) != tuple(tokens):
+        raise ValueError(f"labels have shape {tuple(labels.shape)}, but {what} have shape {tuple(tokens)}: a causal "
+                         "LM needs one label per input token (-100 for tokens without a loss).")
 
 
 def shifted_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

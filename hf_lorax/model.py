@@ -18,13 +18,15 @@ import logging
 import os
 from typing import Any
 
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from torch import nn
 
 from .adapter_files import atomic_directory_write, check_adapter_dir, read_sidecar
+from .base_init import check_loadable
 from .card import write_model_card
 from .config import LoRAConfig
-from .model_prep import prepare_base_model, prepare_injection
+from .integrations.sharding import gathered_adapter_state, is_sharded, zero3_enabled
+from .model_prep import check_quantized_base, prepare_base_model, prepare_injection
 from .plan import resolve
 from .task_types import AUTO_CLASSES, LABELLED_TASK_TYPES, task_name
 
@@ -38,6 +40,7 @@ def get_model(
     is_trainable: bool = True,
     allow_pickle: bool = False,
     logits_free_loss: bool = True,
+    adapter_kwargs: dict | None = None,
     **from_pretrained_kwargs: Any,
 ) -> PeftModel:
     """Build (or load) a ``PeftModel`` with hf_lorax adapters.
@@ -53,6 +56,9 @@ def get_model(
         logits_free_loss: for causal LMs whose loss is a plain shifted cross-entropy, training forwards with
             ``labels`` compute the loss from the hidden states in row chunks and never form the logits (:mod:`hf_lorax.logits_free`;
             ``outputs.logits`` is then ``None`` in training). ``False`` keeps the model's own forward.
+        adapter_kwargs: for an adapter on the Hub, the download options of the adapter repo (``token``,
+            ``revision``, ``cache_dir``, ``subfolder``, ``force_download``, ...), as transformers' ``adapter_kwargs``;
+            ``token`` and ``cache_dir`` default to those in ``from_pretrained_kwargs``.
         **from_pretrained_kwargs: passed to the Auto class's ``from_pretrained`` (``torch_dtype``, ...).
 
     The task head (RoBERTa's ``classifier``, GPT-2's ``score``, ...) is trained and saved with the adapter;
@@ -68,22 +74,27 @@ def get_model(
     """
     if isinstance(config, (str, os.PathLike)):
         return _load_adapter(os.fspath(config), model, is_trainable, allow_pickle, logits_free_loss,
-                             from_pretrained_kwargs)
+                             from_pretrained_kwargs, adapter_kwargs)
     if not isinstance(config, LoRAConfig):
         raise TypeError(
             f"get_model takes an hf_lorax config (LoRAConfig, DoRAConfig, QLoRAConfig) or an adapter directory, "
             f"got {type(config).__name__}."
         )
+    check_sharding_support(config)
     base = model if model is not None else load_base_model(config, **from_pretrained_kwargs)
-    _check_base_model(config, base)
+    resolved = _validated(config, base)
     prepared = prepare_base_model(config, base, logits_free_loss)
-    return with_hf_lorax_saving(get_peft_model(prepared, _resolved(config, prepared)))
+    return with_hf_lorax_saving(get_peft_model(prepared, prepare_injection(resolved, prepared)))
 
 
-def _resolved(config: LoRAConfig, base: nn.Module) -> LoRAConfig:
-    """The copy of ``config`` peft receives: resolved against ``base``, hf_lorax's layers registered."""
+def _validated(config: LoRAConfig, base: nn.Module) -> LoRAConfig:
+    """Every check that can reject ``config`` for ``base`` (the plan, the head, the quantization), then the only
+    base change a check implies (a pad token for GPT-2-style classification heads): nothing is changed before a
+    typo is reported. Returns the resolved copy peft receives."""
     resolved = config.with_plan(resolve(config, base))
-    prepare_injection(resolved, base)
+    _check_base_model(config, base)
+    check_quantized_base(config, base)
+    _fill_pad_token(config, base)
     return resolved
 
 
@@ -113,6 +124,18 @@ def load_base_model(config: PeftConfig, **from_pretrained_kwargs: Any) -> nn.Mod
         raise OSError(f"Could not load base model {name!r} with {auto.__name__}: {exc}.{hint}") from exc
 
 
+def check_sharding_support(config: LoRAConfig) -> None:
+    """Refuse what DeepSpeed ZeRO-3 cannot shard, before anything loads (else DeepSpeed fails mid-setup with an
+    ``AttributeError`` about ``ds_id``): ZeRO-3 partitions floating-point tensors only."""
+    storage = getattr(config, "quant_storage", None)
+    if storage is not None and not getattr(config, "load_in_8bit", False) and storage == "uint8" \
+            and zero3_enabled():
+        raise ValueError(
+            f"QLoRAConfig(quant_storage={storage!r}) under DeepSpeed ZeRO-3: ZeRO-3 partitions floating-point tensors "
+            f"only. Set quant_storage to the compute dtype ({config.compute_dtype!r}; the scripts' --quant_storage)."
+        )
+
+
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or os.path.exists(name)
 
@@ -127,7 +150,13 @@ def _check_base_model(config: LoRAConfig, base: nn.Module) -> None:
             f"config.num_labels={config.num_labels} but the model's head has {model_config.num_labels} labels. "
             "Load the model with the same num_labels, or let get_model load it."
         )
-    if task == "SEQ_CLS" and getattr(model_config, "pad_token_id", None) is None:
+
+
+def _fill_pad_token(config: LoRAConfig, base: nn.Module) -> None:
+    model_config = getattr(base, "config", None)
+    if model_config is None:
+        return
+    if task_name(config.task_type) == "SEQ_CLS" and getattr(model_config, "pad_token_id", None) is None:
         eos = getattr(model_config, "eos_token_id", None)
         if eos is not None:  # GPT-2-style heads need a pad id to find the last token of each row
             model_config.pad_token_id = eos if isinstance(eos, int) else eos[0]
@@ -135,23 +164,33 @@ def _check_base_model(config: LoRAConfig, base: nn.Module) -> None:
 
 
 def _load_adapter(path: str, model: nn.Module | None, is_trainable: bool, allow_pickle: bool, logits_free_loss: bool,
-                  kwargs: dict) -> PeftModel:
+                  kwargs: dict, adapter_kwargs: dict | None = None) -> PeftModel:
+    hub = {k: kwargs[k] for k in ("token", "cache_dir") if kwargs.get(k) is not None}
+    hub.update(adapter_kwargs or {})
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "adapter_config.json")):
             raise FileNotFoundError(f"{path!r} has no adapter_config.json; it is not a saved adapter directory.")
         config = check_adapter_dir(path, allow_pickle)
+        check_loadable(config.init_lora_weights, path)  # the base it was trained on must be rebuildable
         sidecar = read_sidecar(path)  # a malformed sidecar fails here with its own message
         if sidecar is not None and not isinstance(config, LoRAConfig):  # the peft hook is off
             config = LoRAConfig.from_peft_config(config, sidecar)
     elif _looks_like_path(path) or path.count("/") != 1:
         raise FileNotFoundError(f"Adapter directory {path!r} does not exist (and it is not a Hub repo id).")
-    else:  # a Hub repo id: peft downloads it (the peft hook reads its hf_lorax.json too)
-        config = PeftConfig.from_pretrained(path)
+    else:  # a Hub repo id: peft downloads the adapter, hf_lorax its hf_lorax.json, both with the user's options
+        from .hub import fetch_sidecar
+
+        config = PeftConfig.from_pretrained(path, **hub)
+        sidecar = fetch_sidecar(path, **hub)
+        if sidecar is not None and type(config) is LoraConfig:
+            config = LoRAConfig.from_peft_config(config, sidecar)
     base = model if model is not None else load_base_model(config, **kwargs)
     if isinstance(config, LoRAConfig):
-        config = _resolved(config, prepare_base_model(config, base, logits_free_loss))
+        resolved = _validated(config, base)
+        config = prepare_injection(resolved, prepare_base_model(config, base, logits_free_loss))
     try:
-        loaded = PeftModel.from_pretrained(base, path, config=config, is_trainable=is_trainable)
+        loaded = PeftModel.from_pretrained(base, path, config=config, is_trainable=is_trainable,
+                                           **({} if os.path.isdir(path) else hub))
     except RuntimeError as exc:
         if "size mismatch" not in str(exc):
             raise
@@ -191,8 +230,15 @@ class HfLoraxSaving:
 
     def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs) -> None:
         """peft's ``save_pretrained``, all-or-nothing (:func:`~hf_lorax.adapter_files.atomic_directory_write`),
-        with hf_lorax's model card rendered from the saved files."""
+        with hf_lorax's model card rendered from the saved files.
+
+        Under DeepSpeed ZeRO-3 or FSDP2 the adapter's parameters are sharded: unless a ``state_dict`` is given,
+        they are gathered first, a collective, so every process must call this (as transformers' own
+        ``save_pretrained``), with ``is_main_process`` true on the one that writes.
+        """
         parent = super()
+        if kwargs.get("state_dict") is None and is_sharded(self):
+            kwargs["state_dict"] = gathered_adapter_state(self)
         if not is_main_process:
             return parent.save_pretrained(save_directory, *args, is_main_process=False, **kwargs)
         name = os.path.basename(os.path.abspath(save_directory))
@@ -215,16 +261,30 @@ class HfLoraxSaving:
 
 
 _SAVING_CLASSES: dict[type, type] = {}
+_PREFIX = "HfLorax"
+
+
+def saving_class(cls: type) -> type:
+    """``HfLorax<peft class>``: :class:`HfLoraxSaving` over ``cls``, made once; :func:`__getattr__` rebuilds it by
+    name in a fresh process, so the models pickle."""
+    if cls not in _SAVING_CLASSES:
+        name = _PREFIX + cls.__name__
+        _SAVING_CLASSES[cls] = type(name, (HfLoraxSaving, cls), {"__module__": __name__, "__qualname__": name})
+    return _SAVING_CLASSES[cls]
+
+
+def __getattr__(name: str) -> type:
+    if name.startswith(_PREFIX):
+        import peft
+
+        base = getattr(peft, name[len(_PREFIX):], None)
+        if isinstance(base, type) and issubclass(base, PeftModel):
+            return saving_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def with_hf_lorax_saving(model: PeftModel) -> PeftModel:
     """Give ``model`` (this one instance) :class:`HfLoraxSaving`'s methods; it stays an instance of its class."""
-    cls = type(model)
-    if issubclass(cls, HfLoraxSaving):
-        return model
-    if cls not in _SAVING_CLASSES:
-        name = f"HfLorax{cls.__name__}"
-        _SAVING_CLASSES[cls] = type(name, (HfLoraxSaving, cls), {"__module__": __name__, "__qualname__": name})
-        globals()[name] = _SAVING_CLASSES[cls]  # importable by name, so the model pickles
-    model.__class__ = _SAVING_CLASSES[cls]
+    if not isinstance(model, HfLoraxSaving):
+        model.__class__ = saving_class(type(model))
     return model

@@ -22,18 +22,41 @@ def declare_mean_loss(model: nn.Module) -> None:
         model.accepts_loss_kwargs = False
 
 
-def prepare_injection(config: LoRAConfig, model: nn.Module) -> None:
-    """Make ``config`` ready for peft to inject into ``model``: resolved (in place, unless it already carries a
-    plan), the Trainer told the head's loss is a mean, hf_lorax's layers registered.
+def prepare_injection(config: LoRAConfig, model: nn.Module) -> LoRAConfig:
+    """The config peft should inject into ``model``: ``config`` itself when it carries a plan already, else its
+    resolved copy (:meth:`~hf_lorax.config.LoRAConfig.with_plan`); ``config`` is never changed. Also tells the
+    Trainer the head's loss is a mean and registers hf_lorax's layers on the returned config.
 
-    :func:`hf_lorax.get_model` calls it on the resolved copy it hands peft; the peft hook on the config object
-    peft already holds (``peft.get_peft_model`` keeps the object it is given and edits it itself).
+    :func:`hf_lorax.get_model` and the peft hook (for ``peft.get_peft_model``, ``add_adapter``,
+    ``PeftModel.from_pretrained``, ...) both call it before peft injects.
     """
-    if config.resolved_plan is None:
-        config.adopt_plan(resolve(config, model))
-    if config.resolved_plan.modules_to_save:
+    check_quantized_base(config, model)
+    resolved = config if config.resolved_plan is not None else config.with_plan(resolve(config, model))
+    if resolved.resolved_plan.modules_to_save:
         declare_mean_loss(model)
-    register_layers(config, layer_mapping())
+    register_layers(resolved, layer_mapping())
+    return resolved
+
+
+def check_quantized_base(config: LoRAConfig, model: nn.Module) -> None:
+    """A :class:`QLoRAConfig` the user built needs a bitsandbytes-quantized base: refuse an unquantized one.
+
+    Why an error and not quantizing: ``peft.get_peft_model`` / ``SFTTrainer(peft_config=...)`` receive a model the
+    user already built and placed; replacing its weights in place by 4-bit copies would change that object (and
+    its device and dtype) behind their back. A saved QLoRA adapter (a resolved config) may load onto an
+    unquantized base, as with plain peft (e.g. to serve it in bf16).
+    """
+    if not isinstance(config, QLoRAConfig) or config.is_resolved:
+        return
+    from .quantization import is_quantized
+
+    if not is_quantized(model):
+        raise ValueError(
+            f"QLoRAConfig needs a quantized base, but this {type(model).__name__} has no bitsandbytes-quantized linear "
+            "layers (4-bit or 8-bit), so its quant_type/compute_dtype would be ignored. Load the base with "
+            "quantization_config=config.bnb_config() (for TRL: model_init_kwargs={'quantization_config': ...}), or "
+            "let hf_lorax.get_model(config) load it; for an unquantized base use LoRAConfig / DoRAConfig."
+        )
 
 
 def prepare_base_model(config: LoRAConfig, model: nn.Module, logits_free_loss: bool = True) -> nn.Module:

@@ -7,6 +7,7 @@ This helper scales only the LoRA ``B`` factors and leaves everything else at ``l
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -22,8 +23,12 @@ def loraplus_param_groups(
 
     Weight decay applies to matrices only (not to biases, norms or DoRA magnitudes).
     """
-    if loraplus_lr_ratio < 1:
-        raise ValueError(f"loraplus_lr_ratio={loraplus_lr_ratio} must be >= 1 (LoRA+ trains B faster than A).")
+    if not loraplus_lr_ratio >= 1 or math.isinf(loraplus_lr_ratio):  # ``not >=`` catches NaN
+        raise ValueError(f"loraplus_lr_ratio={loraplus_lr_ratio} must be a finite number >= 1 (LoRA+ trains B faster than A).")
+    if not 0 < lr < math.inf:
+        raise ValueError(f"lr={lr} must be a finite number > 0.")
+    if not 0 <= weight_decay < math.inf:
+        raise ValueError(f"weight_decay={weight_decay} must be a finite number >= 0.")
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

@@ -7,7 +7,8 @@ returns an :class:`AdapterPlan`: per adapted module its rank, alpha, scaling, fu
 plus the task head to train. It reads the config and the model and changes neither.
 
 Layers take their values from the plan (:meth:`~hf_lorax.config.LoRAConfig.with_plan` hands peft a config
-copy whose ``rank_pattern`` / ``alpha_pattern`` state every module exactly and which carries the plan).
+copy whose ``rank_pattern`` / ``alpha_pattern`` state the rank and alpha peft builds for every module that
+differs from ``r`` / ``lora_alpha``, and which carries the plan).
 """
 
 from __future__ import annotations
@@ -30,7 +31,16 @@ from .integrations.peft_api import (
 )
 from .layers.types import SUPPORTED_LAYER_TYPES, is_dense, is_quantized_linear, out_features
 from .rank_map import closest_names, resolve_module_map
-from .slices import SliceSpec, fused_rank, lora_scaling, spec_for
+from .slices import (
+    SliceSpec,
+    fused_alpha,
+    fused_rank,
+    layout_for_model,
+    lora_scaling,
+    slice_alpha,
+    slice_rank,
+    spec_for,
+)
 from .task_types import HEAD_TASK_TYPES, PEFT_ADDED_HEADS, task_name
 
 
@@ -56,6 +66,7 @@ class ModulePlan:
     scaling: float
     method: str  # "lora" or "dora"
     slices: SliceSpec | None = None
+    use_rslora: bool = False
 
     @property
     def n_slices(self) -> int:
@@ -63,8 +74,13 @@ class ModulePlan:
 
     @property
     def fused_r(self) -> int:
-        """Rank of the full-module LoRA the module is saved as (``n·r`` for a fused-slice module)."""
+        """Rank of the full-module LoRA the module is (``n·r`` for a fused-slice module): what peft builds."""
         return fused_rank(self.r, self.n_slices)
+
+    @property
+    def fused_alpha(self) -> float:
+        """Alpha of that full-module LoRA (keeps the per-slice scaling): what peft reads from ``alpha_pattern``."""
+        return fused_alpha(self.alpha, self.n_slices, self.use_rslora)
 
 
 @dataclass(frozen=True)
@@ -105,6 +121,9 @@ def resolve(config, model: nn.Module) -> AdapterPlan:
             targeted.append(name)
 
     specs = config.slice_specs
+    # a resolved config (a copy peft held, a saved folder's) states every rank and alpha as peft reads them:
+    # fused-slice modules with their full-module values, which are turned back into per-slice ones below
+    peft_state = getattr(config, "is_resolved", False)
     _check_target_names(probe, targeted, modules, default_for)
     check_modules_to_save(list(modules), modules_to_save or [], targeted, task_name(config.task_type), found_heads)
     _check_layer_types(config, targeted, modules, specs)
@@ -116,17 +135,25 @@ def resolve(config, model: nn.Module) -> AdapterPlan:
     alpha_pattern = {**alphas, **{k: v for k, v in (config.alpha_pattern or {}).items() if k not in alphas}}
     _check_slice_keys(specs, targeted)
 
-    plans = {}
+    plans, exact_r, exact_alpha = {}, {}, {}
     for name in targeted:
         r = pattern_value(rank_pattern, name, config.r)
         alpha = pattern_value(alpha_pattern, name, config.lora_alpha)
         spec = spec_for(name, specs)
         if spec is not None:
-            spec.bounds(out_features(modules[name]), name)  # raises if the output does not split into the layout
-            # exact entries, so saving can state the equivalent full-module rank for plain peft
-            rank_pattern[name], alpha_pattern[name] = r, alpha
+            spec = layout_for_model(spec, name, getattr(model, "config", None))
+            spec.rows(out_features(modules[name]), name)  # raises if the output does not split into the layout
+            n = len(spec.adapt)
+            if peft_state:
+                r, alpha = slice_rank(r, n), slice_alpha(alpha, n, config.use_rslora)
+            # exact entries of the full-module LoRA peft builds (and plain peft loads)
+            exact_r[name], exact_alpha[name] = fused_rank(r, n), fused_alpha(alpha, n, config.use_rslora)
         plans[name] = ModulePlan(name=name, r=r, alpha=alpha, scaling=lora_scaling(alpha, r, config.use_rslora),
-                                 method="dora" if config.use_dora else "lora", slices=spec)
+                                 method="dora" if config.use_dora else "lora", slices=spec,
+                                 use_rslora=bool(config.use_rslora))
+    # peft takes the first matching key: the exact full-module entries go before any pattern
+    rank_pattern = {**exact_r, **{k: v for k, v in rank_pattern.items() if k not in exact_r}}
+    alpha_pattern = {**exact_alpha, **{k: v for k, v in alpha_pattern.items() if k not in exact_alpha}}
     expanded = probe.target_modules if probe.target_modules != config.target_modules else None
     return AdapterPlan(modules=ReadOnlyDict(plans), modules_to_save=tuple(modules_to_save) if modules_to_save else None,
                        rank_pattern=ReadOnlyDict(rank_pattern), alpha_pattern=ReadOnlyDict(alpha_pattern),

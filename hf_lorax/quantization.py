@@ -24,7 +24,7 @@ def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
     """
     from .layers.bnb import disable_cpu_repacking
 
-    if not _is_quantized(model):
+    if not is_quantized(model):
         raise ValueError(
             "The base model has no bitsandbytes-quantized linear layers to train on: QLoRA needs a model loaded "
             "with a BitsAndBytesConfig (get_model does this from a QLoRAConfig), and one with nn.Linear layers."
@@ -35,10 +35,11 @@ def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
     return model
 
 
-def _is_quantized(model: nn.Module) -> bool:
-    import bitsandbytes as bnb
+def is_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` has bitsandbytes 4-bit or 8-bit linear layers."""
+    from .layers.types import is_quantized_linear
 
-    return any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in model.modules())
+    return any(is_quantized_linear(m) for m in model.modules())
 
 
 def quantized_bytes_per_param(model: nn.Module) -> float | None:

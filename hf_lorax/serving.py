@@ -29,6 +29,7 @@ import os
 from dataclasses import dataclass, field
 
 from .adapter_files import AdapterFolder, read_adapter_folder, read_json
+from .base_init import CONVERTIBLE_INITS, PEFT_REBUILT_INITS, base_change_reason, init_family
 from .slices import lora_scaling
 
 # vLLM's accepted ``--max-lora-rank`` values (``vllm/config``: MaxLoRARanks).
@@ -134,6 +135,12 @@ def check_serving(adapter_dir: str | AdapterFolder, engine: str) -> ServingRepor
     model_type = base_model_type(folder)
     if model_type in spec.unsupported_model_types:
         add(Finding("refused", "", f"{spec.label} has no LoRA support for {model_type} models."))
+    init = folder.base_changing_init
+    if init and spec.name == "peft" and init.lower() in PEFT_REBUILT_INITS:
+        add(Finding("note", "", f"init_lora_weights={init!r} changed the base in training; peft runs that "
+                    "initialisation again on the original base when it loads the adapter, which rebuilds it."))
+    elif init:
+        add(Finding("wrong", "", base_change_reason(init, spec.label)))
     if not spec.reads_patterns:
         uniform = lora_scaling(config["lora_alpha"], config["r"], bool(config.get("use_rslora")))
         for module in folder.modules:
@@ -198,10 +205,16 @@ def serving_summary(folder: AdapterFolder, name: str = "ADAPTER", engines=("vllm
     for engine in engines:
         report = check_serving(folder, engine)
         blocked = [f for f in report.refused if not f.module and "no LoRA support" in f.message]
+        base_changed = [f for f in report.wrong if "init_lora_weights=" in f.message]
         if report.servable_as_is:
             status, how = "loads as is", ENGINES[engine].serve_hint.format(rank=_max_rank(folder, engine)).replace("DIR", name)
         elif blocked:
             status, how = "cannot be served", blocked[0].message
+        elif base_changed and init_family(folder.base_changing_init) not in CONVERTIBLE_INITS:
+            status, how = "cannot be served exactly", base_changed[0].message
+        elif base_changed:
+            status = "needs `hf_lorax.export --initial_adapter`"
+            how = f"python -m hf_lorax.export ADAPTER_DIR OUT --engine {engine} --initial_adapter INIT_DIR"
         else:
             status = "needs `hf_lorax.export`"
             extra = " --dora merge" if any("DoRA" in f.message for f in report.findings) else ""

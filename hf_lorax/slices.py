@@ -3,10 +3,13 @@
 GPT-2's ``c_attn`` computes q, k and v with one ``Conv1D`` whose output is ``[q | k | v]``. The LoRA paper
 adapts only q and v (loralib's ``MergedLinear(enable_lora=[True, False, True])``), which a module-level
 LoRA cannot express. ``fused_slices={"c_attn": ["q", "v"]}`` adapts just those slices: each gets its own
-rank-r ``B`` block, and ``A`` stacks the per-slice rows, so the trainable parameter count is the paper's.
+rank-r block of ``B``, and ``A`` stacks the per-slice rows, so the adapter is the paper's.
 
-Saved, such an adapter is an exactly equivalent standard LoRA on ``c_attn`` of rank ``n*r`` whose ``B``
-is block-structured (zeros outside the adapted slices); plain peft loads it unchanged.
+Such an adapter *is* a standard LoRA on ``c_attn`` of rank ``n*r`` whose ``B`` is block-structured (slice ``i``'s
+rows times columns ``i*r:(i+1)*r``, zeros elsewhere): the layer holds exactly that dense ``B`` and only keeps the
+off-block entries from training (:class:`hf_lorax.layers.sliced.SlicedLoraB`), so peft, transformers and plain
+peft loaders see ordinary LoRA state. A slice is a set of output rows (:meth:`SliceSpec.rows`), so interleaved
+and grouped-query layouts are only a matter of computing those rows from the model config.
 """
 
 from __future__ import annotations
@@ -15,36 +18,92 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-# Fused projections whose output is an equal-width concatenation, keyed by module-name suffix.
+# Fused projections by module-name suffix: the slice names in output order. Which rows each slice owns can depend
+# on the architecture (interleaved per head, multi-query widths): :func:`layout_for_model` computes that.
 KNOWN_FUSED_LAYOUTS: dict[str, tuple[str, ...]] = {
-    "c_attn": ("q", "k", "v"),  # GPT-2, DistilGPT-2, GPT-2 medium/large/xl
+    "c_attn": ("q", "k", "v"),  # GPT-2 (contiguous), GPT-BigCode (multi-query widths)
+    "query_key_value": ("q", "k", "v"),  # GPT-NeoX / Bloom (interleaved per head), Falcon (grouped)
+    "qkv_proj": ("q", "k", "v"),  # Phi-3 (grouped-query widths)
+    "gate_up_proj": ("gate", "up"),  # Phi-3
+    "Wqkv": ("q", "k", "v"),  # MPT
 }
 
 
 @dataclass(frozen=True)
 class SliceSpec:
-    """Which slices of a fused output to adapt: ``layout`` names the equal-width parts in order."""
+    """Which slices of a fused output to adapt.
+
+    The output is ``groups`` equal groups (1 for ``[q | k | v]``, the head count for GPT-NeoX's per-head
+    ``[q_h | k_h | v_h]``); each group is split into the ``layout`` parts in proportion to ``widths`` (all 1:
+    equal parts; ``(heads, kv_heads, kv_heads)`` for grouped-query attention). :meth:`rows` gives each adapted
+    slice's row indices of the fused output, which is all the layers and the analysis need.
+    """
 
     layout: tuple[str, ...]
     adapt: tuple[str, ...]
+    widths: tuple[int, ...] | None = None
+    groups: int = 1
 
-    def bounds(self, out_features: int, module_name: str) -> list[tuple[int, int]]:
-        """Row ranges ``[lo, hi)`` of the adapted slices, in layout order."""
-        n = len(self.layout)
-        if out_features % n:
+    def rows(self, out_features: int, module_name: str) -> list[list[int]]:
+        """Row indices of the fused output owned by each adapted slice, in layout order."""
+        widths = self.widths or (1,) * len(self.layout)
+        unit, rest = divmod(out_features, self.groups * sum(widths))
+        if rest or unit == 0:
+            parts = (f"{len(self.layout)} equal slices {list(self.layout)}" if self.widths is None else
+                     f"the slices {list(self.layout)} in proportion {list(widths)}")
+            groups = f" in each of {self.groups} groups" if self.groups > 1 else ""
             raise ValueError(
-                f"fused_slices: {module_name} has {out_features} outputs, which do not split into "
-                f"{n} equal slices {list(self.layout)}. It is not a fused projection with that layout."
+                f"fused_slices: {module_name} has {out_features} outputs, which do not split into {parts}{groups}. "
+                "It is not a fused projection with that layout."
             )
-        width = out_features // n
-        return [(i * width, (i + 1) * width) for i, name in enumerate(self.layout) if name in self.adapt]
+        group = unit * sum(widths)
+        starts = [unit * sum(widths[:i]) for i in range(len(widths))]
+        return [
+            [g * group + starts[i] + t for g in range(self.groups) for t in range(unit * widths[i])]
+            for i, name in enumerate(self.layout) if name in self.adapt
+        ]
+
+    def as_dict(self) -> dict:
+        return {"layout": list(self.layout), "adapt": list(self.adapt), "widths": list(self.widths or ()) or None,
+                "groups": self.groups}
+
+
+def layout_for_model(spec: SliceSpec, module_name: str, model_config) -> SliceSpec:
+    """``spec`` with the row structure of ``module_name`` in a model of ``model_config`` (a transformers config).
+
+    Explicit layouts (``{"layout": ..., "adapt": ...}`` with ``widths`` / ``groups``) are kept as given; the
+    known fused projections get the structure their architecture's attention code splits them with.
+    """
+    suffix = module_name.split(".")[-1]
+    if spec.widths is not None or spec.groups != 1 or KNOWN_FUSED_LAYOUTS.get(suffix) != spec.layout:
+        return spec
+    get = lambda key, default=None: getattr(model_config, key, default)  # noqa: E731
+    model_type = get("model_type")
+    heads = get("num_attention_heads") or get("n_head")
+    kv_heads = get("num_key_value_heads") or get("num_kv_heads") or heads
+    widths, groups = None, 1
+    if model_type in ("gpt_neox", "bloom") and suffix == "query_key_value":
+        groups = heads  # the output viewed as (heads, 3 * head_dim): q, k, v of each head in turn
+    elif model_type == "falcon" and suffix == "query_key_value":
+        if get("new_decoder_architecture"):  # (kv_heads, heads/kv_heads + 2, head_dim): the queries, then k and v
+            groups, widths = kv_heads, (heads // kv_heads, 1, 1)
+        elif get("multi_query", True):
+            widths = (heads, 1, 1)
+        else:
+            groups = heads
+    elif model_type == "gpt_bigcode" and suffix == "c_attn":  # multi-query: [q | k | v] with one k/v head
+        widths, groups = ((heads, 1, 1), 1) if get("multi_query", True) else (None, heads)
+    elif model_type == "phi3" and suffix == "qkv_proj":
+        widths = (heads, kv_heads, kv_heads)
+    return SliceSpec(layout=spec.layout, adapt=spec.adapt, widths=widths, groups=groups)
 
 
 def parse_fused_slices(value: Mapping | None) -> dict[str, SliceSpec]:
     """Validate ``fused_slices`` and turn each entry into a :class:`SliceSpec`.
 
     An entry is either ``"c_attn": ["q", "v"]`` for a module with a known layout, or
-    ``"qkv": {"layout": ["q", "k", "v"], "adapt": ["q", "v"]}`` for any equal-width fused module.
+    ``"qkv": {"layout": ["q", "k", "v"], "adapt": ["q", "v"]}`` for any fused module of equal contiguous parts
+    (``"widths"``: relative part widths; ``"groups"``: the output repeats the parts that many times, e.g. per head).
     """
     if not value:
         return {}
@@ -53,13 +112,14 @@ def parse_fused_slices(value: Mapping | None) -> dict[str, SliceSpec]:
     specs = {}
     for module, entry in value.items():
         if isinstance(entry, Mapping):
-            unknown = set(entry) - {"layout", "adapt"}
+            unknown = set(entry) - {"layout", "adapt", "widths", "groups"}
             if unknown or "layout" not in entry or "adapt" not in entry:
                 raise ValueError(
-                    f"fused_slices[{module!r}] must be a list of slice names or a dict with exactly the keys "
-                    f"'layout' and 'adapt', got keys {sorted(entry)}."
+                    f"fused_slices[{module!r}] must be a list of slice names or a dict with the keys 'layout' and "
+                    f"'adapt' (and optionally 'widths', 'groups'), got keys {sorted(entry)}."
                 )
             layout, adapt = tuple(entry["layout"]), tuple(entry["adapt"])
+            widths, groups = _structure(module, entry, len(layout))
         else:
             suffix = module.split(".")[-1]
             if suffix not in KNOWN_FUSED_LAYOUTS:
@@ -69,9 +129,24 @@ def parse_fused_slices(value: Mapping | None) -> dict[str, SliceSpec]:
                     f'{{"layout": [...slice names in output order...], "adapt": [...]}}.'
                 )
             layout, adapt = KNOWN_FUSED_LAYOUTS[suffix], tuple(_as_names(entry, module))
+            widths, groups = None, 1
         _check_names(module, layout, adapt)
-        specs[str(module)] = SliceSpec(layout=layout, adapt=tuple(n for n in layout if n in adapt))
+        specs[str(module)] = SliceSpec(layout=layout, adapt=tuple(n for n in layout if n in adapt), widths=widths,
+                                       groups=groups)
     return specs
+
+
+def _structure(module: str, entry: Mapping, n_parts: int) -> tuple[tuple[int, ...] | None, int]:
+    widths, groups = entry.get("widths"), entry.get("groups", 1)
+    if widths is not None:
+        if (isinstance(widths, str) or not isinstance(widths, Sequence) or len(widths) != n_parts
+                or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths)):
+            raise ValueError(f"fused_slices[{module!r}]['widths'] must be {n_parts} positive integers (one per "
+                             f"layout part), got {widths!r}.")
+        widths = tuple(widths)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"fused_slices[{module!r}]['groups'] must be a positive integer, got {groups!r}.")
+    return widths, groups
 
 
 def _as_names(entry, module: str) -> Sequence[str]:

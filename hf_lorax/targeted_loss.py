@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
-from .loss import linear_cross_entropy, per_item
+from .loss import check_labels_shape, linear_cross_entropy, per_item
 
 IGNORE_INDEX = -100
 
@@ -95,6 +95,10 @@ def targeted_causal_lm_loss(
     the head's matmul and the cross-entropy run in row chunks (:class:`hf_lorax.loss.LinearCrossEntropy`),
     and ``None`` is returned in their place.
     """
+    if not 0 <= label_smoothing <= 1:  # ``not`` catches NaN
+        raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1].")
+    if inputs.get("input_ids") is not None:
+        check_labels_shape(labels, inputs["input_ids"].shape, "input_ids")
     shifted = labels[:, 1:]
     mask = shifted.ne(IGNORE_INDEX)
     targets = shifted[mask]

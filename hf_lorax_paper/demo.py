@@ -18,13 +18,22 @@ from pathlib import Path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from hf_lorax.cli import OneLineArgumentParser
+
+    from .arguments import POSITIVE, WHOLE_NON_NEGATIVE, WHOLE_POSITIVE, check_values
+
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="runs/demo")
     parser.add_argument("--method", choices=["lora", "dora"], default="dora")
     parser.add_argument("--epochs", type=float, default=10)
     parser.add_argument("--train_size", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        check_values(vars(args), {"epochs": POSITIVE, "train_size": WHOLE_POSITIVE, "seed": WHOLE_NON_NEGATIVE})
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
 
 
 def main(argv=None) -> dict:

@@ -16,14 +16,18 @@ adapter with its model card (or, for ``full`` / ``bitfit``, the model).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from .curves import plot_training_curve
+from .processes import check_process_group, join_cpu_processes
 
 METHODS = ("lora", "dora", "qlora", "qdora", "full", "bitfit")
 ADAPTER_METHODS = METHODS[:4]
@@ -127,15 +131,18 @@ def parse(plugin: TaskPlugin, argv: list[str]) -> Experiment:
     """Parse ``argv`` for ``plugin``: the preset's training values first, the user's flags after them (they win)."""
     from transformers import TrainingArguments
 
+    from .arguments import check_arguments, check_training_arguments
+
     argv = list(argv)
     if "-h" in argv or "--help" in argv:  # every group's flags, TrainingArguments' included
         _parser((MethodArguments, plugin.data_arguments, TrainingArguments)).parse_args_into_dataclasses(args=argv)
     method, data, _ = _parser((MethodArguments, plugin.data_arguments)).parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True)
     check_method(method.method)
+    check_arguments(method, data)
     preset = plugin.resolve(method, data)
     defaults = {"output_dir": plugin.default_output_dir, "report_to": default_report_to(),
-                "bf16": cuda_bf16(), "dataloader_num_workers": 0,
+                "bf16": cuda_bf16(), "dataloader_num_workers": 0, **join_cpu_processes(explicit_flags(argv)),
                 **plugin.training_defaults(preset, method, data)}
     given = explicit_flags(argv)
     tokens = [t for name, value in defaults.items() if name not in given for t in _tokens(name, value)]
@@ -144,6 +151,8 @@ def parse(plugin: TaskPlugin, argv: list[str]) -> Experiment:
         method, data, training = parser.parse_args_into_dataclasses(args=tokens + argv)
     except ValueError as exc:  # HfArgumentParser's unused-argument message, or TrainingArguments' own checks
         raise UsageError(str(exc).splitlines()[0]) from exc
+    check_training_arguments(training)
+    check_process_group(training, UsageError)
     push, training.push_to_hub = training.push_to_hub, False  # the Trainer would upload every checkpoint
     return Experiment(method=method, data=data, training=training, preset=preset, push_adapter=push,
                       from_preset=sorted(name for name in defaults if name not in given))
@@ -212,6 +221,7 @@ def run(plugin: TaskPlugin, experiment: Experiment) -> dict | None:
     from transformers import AutoTokenizer, set_seed
 
     from hf_lorax import RankUtilizationCallback, push_adapter
+    from hf_lorax.layers import trained_parameter_count
 
     method, data, args, preset = experiment.method, experiment.data, experiment.training, experiment.preset
     if experiment.push_adapter and not args.hub_model_id:
@@ -223,29 +233,33 @@ def run(plugin: TaskPlugin, experiment: Experiment) -> dict | None:
     tokenizer = AutoTokenizer.from_pretrained(preset.model_name_or_path)
     model = build_model(plugin, preset, method, data)
     facts = plugin.after_model(model, method, data)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = trained_parameter_count(model)  # a fused-slice B counts its blocks only
     inputs = plugin.trainer_inputs(tokenizer, preset, method, data, splits)
     trainer_class = inputs.pop("trainer_class")
-    callbacks = []
-    if method.rank_utilization and method.method in ADAPTER_METHODS:
-        callbacks.append(RankUtilizationCallback(every_n_steps=method.rank_utilization_steps,
-                                                 output_dir=args.output_dir, log_per_module=False))
-    trainer = trainer_class(model=model, args=args, callbacks=callbacks, **inputs)
+    trainer = trainer_class(model=model, args=args, **inputs)
+    if method.rank_utilization and method.method in ADAPTER_METHODS:  # first, so the reporters get its metrics
+        RankUtilizationCallback(every_n_steps=method.rank_utilization_steps, output_dir=args.output_dir,
+                                log_per_module=False).attach(trainer)
     timings = {}
-    with _timed(timings, "train"):
+    with timed(timings, "train"):
         train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     outcome = plugin.evaluate(trainer, model, tokenizer, preset, method, data, splits, args.output_dir)
     timings.update(outcome.get("timings", {}))
 
     results = None
-    if trainer.is_world_process_zero():  # under torchrun / accelerate, one process writes the run's files
+    main = trainer.is_world_process_zero()  # under torchrun / accelerate, one process writes the run's files
+    # every process saves: a ZeRO-3 / FSDP model gathers its sharded adapter first (a collective)
+    saved = save_run(model, args.output_dir, method.method, is_main_process=main)
+    if main:
         os.makedirs(args.output_dir, exist_ok=True)
         curve = plot_training_curve(trainer.state.log_history, os.path.join(args.output_dir, "training_curve.png"))
         results = {**outcome["record"], **facts, "preset": preset.name, "method": method.method,
                    "trainable_params": trainable, "train_loss": train_output.training_loss,
                    "training_args": effective_training_args(args), "from_preset": experiment.from_preset,
-                   "timings_s": timings, "training_curve": os.path.basename(curve) if curve else None}
-        saved = save_run(model, args.output_dir, method.method)
+                   "timings_s": timings, "training_curve": os.path.basename(curve) if curve else None,
+                   "distributed": {"processes": trainer.accelerator.num_processes,
+                                   "engine": trainer.accelerator.distributed_type.value}}
+        copy_run_files(args.output_dir, saved)
         write_results(plugin, args.output_dir, saved, results, args.hub_model_id, method.method in ADAPTER_METHODS)
         if experiment.push_adapter:
             results["hub"] = push_adapter(saved, args.hub_model_id, private=args.hub_private_repo).commit_url
@@ -253,20 +267,14 @@ def run(plugin: TaskPlugin, experiment: Experiment) -> dict | None:
     return results
 
 
-class _timed:
-    def __init__(self, timings: dict, name: str):
-        self.timings, self.name = timings, name
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.timings[self.name] = time.perf_counter() - self.start
-
-
-def timed(timings: dict, name: str) -> _timed:
+@contextlib.contextmanager
+def timed(timings: dict, name: str) -> Iterator[None]:
     """``with timed(timings, "decode"):`` records the block's wall time in seconds."""
-    return _timed(timings, name)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = time.perf_counter() - start
 
 
 TRAINING_FIELDS = ("num_train_epochs", "max_steps", "learning_rate", "per_device_train_batch_size",
@@ -284,14 +292,19 @@ def effective_training_args(args) -> dict:
     return {name: value.value if isinstance(value, Enum) else value for name, value in values.items()}
 
 
-def save_run(model, output_dir: str, method: str) -> str:
-    """Save the adapter to ``output_dir/adapter`` (or the model to ``output_dir/model``) with the run's files."""
+def save_run(model, output_dir: str, method: str, is_main_process: bool = True) -> str:
+    """Save the adapter to ``output_dir/adapter`` (or the model to ``output_dir/model``); every process calls it
+    and the main one writes. Returns the folder."""
     folder = os.path.join(output_dir, "adapter" if method in ADAPTER_METHODS else "model")
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, is_main_process=is_main_process)
+    return folder
+
+
+def copy_run_files(output_dir: str, folder: str) -> None:
+    """The run's report files (rank utilization, training curve) beside the saved adapter or model."""
     for name in RUN_FILES:
         if os.path.isfile(os.path.join(output_dir, name)):
             shutil.copy(os.path.join(output_dir, name), folder)
-    return folder
 
 
 def write_results(plugin: TaskPlugin, output_dir: str, saved: str, results: dict, card_name: str | None,
@@ -305,34 +318,6 @@ def write_results(plugin: TaskPlugin, output_dir: str, saved: str, results: dict
     write_text(os.path.join(output_dir, "results.md"), plugin.results_table([results]) + "\n")
     if adapter:
         write_model_card(saved, card_name or os.path.basename(os.path.abspath(output_dir)), results=results)
-
-
-def plot_training_curve(log_history: list[dict], path: str) -> str | None:
-    """Training loss and every logged eval metric against the step, as a PNG; None when nothing was logged."""
-    losses = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
-    evals = {k: [(e["step"], e[k]) for e in log_history if k in e] for e in log_history for k in e
-             if k.startswith("eval_") and not k.endswith(("runtime", "per_second", "epoch"))}
-    if not losses and not evals:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(11 if evals else 6, 4), squeeze=False)
-    if losses:
-        axes[0][0].plot(*zip(*losses), label="train loss")
-    axes[0][0].set(xlabel="step", ylabel="loss", title="training loss")
-    for name, points in sorted(evals.items()):
-        axes[0][-1 if name != "eval_loss" else 0].plot(*zip(*points), marker="o", label=name)
-    if evals:
-        axes[0][1].set(xlabel="step", title="evaluation")
-    for ax in axes[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def finish_distributed() -> None:
@@ -355,8 +340,10 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, OSEr
 
 def main(plugin: TaskPlugin, argv: list[str] | None = None, show: Callable[[str], None] = print) -> int:
     """A task script: parse, run, print the results table. User errors: one line on stderr, exit code 2."""
+    from hf_lorax.cli import debug_enabled  # first: in a script, torch/transformers/peft import quietly
+
     argv = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in argv or os.environ.get("HF_LORAX_DEBUG") == "1"
+    debug = "--debug" in argv or debug_enabled()
     argv = strip_bare_debug(argv)
     try:
         experiment = parse(plugin, argv)

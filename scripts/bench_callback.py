@@ -8,6 +8,8 @@ alternating runs, and reports the median wall times and their ratio as JSON and 
 
 from __future__ import annotations
 
+__hf_lorax_command__ = True  # an hf_lorax command: third-party import messages held back (hf_lorax.cli)
+
 import argparse
 import os
 import statistics

@@ -30,6 +30,8 @@ on the longest batch, weights and optimizer state included, and the part of it t
 
 from __future__ import annotations
 
+__hf_lorax_command__ = True  # an hf_lorax command: third-party import messages held back (hf_lorax.cli)
+
 import argparse
 import json
 import os

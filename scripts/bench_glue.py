@@ -17,6 +17,8 @@ ratio (target ≤ 0.5).
 
 from __future__ import annotations
 
+__hf_lorax_command__ = True  # an hf_lorax command: third-party import messages held back (hf_lorax.cli)
+
 import argparse
 import os
 import tempfile

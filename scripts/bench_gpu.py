@@ -23,6 +23,8 @@ none on CPU, where MFU is not reported).
 
 from __future__ import annotations
 
+__hf_lorax_command__ = True  # an hf_lorax command: third-party import messages held back (hf_lorax.cli)
+
 import argparse
 import os
 import statistics

@@ -9,6 +9,8 @@ table and JSON with the ratios unmerged/base and merged/base (target for merged:
 
 from __future__ import annotations
 
+__hf_lorax_command__ = True  # an hf_lorax command: third-party import messages held back (hf_lorax.cli)
+
 import argparse
 import copy
 import os

@@ -14,6 +14,8 @@ on CPU) beside the peak RSS. Prints a table and JSON with the ratios hf_lorax/pe
 
 from __future__ import annotations
 
+__hf_lorax_command__ = True  # an hf_lorax command: third-party import messages held back (hf_lorax.cli)
+
 import argparse
 import json
 import os

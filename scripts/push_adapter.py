@@ -11,15 +11,16 @@ anyway). Errors are one line on stderr, exit code 2.
 
 from __future__ import annotations
 
-import argparse
-import os
+__hf_lorax_command__ = True  # an hf_lorax command: third-party import messages held back (hf_lorax.cli)
+
 import sys
 
+from hf_lorax.cli import OneLineArgumentParser, debug_enabled
 from hf_lorax.hub import push_adapter
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("adapter_dir")
     parser.add_argument("--repo_id", required=True)
     parser.add_argument("--results", help="results.json to publish (default: the folder's own, if any)")
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
                             license=args.license, commit_message=args.commit_message, revision=args.revision,
                             dry_run=args.dry_run, serving_engines=args.serving_engines, force=args.force)
     except (ValueError, FileNotFoundError) as exc:
-        if args.debug or os.environ.get("HF_LORAX_DEBUG") == "1":
+        if args.debug or debug_enabled():
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2

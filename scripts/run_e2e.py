@@ -11,6 +11,8 @@ exit code 2 (--debug or HF_LORAX_DEBUG=1 shows the traceback).
 
 from __future__ import annotations
 
+__hf_lorax_command__ = True  # an hf_lorax command: third-party import messages held back (hf_lorax.cli)
+
 import sys
 
 from hf_lorax_paper.experiment import main

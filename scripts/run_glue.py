@@ -12,6 +12,8 @@ Without --data_dir the task is loaded from the Hub (nyu-mll/glue). Errors: one l
 
 from __future__ import annotations
 
+__hf_lorax_command__ = True  # an hf_lorax command: third-party import messages held back (hf_lorax.cli)
+
 import sys
 
 from hf_lorax_paper.experiment import main

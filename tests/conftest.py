@@ -63,6 +63,9 @@ def randomize_adapters(model, seed: int = 0) -> None:
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1 + (1.0 if "magnitude" in name else 0.0) * p)
+        for module in model.modules():  # a fused-slice B stays block-structured, as training keeps it
+            if getattr(module, "slice_mask", None) is not None:
+                module.weight.mul_(module.slice_mask)
 
 
 class RecordingApi:

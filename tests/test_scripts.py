@@ -43,6 +43,11 @@ def test_standard_flags_reach_training_arguments_and_results(tiny_base, glue_dir
     for folder in (tmp_path, tmp_path / "adapter"):  # the curve, in the run and beside the adapter
         assert (folder / "training_curve.png").stat().st_size > 1000
     assert "![training curve](training_curve.png)" in (tmp_path / "adapter" / "README.md").read_text()
+    # what ran, not the preset's values (roberta-base/sst2: 60 epochs, learning rate 5e-4)
+    hyper = saved["hyperparameters"]
+    assert (hyper["epochs"], hyper["learning_rate"], hyper["max_steps"], hyper["gradient_accumulation_steps"]) == (1, 1e-3, 3, 2)
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "| learning_rate | 0.001 |" in card and "| max_steps | 3 |" in card and "| epochs | 60" not in card
 
 
 @pytest.mark.parametrize("method", ["full", "bitfit"])
@@ -147,26 +152,60 @@ def test_a_real_script_process_exits_2_without_a_traceback_and_shows_it_with_deb
     assert proc.returncode != 0 and "Traceback" in proc.stderr
 
 
-def test_accelerate_ddp_cpu_config_runs_two_processes(tiny_base, glue_dir, tmp_path):
-    """examples/accelerate/ddp_cpu.yaml, as documented: two gloo processes, one writes and reports."""
+def _accelerate_launch(config: str, port: int, argv: list[str]) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "examples" / "accelerate" / "ddp_cpu.yaml"), "--main_process_port", "29547",
-           str(ROOT / "scripts" / "run_glue.py"), *_args(tiny_base, glue_dir, tmp_path, "sst2", max_steps=2,
-                                                          per_device_train_batch_size=4, rank_utilization_steps=1)]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+           str(ROOT / "examples" / "accelerate" / config), "--main_process_port", str(port),
+           str(ROOT / "scripts" / "run_glue.py"), *argv]
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), ENV.get("PYTHONPATH", "")])}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+
+
+@pytest.mark.parametrize(("config", "engine", "method", "port"), [
+    ("ddp_cpu.yaml", "MULTI_CPU", "lora", 29547),
+    ("deepspeed_zero3_cpu.yaml", "DEEPSPEED", "dora", 29549),  # the base loads partitioned; DoRA's norm gathers it
+])
+def test_cpu_launcher_configs_start_what_they_say(config, engine, method, port, tiny_base, glue_dir, tmp_path):
+    """Each CPU launcher config, as documented: two processes in one group under the named engine; one process
+    writes the run, the adapter is whole (a ZeRO-3 save gathers it), the rank-utilization report is written."""
+    if engine == "DEEPSPEED":
+        pytest.importorskip("deepspeed", reason="deepspeed is in the test extras")
+    proc = _accelerate_launch(config, port, _args(tiny_base, glue_dir, tmp_path, "sst2", method=method, max_steps=2,
+                                                  per_device_train_batch_size=4, rank_utilization_steps=1))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("| preset | method |") == 1
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["task"] == "sst2" and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert saved["distributed"] == {"processes": 2, "engine": engine}
+    assert saved["task"] == "sst2" and saved["method"] == method
+    from safetensors.torch import load_file
+
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert weights and all(t.numel() > 0 for t in weights.values())
+    assert any("lora_magnitude_vector" in k for k in weights) == (method == "dora")
+    assert json.loads((tmp_path / "rank_utilization.json").read_text())["modules"]
     assert not [n for n in os.listdir(tmp_path) if ".hf_lorax-tmp-" in n]
 
 
-@pytest.mark.parametrize("name", ["fsdp.yaml", "deepspeed_zero3.yaml"])
-def test_gpu_launcher_configs_are_valid_for_accelerate(name):
-    """Dry check (they need GPUs, and DeepSpeed): accelerate loads each file, and every plugin key is an
-    option ``accelerate launch`` takes (a misspelt key would otherwise be ignored)."""
+def test_processes_that_would_train_alone_are_refused(tiny_base, glue_dir, tmp_path):
+    """Two launched processes that do not join one group would each train and write the same files: the script
+    exits 2 with one line saying why, before training (torchrun then stops the other process)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29551",
+           str(ROOT / "scripts" / "run_glue.py"), *_args(tiny_base, glue_dir, tmp_path, "sst2"), "--use_cpu", "false"]
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), ENV.get("PYTHONPATH", "")])}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr  # the first process to stop ends the launch
+    assert "error: 2 processes were launched, but each would train alone" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr.split("error: 2 processes")[0]  # torchrun's own report comes after it
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize(("name", "launcher", "processes"), [("fsdp.yaml", "use_fsdp", 8),
+                                                              ("deepspeed_zero3.yaml", "use_deepspeed", 8)])
+def test_gpu_launcher_configs_are_valid_for_accelerate(name, launcher, processes):
+    """Dry check (they need GPUs): accelerate loads each file, picks the multi-process launcher of the named
+    engine with the stated process count, and every plugin key is an option ``accelerate launch`` takes (a
+    misspelt key would otherwise be ignored)."""
     from accelerate.commands.config.config_args import load_config_from_file
-    from accelerate.commands.launch import launch_command_parser
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
     path = ROOT / "examples" / "accelerate" / name
     config = load_config_from_file(str(path))
@@ -175,10 +214,14 @@ def test_gpu_launcher_configs_are_valid_for_accelerate(name):
     options = {action.dest for action in launch_command_parser()._actions}
     section = raw["fsdp_config" if name == "fsdp.yaml" else "deepspeed_config"]
     assert set(section) <= options, set(section) - options
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(path), "x.py"]))
+    assert getattr(args, launcher) and not args.cpu and args.num_processes == processes
+    if name == "fsdp.yaml":  # Trainer.save_model writes the whole adapter only from a full state dict
+        assert raw["fsdp_config"]["fsdp_state_dict_type"] == "FULL_STATE_DICT"
 
 
 def test_every_shipped_launcher_config_has_a_test():
-    tested = {"ddp_cpu.yaml", "fsdp.yaml", "deepspeed_zero3.yaml"}
+    tested = {"ddp_cpu.yaml", "deepspeed_zero3_cpu.yaml", "fsdp.yaml", "deepspeed_zero3.yaml"}
     assert {p.name for p in (ROOT / "examples" / "accelerate").glob("*.yaml")} == tested
 
 

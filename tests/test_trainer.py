@@ -93,6 +93,9 @@ def test_causal_lm_with_slices_trains(tmp_path):
     trainer = Trainer(model=model, args=_args(tmp_path / "run", eval_strategy="no"), train_dataset=_lm_data())
     trainer.train()
     layer = model.base_model.model.transformer.h[0].attn.c_attn
-    assert all(block.abs().sum() > 0 for block in layer.lora_B["default"].blocks)  # B trained from zero
+    B = layer.lora_B["default"].weight.detach()
+    assert B[:32, :4].abs().sum() > 0 and B[64:, 4:].abs().sum() > 0  # the q and v blocks trained from zero
+    assert torch.all(B[32:64] == 0) and torch.all(B[:32, 4:] == 0) and torch.all(B[64:, :4] == 0)  # AdamW: off-block 0
     saved = load_file(tmp_path / "run" / "checkpoint-8" / "adapter_model.safetensors")
     assert saved["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"].shape == (96, 8)
+    assert not [k for k in saved if ".blocks." in k or ".default." in k]  # standard peft keys only

@@ -2,17 +2,18 @@
 
 Prints per-module rank utilization of a saved adapter, writes ``rank_utilization.png``,
 ``rank_utilization.json`` and ``suggested_rank_map.json`` (into ``--output_dir``, default the adapter
-folder), and with ``--against`` the subspace similarity φ of the two adapters' ``A`` matrices.
+folder, where a training run's files are kept unless ``--overwrite``), and with ``--against`` the subspace
+similarity φ of the two adapters' ``A`` matrices.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from ..adapter_files import write_json
-from .callback import RankUtilizationCallback
+from ..adapter_files import read_json, write_json
+from ..cli import OneLineArgumentParser, debug_enabled
+from .callback import JSON_NAME, RankUtilizationCallback
 from .report import analyze, updates_from_adapter_dir
 from .spectra import subspace_similarity, subspace_similarity_grid
 
@@ -25,9 +26,14 @@ def _base_weights(base_dir: str | None) -> dict | None:
     from safetensors.torch import load_file
 
     weights = {}
-    for name in sorted(os.listdir(base_dir)):
-        if name.endswith(".safetensors"):
+    files = [name for name in sorted(os.listdir(base_dir)) if name.endswith(".safetensors")]
+    if not files:
+        raise FileNotFoundError(f"--base_model {base_dir!r} holds no .safetensors weights.")
+    for name in files:
+        try:
             weights.update(load_file(os.path.join(base_dir, name)))
+        except Exception as exc:  # safetensors raises its own SafetensorError for every kind of damage
+            raise ValueError(f"{os.path.join(base_dir, name)} is truncated or corrupt ({exc}).") from exc
     from transformers import AutoConfig
 
     conv1d = AutoConfig.from_pretrained(base_dir).model_type in {"gpt2"}  # Conv1D stores (in, out)
@@ -40,17 +46,41 @@ def _base_weights(base_dir: str | None) -> dict | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hf_lorax.analysis", description=__doc__.split("\n\n")[0])
+    """The command line; user errors are one ``error:`` line on stderr and exit code 2."""
+    parser = OneLineArgumentParser(prog="python -m hf_lorax.analysis", description=__doc__.split("\n\n")[0])
     parser.add_argument("adapter_dir")
     parser.add_argument("--against", help="a second adapter folder to compare subspaces with (paper §7.2)")
     parser.add_argument("--base_model", help="local base model folder, for ‖ΔW‖/‖W‖")
     parser.add_argument("--output_dir", help="where to write the plot and JSON files (default: adapter_dir)")
-    parser.add_argument("--threshold", type=float, default=0.9, help="energy kept by the suggested ranks")
+    parser.add_argument("--threshold", type=float, default=0.9, help="energy kept by the suggested ranks, in (0, 1]")
+    parser.add_argument("--overwrite", action="store_true", help="replace a training run's rank-utilization files")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
-    for path in filter(None, [args.adapter_dir, args.against]):
-        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
-            parser.error(f"{path!r} is not an adapter folder (no adapter_config.json).")
+    try:
+        if not 0 < args.threshold <= 1:
+            raise ValueError(f"--threshold {args.threshold} must be in (0, 1].")
+        for path in filter(None, [args.adapter_dir, args.against]):
+            if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+                raise FileNotFoundError(f"{path!r} is not an adapter folder (no adapter_config.json).")
+        if not args.overwrite:
+            _keep_training_history(args.output_dir or args.adapter_dir)
+        return _report(args)
+    except (ValueError, OSError) as exc:
+        if args.debug or debug_enabled():
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
+
+def _keep_training_history(directory: str) -> None:
+    """The training callback's files hold the run's history, which this command's report (one point) would replace."""
+    path = os.path.join(directory, JSON_NAME)
+    if os.path.isfile(path) and read_json(path).get("history"):
+        raise FileExistsError(f"{path} holds the training run's rank-utilization history, which this report would "
+                              "replace; pass --output_dir DIR (or --overwrite).")
+
+
+def _report(args) -> int:
     updates = updates_from_adapter_dir(args.adapter_dir, _base_weights(args.base_model))
     stats = analyze(updates)
     print(f"{'module':<48} {'r':>3} {'eff.rank':>8} {'util':>6} {'r90':>4} {'r99':>4} {'stable':>7} {'|dW|/|W|':>9}")
@@ -72,6 +102,9 @@ def main(argv=None) -> int:
                 continue
             A2 = other[(u.module, u.part)].lora_A
             name = f"{u.module}[{u.part}]" if u.part else u.module
+            if A2.shape[1] != u.lora_A.shape[1]:
+                raise ValueError(f"--against {args.against!r}: {name} adapts {A2.shape[1]} input features, "
+                                 f"{args.adapter_dir!r} {u.lora_A.shape[1]}; the adapters are of different base models.")
             similarity[name] = {"top1": subspace_similarity(u.lora_A, A2, 1, 1),
                                 "full": subspace_similarity(u.lora_A, A2), "grid": subspace_similarity_grid(u.lora_A, A2)}
             print(f"{name:<48} top-1 {similarity[name]['top1']:.3f}   full {similarity[name]['full']:.3f}")

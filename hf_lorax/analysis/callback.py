@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from transformers import TrainerCallback
 
 from ..adapter_files import write_json
+from ..integrations.sharding import is_sharded
 from .plots import plot_rank_utilization
 from .report import (
     ModuleStats,
@@ -18,6 +20,8 @@ from .report import (
     updates_from_model,
 )
 
+logger = logging.getLogger(__name__)
+
 JSON_NAME = "rank_utilization.json"
 PNG_NAME = "rank_utilization.png"
 SUGGESTION_NAME = "suggested_rank_map.json"
@@ -26,10 +30,11 @@ SUGGESTION_NAME = "suggested_rank_map.json"
 class RankUtilizationCallback(TrainerCallback):
     """Log rank utilization through the Trainer's loggers and write a report at the end of training.
 
-    Every ``every_n_steps`` optimizer steps (main process only) the singular values of each adapter's
+    Every ``every_n_steps`` optimizer steps (on the main process; under ZeRO-3 or FSDP2 every process first
+    gathers the sharded factors, one layer at a time) the singular values of each adapter's
     ``ΔW = s·BA`` are computed from the factors (an r×r SVD per module), and a summary is logged through
-    ``Trainer.log`` — so TensorBoard, W&B and every other configured reporter, and
-    ``trainer.state.log_history``, receive it: ``rank_utilization/mean``, ``/min``, per module type
+    ``Trainer.log`` — so ``trainer.state.log_history``, and with :meth:`attach` TensorBoard, W&B and every
+    other configured reporter, receive it: ``rank_utilization/mean``, ``/min``, per module type
     (``rank_utilization/type/query/mean``) and per layer (``rank_utilization/layer/3/mean``), plus every
     module when ``log_per_module``. At the end of training it writes, into ``output_dir`` (default: the
     run's ``args.output_dir``): ``rank_utilization.json`` (history and final per-module statistics),
@@ -37,24 +42,30 @@ class RankUtilizationCallback(TrainerCallback):
 
     Example::
 
-        trainer = Trainer(model=model, args=args, train_dataset=ds,
-                          callbacks=[RankUtilizationCallback(every_n_steps=100)])
+        trainer = Trainer(model=model, args=args, train_dataset=ds)
+        RankUtilizationCallback(every_n_steps=100).attach(trainer)  # first, so the reporters see its metrics
     """
 
     def __init__(self, every_n_steps: int = 100, output_dir: str | None = None, log_per_module: bool = True,
                  threshold: float = 0.9, plot: bool = True):
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps={every_n_steps!r} must be a positive integer.")
-        if not 0 < threshold <= 1:
+        if isinstance(threshold, bool) or not 0 < threshold <= 1:
             raise ValueError(f"threshold={threshold} must be in (0, 1].")
         self.every_n_steps, self.output_dir, self.log_per_module = every_n_steps, output_dir, log_per_module
         self.threshold, self.plot = threshold, plot
         self.history: list[dict] = []
         self.latest: list[ModuleStats] = []
         self._pending: dict[str, float] = {}
+        self._last_step: int | None = None  # the last step measured (on every process, for the collectives)
+        self._attached = False
 
     def measure(self, model, step: int) -> dict[str, float]:
-        self.latest = analyze(updates_from_model(model))
+        """Analyze ``model``'s adapters now; returns the metrics to log (on one process: see the class doc)."""
+        return self.record(analyze(updates_from_model(model)), step)
+
+    def record(self, stats: list[ModuleStats], step: int) -> dict[str, float]:
+        self.latest = stats
         summary = summarize(self.latest)
         self.history.append({"step": step, "summary": summary})
         metrics = dict(summary)
@@ -66,32 +77,62 @@ class RankUtilizationCallback(TrainerCallback):
         if state.global_step % self.every_n_steps == 0:
             # every rank logs at this step: Trainer's logging gathers the loss across processes
             control.should_log = True
-            if state.is_world_process_zero and model is not None:
-                self._pending = self.measure(model, state.global_step)
+            self._measure_once(model, state)
         return control
 
-    def hf_lorax_pending_logs(self) -> dict[str, float]:
-        """Metrics waiting to be merged into the next ``Trainer.log`` call.
+    def _measure_once(self, model, state) -> None:
+        """Measure on the main process only. Sharded factors (ZeRO-3, FSDP2) are gathered by every process
+        first (a collective), so every process takes the same steps here whatever its rank."""
+        self._last_step = state.global_step
+        if model is None:
+            return
+        if is_sharded(model):
+            updates = updates_from_model(model)
+            if state.is_world_process_zero:
+                self._pending = self.record(analyze(updates), state.global_step)
+        elif state.is_world_process_zero:
+            self._pending = self.measure(model, state.global_step)
 
-        :mod:`hf_lorax.integrations.transformers_hooks` merges them before any reporter sees the call. With
-        that hook off, :meth:`on_log` merges them itself: they reach ``log_history`` and later callbacks.
+    def attach(self, trainer) -> RankUtilizationCallback:
+        """Put this callback first in ``trainer``'s callbacks (that trainer only), so that the reporters after
+        it (TensorBoard, W&B, ...) receive its metrics too; returns the callback.
+
+        ``Trainer(callbacks=[...])`` places user callbacks after the reporters, and a callback can only add
+        metrics to the ``logs`` of a ``Trainer.log`` call the callbacks after it see.
         """
-        pending, self._pending = self._pending, {}
-        return pending
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        callbacks.insert(0, self)
+        self._attached = True
+        return self
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        reporters = [r for r in (args.report_to or []) if r != "none"]
+        if reporters and not self._attached and state.is_world_process_zero:
+            logger.warning("RankUtilizationCallback's metrics reach trainer.state.log_history but not %s: the "
+                           "reporters run before it. Use RankUtilizationCallback(...).attach(trainer) instead of "
+                           "Trainer(callbacks=[...]).", ", ".join(reporters))
+        return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        """Add the pending metrics to this ``Trainer.log`` call: its ``logs`` (what the callbacks after this one
+        receive) and the ``log_history`` entry the Trainer appended just before."""
         if self._pending and logs is not None:
-            from ..integrations.transformers_hooks import merge_pending_logs
-
-            merge_pending_logs([self], state, logs)
+            pending, self._pending = self._pending, {}
+            logs.update(pending)
+            if state.log_history:
+                state.log_history[-1].update(pending)
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero or model is None:
+        if model is None:
             return control
-        if not self.history or self.history[-1]["step"] != state.global_step:
-            self.measure(model, state.global_step)
-        self.write(self.output_dir or args.output_dir, step=state.global_step)
+        if self._last_step != state.global_step:  # the same answer on every process
+            self._measure_once(model, state)
+            self._pending = {}
+        if state.is_world_process_zero:
+            self.write(self.output_dir or args.output_dir, step=state.global_step)
         return control
 
     def write(self, directory: str, step: int | None = None) -> dict[str, str]:

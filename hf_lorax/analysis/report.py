@@ -12,6 +12,7 @@ import torch
 
 from ..adapter_files import read_adapter_folder
 from ..integrations.peft_api import LoraLayer, dequantize_module_weight
+from ..integrations.sharding import full_params
 from .spectra import (
     effective_rank,
     energy,
@@ -91,7 +92,11 @@ def analyze(updates: list[LowRankUpdate]) -> list[ModuleStats]:
 
 
 def updates_from_model(model: torch.nn.Module, adapter: str | None = None) -> list[LowRankUpdate]:
-    """The low-rank updates of every adapted linear/Conv1D layer (fused modules split into their slices)."""
+    """The low-rank updates of every adapted linear/Conv1D layer (fused modules split into their slices).
+
+    Sharded factors and weights (DeepSpeed ZeRO-3, FSDP2) are gathered one layer at a time, so under sharding
+    this is a collective: every process must call it (:class:`~hf_lorax.analysis.RankUtilizationCallback` does).
+    """
     updates = []
     for name, layer in model.named_modules():
         if not isinstance(layer, LoraLayer):
@@ -99,12 +104,18 @@ def updates_from_model(model: torch.nn.Module, adapter: str | None = None) -> li
         adapter_name = adapter or _first_active(layer)
         if adapter_name not in layer.lora_A:
             continue
-        A, B = layer.lora_A[adapter_name].weight.detach(), layer.lora_B[adapter_name].weight.detach()
-        W = dequantize_module_weight(layer.get_base_layer()).detach()
-        W = W.T if getattr(layer, "fan_in_fan_out", False) else W
-        magnitude = layer.lora_magnitude_vector[adapter_name].weight.detach() if adapter_name in layer.lora_magnitude_vector else None
-        spec = getattr(layer, "slice_specs", {}).get(adapter_name)
-        updates += _split(_clean(name), A, B, float(layer.scaling[adapter_name]), W, magnitude, spec)
+        base = layer.get_base_layer()
+        tensors = [layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight, base.weight]
+        if adapter_name in layer.lora_magnitude_vector:
+            tensors.append(layer.lora_magnitude_vector[adapter_name].weight)
+        with full_params(tensors) as (A, B, W, *magnitude):
+            if not W.is_floating_point():
+                W = dequantize_module_weight(base)
+            W = W.detach().T if getattr(layer, "fan_in_fan_out", False) else W.detach()
+            spec = getattr(layer, "slice_specs", {}).get(adapter_name)
+            # copies: the gathered tensors are released when the block ends; W is only read inside it
+            updates += _split(_clean(name), A.detach().clone(), B.detach().clone(), float(layer.scaling[adapter_name]),
+                              W, magnitude[0].detach().clone() if magnitude else None, spec)
     return updates
 
 
@@ -117,6 +128,12 @@ def updates_from_adapter_dir(path: str, base_weights: dict[str, torch.Tensor] | 
         A, B = state[f"{module.key}.lora_A.weight"], state[f"{module.key}.lora_B.weight"]
         magnitude = state.get(f"{module.key}.lora_magnitude_vector")
         W = _find_weight(base_weights, module.name)
+        if base_weights and W is None:  # else its ‖ΔW‖/‖W‖ would silently read "-"
+            raise ValueError(f"the base weights hold no weight for {module.name}; the adapter was not trained on "
+                             "this base model.")
+        if W is not None and tuple(W.shape) != (B.shape[0], A.shape[1]):
+            raise ValueError(f"the base weight of {module.name} has shape {tuple(W.shape)}, the adapter's update "
+                             f"{(B.shape[0], A.shape[1])}: the adapter was not trained on this base model.")
         updates += _split(module.name, A, B, module.scaling, W, magnitude, module.slices)
     return updates
 
@@ -134,10 +151,10 @@ def _split(module, A, B, scaling, W, magnitude, spec) -> list[LowRankUpdate]:
     if spec is None:
         return [make("", A, B, slice(None))]
     r = A.shape[0] // len(spec.adapt)
-    bounds = spec.bounds(B.shape[0], module)
+    rows = [torch.as_tensor(idx, dtype=torch.long) for idx in spec.rows(B.shape[0], module)]
     return [
-        make(part, A[i * r : (i + 1) * r], B[lo:hi, i * r : (i + 1) * r], slice(lo, hi))
-        for i, (part, (lo, hi)) in enumerate(zip(spec.adapt, bounds))
+        make(part, A[i * r : (i + 1) * r], B[idx, i * r : (i + 1) * r], idx)
+        for i, (part, idx) in enumerate(zip(spec.adapt, rows))
     ]
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 
 import torch
@@ -36,10 +37,12 @@ from ..adapter_files import (
     read_json,
     write_json,
 )
+from ..base_init import PEFT_REBUILT_INITS, base_change_reason
 from ..card import write_model_card
 from ..config import SIDECAR_FORMAT, SIDECAR_NAME
 from ..serving import ENGINES, base_model_type, check_serving, engine_spec, next_rank_value
 from .convert import bake_and_pad, dora_to_lowrank
+from .initial import convert_to_original_base
 
 DORA_MODES = ("merge", "svd")
 HEAD_MODES = ("refuse", "beside")
@@ -74,7 +77,8 @@ class ExportResult:
 
 
 def export_adapter(src: str, dst: str, engine: str = "vllm", *, rank: int | None = None, dora: str | None = None,
-                   merge: bool = False, heads: str = "refuse", base_model=None) -> ExportResult:
+                   merge: bool = False, heads: str = "refuse", base_model=None,
+                   initial_adapter: str | None = None) -> ExportResult:
     """Export the adapter saved in ``src`` to ``dst`` for ``engine`` ("vllm", "tgi", "lorax" or "peft").
 
     Example::
@@ -84,7 +88,10 @@ def export_adapter(src: str, dst: str, engine: str = "vllm", *, rank: int | None
         export_adapter("runs/dora/adapter", "runs/dora/vllm", engine="vllm", dora="svd", rank=16)
 
     ``base_model`` (an ``nn.Module`` or a path) is needed for ``merge`` and ``dora`` exports; by default the
-    adapter's ``base_model_name_or_path`` is loaded.
+    adapter's ``base_model_name_or_path`` is loaded. An adapter whose initialisation changed the base (PiSSA,
+    OLoRA, CorDA, LoRA-GA: :mod:`hf_lorax.export.initial`) is first converted to a LoRA of the original base
+    with ``initial_adapter``, the folder saved right after initialisation; without it the export is refused
+    with the reason (peft rebuilds a PiSSA / OLoRA base itself, so ``engine="peft"`` copies those as they are).
     """
     spec = engine_spec(engine)
     if dora is not None and dora not in DORA_MODES:
@@ -96,11 +103,24 @@ def export_adapter(src: str, dst: str, engine: str = "vllm", *, rank: int | None
     _check_destination(src, dst)
     folder = read_adapter_folder(src)
     _check_supported_tensors(folder)
-    if merge or dora == "merge":
-        return _export_merged(folder, dst, engine, base_model)
-    if engine == "peft":
-        return _export_for_peft(folder, dst)
-    return _export_uniform(folder, dst, spec, rank, dora, heads, base_model)
+    if initial_adapter is None and folder.base_changing_init:
+        init = folder.base_changing_init
+        if engine == "peft" and not merge and init.lower() in PEFT_REBUILT_INITS:
+            return _export_for_peft(folder, dst)
+        raise ValueError(base_change_reason(init, "a merge" if merge or dora == "merge" else spec.label))
+    with tempfile.TemporaryDirectory(prefix="hf_lorax-converted-") as tmp:
+        if initial_adapter is not None:
+            folder = convert_to_original_base(folder, initial_adapter, tmp)
+        if merge or dora == "merge":
+            result = _export_merged(folder, dst, engine, base_model)
+        elif engine == "peft":
+            result = _export_for_peft(folder, dst)
+        else:
+            result = _export_uniform(folder, dst, spec, rank, dora, heads, base_model)
+    if initial_adapter is not None:
+        result.notes.insert(0, f"converted from init_lora_weights={folder.sidecar['converted_from']['init_lora_weights']!r} "
+                               "to a LoRA of the original base (exact: rank 2r, B·A − B0·A0)")
+    return result
 
 
 def _check_destination(src: str, dst: str) -> None:
@@ -187,14 +207,22 @@ def _export_uniform(folder: AdapterFolder, dst: str, spec, rank, dora, heads, ba
 
 
 def _export_for_peft(folder: AdapterFolder, dst: str) -> ExportResult:
+    result = ExportResult(dst=dst, engine="peft", kind="adapter",
+                          notes=[f"load: {ENGINES['peft'].serve_hint.replace('DIR', dst)}"])
+    converted = folder.sidecar.get("converted_from")
+
     def write(tmp: str) -> None:
         for name in (CONFIG_FILE, SAFETENSORS_FILE):
             shutil.copy2(os.path.join(folder.path, name), tmp)
+        if converted:  # what the card says about the conversion
+            write_json(os.path.join(tmp, SIDECAR_NAME), _exported_sidecar(folder, "peft", None, None, result))
         _finish(folder, tmp, dst)
 
     atomic_directory_write(dst, write)
-    return ExportResult(dst=dst, engine="peft", kind="adapter",
-                        notes=[f"load: {ENGINES['peft'].serve_hint.replace('DIR', dst)}"])
+    if folder.base_changing_init:
+        result.notes.insert(0, f"init_lora_weights={folder.base_changing_init!r}: peft runs the initialisation again "
+                               "on the original base when it loads the adapter (load the base in the dtype it was trained in)")
+    return result
 
 
 def _export_merged(folder: AdapterFolder, dst: str, engine: str, base_model) -> ExportResult:
@@ -232,7 +260,8 @@ def _exported_sidecar(folder: AdapterFolder, engine: str, rank: int, dora: str |
         "method": "lora", "rank_map": None, "alpha_map": None, "fused_slices": None, "sliced_modules": {},
         "num_labels": folder.sidecar.get("num_labels"),
         "exported": {"engine": engine, "from_method": folder.method, "rank": rank, "dora": dora,
-                     "max_relative_error": result.worst_error[1] if result.worst_error else 0.0},
+                     "max_relative_error": result.worst_error[1] if result.worst_error else 0.0,
+                     "converted_from": folder.sidecar.get("converted_from")},
     }
 
 

@@ -1,6 +1,7 @@
 """``python -m hf_lorax.export``: export an adapter for a serving engine, or check how one would serve it.
 
     python -m hf_lorax.export SRC DST --engine vllm [--rank N] [--dora merge|svd] [--merge] [--heads beside]
+        [--initial_adapter INIT_DIR]
     python -m hf_lorax.export --check SRC [--engine vllm]
 
 ``--check`` prints, per engine (all four without ``--engine``), what the engine would refuse or silently change,
@@ -10,15 +11,15 @@ and exits 1 when the adapter cannot be served exactly as saved. Errors are one l
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from ..cli import OneLineArgumentParser, debug_enabled
 from ..serving import ENGINES, check_serving
 from . import DORA_MODES, HEAD_MODES, export_adapter
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m hf_lorax.export", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m hf_lorax.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="a saved adapter folder")
     parser.add_argument("dst", nargs="?", help="a new folder for the exported adapter (not with --check)")
     parser.add_argument("--engine", choices=sorted(ENGINES), help="vllm, tgi, lorax or peft")
@@ -29,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--heads", choices=HEAD_MODES, default="refuse",
                         help="task heads: refuse (default) or write them beside the adapter")
     parser.add_argument("--base_model", help="base model folder for --merge / --dora (default: the adapter's)")
+    parser.add_argument("--initial_adapter", help="PiSSA/OLoRA/CorDA/LoRA-GA adapters: the folder saved right after "
+                        "initialisation; converts SRC to a LoRA of the original base (exact)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser.parse_args(argv)
 
@@ -45,9 +48,9 @@ def main(argv=None) -> int:
         if not args.dst or not args.engine:
             raise ValueError("pass SRC DST --engine ENGINE (or --check SRC).")
         result = export_adapter(args.src, args.dst, args.engine, rank=args.rank, dora=args.dora, merge=args.merge,
-                                heads=args.heads, base_model=args.base_model)
+                                heads=args.heads, base_model=args.base_model, initial_adapter=args.initial_adapter)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
-        if args.debug or os.environ.get("HF_LORAX_DEBUG") == "1":
+        if args.debug or debug_enabled():
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2

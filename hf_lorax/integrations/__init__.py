@@ -11,22 +11,29 @@ signature changes.
 =================================================  =====================================================
 hook                                               why
 =================================================  =====================================================
-peft ``LoraModel._prepare_model``                  ``peft.get_peft_model(model, LoRAConfig(...))`` and
-                                                   ``PeftModel.from_pretrained`` with an hf_lorax config:
-                                                   resolve rank maps / slices / head before peft
-                                                   injects layers (peft has no public pre-injection hook)
-peft ``PeftConfigMixin.from_pretrained``           rebuild the hf_lorax config an ``hf_lorax.json`` beside
-                                                   ``adapter_config.json`` describes (compact fused slices)
+peft ``LoraModel.inject_adapter`` (set on          ``peft.get_peft_model``, ``add_adapter``,
+``LoraModel`` only)                                ``PeftModel.from_pretrained``, transformers
+                                                   ``add_adapter`` / ``load_adapter``,
+                                                   ``add_weighted_adapter``, TRL: hand peft the resolved
+                                                   copy of an hf_lorax config (peft reads
+                                                   ``self.peft_config[name]`` first thing and has no public
+                                                   pre-injection hook); the user's object is untouched
+peft ``PeftConfigMixin.from_pretrained``           a local folder with ``hf_lorax.json`` loads as its
+                                                   resolved hf_lorax config (no network request)
 transformers ``PeftAdapterMixin.load_adapter``     transformers 5.x drops saved DoRA magnitudes (maps the
-                                                   key to ``...lora_magnitude_vector.<name>``): copy them in
-transformers ``CallbackHandler.on_log``            a callback cannot add metrics to a ``Trainer.log`` call
-                                                   before the reporting callbacks see it (no public API)
+                                                   key to ``...lora_magnitude_vector.<name>``): copy them in,
+                                                   for hf_lorax folders only
 =================================================  =====================================================
+
+Every hook passes configs and folders that are not hf_lorax's through unchanged: code that does not use
+hf_lorax runs as without it (``tests/test_isolation.py``). ``hf_lorax.hotswap_adapter`` uses peft's public
+hotswap and peft's ``_update_scaling`` (declared here too).
 
 Layers subclass peft's ``lora.Linear`` / ``lora.Embedding`` / ``LoraVariant`` through
 ``LoraConfig._register_custom_module`` (peft's documented, experimental custom-layer API); the private
 helpers they need are imported from :mod:`hf_lorax.integrations.peft_api` only.
 
 Modules: ``guard`` (version ranges, signature checks), ``peft_api`` (peft internals as small functions),
-``peft_hooks`` and ``transformers_hooks`` (the hooks), ``hooks`` (:func:`install`, run by ``import hf_lorax``).
+``peft_hooks`` and ``transformers_hooks`` (the hooks), ``hooks`` (:func:`install`, run by ``import hf_lorax``),
+``sharding`` (whole tensors of DeepSpeed ZeRO-3 and FSDP2 parameters; ``deepspeed.zero.GatheredParameters``).
 """

@@ -29,13 +29,17 @@ def _api(path: str, params: tuple[str, ...], reason: str) -> InternalAPI:
     return InternalAPI(path=path, params=params, library="peft", verified=PEFT_RANGE, reason=reason)
 
 
-PREPARE_MODEL = _api("peft.tuners.lora.model:LoraModel._prepare_model", ("self", "peft_config", "model"),
-                     "resolve hf_lorax configs before peft injects layers")
+INJECT_ADAPTER = _api("peft.tuners.tuners_utils:BaseTuner.inject_adapter", ("self", "model", "adapter_name"),
+                      "hand peft a resolved copy of an hf_lorax config before it injects layers (it reads "
+                      "self.peft_config[adapter_name] first thing)")
 CONFIG_FROM_PRETRAINED = _api("peft.config:PeftConfigMixin.from_pretrained",
                               ("cls", "pretrained_model_name_or_path", "subfolder"),
                               "read hf_lorax.json beside adapter_config.json")
+HOTSWAP_UPDATE_SCALING = _api("peft.utils.hotswap:_update_scaling", ("lora_module", "adapter_name", "scaling"),
+                              "hf_lorax.hotswap_adapter sets each module's scaling as peft's hotswap does "
+                              "(a tensor under torch.compile), from the module's own rank and alpha")
 PEFT_INTERNALS = [
-    PREPARE_MODEL,
+    INJECT_ADAPTER,
     CONFIG_FROM_PRETRAINED,
     _api("peft.tuners.tuners_utils:BaseTuner._check_target_module_exists", ("peft_config", "key"),
          "peft's own target matcher, so hf_lorax validates exactly what peft will adapt"),
@@ -55,13 +59,14 @@ PEFT_INTERNALS = [
          "DoRA's norm for merging comes from the weight without other merged adapters"),
     _api("peft.tuners.tuners_utils:check_adapters_to_merge", ("module", "adapter_names"),
          "quantized layers merge into a dense copy with peft's adapter selection"),
+    HOTSWAP_UPDATE_SCALING,
 ]
 
 __all__ = [
     "BaseTunerLayer", "ExcludedModule", "LoraLayer", "LoraModel", "LoraVariant", "PEFT_INTERNALS", "VARIANT_KWARG_KEYS",
     "adapter_child_names", "check_adapters_to_merge", "default_target_modules", "dequantize_module_weight",
-    "expand_all_linear", "init_lora_state", "is_tuner_layer",
-    "is_wrapped_head", "pattern_value", "peft_bnb_module", "peft_lora", "register_layers", "target_matcher",
+    "expand_all_linear", "init_lora_state", "is_tuner_layer", "is_wrapped_head", "pattern_value", "peft_bnb_module",
+    "peft_hotswap_adapter", "peft_lora", "register_layers", "set_scaling", "target_matcher",
 ]
 
 
@@ -79,6 +84,21 @@ def pattern_value(pattern, name: str, default):
     """The value peft picks for ``name`` from a ``rank_pattern`` / ``alpha_pattern`` (first regex match)."""
     key = get_pattern_key(list(pattern), name)
     return pattern.get(key, default)
+
+
+def peft_hotswap_adapter(model, model_name_or_path, adapter_name: str, torch_device=None, **kwargs) -> None:
+    """peft's public ``peft.utils.hotswap.hotswap_adapter`` (its checks, weight copies, compiled-model handling)."""
+    from peft.utils.hotswap import hotswap_adapter
+
+    hotswap_adapter(model, model_name_or_path, adapter_name=adapter_name, torch_device=torch_device, **kwargs)
+
+
+def set_scaling(module: nn.Module, adapter_name: str, scaling: float) -> None:
+    """Set a LoRA layer's scaling in place as peft's hotswap does (a tensor scaling keeps its identity)."""
+    from peft.utils.hotswap import _update_scaling
+
+    require_signatures([HOTSWAP_UPDATE_SCALING], "hotswap adapters")
+    _update_scaling(module, adapter_name=adapter_name, scaling=scaling)
 
 
 def is_tuner_layer(module: nn.Module) -> bool:

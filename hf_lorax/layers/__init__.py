@@ -11,7 +11,8 @@ from transformers.pytorch_utils import Conv1D
 
 from .dora import DoraMagnitude, FactorizedDoraEmbeddingVariant, FactorizedDoraLinearVariant, dora_row_norm
 from .fused import FusedLoraLinear, fused_lora_linear, set_fused_path
-from .lora import LoraEmbedding, LoraLinear, SlicedLoraB
+from .lora import LoraEmbedding, LoraLinear
+from .sliced import SlicedLoraB, trained_parameter_count
 from .types import SUPPORTED_LAYER_TYPES, is_dense, is_quantized_linear, out_features
 
 
@@ -47,4 +48,5 @@ __all__ = [
     "layer_mapping",
     "out_features",
     "set_fused_path",
+    "trained_parameter_count",
 ]

@@ -26,14 +26,22 @@ import torch
 from torch import nn
 
 from ..integrations.peft_api import LoraLayer, LoraVariant, dequantize_module_weight
+from ..integrations.sharding import full_params, is_zero3_param
 
 
 class DoraMagnitude(nn.Module):
-    """Holds DoRA's per-output magnitude ``m`` as ``.weight`` (peft's ``lora_magnitude_vector`` layout)."""
+    """Holds DoRA's per-output magnitude ``m`` as ``.weight`` (peft's ``lora_magnitude_vector`` layout).
+
+    Its forward is DoRA's scale ``m / ‖W + s·BA‖``: reading ``m`` inside the module's own call is what lets
+    DeepSpeed ZeRO-3 gather the partitioned magnitude and reduce its gradient, as for any other module.
+    """
 
     def __init__(self, magnitude: torch.Tensor):
         super().__init__()
         self.weight = nn.Parameter(magnitude)
+
+    def forward(self, weight_norm: torch.Tensor) -> torch.Tensor:
+        return self.weight / weight_norm.to(self.weight.dtype)
 
 
 def dora_row_norm(
@@ -133,10 +141,14 @@ class FactorizedDoraLinearVariant(LoraVariant):
             if not param.is_floating_point() and cached is not None:
                 return cached[1]  # a quantized weight is never written in place; the norm from init stands
             return cls.base_weight(module).float().pow(2).sum(dim=1)
-        key = (param.data_ptr(), param._version, param.dtype, param.device)
+        # A ZeRO-3 partition is re-materialised at every gather (a new data pointer each time) and the frozen
+        # weight it holds never changes outside merge/unmerge, which drop the cache: key it by its id.
+        key = ("zero3", param.ds_id) if is_zero3_param(param) else (param.data_ptr(), param._version, param.dtype,
+                                                                    param.device)
         cached = getattr(module, "_hf_lorax_weight_sq", None)
         if cached is None or cached[0] != key:
-            cached = (key, cls.base_weight(module).float().pow(2).sum(dim=1))
+            with full_params([param]):
+                cached = (key, cls.base_weight(module).float().pow(2).sum(dim=1))
             module._hf_lorax_weight_sq = cached
         return cached[1]
 
@@ -145,8 +157,9 @@ class FactorizedDoraLinearVariant(LoraVariant):
         """``W Aᵀ`` (out, r). A quantized base computes it with its own kernel on the r rows of ``A``."""
         base = module.get_base_layer()
         if base.weight.is_floating_point():
-            weight = cls.base_weight(module)
-            return weight @ lora_A.to(weight.dtype).T
+            with full_params([base.weight]):  # ZeRO-3: the base layer's own forward has released its weight
+                weight = cls.base_weight(module)
+                return weight @ lora_A.to(weight.dtype).T
         rows = lora_A.to(getattr(base, "compute_dtype", None) or lora_A.dtype)
         out = base(rows)
         if getattr(base, "bias", None) is not None:
@@ -155,8 +168,7 @@ class FactorizedDoraLinearVariant(LoraVariant):
 
     @classmethod
     def weight_norm(cls, module: LoraLayer, adapter: str, weight: torch.Tensor | None = None) -> torch.Tensor:
-        with torch.no_grad():
-            A, B = cls.factors(module, adapter)
+        with torch.no_grad(), full_params(cls.factors(module, adapter)) as (A, B):
             if weight is not None:  # merging: the norm of an explicitly given (unmerged) weight
                 return dora_row_norm(weight, A, B, module.scaling[adapter], weight.float().pow(2).sum(dim=1))
             return row_norm_from_products(cls.weight_times_At(module, A), cls.weight_sq(module), A, B,
@@ -166,16 +178,19 @@ class FactorizedDoraLinearVariant(LoraVariant):
     def init(cls, module: LoraLayer, adapter_name: str, **kwargs: Any) -> None:
         if "lora_magnitude_vector" not in module.adapter_layer_names:
             module.adapter_layer_names = module.adapter_layer_names[:] + ("lora_magnitude_vector",)
-        magnitude = cls.weight_norm(module, adapter_name)
-        dtype = cls.factors(module, adapter_name)[0].dtype
-        module.lora_magnitude_vector[adapter_name] = DoraMagnitude(magnitude.to(dtype))
+        A, B = cls.factors(module, adapter_name)
+        if A.is_meta or B.is_meta:  # low_cpu_mem_usage: the saved magnitude is assigned when the weights load
+            magnitude = torch.empty(B.shape[0], dtype=A.dtype, device="meta")
+        else:
+            magnitude = cls.weight_norm(module, adapter_name).to(A.dtype)
+        module.lora_magnitude_vector[adapter_name] = DoraMagnitude(magnitude)
 
     @classmethod
     def forward(cls, module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
         lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
         scaling = module.scaling[active_adapter]
-        magnitude = module.lora_magnitude_vector[active_adapter].weight
-        norm_scale = (magnitude / cls.weight_norm(module, active_adapter).to(magnitude.dtype)).to(result.dtype)
+        norm_scale = module.lora_magnitude_vector[active_adapter](cls.weight_norm(module, active_adapter))
+        norm_scale = norm_scale.to(result.dtype)
         bias = module.get_base_layer().bias
         lora = lora_B(lora_A(module.lora_dropout[active_adapter](x)) * scaling)  # scaling on the r-wide A x
         combined = result + lora.to(result.dtype) if bias is None else result - bias + lora.to(result.dtype)
@@ -224,8 +239,8 @@ class FactorizedDoraEmbeddingVariant(FactorizedDoraLinearVariant):
     @classmethod
     def forward(cls, module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
         A, B = cls.factors(module, active_adapter)
-        magnitude = module.lora_magnitude_vector[active_adapter].weight
-        norm_scale = (magnitude / cls.weight_norm(module, active_adapter).to(magnitude.dtype)).to(result.dtype)
+        norm_scale = module.lora_magnitude_vector[active_adapter](cls.weight_norm(module, active_adapter))
+        norm_scale = norm_scale.to(result.dtype)
         lora = (module._embed(x, A.T) @ B.T) * module.scaling[active_adapter]
         embed_scale = module._get_embed_scale()
         if embed_scale is not None:

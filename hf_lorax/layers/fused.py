@@ -27,7 +27,9 @@ from collections.abc import Callable
 
 import torch
 
+from ..integrations.sharding import is_zero3_param
 from .dora import FactorizedDoraLinearVariant
+from .sliced import b_weight
 
 WeightSource = Callable[[], torch.Tensor]  # returns the frozen weight as (out, in) in the base compute dtype
 
@@ -164,8 +166,8 @@ class FusedForwardMixin:
     def _fused_weight(self) -> torch.Tensor | WeightSource | None:
         """The frozen weight as (out, in), a callable that dequantises it, or None (not fusable)."""
         weight = self.get_base_layer().weight
-        if not weight.is_floating_point() or weight.requires_grad:
-            return None
+        if not weight.is_floating_point() or weight.requires_grad or is_zero3_param(weight):
+            return None  # a ZeRO-3 partition is whole only inside the base layer's own call
         return weight.T if self.fan_in_fan_out else weight
 
     def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor | None:
@@ -188,17 +190,18 @@ class FusedForwardMixin:
         p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
         norm_scale = None
         if variant is not None:  # DoRA: m / ‖W + s·BA‖, the norm from the factors and detached
-            magnitude = self.lora_magnitude_vector[adapter].weight
-            norm_scale = magnitude / variant.weight_norm(self, adapter).to(magnitude.dtype)
+            norm_scale = self.lora_magnitude_vector[adapter](variant.weight_norm(self, adapter))
         base = self.get_base_layer()
-        return fused_lora_linear(x, weight, base.bias, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+        return fused_lora_linear(x, weight, base.bias, self.lora_A[adapter].weight, b_weight(self.lora_B[adapter]),
                                  self.scaling[adapter], p, norm_scale, getattr(base, "compute_dtype", None))
 
 
 def set_fused_path(model: torch.nn.Module, enabled: bool | None) -> int:
     """Turn the fused eager path of every hf_lorax linear in ``model`` on (True) or off (False), or back to the
     default by device (None); returns how many layers."""
+    if enabled is not None and not isinstance(enabled, bool):  # bool("false") would turn it on
+        raise TypeError(f"set_fused_path: enabled must be True, False or None (the default by device), got {enabled!r}.")
     layers = [m for m in model.modules() if isinstance(m, FusedForwardMixin)]
     for layer in layers:
-        layer.use_fused_path = None if enabled is None else bool(enabled)
+        layer.use_fused_path = enabled
     return len(layers)

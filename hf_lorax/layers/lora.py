@@ -6,7 +6,8 @@ inference and saving behave exactly as in peft, and parameter names stay peft's 
 
 * DoRA uses :mod:`hf_lorax.layers.dora` (norm from the factors, no d×k temporaries);
 * ``Conv1D`` is recognised by type, not by the config's ``fan_in_fan_out`` flag;
-* a layer on a fused projection can adapt only some slices (:class:`SlicedLoraB`);
+* a layer on a fused projection can adapt only some slices (:class:`~hf_lorax.layers.sliced.SlicedLoraB`: a
+  dense block-structured ``B`` whose off-slice entries get no gradient);
 * in eager mode the whole layer (LoRA or DoRA) is one autograd node (:mod:`hf_lorax.layers.fused`).
 """
 
@@ -17,79 +18,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..integrations.peft_api import VARIANT_KWARG_KEYS, init_lora_state, peft_lora
-from ..slices import SliceSpec, fused_alpha, fused_rank
 from .dora import FactorizedDoraEmbeddingVariant, FactorizedDoraLinearVariant
 from .fused import FusedForwardMixin
-
-
-class SlicedLoraB(nn.Module):
-    """``B`` of a LoRA that adapts only some equal-width slices of a fused output (loralib ``MergedLinear``).
-
-    Slice ``i`` gets its own (width × r) block ``B_i`` fed by rows ``i*r:(i+1)*r`` of ``A``. Only the blocks
-    are parameters; :attr:`weight` is the equivalent dense (out × n·r) matrix, zero outside the blocks, and it
-    is what the state dict holds, so checkpoints and saved adapters are standard peft LoRA.
-    """
-
-    def __init__(self, out_features: int, bounds: list[tuple[int, int]], r: int):
-        super().__init__()
-        self.out_features, self.bounds, self.r = out_features, list(bounds), r
-        self.blocks = nn.ParameterList([nn.Parameter(torch.zeros(hi - lo, r)) for lo, hi in self.bounds])
-
-    @property
-    def weight(self) -> torch.Tensor:
-        first = self.blocks[0]
-        dense = first.new_zeros(self.out_features, len(self.blocks) * self.r)
-        for i, ((lo, hi), block) in enumerate(zip(self.bounds, self.blocks)):
-            dense[lo:hi, i * self.r : (i + 1) * self.r] = block
-        return dense
-
-    @property
-    def bias(self):  # peft reads lora_B[...].bias when lora_bias is set; slices never carry one
-        return None
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        pieces, pos = [], 0
-        for i, ((lo, hi), block) in enumerate(zip(self.bounds, self.blocks)):
-            if lo > pos:
-                pieces.append(h.new_zeros(*h.shape[:-1], lo - pos))
-            pieces.append(h[..., i * self.r : (i + 1) * self.r] @ block.T)
-            pos = hi
-        if pos < self.out_features:
-            pieces.append(h.new_zeros(*h.shape[:-1], self.out_features - pos))
-        return torch.cat(pieces, dim=-1)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        weight = self.weight
-        destination[prefix + "weight"] = weight if keep_vars else weight.detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        key = prefix + "weight"
-        if key not in state_dict:
-            if strict:
-                missing_keys.append(key)
-            return
-        dense = state_dict[key]
-        expected = (self.out_features, len(self.blocks) * self.r)
-        if tuple(dense.shape) != expected:
-            error_msgs.append(
-                f"size mismatch for {key}: the checkpoint has shape {tuple(dense.shape)}, the fused-slice "
-                f"layer expects {expected} ({len(self.blocks)} slices of rank {self.r})."
-            )
-            return
-        off_block = dense.clone()
-        for i, (lo, hi) in enumerate(self.bounds):
-            off_block[lo:hi, i * self.r : (i + 1) * self.r] = 0
-        if off_block.abs().max() > 0:
-            error_msgs.append(
-                f"{key} has non-zero entries outside the adapted slices, so it is not a fused-slice adapter "
-                "of this layout; load it without fused_slices."
-            )
-            return
-        with torch.no_grad():
-            for i, ((lo, hi), block) in enumerate(zip(self.bounds, self.blocks)):
-                block.copy_(dense[lo:hi, i * self.r : (i + 1) * self.r])
-        for extra in [k for k in state_dict if k.startswith(prefix) and k != key]:
-            unexpected_keys.append(extra)
+from .sliced import SlicedLoraB, block_mask
 
 
 class FusedSliceMixin:
@@ -98,30 +29,34 @@ class FusedSliceMixin:
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config, **kwargs) -> None:
         target = kwargs.get("target_name", "")
         entry = module_plan(config, target)
-        if entry is not None:
-            r, lora_alpha = entry.r, entry.alpha
-        if entry is None or entry.slices is None:
-            super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
-            return
-        _check_slice_options(config, target)
-        bounds = entry.slices.bounds(self.out_features, target)
-        n = len(bounds)
-        super().update_layer(adapter_name, fused_rank(r, n), fused_alpha(lora_alpha, n, config.use_rslora),
-                             config=config, **kwargs)
-        self._use_slices(adapter_name, entry.slices, bounds, r, config)
+        if entry is not None:  # the plan's values are the ones peft read from rank_pattern / alpha_pattern
+            r, lora_alpha = entry.fused_r, entry.fused_alpha
+            if entry.slices is not None:
+                _check_slice_options(config, target)
+        super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
+        if entry is not None and entry.slices is not None:
+            self._use_slices(adapter_name, entry, config)
+        elif adapter_name in getattr(self, "slice_specs", {}):  # a plain adapter re-created under this name
+            self.slice_specs = {k: v for k, v in self.slice_specs.items() if k != adapter_name}
 
-    def _use_slices(self, adapter: str, spec: SliceSpec, bounds, r: int, config) -> None:
-        dense = self.lora_A[adapter].weight
-        sliced = SlicedLoraB(self.out_features, bounds, r).to(device=dense.device, dtype=dense.dtype)
-        if config.init_lora_weights is False:  # peft leaves B random in that case; do the same per block
-            for block in sliced.blocks:
-                nn.init.kaiming_uniform_(block, a=5**0.5)
-        elif config.init_lora_weights == "gaussian":  # std 1/r of the per-slice rank, not of n*r
-            nn.init.normal_(self.lora_A[adapter].weight, std=1 / r)
+    def _use_slices(self, adapter: str, entry, config) -> None:
+        """Swap peft's dense ``B`` for a :class:`SlicedLoraB` with the same values off-block-zeroed."""
+        dense = self.lora_B[adapter].weight
+        rows = entry.slices.rows(self.out_features, entry.name)
+        # on the base weight's device: under low_cpu_mem_usage peft builds the adapter on meta and assigns the
+        # weights later, but the mask is no saved state and must be real from the start
+        mask = block_mask(self.out_features, rows, entry.r, device=self.get_base_layer().weight.device)
+        sliced = SlicedLoraB(mask, adapted_entries=sum(map(len, rows)) * entry.r).to(dtype=dense.dtype)
+        if dense.is_meta:  # low_cpu_mem_usage: peft assigns the loaded weight later
+            sliced.weight = nn.Parameter(torch.empty_like(dense), requires_grad=dense.requires_grad)
+        else:
+            with torch.no_grad():
+                sliced.weight.copy_(dense * mask)  # zero init stays zero; init_lora_weights=False keeps its blocks
+        sliced.weight.requires_grad_(dense.requires_grad)
+        if config.init_lora_weights == "gaussian":  # std 1/r of the per-slice rank, not of n*r
+            nn.init.normal_(self.lora_A[adapter].weight, std=1 / entry.r)
         self.lora_B[adapter] = sliced
-        for p in sliced.parameters():
-            p.requires_grad_(dense.requires_grad)
-        self.slice_specs = {**getattr(self, "slice_specs", {}), adapter: spec}
+        self.slice_specs = {**getattr(self, "slice_specs", {}), adapter: entry.slices}
         if adapter in self.lora_variant:  # the magnitude must see the sliced B
             self.lora_variant[adapter].init(self, adapter_name=adapter, config=config)
 
@@ -146,6 +81,8 @@ class LoraLinear(FusedForwardMixin, FusedSliceMixin, WeightNormCacheMixin, peft_
         # Conv1D stores its weight as (in, out); decide from the layer, not the config flag.
         self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
         self.is_target_conv_1d_layer = self.fan_in_fan_out
+        if self.fan_in_fan_out:  # the state plain peft records in the config it holds (a resolved copy here)
+            config.fan_in_fan_out = True
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 

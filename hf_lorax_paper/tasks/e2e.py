@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
+from ..arguments import ran_hyperparameters
 from ..experiment import MethodArguments, TaskPlugin, rank_map_argument, timed
 from .e2e_data import (
     HUB_DATASETS,
@@ -34,6 +35,9 @@ from .e2e_presets import METRICS, PAPER_SOURCE, SCALED_X100, E2EPreset, get_pres
 PRESET_FIELDS = ("model_name_or_path", "r", "lora_alpha", "lora_dropout", "max_length", "num_beams", "length_penalty",
                  "no_repeat_ngram_size", "max_new_tokens")
 # The LoRA paper quotes its FT row from earlier work without the settings; these are hf_lorax's choices.
+# preset field -> the TrainingArguments name that carries it (a flag or a baseline may replace the preset's value)
+TRAINING_FIELDS = {"epochs": "num_train_epochs", "learning_rate": "learning_rate", "batch_size": "per_device_train_batch_size",
+                   "weight_decay": "weight_decay", "warmup_steps": "warmup_steps", "label_smoothing": "label_smoothing_factor"}
 BASELINE_TRAINING = {"full": {"learning_rate": 5e-5, "warmup_steps": 500}, "bitfit": {"learning_rate": 1e-3}}
 
 
@@ -60,17 +64,12 @@ class E2EPlugin(TaskPlugin):
     default_output_dir = "runs/e2e"
 
     def resolve(self, method: MethodArguments, data: E2EDataArguments) -> E2EPreset:
-        """The preset (default ``gpt2-medium/e2e``) with the overrides applied; validates every setting."""
+        """The preset (default ``gpt2-medium/e2e``) with the overrides (checked by :mod:`..arguments`) applied."""
         preset = get_preset(method.preset or "gpt2-medium/e2e")
         sources = {**vars(method), **vars(data)}
         preset = replace(preset, **{k: sources[k] for k in PRESET_FIELDS if sources.get(k) is not None})
         if not preset.model_name_or_path:
             raise ValueError(f"Preset {preset.name} has no model; pass --model_name_or_path.")
-        for name in ("r", "max_length", "num_beams", "max_new_tokens"):
-            if getattr(preset, name) <= 0:
-                raise ValueError(f"--{name} must be positive, got {getattr(preset, name)}.")
-        if not 0 <= preset.lora_dropout < 1:
-            raise ValueError("--lora_dropout must be in [0, 1).")
         return preset
 
     def training_defaults(self, preset: E2EPreset, method: MethodArguments, data: E2EDataArguments) -> dict:
@@ -159,7 +158,7 @@ class E2EPlugin(TaskPlugin):
             "main_metric": {"name": "BLEU", "value": metrics.get("BLEU")},
             "reference": {"source": PAPER_SOURCE, "method": row.method, "metrics": row.metrics()} if row else None,
             "paper_rows": [asdict(r) for r in preset.paper_rows],
-            "hyperparameters": {k: v for k, v in asdict(preset).items() if k not in ("setting", "task")},
+            "hyperparameters": ran_hyperparameters(preset, trainer.args, TRAINING_FIELDS),
             "eval_loss": eval_loss, "decode_runtime_s": timings["decode"],
             "data": {split: {"source": s.source, "rows": len(s)} for split, s in splits.items()},
             "test_mrs": len(test_mrs), "test_references": len(splits["test"]),

@@ -20,6 +20,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..arguments import check_limit
+
 # Slot names of the original MRs -> the names in microsoft/LoRA's formatted contexts.
 SLOT_NAMES = {"eatType": "Type", "priceRange": "price", "familyFriendly": "family friendly"}
 LOCAL_FILES = {"train": "trainset.csv", "validation": "devset.csv", "test": "testset_w_refs.csv"}
@@ -102,6 +104,7 @@ def format_mr(mr: str, where: str = "MR") -> str:
 
 def read_csv(path: str, max_rows: int | None = None) -> E2ESplit:
     """Read an E2E CSV (``mr,ref`` columns); every MR is parsed so a bad row fails here, naming the row."""
+    check_limit("max_rows", max_rows)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"E2E file {path!r} does not exist.")
     with open(path, encoding="utf-8-sig", newline="") as f:
@@ -135,6 +138,7 @@ def read_csv(path: str, max_rows: int | None = None) -> E2ESplit:
 
 def limit_mrs(split: E2ESplit, max_mrs: int | None) -> E2ESplit:
     """Keep the rows of the first ``max_mrs`` distinct MRs (evaluation limits count MRs, not references)."""
+    check_limit("max_mrs", max_mrs)
     if max_mrs is None:
         return split
     keep = set(group_by_mr(split.mrs, split.refs)[0][:max_mrs])
@@ -183,6 +187,8 @@ def load_local(files: dict[str, str | None], max_train: int | None = None,
 def load_hub(name: str = "GEM/e2e_nlg", max_train: int | None = None, max_eval_mrs: int | None = None) -> dict[str, E2ESplit]:
     """E2E from the Hub (``GEM/e2e_nlg`` or ``e2e_nlg``); needs the network or the datasets cache."""
     from datasets import load_dataset
+
+    check_limit("max_train", max_train)
 
     if name not in HUB_COLUMNS:
         raise ValueError(f"--dataset_name {name!r}: choose one of {list(HUB_COLUMNS)}, or pass local CSVs.")

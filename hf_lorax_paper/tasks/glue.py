@@ -7,8 +7,9 @@ batched without gradients. Every input is validated before anything is written t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
+from ..arguments import ran_hyperparameters
 from ..experiment import MethodArguments, TaskPlugin, rank_map_argument, timed
 from .glue_data import GlueTask, compute_metrics, get_task, load_hub, load_local
 from .glue_presets import PAPER_SOURCE, GluePreset, get_preset, paper_result
@@ -32,6 +33,11 @@ BASELINE_TRAINING = {
     "full": {"learning_rate": 2e-5, "weight_decay": 0.1, "num_train_epochs": 10},
     "bitfit": {"learning_rate": 5e-4, "weight_decay": 0.0},
 }
+
+
+# preset field -> the TrainingArguments name that carries it (a flag or a baseline may replace the preset's value)
+TRAINING_FIELDS = {"epochs": "num_train_epochs", "learning_rate": "learning_rate", "batch_size": "per_device_train_batch_size",
+                   "weight_decay": "weight_decay", "warmup_ratio": "warmup_steps"}
 
 
 class GluePlugin(TaskPlugin):
@@ -76,7 +82,11 @@ class GluePlugin(TaskPlugin):
         if data.init_adapter:
             from hf_lorax import read_adapter_folder
 
-            read_adapter_folder(data.init_adapter)  # a missing or broken folder fails here, naming the file
+            init = read_adapter_folder(data.init_adapter).base_changing_init  # a broken folder fails here, named
+            if init:  # its factors belong to a changed base, not to the fresh model's
+                raise ValueError(f"--init_adapter {data.init_adapter!r} was trained with init_lora_weights={init!r}, "
+                                 "which changed its base; convert it first: python -m hf_lorax.export SRC OUT "
+                                 "--engine peft --initial_adapter INIT_DIR.")
         if data.data_dir:
             return load_local(data.data_dir, task, method.max_train_samples, method.max_eval_samples)
         return load_hub(task, method.max_train_samples, method.max_eval_samples)
@@ -135,7 +145,7 @@ class GluePlugin(TaskPlugin):
                             "best_epoch": best.get("epoch"), "best_value": best.get(key)},
             "reference": {"source": PAPER_SOURCE, "method": reference[0],
                           "metrics": {key.removeprefix("eval_"): reference[1] / 100}} if reference else None,
-            "hyperparameters": {k: v for k, v in asdict(preset).items() if k not in ("setting", "task")},
+            "hyperparameters": ran_hyperparameters(preset, trainer.args, TRAINING_FIELDS),
         }
         return {"record": record, "timings": timings}
 

@@ -13,6 +13,7 @@ import csv
 import os
 from dataclasses import dataclass, field
 
+from ..arguments import check_limit
 from ..metrics.glue import METRIC_FUNCTIONS
 
 NLI_LABELS = {"entailment": 0, "not_entailment": 1}
@@ -82,6 +83,7 @@ def get_task(name: str) -> GlueTask:
 
 def read_tsv(path: str, task: GlueTask, max_rows: int | None = None) -> dict[str, list]:
     """Read one GLUE TSV file into ``{column: values}`` with Hub column names; validates every row."""
+    check_limit("max_rows", max_rows)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{task.folder}: {path} does not exist (expected the original GLUE file name).")
     layout = task.local
@@ -160,6 +162,9 @@ def load_local(data_dir: str, task: GlueTask, max_train: int | None = None, max_
 def load_hub(task: GlueTask, max_train: int | None = None, max_eval: int | None = None) -> dict:
     """The task from the Hub's ``nyu-mll/glue`` (needs network or the datasets cache)."""
     from datasets import load_dataset
+
+    check_limit("max_train", max_train)
+    check_limit("max_eval", max_eval)
 
     try:
         dataset = load_dataset("nyu-mll/glue", task.name)

@@ -1,0 +1,53 @@
+"""peft initialisations that change the base weights, and why an engine then serves the adapter wrong.
+
+peft's ``LoraLayer.update_layer`` runs these ``init_lora_weights`` on the base layer: PiSSA, OLoRA, CorDA and
+LoRA-GA subtract ``s·B0A0`` from ``W``, LoftQ replaces ``W`` with a quantized ``Q(W)``. The adapter is then
+trained against the changed base, and ``s·BA`` added to the original ``W`` is not the trained model.
+:mod:`hf_lorax.export.initial` converts the first four to a LoRA of the original base.
+"""
+
+from __future__ import annotations
+
+CHANGES = {"pissa": "W − s·B0A0, the top singular directions moved into the adapter",
+           "olora": "W − s·B0A0, from a QR decomposition of W", "corda": "W − s·B0A0, from context-oriented SVD",
+           "lora_ga": "W − s·B0A0, from gradient SVD", "loftq": "a quantized Q(W) chosen together with B0A0"}
+BASE_CHANGING_INITS = tuple(CHANGES)
+CONVERTIBLE_INITS = ("pissa", "olora", "corda", "lora_ga")
+# peft runs these again when it loads the adapter onto the original base (deterministic: no sampling, no data),
+# which rebuilds the changed base; the others (pissa_niter_*, corda, lora_ga, loftq) it cannot rebuild
+PEFT_REBUILT_INITS = ("pissa", "olora")
+
+
+def base_changing_init(init) -> str | None:
+    """``init`` (an ``init_lora_weights`` value) if that initialisation changed the base, else None."""
+    return init if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS) else None
+
+
+def check_loadable(init, path: str) -> None:
+    """Loading a saved adapter runs its initialisation again on the base (peft ``update_layer``); refuse the
+    ones that do not rebuild the base the adapter was trained on (randomized SVD, data-driven, quantized)."""
+    init = base_changing_init(init)
+    if init is None or init.lower() in PEFT_REBUILT_INITS:
+        return
+    family = init_family(init)
+    fix = ("convert it with `python -m hf_lorax.export SRC OUT --engine peft --initial_adapter INIT_DIR` (INIT_DIR: "
+           "the adapter saved right after initialisation) and load the result" if family in CONVERTIBLE_INITS
+           else "load it onto the quantized base it was trained with")
+    raise ValueError(f"{path!r} was trained with init_lora_weights={init!r}, which changed the base ({CHANGES[family]}); "
+                     f"loading runs that initialisation again and does not rebuild the same base. Instead, {fix}.")
+
+
+def init_family(init: str) -> str:
+    """``"pissa_niter_4"`` -> ``"pissa"``: the entry of :data:`CHANGES` an ``init_lora_weights`` value belongs to."""
+    return next(name for name in CHANGES if init.lower().startswith(name))
+
+
+def base_change_reason(init: str, engine_label: str) -> str:
+    """Why ``engine_label`` would serve an adapter trained with ``init`` wrong, and what fixes it."""
+    family = init_family(init)
+    head = (f"init_lora_weights={init!r} trained this adapter against a changed base ({CHANGES[family]}); "
+            f"{engine_label} adds it to the original weights.")
+    if family in CONVERTIBLE_INITS:
+        return head + (" Export with --initial_adapter INIT_DIR (the adapter saved right after initialisation, "
+                       "before training) to convert it exactly to a LoRA of the original base.")
+    return head + " No LoRA of the original base reproduces it: serve it on the LoftQ base it was trained with."

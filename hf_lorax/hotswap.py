@@ -1,0 +1,46 @@
+"""``hotswap_adapter``: peft's hotswap with each module's own scaling, so rank and alpha maps swap correctly.
+
+peft 0.21's ``hotswap_adapter_from_state_dict`` looks a module's rank and alpha up by matching the *parameter*
+name (``...c_attn.lora_A.default.weight``) against ``rank_pattern`` / ``alpha_pattern``, whose ``$``-anchored keys
+name *modules*: nothing matches, so every module gets ``lora_alpha / r`` (plain peft adapters with patterns
+swap wrong too). This entry runs peft's hotswap (its checks, weight copies and compiled-model handling) and then
+sets each swapped module's scaling from its module name, as peft does when it loads the adapter directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peft import PeftConfig
+from torch import nn
+
+from .integrations.peft_api import LoraLayer, pattern_value, peft_hotswap_adapter, set_scaling
+from .slices import lora_scaling
+
+
+def hotswap_adapter(model: nn.Module, model_name_or_path: str, adapter_name: str = "default",
+                    torch_device: str | None = None, **kwargs: Any) -> None:
+    """Replace ``adapter_name``'s weights and scalings in ``model`` (a ``PeftModel``) by the adapter at
+    ``model_name_or_path``, in place; the result equals loading that adapter directly.
+
+    Same arguments as ``peft.utils.hotswap.hotswap_adapter`` (``subfolder``, ``revision``, ``token``, ... in
+    ``kwargs``); works on ``torch.compile``-d models prepared with ``prepare_model_for_compiled_hotswap``.
+    """
+    peft_hotswap_adapter(model, model_name_or_path, adapter_name=adapter_name, torch_device=torch_device, **kwargs)
+    config = PeftConfig.from_pretrained(model_name_or_path, **kwargs)
+    set_module_scalings(model, config, adapter_name)
+
+
+def set_module_scalings(model: nn.Module, config, adapter_name: str) -> int:
+    """Set every LoRA layer's scaling of ``adapter_name`` from ``config``'s patterns by module name; returns how
+    many layers."""
+    count = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or adapter_name not in module.scaling:
+            continue
+        key = name.removeprefix("_orig_mod.").removeprefix("base_model.model.")
+        r = pattern_value(config.rank_pattern or {}, key, config.r)
+        alpha = pattern_value(config.alpha_pattern or {}, key, config.lora_alpha)
+        set_scaling(module, adapter_name, lora_scaling(alpha, r, config.use_rslora))
+        count += 1
+    return count

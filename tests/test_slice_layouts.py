@@ -1,0 +1,59 @@
+"""Fused-slice row sets follow each architecture's own q/k/v split (interleaved, multi-query, grouped-query).
+
+Checked through the model's behaviour, not through hf_lorax's arithmetic: adapting only ``v`` must leave the first
+layer's attention probabilities unchanged (they depend on q and k only) while changing the output; adapting ``q``
+must change them.
+"""
+
+import copy
+
+import pytest
+import torch
+from conftest import randomize_adapters
+from peft import get_peft_model
+from transformers import (
+    AutoModelForCausalLM,
+    FalconConfig,
+    GPT2Config,
+    GPTBigCodeConfig,
+    GPTNeoXConfig,
+    Phi3Config,
+)
+
+from hf_lorax import LoRAConfig
+
+SMALL = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+MODELS = {
+    "gpt2": ("c_attn", lambda: GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+    "gpt_neox": ("query_key_value", lambda: GPTNeoXConfig(**SMALL, intermediate_size=64, max_position_embeddings=64)),
+    "phi3": ("qkv_proj", lambda: Phi3Config(**SMALL, num_key_value_heads=2, intermediate_size=64,
+                                           max_position_embeddings=64, pad_token_id=0)),
+    "gpt_bigcode": ("c_attn", lambda: GPTBigCodeConfig(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                      multi_query=True)),
+    "falcon-grouped": ("query_key_value", lambda: FalconConfig(**SMALL, num_kv_heads=2, new_decoder_architecture=True)),
+    "falcon-mqa": ("query_key_value", lambda: FalconConfig(**SMALL, multi_query=True, new_decoder_architecture=False)),
+}
+
+
+def _run(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids, output_attentions=True)
+    return out.logits, out.attentions
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_value_slice_leaves_attention_probabilities_alone(arch):
+    suffix, make = MODELS[arch]
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(make(), attn_implementation="eager").eval()
+    ids = torch.randint(3, 96, (2, 10))
+    base_logits, base_attn = _run(base, ids)
+    for part, attention_changes in (("v", False), ("q", True)):
+        model = get_peft_model(copy.deepcopy(base), LoRAConfig(r=2, target_modules=[suffix],
+                                                               fused_slices={suffix: [part]}))
+        randomize_adapters(model, seed=5)
+        model.eval()
+        logits, attn = _run(model, ids)
+        assert (logits - base_logits).abs().max() > 1e-4, (arch, part)
+        changed = float((attn[0] - base_attn[0]).abs().max())  # the first layer: its input is the base model's
+        assert (changed > 1e-4) == attention_changes, (arch, part, changed)
