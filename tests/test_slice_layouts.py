@@ -13,10 +13,12 @@ from conftest import randomize_adapters
 from peft import get_peft_model
 from transformers import (
     AutoModelForCausalLM,
+    BloomConfig,
     FalconConfig,
     GPT2Config,
     GPTBigCodeConfig,
     GPTNeoXConfig,
+    MptConfig,
     Phi3Config,
 )
 
@@ -32,6 +34,8 @@ MODELS = {
                                                       multi_query=True)),
     "falcon-grouped": ("query_key_value", lambda: FalconConfig(**SMALL, num_kv_heads=2, new_decoder_architecture=True)),
     "falcon-mqa": ("query_key_value", lambda: FalconConfig(**SMALL, multi_query=True, new_decoder_architecture=False)),
+    "bloom": ("query_key_value", lambda: BloomConfig(vocab_size=96, hidden_size=32, n_layer=2, n_head=4)),
+    "mpt": ("Wqkv", lambda: MptConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)),
 }
 
 
@@ -57,3 +61,28 @@ def test_value_slice_leaves_attention_probabilities_alone(arch):
         assert (logits - base_logits).abs().max() > 1e-4, (arch, part)
         changed = float((attn[0] - base_attn[0]).abs().max())  # the first layer: its input is the base model's
         assert (changed > 1e-4) == attention_changes, (arch, part, changed)
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_plain_peft_loads_the_saved_dense_form_exactly(arch, tmp_path):
+    """Saved, a q/v-slice adapter is a standard LoRA with a block-structured B: plain peft (the folder without
+    hf_lorax.json, so nothing of hf_lorax's reads it) rebuilds the same function."""
+    import os
+
+    from peft import PeftModel
+
+    suffix, make = MODELS[arch]
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(make()).eval()
+    ids = torch.randint(3, 96, (2, 10))
+    model = get_peft_model(copy.deepcopy(base), LoRAConfig(r=2, target_modules=[suffix], fused_slices={suffix: ["q", "v"]}))
+    randomize_adapters(model, seed=3)
+    model.eval()
+    model.save_pretrained(tmp_path)
+    os.remove(tmp_path / "hf_lorax.json")
+    plain = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert type(plain.peft_config["default"]).__name__ == "LoraConfig"
+    with torch.no_grad():
+        expected, actual, untouched = model(input_ids=ids).logits, plain(input_ids=ids).logits, base(input_ids=ids).logits
+    assert (expected - untouched).abs().max() > 1e-3
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
