@@ -137,7 +137,6 @@ def adapt(config: str, base: nn.Module, targets: list[str], r: int, dropout: flo
 
         return get_peft_model(base, LoraConfig(use_dora=method == "dora", **common))
     import hf_lorax
-
     from hf_lorax.layers import set_fused_path
 
     cls = hf_lorax.DoRAConfig if method == "dora" else hf_lorax.LoRAConfig
@@ -213,7 +212,7 @@ def count_loss(kind: str, rows: int, hidden: int, vocab: int) -> dict:
         def loss_fn():
             return ForCausalLMLoss(head(states), labels, vocab_size=vocab)
     else:
-        from hf_lorax.logits_free import causal_lm_loss_from_hidden
+        from hf_lorax.loss import causal_lm_loss_from_hidden
 
         def loss_fn():
             return causal_lm_loss_from_hidden(states, head, labels)
