@@ -46,7 +46,13 @@ def check_label_smoothing(label_smoothing: float) -> float:
 def _targets(targets: torch.Tensor, ignore_index: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(gather-safe targets as ``n × 1``, row weights: 1.0 where labelled, 0.0 where ``ignore_index``)."""
     valid = targets.ne(ignore_index)
-    return torch.where(valid, targets, 0).unsqueeze(1), valid.to(dtype)
+    # ``* valid``: 0 on ignored rows, one kernel; any other negative label still fails loudly in the gather
+    return (targets * valid).unsqueeze(1), valid.to(dtype)
+
+
+def _wider(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """``torch.promote_types`` without a dispatcher call in the common case of equal dtypes."""
+    return a if a == b else torch.promote_types(a, b)
 
 
 class CrossEntropyFromLogits(torch.autograd.Function):
@@ -59,7 +65,7 @@ class CrossEntropyFromLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                 label_smoothing: float = 0.0) -> torch.Tensor:
-        dtype = torch.promote_types(logits.dtype, torch.float32)  # as ForCausalLMLoss's upcast
+        dtype = _wider(logits.dtype, torch.float32)  # as ForCausalLMLoss's upcast
         safe, weights = _targets(targets, ignore_index, dtype)
         lse = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
         mean = torch.empty_like(lse) if label_smoothing else None
@@ -113,10 +119,12 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, label_smoothing: float, ignore_index: int):
+    def forward(ctx, hidden, weight, bias, safe_targets, row_weights, label_smoothing: float):
+        """``safe_targets`` (n × 1) index the vocabulary on every row; ``row_weights`` (n,) are 0 where there is no
+        label (:func:`_targets` makes both)."""
         matmul_dtype = LinearCrossEntropy.matmul_dtype(hidden, weight)  # reads the caller's autocast state
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            return LinearCrossEntropy._forward(ctx, hidden, weight, bias, targets, label_smoothing, ignore_index,
+            return LinearCrossEntropy._forward(ctx, hidden, weight, bias, safe_targets, row_weights, label_smoothing,
                                                matmul_dtype)
 
     @staticmethod
@@ -128,18 +136,18 @@ class LinearCrossEntropy(torch.autograd.Function):
         units a bf16 GEMM is the slower one.
         """
         device = hidden.device.type
-        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        dtype = _wider(hidden.dtype, weight.dtype)
         if device in HALF_PRECISION_GEMM_DEVICES:
             return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
-        return torch.promote_types(dtype, torch.float32)
+        return _wider(dtype, torch.float32)
 
     @staticmethod
-    def _forward(ctx, hidden, weight, bias, targets, eps: float, ignore_index: int, matmul_dtype):
+    def _forward(ctx, hidden, weight, bias, safe, weights, eps: float, matmul_dtype):
         n, vocab = hidden.shape[0], weight.shape[0]
-        dtype = torch.promote_types(matmul_dtype, torch.float32)
+        dtype = _wider(matmul_dtype, torch.float32)
         new = {"dtype": dtype, "device": hidden.device}
         weight_mm, hidden_mm = weight.to(matmul_dtype), hidden.to(matmul_dtype)
-        safe, weights = _targets(targets, ignore_index, dtype)
+        weights = weights.to(dtype)
         lse, target_logits = torch.empty(n, **new), torch.empty(n, **new)
         mean = torch.empty(n, **new) if eps else None
         grad_hidden = torch.empty(hidden.shape, **new) if ctx.needs_input_grad[0] else None
@@ -180,8 +188,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          bias: torch.Tensor | None = None, label_smoothing: float = 0.0,
                          ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """The summed cross-entropy of the LM head ``hidden @ weightᵀ + bias`` against ``targets``, without logits."""
-    return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1),
-                                    float(label_smoothing), ignore_index)
+    safe, weights = _targets(targets.reshape(-1), ignore_index, torch.float32)
+    return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, safe, weights,
+                                    float(label_smoothing))
 
 
 def causal_lm_loss_from_hidden(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
@@ -189,9 +198,10 @@ def causal_lm_loss_from_hidden(hidden: torch.Tensor, head: nn.Linear, labels: to
                                label_smoothing: float = 0.0) -> torch.Tensor:
     """``ForCausalLMLoss(head(hidden), labels)`` (or the ``Trainer``'s label-smoothed loss) without the logits."""
     check_labels_shape(labels, hidden.shape[:-1], "the hidden states (batch, tokens)")
-    targets = shifted_labels(labels).reshape(-1).to(hidden.device)
-    total = linear_cross_entropy(hidden, head.weight, targets, head.bias, check_label_smoothing(label_smoothing))
-    return per_item(total, targets.ne(IGNORE_INDEX).sum(), num_items_in_batch)
+    eps = check_label_smoothing(label_smoothing)
+    safe, weights = _targets(shifted_labels(labels).reshape(-1).to(hidden.device), IGNORE_INDEX, torch.float32)
+    total = LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, safe, weights, eps)
+    return per_item(total, weights.sum(), num_items_in_batch)  # the count, exact in float32 below 2**24 rows
 
 
 def causal_lm_loss(

@@ -215,3 +215,13 @@ def test_loss_from_hidden_has_no_data_dependent_shapes_and_few_chunks(monkeypatc
         loss_module.causal_lm_loss_from_hidden(hidden, head, labels, label_smoothing=0.1).backward()
     assert not {"nonzero", "_local_scalar_dense", "masked_select", "item"} & set(ops.names)
     assert ops.names.count("logsumexp") == 3  # 21 rows in chunks of 10
+
+
+def test_a_negative_label_other_than_ignore_index_fails_loudly():
+    from hf_lorax.loss import causal_lm_loss_from_hidden
+
+    head = torch.nn.Linear(8, 50, bias=False)
+    labels = _labels((3, 7), 50)
+    labels[1, 2] = -1
+    with pytest.raises((RuntimeError, IndexError)):
+        causal_lm_loss_from_hidden(torch.randn(3, 7, 8), head, labels)

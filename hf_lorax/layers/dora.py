@@ -62,12 +62,14 @@ def row_norm_from_products(
     """The same norm given ``W Aᵀ`` (out, r) and ``‖W_i‖²`` (out,): no (out, in) tensor is needed.
 
     ``‖W_i‖² + B_i · (2s·(W Aᵀ)_i + s²·(A Aᵀ) B_iᵀ)``: the bracket is one ``addmm``, the row-wise dot products
-    plus ``‖W_i‖²`` one ``baddbmm`` (a batch of 1×r by r×1 products), so the norm costs five small kernels.
+    plus ``‖W_i‖²`` one ``baddbmm`` (a batch of 1×r by r×1 products): five small kernels, ``‖W‖²`` cached. No
+    clamp before the root: round-off makes the square negative only where the row's norm is ~0, and there
+    ``m / ‖W + s·BA‖`` is not finite with or without one.
     """
     A32, B32 = lora_A.float(), lora_B.float()
     mixed = torch.addmm(weight_At.float(), B32, A32 @ A32.T, beta=2 * scaling, alpha=scaling * scaling)
     squared = torch.baddbmm(weight_sq.view(-1, 1, 1), mixed.unsqueeze(1), B32.unsqueeze(2))
-    return squared.view(-1).clamp_min(0).sqrt()
+    return squared.view(-1).sqrt()
 
 
 class ScaleAndShift(torch.autograd.Function):
