@@ -2,7 +2,7 @@
 
 Each case runs the same model twice from the same seed, fused path on and off, and compares the loss, every
 adapter gradient and the input gradient: float32 to round-off, bfloat16 autocast to bf16 tolerance. Dropout
-draws the same mask in both (the fused node makes F.dropout's CPU draw), so training-mode steps compare too.
+draws the same mask in both (both call torch.native_dropout, hf_lorax.layers.dropout), so training-mode steps compare too.
 """
 
 import copy
