@@ -15,8 +15,8 @@ Quick start::
     Trainer(model=model, args=TrainingArguments("out"), train_dataset=ds).train()
     model.save_pretrained("out/adapter") # a standard peft LoRA adapter (safetensors)
 
-For causal LMs whose labels mask a prompt with -100 (instruction tuning, E2E), ``TargetedLossTrainer`` is a
-drop-in ``Trainer`` that runs the LM head only on labelled positions (same loss, less time and memory)::
+For causal LMs trained with the ``Trainer``'s label smoothing, ``TargetedLossTrainer`` is a drop-in ``Trainer``
+that computes the same loss without forming the logits::
 
     from hf_lorax import TargetedLossTrainer
     TargetedLossTrainer(model=model, args=TrainingArguments("out", label_smoothing_factor=0.1),

@@ -5,8 +5,8 @@ for Llama 3) and their gradient are the largest tensors, larger than all adapter
 training forward that gets ``labels`` does not need them: only the loss leaves the model. So for the causal
 LMs :func:`hf_lorax.get_model` builds, a training-mode forward with labels calls the decoder stack the model's
 own forward calls (``base_model``: ``self.model``, ``self.transformer``, ...) with the same arguments, and
-computes the loss from its last hidden state with :func:`hf_lorax.loss.linear_cross_entropy` (the LM head and
-the cross-entropy in row chunks). Everything else is the model's own ``forward``: evaluation, generation,
+computes the loss from its last hidden state with :func:`hf_lorax.loss.causal_lm_loss_from_hidden` (the LM head
+and the cross-entropy in a few row chunks). Everything else is the model's own ``forward``: evaluation, generation,
 calls without labels and calls with extra options (``logits_to_keep``, positional arguments) return logits as
 before. In training the output's ``logits`` is ``None``, as with Liger-Kernel's fused loss; the ``Trainer``
 only reads ``loss``.
@@ -21,6 +21,12 @@ transform before its projection, as BERT's, is not). tests/test_zoo_*.py check l
 transformers' own forward for every causal LM in the zoo. Others keep their own forward, with the one-buffer
 loss of :mod:`hf_lorax.loss`; :func:`hf_lorax.describe` says which loss a model trains with and why.
 
+Label smoothing: a ``Trainer`` with ``label_smoothing_factor > 0`` removes the labels before calling the model
+(its ``LabelSmoother`` then needs the logits), which would form the full logits. Set the smoothing on the model
+instead (:func:`set_label_smoothing`, with ``label_smoothing_factor=0``) or train with
+:class:`hf_lorax.TargetedLossTrainer`, which hands ``label_smoothing_factor`` to the same loss; a training forward
+that gets no labels warns once.
+
 It is switched per model instance, before any other loss is installed: ``get_model(config,
 logits_free_loss=False)`` or :func:`disable_logits_free_loss` leave the model's forward as transformers wrote it.
 """
@@ -30,14 +36,13 @@ from __future__ import annotations
 import functools
 import inspect
 import re
+import warnings
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .loss import causal_lm_loss, check_labels_shape, linear_cross_entropy, per_item, shifted_labels
-
-IGNORE_INDEX = -100
+from .loss import causal_lm_loss, causal_lm_loss_from_hidden, check_label_smoothing
 
 # Config fields that change the logits after the LM head (soft-capping, scaling), matched by name: Gemma 2/3's
 # ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's ``logits_scaling``, Falcon-H1's
@@ -91,6 +96,9 @@ class LogitsFreeCausalLM:
 
     def forward(self, *args, labels=None, **kwargs):
         head = self.get_output_embeddings()
+        if (labels is None and self.training and torch.is_grad_enabled()
+                and not getattr(head, "_hf_lorax_loss_from_input", False)):  # TargetedLossTrainer's capture
+            _warn_no_labels(self)
         if (labels is None or args or not self.training or not torch.is_grad_enabled()
                 or kwargs.get("logits_to_keep", 0) != 0 or kwargs.get("shift_labels") is not None
                 or kwargs.get("return_dict") is False
@@ -101,22 +109,35 @@ class LogitsFreeCausalLM:
         kwargs.pop("logits_to_keep", None)
         outputs = self.base_model(**kwargs)
         hidden = outputs.last_hidden_state.to(head.weight.device)
-        loss = causal_lm_loss_from_hidden(hidden, head, labels, kwargs.get("num_items_in_batch"))
+        loss = causal_lm_loss_from_hidden(hidden, head, labels, kwargs.get("num_items_in_batch"),
+                                          getattr(self, _SMOOTHING, 0.0))
         return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(outputs, "past_key_values", None),
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
-def causal_lm_loss_from_hidden(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
-                               num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
-    """``ForCausalLMLoss(head(hidden), labels)`` without the logits: labels shifted left, -100 ignored."""
-    check_labels_shape(labels, hidden.shape[:-1], "the hidden states (batch, tokens)")
-    targets = shifted_labels(labels, IGNORE_INDEX).reshape(-1).to(hidden.device)
-    rows = hidden.reshape(-1, hidden.shape[-1])
-    if not torch.compiler.is_compiling():  # eager: only labelled rows go through the head (a dynamic shape)
-        keep = targets.ne(IGNORE_INDEX)
-        rows, targets = rows[keep], targets[keep]
-    total = linear_cross_entropy(rows, head.weight, targets, head.bias, 0.0, IGNORE_INDEX)
-    return per_item(total, targets.ne(IGNORE_INDEX).sum(), num_items_in_batch)
+_SMOOTHING = "_hf_lorax_label_smoothing"
+
+
+def set_label_smoothing(model: nn.Module, epsilon: float) -> None:
+    """Label smoothing ``epsilon`` for the logits-free training loss of ``model`` (a base model or its ``PeftModel``).
+
+    The ``Trainer``'s ``label_smoothing_factor`` takes the labels away from the model; with this set instead (and
+    ``label_smoothing_factor=0``) the loss equals the ``Trainer``'s label-smoothed one and no logits are formed.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(inner, LogitsFreeCausalLM):
+        raise ValueError(f"{type(inner).__name__} does not compute a logits-free loss (see logits_free_unsupported_reason)"
+                         "; use hf_lorax.TargetedLossTrainer or the Trainer's label_smoothing_factor instead.")
+    setattr(inner, _SMOOTHING, check_label_smoothing(epsilon))
+
+
+def _warn_no_labels(model: nn.Module) -> None:
+    if not getattr(model, "_hf_lorax_warned_no_labels", False):
+        model._hf_lorax_warned_no_labels = True
+        warnings.warn("hf_lorax: a training forward without labels forms the full logits. If a Trainer with "
+                      "label_smoothing_factor > 0 removed them, set label_smoothing_factor=0 and call "
+                      "hf_lorax.logits_free.set_label_smoothing(model, epsilon) (or use hf_lorax.TargetedLossTrainer) "
+                      "to keep the loss logits-free.", UserWarning, stacklevel=3)
 
 
 _CLASSES: dict[type, type] = {}

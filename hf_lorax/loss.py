@@ -1,24 +1,33 @@
-"""A causal-LM loss that keeps one vocabulary-sized buffer for backward instead of three.
+"""hf_lorax's one causal-LM loss: one label shift, one ignore index, one normalisation, no data-dependent shapes.
 
-Why this exists: ``transformers``' ``ForCausalLMLoss`` calls ``F.cross_entropy`` on the ``n × vocab``
-logits. Autograd keeps the log-softmax output (``n × vocab``) for backward, and backward materialises two
-more (the gradient of that output, then the logits' gradient); ``logits.float()`` adds a fourth for bf16/fp16
-models. With GPT-2's 50,257-token vocabulary these buffers, not the adapters, set a LoRA step's peak memory.
-:class:`CrossEntropyFromLogits` keeps only the logits (alive anyway: the model returns them) and one float32
-log-sum-exp per row, and writes the logits' gradient once, in chunks whose float32 temporaries stay small.
+Why this exists: ``transformers``' ``ForCausalLMLoss`` calls ``F.cross_entropy`` on the ``n × vocab`` logits;
+autograd keeps the log-softmax output for backward and backward materialises two more vocabulary-sized buffers.
+With GPT-2's 50,257-token (or Llama 3's 128,256-token) vocabulary these buffers, not the adapters, set a LoRA
+step's peak memory. Two entry points share every rule here (:func:`shifted_labels`, :data:`IGNORE_INDEX`,
+:func:`per_item`, the label-smoothed row loss):
 
-:func:`get_model <hf_lorax.model.get_model>` installs :func:`causal_lm_loss` as the ``loss_function`` of
-causal LMs that use the stock loss, so ``model(input_ids, labels=labels).loss`` and the ``Trainer`` use it.
-The value equals ``ForCausalLMLoss``'s to float32 round-off, gradients too (tests/test_loss.py). To go back
-to the stock loss: ``del model.get_base_model()._loss_function``.
+* :func:`causal_lm_loss_from_hidden` (what training uses): the LM head and the cross-entropy in a few large row
+  chunks (:class:`LinearCrossEntropy`), never holding the logits;
+* :func:`causal_lm_loss` (where the model forms logits anyway): ``ForCausalLMLoss``'s signature with
+  :class:`CrossEntropyFromLogits`, which keeps the logits and one float per row instead of three buffers.
+
+Masked rows (label ``-100``) go through the chunks with weight 0 instead of being gathered out: a boolean gather
+has a data-dependent shape, which makes the device wait (``nonzero``) and breaks ``torch.compile`` graphs.
+Label smoothing follows ``F.cross_entropy(label_smoothing=eps)`` and the ``Trainer``'s ``LabelSmoother``:
+``(1 - eps)·NLL + eps·mean_j(-log p_j)``. Values and gradients equal transformers' (tests/test_loss.py,
+tests/test_logits_free.py, tests/test_e2e.py).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-CHUNK_ELEMENTS = 1 << 24  # float32 temporaries of at most 64 MiB
+IGNORE_INDEX = -100
+# a row chunk's float32 logits stay under this many elements (256 MiB): a few large chunks, so the number of
+# kernels a loss launches does not grow with the vocabulary, and memory stays a fraction of the full logits'
+CHUNK_ELEMENTS = 1 << 26
 HALF_PRECISION_GEMM_DEVICES = ("cuda", "xpu")  # where bf16/fp16 GEMMs outrun float32 ones
 
 
@@ -27,66 +36,95 @@ def _row_chunks(rows: int, vocab: int) -> list[slice]:
     return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
 
 
-def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
-    """float32 for half-precision logits (as ``ForCausalLMLoss``'s upcast), else the logits' own dtype."""
-    return torch.promote_types(logits.dtype, torch.float32)
+def check_label_smoothing(label_smoothing: float) -> float:
+    """``label_smoothing`` as a float in [0, 1], or a ``ValueError`` naming it."""
+    if not 0 <= label_smoothing <= 1:  # ``not`` catches NaN
+        raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1].")
+    return float(label_smoothing)
+
+
+def _targets(targets: torch.Tensor, ignore_index: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gather-safe targets as ``n × 1``, row weights: 1.0 where labelled, 0.0 where ``ignore_index``)."""
+    valid = targets.ne(ignore_index)
+    # ``* valid``: 0 on ignored rows, one kernel; any other negative label still fails loudly in the gather
+    return (targets * valid).unsqueeze(1), valid.to(dtype)
+
+
+def _wider(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """``torch.promote_types`` without a dispatcher call in the common case of equal dtypes."""
+    return a if a == b else torch.promote_types(a, b)
 
 
 class CrossEntropyFromLogits(torch.autograd.Function):
-    """Per-row ``logsumexp(logits) - logits[target]`` (0 where the target is ``ignore_index``), at least float32.
+    """Per-row label-smoothed cross-entropy of given logits (0 where the target is ``ignore_index``), at least float32.
 
-    Saves the logits, the targets and the per-row log-sum-exp; backward recomputes the softmax chunk by
-    chunk straight into the gradient buffer.
+    Saves the logits (alive anyway: the model returns them), the targets and one log-sum-exp per row; backward
+    recomputes the softmax chunk by chunk straight into the gradient buffer.
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-        valid = targets.ne(ignore_index)
-        safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
-        dtype = _compute_dtype(logits)
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                label_smoothing: float = 0.0) -> torch.Tensor:
+        dtype = _wider(logits.dtype, torch.float32)  # as ForCausalLMLoss's upcast
+        safe, weights = _targets(targets, ignore_index, dtype)
         lse = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
-        for rows in _row_chunks(logits.shape[0], logits.shape[1]):
-            lse[rows] = torch.logsumexp(logits[rows].to(dtype), dim=-1)
-        target_logits = logits.gather(1, safe_targets.unsqueeze(1)).squeeze(1).to(dtype)
-        ctx.save_for_backward(logits, safe_targets, valid, lse)
-        return (lse - target_logits) * valid
+        mean = torch.empty_like(lse) if label_smoothing else None
+        for rows in _row_chunks(*logits.shape):
+            chunk = logits[rows].to(dtype)
+            torch.logsumexp(chunk, dim=-1, out=lse[rows])
+            if mean is not None:
+                torch.mean(chunk, dim=-1, out=mean[rows])
+        target_logits = logits.gather(1, safe).squeeze(1).to(dtype)
+        ctx.save_for_backward(logits, safe, weights, lse)
+        ctx.label_smoothing = label_smoothing
+        return _row_loss(lse, target_logits, mean, label_smoothing) * weights
 
     @staticmethod
     def backward(ctx, grad_rows: torch.Tensor):
-        logits, safe_targets, valid, lse = ctx.saved_tensors
+        logits, safe, weights, lse = ctx.saved_tensors
+        eps, vocab = ctx.label_smoothing, logits.shape[1]
         grad = torch.empty_like(logits)
-        scale = grad_rows.to(lse.dtype) * valid
+        scale = grad_rows.to(lse.dtype) * weights
         in_place = logits.dtype == lse.dtype  # else a chunk-sized float32 buffer, cast into ``grad``
-        for rows in _row_chunks(logits.shape[0], logits.shape[1]):
+        for rows in _row_chunks(*logits.shape):
             probs = grad[rows] if in_place else torch.empty_like(logits[rows], dtype=lse.dtype)
             torch.sub(logits[rows].to(lse.dtype), lse[rows, None], out=probs)
-            probs.exp_().scatter_add_(1, safe_targets[rows, None], probs.new_full((probs.shape[0], 1), -1.0))
-            probs.mul_(scale[rows, None])
+            _softmax_minus_targets(probs.exp_(), safe[rows], eps, vocab).mul_(scale[rows, None])
             if not in_place:
                 grad[rows] = probs
-        return grad, None, None
+        return grad, None, None, None
+
+
+def _row_loss(lse, target_logits, mean, label_smoothing: float) -> torch.Tensor:
+    """``(1 - eps)·(lse - x_target) + eps·(lse - mean_j x_j)`` per row."""
+    if not label_smoothing:
+        return lse - target_logits
+    return lse - (1.0 - label_smoothing) * target_logits - label_smoothing * mean
+
+
+def _softmax_minus_targets(probs: torch.Tensor, safe: torch.Tensor, eps: float, vocab: int) -> torch.Tensor:
+    """In place: the row loss's gradient with respect to the logits, ``softmax - (1 - eps)·onehot - eps / vocab``."""
+    probs.scatter_add_(1, safe, probs.new_full((1, 1), eps - 1.0).expand(safe.shape))
+    return probs.sub_(eps / vocab) if eps else probs
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """``sum over rows of CE(hidden @ weightᵀ + bias, target)`` with label smoothing, never holding ``n × vocab``.
+    """``sum over rows of weightedCE(hidden @ weightᵀ + bias, target)`` with label smoothing, never holding ``n × vocab``.
 
-    Why this exists: even on labelled positions only, the ``n × vocab`` logits (50,257 or 128,256 wide) and
-    their gradient are the largest tensors of a causal-LM step. Here the rows go through the head in chunks
-    whose float32 logits stay under ``CHUNK_ELEMENTS``; each chunk's loss and its gradients with respect to
-    ``hidden``, ``weight`` and ``bias`` are computed at once (Liger-Kernel's fused-linear-cross-entropy
-    scheme, in plain PyTorch so it runs on CPU and CUDA), so backward only scales them. Rows whose target is
-    ``ignore_index`` contribute nothing. Smoothing follows ``F.cross_entropy(label_smoothing=eps)``:
-    ``(1 - eps)·NLL + eps·mean_j(-log p_j)``.
-
-    liger-kernel's Triton ``LigerFusedLinearCrossEntropyFunction`` is not used: it runs on CUDA only, and whether
-    it beats this on a GPU is unmeasured (no GPU was available; docs/benchmarks_gpu.md).
+    The rows go through the head in chunks whose float32 logits stay under ``CHUNK_ELEMENTS``; each chunk's loss
+    and its gradients with respect to ``hidden``, ``weight`` and ``bias`` are computed at once (Liger-Kernel's
+    fused-linear-cross-entropy scheme, in plain PyTorch so it runs on CPU and CUDA), so backward only scales them.
+    Rows whose target is ``ignore_index`` get weight 0. liger-kernel's Triton kernel is not used: CUDA only, and
+    whether it beats this on a GPU is unmeasured (docs/benchmarks_gpu.md).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, label_smoothing: float, ignore_index: int):
+    def forward(ctx, hidden, weight, bias, safe_targets, row_weights, label_smoothing: float):
+        """``safe_targets`` (n × 1) index the vocabulary on every row; ``row_weights`` (n,) are 0 where there is no
+        label (:func:`_targets` makes both)."""
         matmul_dtype = LinearCrossEntropy.matmul_dtype(hidden, weight)  # reads the caller's autocast state
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            return LinearCrossEntropy._forward(ctx, hidden, weight, bias, targets, label_smoothing, ignore_index,
+            return LinearCrossEntropy._forward(ctx, hidden, weight, bias, safe_targets, row_weights, label_smoothing,
                                                matmul_dtype)
 
     @staticmethod
@@ -95,49 +133,44 @@ class LinearCrossEntropy(torch.autograd.Function):
 
         On GPUs the autocast dtype when autocast is on (as the stock head's ``F.linear``), else the inputs' dtype:
         a float32 head GEMM costs a GPU several times the bf16 one. On CPUs at least float32: without bf16 GEMM
-        units a bf16 GEMM is the slower one (measured on this project's 2-core CPU, 333 × 768 by 768 × 50,257:
-        3.1 s in bf16 against 0.8 s in float32, and 80 s for the bf16 ``grad @ W``).
+        units a bf16 GEMM is the slower one.
         """
         device = hidden.device.type
-        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        dtype = _wider(hidden.dtype, weight.dtype)
         if device in HALF_PRECISION_GEMM_DEVICES:
             return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
-        return torch.promote_types(dtype, torch.float32)
+        return _wider(dtype, torch.float32)
 
     @staticmethod
-    def _forward(ctx, hidden, weight, bias, targets, label_smoothing: float, ignore_index: int, matmul_dtype):
+    def _forward(ctx, hidden, weight, bias, safe, weights, eps: float, matmul_dtype):
         n, vocab = hidden.shape[0], weight.shape[0]
-        dtype = torch.promote_types(matmul_dtype, torch.float32)
-        weight_mm = weight.to(matmul_dtype)
-        loss = torch.zeros((), dtype=dtype, device=hidden.device)
-        grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros(vocab, dtype=dtype, device=hidden.device) if bias is not None and ctx.needs_input_grad[2] else None
-        keep = 1.0 - label_smoothing
-        for rows in _row_chunks(n, vocab):
-            h = hidden[rows].to(matmul_dtype)
-            logits = (h @ weight_mm.T).to(dtype)
-            if bias is not None:
-                logits = logits + bias.to(dtype)
-            target = targets[rows]
-            valid = target.ne(ignore_index)
-            safe = torch.where(valid, target, torch.zeros_like(target))
-            lse = torch.logsumexp(logits, dim=-1)
-            nll = lse - logits.gather(1, safe.unsqueeze(1)).squeeze(1)
-            row_loss = keep * nll + label_smoothing * (lse - logits.mean(dim=-1)) if label_smoothing else nll
-            loss = loss + (row_loss * valid).sum()
-            grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in the logits' buffer
-            grad.scatter_add_(1, safe.unsqueeze(1), grad.new_full((grad.shape[0], 1), -keep))
-            if label_smoothing:
-                grad.sub_(label_smoothing / vocab)
-            grad.mul_(valid.unsqueeze(1).to(grad.dtype))
+        dtype = _wider(matmul_dtype, torch.float32)
+        new = {"dtype": dtype, "device": hidden.device}
+        weight_mm, hidden_mm = weight.to(matmul_dtype), hidden.to(matmul_dtype)
+        weights = weights.to(dtype)
+        lse, target_logits = torch.empty(n, **new), torch.empty(n, **new)
+        mean = torch.empty(n, **new) if eps else None
+        grad_hidden = torch.empty(hidden.shape, **new) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.empty(weight.shape, **new) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros(vocab, **new) if bias is not None and ctx.needs_input_grad[2] else None
+        for i, rows in enumerate(_row_chunks(n, vocab)):
+            h = hidden_mm[rows]
+            logits = (torch.mm(h, weight_mm.T) if bias is None else torch.addmm(bias.to(matmul_dtype), h, weight_mm.T))
+            logits = logits.to(dtype)
+            torch.logsumexp(logits, dim=-1, out=lse[rows])
+            torch.gather(logits, 1, safe[rows], out=target_logits[rows, None])
+            if mean is not None:
+                torch.mean(logits, dim=-1, out=mean[rows])
+            grad = logits.sub_(lse[rows, None]).exp_()  # softmax, in the logits' buffer
+            _softmax_minus_targets(grad, safe[rows], eps, vocab).mul_(weights[rows, None])
             if grad_bias is not None:
                 grad_bias.add_(grad.sum(dim=0))
             grad = grad.to(matmul_dtype)
             if grad_hidden is not None:
-                grad_hidden[rows] = grad @ weight_mm
+                torch.mm(grad, weight_mm, out=grad_hidden[rows])
             if grad_weight is not None:
-                grad_weight.add_(grad.T @ h)
+                torch.mm(grad.T, h, out=grad_weight) if i == 0 else grad_weight.addmm_(grad.T, h)
+        loss = torch.dot(_row_loss(lse, target_logits, mean, eps), weights)
         ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None))
         ctx.present = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
@@ -153,10 +186,22 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          bias: torch.Tensor | None = None, label_smoothing: float = 0.0,
-                         ignore_index: int = -100) -> torch.Tensor:
+                         ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """The summed cross-entropy of the LM head ``hidden @ weightᵀ + bias`` against ``targets``, without logits."""
-    return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1),
-                                    float(label_smoothing), ignore_index)
+    safe, weights = _targets(targets.reshape(-1), ignore_index, torch.float32)
+    return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, safe, weights,
+                                    float(label_smoothing))
+
+
+def causal_lm_loss_from_hidden(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
+                               num_items_in_batch: torch.Tensor | int | None = None,
+                               label_smoothing: float = 0.0) -> torch.Tensor:
+    """``ForCausalLMLoss(head(hidden), labels)`` (or the ``Trainer``'s label-smoothed loss) without the logits."""
+    check_labels_shape(labels, hidden.shape[:-1], "the hidden states (batch, tokens)")
+    eps = check_label_smoothing(label_smoothing)
+    safe, weights = _targets(shifted_labels(labels).reshape(-1).to(hidden.device), IGNORE_INDEX, torch.float32)
+    total = LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, safe, weights, eps)
+    return per_item(total, weights.sum(), num_items_in_batch)  # the count, exact in float32 below 2**24 rows
 
 
 def causal_lm_loss(
@@ -164,8 +209,9 @@ def causal_lm_loss(
     labels: torch.Tensor,
     vocab_size: int,
     num_items_in_batch: torch.Tensor | int | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     shift_labels: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
     **kwargs,
 ) -> torch.Tensor:
     """``transformers.loss.loss_utils.ForCausalLMLoss`` with :class:`CrossEntropyFromLogits` inside.
@@ -178,8 +224,8 @@ def causal_lm_loss(
         shift_labels = shifted_labels(labels, ignore_index)
     flat_logits = logits.reshape(-1, vocab_size)
     targets = shift_labels.reshape(-1).to(flat_logits.device)
-    total = CrossEntropyFromLogits.apply(flat_logits, targets, ignore_index).sum()
-    return per_item(total, targets.ne(ignore_index).sum(), num_items_in_batch)
+    rows = CrossEntropyFromLogits.apply(flat_logits, targets, ignore_index, check_label_smoothing(label_smoothing))
+    return per_item(rows.sum(), targets.ne(ignore_index).sum(), num_items_in_batch)
 
 
 def check_labels_shape(labels: torch.Tensor, tokens: tuple[int, ...], what: str) -> None:
@@ -190,7 +236,7 @@ def check_labels_shape(labels: torch.Tensor, tokens: tuple[int, ...], what: str)
                          "LM needs one label per input token (-100 for tokens without a loss).")
 
 
-def shifted_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def shifted_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """The next token's label at each position (``ignore_index`` at the last one), as ``ForCausalLMLoss``."""
     return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
 

@@ -26,6 +26,7 @@ from .base_init import check_loadable
 from .card import write_model_card
 from .config import LoRAConfig
 from .integrations.sharding import gathered_adapter_state, is_sharded, zero3_enabled
+from .integrations.transformers_api import is_trainer_checkpoint_dir
 from .model_prep import check_quantized_base, prepare_base_model, prepare_injection
 from .plan import resolve
 from .task_types import AUTO_CLASSES, LABELLED_TASK_TYPES, task_name
@@ -242,9 +243,14 @@ class HfLoraxSaving:
         if not is_main_process:
             return parent.save_pretrained(save_directory, *args, is_main_process=False, **kwargs)
         name = os.path.basename(os.path.abspath(save_directory))
+        # a Trainer's periodic checkpoint keeps peft's short card: rendering hf_lorax's re-reads the folder and
+        # checks four serving engines, at every save_steps; Trainer.save_model() and push_adapter render it
+        card = not is_trainer_checkpoint_dir(save_directory)
 
         def write(tmp: str) -> None:
             parent.save_pretrained(tmp, *args, **kwargs)
+            if not card:
+                return
             selected = kwargs.get("selected_adapters") or list(self.peft_config)
             for adapter in selected:  # peft puts adapters other than "default" in subfolders
                 folder = tmp if adapter == "default" else os.path.join(tmp, adapter)

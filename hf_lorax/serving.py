@@ -79,13 +79,29 @@ ENGINES: dict[str, EngineSpec] = {
 }
 
 
+# What a finding is about: check_serving writes these, the card and export read them (never the message text).
+MODEL_TYPE = "model_type"  # the engine has no LoRA support for the base's architecture
+BASE_CHANGED = "base_changed"  # the initialisation changed the base weights (PiSSA, OLoRA, ...)
+BASE_REBUILT = "base_rebuilt"  # ... and the engine (peft) rebuilds that change when it loads the adapter
+SCALING = "scaling"  # a module's own scaling (rank/alpha maps) is not read
+DORA = "dora"
+HEADS = "heads"  # modules_to_save
+BIASES = "biases"
+RANK_LIMIT = "rank_limit"  # a module's rank is above the engine's limit
+RANKS_DIFFER = "ranks_differ"  # the engine stacks A/B at one rank
+MAX_LORA_RANK = "max_lora_rank"  # a launch flag to set
+SLOW_KERNELS = "slow_kernels"
+
+
 @dataclass(frozen=True)
 class Finding:
-    """One thing an engine would do differently from hf_lorax. ``kind``: "refused", "wrong" or "note"."""
+    """One thing an engine would do differently from hf_lorax. ``kind``: "refused", "wrong" or "note"; ``code``:
+    what it is about (:data:`MODEL_TYPE`, :data:`DORA`, ...), for code that acts on it."""
 
     kind: str
     module: str  # a module name, or "" for the whole adapter
     message: str
+    code: str = ""
 
     def __str__(self) -> str:
         where = f"{self.module}: " if self.module else ""
@@ -113,6 +129,10 @@ class ServingReport:
     def servable_as_is(self) -> bool:
         return not self.refused and not self.wrong
 
+    def first(self, code: str, kinds: tuple[str, ...] = ("refused", "wrong")) -> Finding | None:
+        """The first finding about ``code`` of one of ``kinds`` (None: there is none)."""
+        return next((f for f in self.findings if f.code == code and f.kind in kinds), None)
+
     def __str__(self) -> str:
         label = ENGINES[self.engine].label
         head = f"{label}: " + ("loads as is" if self.servable_as_is else
@@ -134,47 +154,51 @@ def check_serving(adapter_dir: str | AdapterFolder, engine: str) -> ServingRepor
     config, add = folder.config, report.findings.append
     model_type = base_model_type(folder)
     if model_type in spec.unsupported_model_types:
-        add(Finding("refused", "", f"{spec.label} has no LoRA support for {model_type} models."))
+        add(Finding("refused", "", f"{spec.label} has no LoRA support for {model_type} models.", MODEL_TYPE))
     init = folder.base_changing_init
     if init and spec.name == "peft" and init.lower() in PEFT_REBUILT_INITS:
         add(Finding("note", "", f"init_lora_weights={init!r} changed the base in training; peft runs that "
-                    "initialisation again on the original base when it loads the adapter, which rebuilds it."))
+                    "initialisation again on the original base when it loads the adapter, which rebuilds it.",
+                    BASE_REBUILT))
     elif init:
-        add(Finding("wrong", "", base_change_reason(init, spec.label)))
+        add(Finding("wrong", "", base_change_reason(init, spec.label), BASE_CHANGED))
     if not spec.reads_patterns:
         uniform = lora_scaling(config["lora_alpha"], config["r"], bool(config.get("use_rslora")))
         for module in folder.modules:
             if abs(module.scaling - uniform) > 1e-12 * max(1.0, abs(uniform)):
                 add(Finding("wrong", module.name, f"scaling {module.scaling:g} would be served as {uniform:g} "
-                            f"({spec.label} ignores rank_pattern/alpha_pattern and uses lora_alpha/r for every module)."))
+                            f"({spec.label} ignores rank_pattern/alpha_pattern and uses lora_alpha/r for every module).",
+                            SCALING))
     dora = [m.name for m in folder.modules if m.method == "dora"]
     if dora and spec.dora != "supported":
         kind = "refused" if spec.dora == "refused" else "wrong"
         for name in dora:
             add(Finding(kind, name, f"DoRA {'is refused by' if kind == 'refused' else 'magnitude is dropped by'} "
-                        f"{spec.label}; export with --dora merge or --dora svd."))
+                        f"{spec.label}; export with --dora merge or --dora svd.", DORA))
     heads = folder.heads
     if heads and spec.heads != "supported":
         kind = "refused" if spec.heads == "refused" else "wrong"
         add(Finding(kind, ",".join(heads), f"task heads (modules_to_save) are {'refused' if kind == 'refused' else 'not loaded'} "
-                    f"by {spec.label}."))
+                    f"by {spec.label}.", HEADS))
     if (config.get("bias") not in (None, "none") or config.get("lora_bias")) and spec.biases != "supported":
         kind = "refused" if spec.biases == "refused" else "wrong"
         add(Finding(kind, "", f"trained biases (bias={config.get('bias')!r}, lora_bias={config.get('lora_bias')}) "
-                    f"are {'refused' if kind == 'refused' else 'not loaded'} by {spec.label}."))
+                    f"are {'refused' if kind == 'refused' else 'not loaded'} by {spec.label}.", BIASES))
     ranks = sorted({m.fused_r for m in folder.modules})
     if spec.max_rank is not None:
         for module in folder.modules:
             if module.fused_r > spec.max_rank:
-                add(Finding("refused", module.name, f"rank {module.fused_r} is above {spec.label}'s limit {spec.max_rank}."))
+                add(Finding("refused", module.name, f"rank {module.fused_r} is above {spec.label}'s limit "
+                            f"{spec.max_rank}.", RANK_LIMIT))
     if spec.uniform_rank and len(ranks) > 1:
         add(Finding("wrong", "", f"ranks {ranks} differ across modules; {spec.label} stacks A/B across layers at one "
-                    "rank (export pads them with zeros)."))
+                    "rank (export pads them with zeros).", RANKS_DIFFER))
     if spec.rank_values and ranks and max(ranks) != config.get("r") and max(ranks) <= spec.max_rank:
         add(Finding("note", "", f"serve with --max-lora-rank {next_rank_value(max(ranks), spec)} or more "
-                    f"(the largest module rank is {max(ranks)})."))
+                    f"(the largest module rank is {max(ranks)}).", MAX_LORA_RANK))
     if spec.fast_rank and ranks and max(ranks) > spec.fast_rank:
-        add(Finding("note", "", f"rank {max(ranks)} is above {spec.fast_rank}: {spec.label} falls back to slower kernels."))
+        add(Finding("note", "", f"rank {max(ranks)} is above {spec.fast_rank}: {spec.label} falls back to slower "
+                    "kernels.", SLOW_KERNELS))
     return report
 
 
@@ -204,20 +228,19 @@ def serving_summary(folder: AdapterFolder, name: str = "ADAPTER", engines=("vllm
     rows = []
     for engine in engines:
         report = check_serving(folder, engine)
-        blocked = [f for f in report.refused if not f.module and "no LoRA support" in f.message]
-        base_changed = [f for f in report.wrong if "init_lora_weights=" in f.message]
+        blocked, base_changed = report.first(MODEL_TYPE), report.first(BASE_CHANGED)
         if report.servable_as_is:
             status, how = "loads as is", ENGINES[engine].serve_hint.format(rank=_max_rank(folder, engine)).replace("DIR", name)
         elif blocked:
-            status, how = "cannot be served", blocked[0].message
+            status, how = "cannot be served", blocked.message
         elif base_changed and init_family(folder.base_changing_init) not in CONVERTIBLE_INITS:
-            status, how = "cannot be served exactly", base_changed[0].message
+            status, how = "cannot be served exactly", base_changed.message
         elif base_changed:
             status = "needs `hf_lorax.export --initial_adapter`"
             how = f"python -m hf_lorax.export ADAPTER_DIR OUT --engine {engine} --initial_adapter INIT_DIR"
         else:
             status = "needs `hf_lorax.export`"
-            extra = " --dora merge" if any("DoRA" in f.message for f in report.findings) else ""
+            extra = " --dora merge" if report.first(DORA) else ""
             how = f"python -m hf_lorax.export ADAPTER_DIR OUT --engine {engine}{extra}"
         rows.append({"engine": ENGINES[engine].label, "status": status, "how": how})
     return rows

@@ -1,17 +1,17 @@
-"""Causal-LM loss computed only where there are labels: the LM head runs on labelled positions alone.
+"""``TargetedLossTrainer``: a ``Trainer`` that hands ``label_smoothing_factor`` to hf_lorax's one causal-LM loss.
 
-Why this exists: for GPT-2 the LM head (a ``hidden x 50,257`` matmul), its log-softmax and their backward
-dominate a training step's time and memory, and in E2E training about half of every sequence is the MR
-prefix (label -100) plus padding. ``transformers``' recipe computes all ``batch x seq x 50,257`` logits
-and then masks most of them out of the loss. Here a forward pre-hook on the model's output embeddings
-(``lm_head``) hands it only the hidden states whose *next* token has a label, so the logits tensor is
-``n_labelled x vocab``. The model is still called through its own ``forward`` (``PeftModel``, DDP,
-accelerate wrappers, LoRA layers and dropout all behave as usual).
+Why this exists: with ``label_smoothing_factor > 0`` a plain ``Trainer`` takes the labels away from the model and
+computes its ``LabelSmoother`` loss from the full ``batch × seq × vocab`` logits. This ``Trainer`` instead captures
+the hidden states that enter the model's LM head (a forward pre-hook on ``lm_head``; the head then runs on zero
+positions) and computes the label-smoothed loss from them with :func:`hf_lorax.loss.causal_lm_loss_from_hidden`,
+the loss a logits-free model computes itself: no logits, and rows without a label weigh 0 (no boolean gather).
+The model is still called through its own ``forward`` (``PeftModel``, DDP, accelerate wrappers, LoRA layers and
+dropout behave as usual), so any causal LM with a plain ``nn.Linear`` head works, not only the architectures
+:mod:`hf_lorax.logits_free` verifies; with another head (or when logits are asked for) the model's logits go to
+:func:`hf_lorax.loss.causal_lm_loss` with the same smoothing.
 
-The value equals the Trainer's label-smoothed loss (``LabelSmoother(shift_labels=True)``, i.e.
-``label_smoothing_factor``): ``(1 - eps) * NLL + eps * mean over the vocabulary of -log p``, averaged over
-labelled tokens, or summed and divided by ``num_items_in_batch`` when the Trainer normalises over a whole
-gradient-accumulation batch (tests/test_e2e.py checks value and gradients to 1e-5).
+The value equals the Trainer's label-smoothed loss (``LabelSmoother(shift_labels=True)``), averaged over labelled
+tokens or summed and divided by ``num_items_in_batch`` (tests/test_e2e.py checks value and gradients to 1e-5).
 """
 
 from __future__ import annotations
@@ -20,13 +20,10 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
-from .loss import check_labels_shape, linear_cross_entropy, per_item
-
-IGNORE_INDEX = -100
+from .loss import causal_lm_loss, causal_lm_loss_from_hidden, check_label_smoothing, check_labels_shape
 
 
 def output_embeddings(model: nn.Module) -> nn.Module:
@@ -43,41 +40,28 @@ def output_embeddings(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def head_on_positions(head: nn.Module, mask: torch.Tensor, capture: list | None = None) -> Iterator[None]:
-    """While active, ``head`` receives ``hidden[:, :-1][mask]`` (shape ``n x hidden``) instead of ``hidden``.
+def captured_head_input(head: nn.Module, tokens: tuple[int, int]) -> Iterator[list[torch.Tensor]]:
+    """While active, what enters ``head`` (``batch × tokens × hidden``) is appended to the yielded list and the
+    head runs on zero positions instead, so the model forms no logits."""
+    captured: list[torch.Tensor] = []
 
-    ``mask`` is ``batch x (seq - 1)``: position ``t`` is kept when the token at ``t + 1`` has a label. With
-    ``capture``, those hidden states are appended to it and the head gets none of them (``0 x hidden``): the
-    loss is then computed from the hidden states without any logits (:func:`hf_lorax.loss.linear_cross_entropy`);
-    under ``torch.compile`` the captured tensor is ``hidden[:, :-1]`` whole (``batch x (seq - 1) x hidden``).
-    """
-    calls = []
-
-    def gather(module, args):
+    def capture(module, args):
         (hidden, *rest) = args
-        expected = (mask.shape[0], mask.shape[1] + 1)
-        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != expected:
-            raise RuntimeError(f"lm_head got hidden states of shape {tuple(hidden.shape)}, expected {expected} x hidden: "
-                               "the model must run its head once on every position (logits_to_keep=0).")
-        calls.append(1)
-        if capture is not None and torch.compiler.is_compiling():
-            # a boolean gather has a data-dependent shape (a graph break under torch.compile): hand over every
-            # position instead; the unlabelled ones carry ignore_index and add nothing to the loss
-            capture.append(hidden[:, :-1])
-            return (hidden[:, :0], *rest)
-        selected = hidden[:, :-1][mask]
-        if capture is not None:
-            capture.append(selected)
-            return (selected[:0], *rest)
-        return (selected, *rest)
+        if hidden.dim() != 3 or tuple(hidden.shape[:2]) != tuple(tokens):
+            raise RuntimeError(f"lm_head got hidden states of shape {tuple(hidden.shape)}, expected {tuple(tokens)} x "
+                               "hidden: the model must run its head once on every position (logits_to_keep=0).")
+        captured.append(hidden)
+        return (hidden[:, :0], *rest)
 
-    handle = head.register_forward_pre_hook(gather)
+    handle = head.register_forward_pre_hook(capture)
+    head._hf_lorax_loss_from_input = True  # a logits-free model then does not warn that it got no labels
     try:
-        yield
+        yield captured
     finally:
         handle.remove()
-    if len(calls) != 1:
-        raise RuntimeError(f"lm_head ran {len(calls)} times in one forward; expected once.")
+        del head._hf_lorax_loss_from_input
+    if len(captured) != 1:
+        raise RuntimeError(f"lm_head ran {len(captured)} times in one forward; expected once.")
 
 
 def targeted_causal_lm_loss(
@@ -88,39 +72,27 @@ def targeted_causal_lm_loss(
     num_items_in_batch: torch.Tensor | int | None = None,
     return_logits: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(loss, logits)`` of a causal LM with the head applied only where the shifted labels are not -100.
+    """``(loss, logits)`` of a causal LM: the label-smoothed causal-LM loss of ``model(**inputs)`` against ``labels``.
 
-    ``inputs`` are the model's keyword inputs without ``labels``; ``logits`` is ``n_labelled x vocab``. With
-    ``return_logits=False`` and a plain ``nn.Linear`` head (not itself adapted), no logits are formed at all:
-    the head's matmul and the cross-entropy run in row chunks (:class:`hf_lorax.loss.LinearCrossEntropy`),
-    and ``None`` is returned in their place.
+    ``inputs`` are the model's keyword inputs without ``labels``. With ``return_logits=False`` and a plain
+    ``nn.Linear`` head no logits are formed (``None`` is returned in their place); else ``logits`` are the model's.
     """
-    if not 0 <= label_smoothing <= 1:  # ``not`` catches NaN
-        raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1].")
+    label_smoothing = check_label_smoothing(label_smoothing)
     if inputs.get("input_ids") is not None:
         check_labels_shape(labels, inputs["input_ids"].shape, "input_ids")
-    shifted = labels[:, 1:]
-    mask = shifted.ne(IGNORE_INDEX)
-    targets = shifted[mask]
     head = output_embeddings(model)
-    logits_free = not return_logits and type(head) is nn.Linear
-    captured: list[torch.Tensor] = []
-    with head_on_positions(head, mask, captured if logits_free else None):
-        outputs = model(**inputs, use_cache=False)
-    if logits_free:
-        logits = None
-        hidden = captured[0]
-        rows_targets = shifted if hidden.dim() == 3 else targets  # every position, captured under torch.compile
-        loss_sum = linear_cross_entropy(hidden, head.weight, rows_targets, head.bias, label_smoothing, IGNORE_INDEX)
-    else:
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        # fp32 log-softmax, as the LabelSmoother's smoothed term; the tensor is small now (n_labelled x vocab)
-        loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=label_smoothing)
-    return per_item(loss_sum, targets.numel(), num_items_in_batch), logits
+    if not return_logits and type(head) is nn.Linear:
+        with captured_head_input(head, tuple(labels.shape)) as captured:
+            model(**inputs, use_cache=False)
+        return causal_lm_loss_from_hidden(captured[0], head, labels, num_items_in_batch, label_smoothing), None
+    outputs = model(**inputs, use_cache=False)
+    logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+    return causal_lm_loss(logits, labels, logits.shape[-1], num_items_in_batch,
+                          label_smoothing=label_smoothing), logits
 
 
 class TargetedLossTrainer(Trainer):
-    """A ``Trainer`` whose causal-LM loss runs the LM head on labelled positions only (see module docstring).
+    """A ``Trainer`` whose causal-LM loss never forms the logits, label smoothing included (see module docstring).
 
     Label smoothing comes from ``TrainingArguments.label_smoothing_factor``; gradient accumulation and
     ``average_tokens_across_devices`` are handled as in ``Trainer.compute_loss``.

@@ -8,11 +8,11 @@ downloaded) and the same batches of 8 E2E examples (MR prefix + reference, loss 
 * ``full_logits``: ``model(input_ids, attention_mask)`` computes ``batch x seq x 50,257`` logits, then
   ``transformers``' ``LabelSmoother(0.1)(outputs, labels, shift_labels=True)`` — what ``Trainer`` with
   ``label_smoothing_factor=0.1`` does;
-* ``targeted``: :func:`hf_lorax.targeted_loss.targeted_causal_lm_loss` — the LM head and the
-  cross-entropy run only on positions whose next token has a label;
+* ``targeted``: :func:`hf_lorax.targeted_loss.targeted_causal_lm_loss` with logits: the model's logits and
+  hf_lorax's one-buffer cross-entropy (``hf_lorax.loss.causal_lm_loss``);
 * ``logits_free``: the same with ``return_logits=False`` (what ``TargetedLossTrainer`` trains with): the
   head's matmul and the cross-entropy run in row chunks (``hf_lorax.loss.LinearCrossEntropy``), no
-  ``n_labelled x vocab`` logits are held.
+  ``tokens x vocab`` logits are held.
 
 Batches come from ``../shared/data/e2e/devset.csv`` when present (else generated MRs), encoded exactly as
 ``run_e2e.py`` does with a byte-level BPE trained offline on those sentences (GPT-2's scheme, a smaller

@@ -41,3 +41,38 @@ def test_bench_gpu_suite_runs_its_rows_and_counts_flops(tmp_path):
     assert rows["full"]["flops_per_token"] > rows["hf_lorax_lora"]["flops_per_token"] > 0
     assert rows["full"]["mfu"] is None  # no peak figure on CPU
     assert "lora_step_hf_lorax_over_full" in result["ratios"]["quick-llama/eager"]
+
+
+def test_bench_counts_counts_kernels_nodes_and_syncs(tmp_path):
+    result = _run("bench_counts.py", "--quick", "--configs", "full", "peft_lora", "hf_lorax_lora", "--dropouts", "0.1",
+                  tmp_path=tmp_path)
+    rows = {r["config"]: r for r in result["rows"]}
+    assert set(rows) == {"full", "peft_lora", "hf_lorax_lora"} and result["dropout_route"] == "cuda"
+    for row in rows.values():
+        assert row["layer"]["kernel_ops"] > 0 and row["step"]["kernel_ops"] > row["layer"]["kernel_ops"]
+        assert row["step"]["device_syncs"] == sum(row["step"]["sync_sources"].values())
+    # the frozen linear alone: x Wᵀ + b forward; dx backward (no weight gradient): a few ops, one node
+    assert rows["full"]["layer"]["autograd_nodes"] <= 2 < rows["peft_lora"]["layer"]["autograd_nodes"]
+    assert set(result["loss"]) == {"transformers", "hf_lorax"} and result["loss"]["transformers"]["device_syncs"] == 0
+    assert "hf_lorax_lora/peft@p=0.1 step kernel ops" in result["ratios"]
+
+
+def test_op_counter_sees_syncs_by_source_and_skips_views():
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_counts", ROOT / "scripts" / "bench_counts.py")
+    sys.path.insert(0, str(ROOT / "scripts"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x = torch.randn(4, 3)
+    counter = bench.OpCounter()
+    with counter:
+        y = x.view(12)  # a view: no kernel
+        kept = x[x[:, 0] > 0]  # boolean-mask gather: the output size needs the device's answer
+        total = float(x.sum())  # .item(): a sync
+    summary = counter.summary()
+    assert "view" not in summary["by_op"] and summary["by_op"]["sum"] == 1
+    assert summary["device_syncs"] >= 2 and y.shape == (12,) and kept.shape[1] == 3 and total == total
+    assert any(key.startswith("index @ tests/test_benchmarks.py") for key in summary["sync_sources"])

@@ -190,27 +190,29 @@ def test_training_loss_forms_no_logits_and_trains_a_tied_head_exactly(tmp_path):
     batch = _batch()
     ref_loss, ref_grads = _loss_and_grads(plain, model, batch)
     rows = []
-    handle = model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: rows.append(out.shape[1]))
     loss, grads = _loss_and_grads(targeted, model, batch)
     handle.remove()
-    assert rows == [0]  # the head computed no logits
+    assert rows == [0]  # the head computed logits for no position
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     assert grads["transformer.wte.weight"].abs().max() > 0
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_targeted_loss_head_sees_labelled_positions_only():
+def test_targeted_loss_with_logits_returns_the_models_logits_and_transformers_loss():
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
     model = _lora_gpt2()
     batch = _batch()
     labels = batch.pop("labels")
     loss, logits = targeted_causal_lm_loss(model, batch, labels, label_smoothing=0.0)
-    n_labelled = int(labels[:, 1:].ne(-100).sum())
-    assert logits.shape == (n_labelled, 96)
-    full = model(**batch).logits[:, :-1][labels[:, 1:].ne(-100)]
+    full = model(**batch).logits
     torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
-    expected = torch.nn.functional.cross_entropy(full, labels[:, 1:][labels[:, 1:].ne(-100)])
-    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, ForCausalLMLoss(full, labels, 96), atol=1e-5, rtol=1e-5)
+    free, none = targeted_causal_lm_loss(model, batch, labels, label_smoothing=0.0, return_logits=False)
+    assert none is None
+    torch.testing.assert_close(free, loss, atol=1e-5, rtol=1e-5)
 
 
 # -- decoding ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from conftest import RecordingApi, gpt2_config, randomize_adapters, roberta_conf
 from engine_reference import EngineRefused, serve
 from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, RobertaForSequenceClassification
 
-from hf_lorax import DoRAConfig, LoRAConfig, check_serving, export_adapter, get_model, push_adapter
+from hf_lorax import DoRAConfig, LoRAConfig, check_serving, export_adapter, get_model, push_adapter, serving
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ISSUE_MAPS = dict(rank_map={"layers.{0-1}.self_attn.q_proj": 16, "layers.{2-3}.*": 4}, alpha_map={"down_proj": 8})
@@ -99,6 +99,9 @@ def test_gpt2_fused_slices_for_lorax_and_vllm_refusal(tmp_path):
     assert (logits(serve(base, tmp_path / "out", "lorax"), IDS) - logits(model, IDS)).abs().max() < 1e-5
     report = check_serving(str(tmp_path / "a"), "vllm")
     assert any("no LoRA support for gpt2" in f.message for f in report.refused)
+    assert report.first(serving.MODEL_TYPE).kind == "refused"  # the structured code export and the card act on
+    assert {f.code for f in check_serving(str(tmp_path / "a"), "lorax").findings} >= {serving.SCALING,
+                                                                                     serving.RANKS_DIFFER}
     with pytest.raises(ValueError, match="vLLM has no LoRA support for gpt2.*--merge"):
         export_adapter(str(tmp_path / "a"), str(tmp_path / "vllm"), "vllm")
     export_adapter(str(tmp_path / "a"), str(tmp_path / "merged"), "vllm", merge=True)  # a base model vLLM serves
@@ -209,3 +212,14 @@ def test_push_refuses_what_an_engine_would_mis_serve(tmp_path):
     push_adapter(str(tmp_path / "a"), "me/x", api=RecordingApi(), serving_engines=["peft"])
     card = (tmp_path / "a" / "README.md").read_text()
     assert "| vLLM | needs `hf_lorax.export` |" in card and "| peft | loads as is |" in card
+
+
+def test_trainer_checkpoints_skip_the_card_and_final_saves_render_it(tmp_path):
+    """A Trainer's checkpoint-<step> save keeps peft's short card (no folder re-read, no serving checks); any
+    other save_pretrained renders hf_lorax's card with its serving table."""
+    model = get_model(LoRAConfig(r=2, target_modules=["q_proj"]), model=tiny_llama())
+    model.save_pretrained(tmp_path / "checkpoint-10")
+    model.save_pretrained(tmp_path / "final")
+    assert "Serving" not in (tmp_path / "checkpoint-10" / "README.md").read_text()
+    assert (tmp_path / "checkpoint-10" / "adapter_model.safetensors").is_file()
+    assert "Serving" in (tmp_path / "final" / "README.md").read_text()

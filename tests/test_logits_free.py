@@ -186,3 +186,36 @@ def test_logits_free_models_pickle_and_keep_the_trainers_causal_lm_label_smoothi
     losses = [float(tf.Trainer(model=m.eval(), args=args).compute_loss(m, {"input_ids": ids, "labels": ids}))
               for m in (free, stock)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_label_smoothing_set_on_the_model_equals_the_trainers_and_forms_no_logits(tmp_path):
+    """A Trainer with label_smoothing_factor pops the labels (full logits, and a warning once); with
+    set_label_smoothing and label_smoothing_factor=0 the logits-free loss equals the Trainer's smoothed loss."""
+    from hf_lorax.logits_free import set_label_smoothing
+
+    torch.manual_seed(0)
+    free, stock = _pair(tf.GPT2LMHeadModel(gpt2_config()))
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = {"input_ids": ids, "labels": labels}
+
+    def loss(model, smoothing):
+        args = tf.TrainingArguments(str(tmp_path), label_smoothing_factor=smoothing, use_cpu=True, report_to=[])
+        torch.manual_seed(5)
+        return tf.Trainer(model=model, args=args).compute_loss(model, dict(batch))
+
+    expected = loss(stock, 0.1)
+    with pytest.warns(UserWarning, match="set_label_smoothing"):
+        loss(free, 0.1)
+    set_label_smoothing(free, 0.1)
+    heads = []
+    handle = free.get_base_model().lm_head.register_forward_hook(lambda *a: heads.append(1))
+    actual = loss(free, 0.0)
+    handle.remove()
+    assert heads == []  # the head's forward never ran: no logits
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="label_smoothing=2"):
+        set_label_smoothing(free, 2)
+    with pytest.raises(ValueError, match="does not compute a logits-free loss"):
+        set_label_smoothing(stock, 0.1)

@@ -165,3 +165,63 @@ def test_linear_cross_entropy_matmul_dtype_under_autocast(device):
     (grad_reference,) = torch.autograd.grad(reference, weight)
     assert grad_ours.dtype == torch.float32
     torch.testing.assert_close(grad_ours, grad_reference, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_label_smoothing_equals_the_trainers_label_smoother(eps):
+    """Both entry points of the one loss (from logits, from hidden states) equal LabelSmoother(shift_labels=True)."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    from hf_lorax.loss import causal_lm_loss_from_hidden
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, dtype=torch.float64)
+    hidden = torch.randn(3, 7, 8, dtype=torch.float64, requires_grad=True)
+    labels = _labels((3, 7), 50)
+    logits = head(hidden)
+    expected = LabelSmoother(epsilon=eps)({"logits": logits}, labels, shift_labels=True)  # float64 throughout
+    for actual in (causal_lm_loss(logits, labels, 50, label_smoothing=eps),
+                   causal_lm_loss_from_hidden(hidden, head, labels, label_smoothing=eps)):
+        torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)  # its smoothed sum is float32
+        got = torch.autograd.grad(actual, (hidden, head.weight, head.bias), retain_graph=True)
+        want = torch.autograd.grad(expected, (hidden, head.weight, head.bias), retain_graph=True)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-9)
+
+
+def test_loss_from_hidden_has_no_data_dependent_shapes_and_few_chunks(monkeypatch):
+    """No op that makes a GPU wait for the device (boolean gathers, nonzero, .item()), and the row chunks are few
+    and large: the head's forward GEMMs are one per chunk, not one per vocabulary-sized slice of rows."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import hf_lorax.loss as loss_module
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func._overloadpacket.__name__)
+            if func._overloadpacket.__name__ in ("index", "index_put", "index_put_"):
+                assert not any(torch.is_tensor(a) and a.dtype == torch.bool for a in args[1] if a is not None)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 10 * 50)  # 10 rows of a 50-token vocabulary per chunk
+    head = torch.nn.Linear(8, 50, bias=False)
+    hidden = torch.randn(3, 7, 8, requires_grad=True)
+    labels = _labels((3, 7), 50)
+    with Ops() as ops:
+        loss_module.causal_lm_loss_from_hidden(hidden, head, labels, label_smoothing=0.1).backward()
+    assert not {"nonzero", "_local_scalar_dense", "masked_select", "item"} & set(ops.names)
+    assert ops.names.count("logsumexp") == 3  # 21 rows in chunks of 10
+
+
+def test_a_negative_label_other_than_ignore_index_fails_loudly():
+    from hf_lorax.loss import causal_lm_loss_from_hidden
+
+    head = torch.nn.Linear(8, 50, bias=False)
+    labels = _labels((3, 7), 50)
+    labels[1, 2] = -1
+    with pytest.raises((RuntimeError, IndexError)):
+        causal_lm_loss_from_hidden(torch.randn(3, 7, 8), head, labels)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import serving
 from .._version import __version__
 from ..adapter_files import (
     CONFIG_FILE,
@@ -139,21 +140,22 @@ def _check_supported_tensors(folder: AdapterFolder) -> None:
 
 def _export_uniform(folder: AdapterFolder, dst: str, spec, rank, dora, heads, base_model) -> ExportResult:
     config = folder.config
-    model_type = base_model_type(folder)
-    if model_type in spec.unsupported_model_types:
-        raise ValueError(f"{spec.label} has no LoRA support for {model_type} models; export with --merge to serve the "
-                         f"merged model as a base model instead.")
+    # what the engine cannot read comes from the one rule table (hf_lorax.serving); here, what export does about it
+    report = check_serving(folder, spec.name)
+    if report.first(serving.MODEL_TYPE):
+        raise ValueError(f"{spec.label} has no LoRA support for {base_model_type(folder)} models; export with --merge to "
+                         f"serve the merged model as a base model instead.")
     dora_modules = [m.name for m in folder.modules if m.method == "dora"]
-    if dora_modules and dora is None:
+    if report.first(serving.DORA) and dora is None:
         raise ValueError(f"{folder.path!r} is a DoRA adapter ({dora_modules[0]}, ...), which {spec.label} cannot run; "
                          "pass --dora merge (exact, a merged model) or --dora svd --rank N (a rank-N LoRA, error reported).")
     if dora == "svd" and rank is None:
         raise ValueError("--dora svd needs --rank N: the rank of the LoRA that approximates each DoRA update.")
-    if config.get("bias") not in (None, "none") or config.get("lora_bias"):
+    if report.first(serving.BIASES):
         raise ValueError(f"{folder.path!r} trains biases (bias={config.get('bias')!r}, lora_bias={config.get('lora_bias')}), "
                          f"which {spec.label} does not load; export with --merge.")
     head_names = folder.heads
-    if head_names and heads == "refuse":
+    if report.first(serving.HEADS) and heads == "refuse":
         raise ValueError(f"{folder.path!r} trains task heads {head_names} (modules_to_save), which {spec.label} does not "
                          "load; pass --heads beside to write them to heads.safetensors, or --merge for a full model.")
 

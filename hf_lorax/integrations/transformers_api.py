@@ -24,3 +24,14 @@ def uses_stock_causal_lm_loss(model: nn.Module) -> bool:
         return model.loss_function is LOSS_MAPPING["ForCausalLM"]
     except (AttributeError, KeyError):
         return False
+
+
+def is_trainer_checkpoint_dir(path: str) -> bool:
+    """Whether ``path`` is named as the ``Trainer`` names its periodic checkpoints (``checkpoint-<step>``)."""
+    import os
+    import re
+
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    name = os.path.basename(os.path.normpath(os.fspath(path)))
+    return re.fullmatch(re.escape(PREFIX_CHECKPOINT_DIR) + r"-\d+", name) is not None

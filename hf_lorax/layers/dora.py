@@ -27,6 +27,7 @@ from torch import nn
 
 from ..integrations.peft_api import LoraLayer, LoraVariant, dequantize_module_weight
 from ..integrations.sharding import full_params, is_zero3_param
+from .dropout import apply_dropout
 
 
 class DoraMagnitude(nn.Module):
@@ -58,11 +59,17 @@ def dora_row_norm(
 def row_norm_from_products(
     weight_At: torch.Tensor, weight_sq: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
 ) -> torch.Tensor:
-    """The same norm given ``W Aᵀ`` (out, r) and ``‖W_i‖²`` (out,): no (out, in) tensor is needed."""
+    """The same norm given ``W Aᵀ`` (out, r) and ``‖W_i‖²`` (out,): no (out, in) tensor is needed.
+
+    ``‖W_i‖² + B_i · (2s·(W Aᵀ)_i + s²·(A Aᵀ) B_iᵀ)``: the bracket is one ``addmm``, the row-wise dot products
+    plus ``‖W_i‖²`` one ``baddbmm`` (a batch of 1×r by r×1 products): five small kernels, ``‖W‖²`` cached. No
+    clamp before the root: round-off makes the square negative only where the row's norm is ~0, and there
+    ``m / ‖W + s·BA‖`` is not finite with or without one.
+    """
     A32, B32 = lora_A.float(), lora_B.float()
-    cross = (weight_At.float() * B32).sum(dim=1)
-    ba_sq = ((B32 @ (A32 @ A32.T)) * B32).sum(dim=1)
-    return (weight_sq + 2 * scaling * cross + scaling * scaling * ba_sq).clamp_min(0).sqrt()
+    mixed = torch.addmm(weight_At.float(), B32, A32 @ A32.T, beta=2 * scaling, alpha=scaling * scaling)
+    squared = torch.baddbmm(weight_sq.view(-1, 1, 1), mixed.unsqueeze(1), B32.unsqueeze(2))
+    return squared.view(-1).sqrt()
 
 
 class ScaleAndShift(torch.autograd.Function):
@@ -192,7 +199,7 @@ class FactorizedDoraLinearVariant(LoraVariant):
         norm_scale = module.lora_magnitude_vector[active_adapter](cls.weight_norm(module, active_adapter))
         norm_scale = norm_scale.to(result.dtype)
         bias = module.get_base_layer().bias
-        lora = lora_B(lora_A(module.lora_dropout[active_adapter](x)) * scaling)  # scaling on the r-wide A x
+        lora = lora_B(lora_A(apply_dropout(module.lora_dropout[active_adapter], x)) * scaling)  # scaling on the r-wide A x
         combined = result + lora.to(result.dtype) if bias is None else result - bias + lora.to(result.dtype)
         return scale_and_shift(combined, norm_scale, bias)
 

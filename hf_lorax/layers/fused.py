@@ -7,11 +7,11 @@ again — and each launches its own kernels, which is what makes a small-batch L
 as full fine-tuning. :class:`FusedLoraLinear` (Unsloth's ``fast_lora`` scheme, in plain PyTorch so it runs
 on CPU and CUDA alike) computes::
 
-    c = x Wᵀ + B (s · A drop(x))            out = c + bias          (LoRA)
+    c = x Wᵀ + s · B (A drop(x))            out = c + bias          (LoRA)
                                             out = n ⊙ c + bias      (DoRA, n = m / ‖W + s·BA‖ detached)
 
-with the update added into the base GEMM's output buffer, and keeps for backward only ``x`` (once, in the
-dtype both GEMMs read), the boolean dropout mask, the r-wide ``s · A drop(x)`` and, for DoRA, ``c``.
+with the update added into the base GEMM's output buffer, and keeps for backward only what ``lora_A`` read
+(``x`` once, or ``drop(x)``), the boolean dropout mask, the r-wide ``A drop(x)`` and, for DoRA, ``c``.
 Backward forms ``dx = g W + (s · (g B) A) ⊙ mask/(1-p)``, ``dA``, ``dB`` (and the bias and magnitude
 gradients when they train); the frozen ``W`` gets no gradient. A 4-bit weight is dequantised in forward and
 again in backward, and freed right after each use (what bitsandbytes' own ``matmul_4bit`` does).
@@ -29,6 +29,7 @@ import torch
 
 from ..integrations.sharding import is_zero3_param
 from .dora import FactorizedDoraLinearVariant
+from .dropout import dropout_p, lora_dropout
 from .sliced import b_weight
 
 WeightSource = Callable[[], torch.Tensor]  # returns the frozen weight as (out, in) in the base compute dtype
@@ -42,47 +43,54 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 class FusedLoraLinear(torch.autograd.Function):
-    """``out = [n ⊙] (x Wᵀ + B (s · A drop(x))) + bias`` as one autograd node (see the module docstring).
+    """``out = [n ⊙] (x Wᵀ + s · B (A drop(x))) + bias`` as one autograd node (see the module docstring).
 
     Inputs: ``x`` (..., in); ``weight`` the frozen (out, in) weight, or a callable that materialises it
     (quantized bases); ``bias`` (out,) or None; ``lora_A`` (r, in); ``lora_B`` (out, r); ``scaling``;
     ``dropout_p``; ``norm_scale`` DoRA's (out,) ``m / ‖W + s·BA‖`` or None; ``base_dtype`` / ``lora_dtype`` the
     dtypes the base and low-rank GEMMs run in (the autocast dtype under autocast); ``out_dtype`` the dtype the
     stock layer would return. The frozen weight gets no gradient: callers must not pass one that requires it.
+
+    Kernels: the bias rides in the base GEMM (``addmm``), the scaling ``s`` is the ``alpha`` of the GEMMs that
+    touch ``B`` (no r-wide multiply), dropout is one ``native_dropout`` whose bool mask is kept with ``x``, and its
+    ``1/(1-p)`` is the ``alpha`` of ``dA``'s GEMM and the value of ``dx``'s ``addcmul``.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, norm_scale,
                 base_dtype: torch.dtype, lora_dtype: torch.dtype, out_dtype: torch.dtype):
+        wide = base_dtype if base_dtype == lora_dtype else torch.promote_types(base_dtype, lora_dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             rows = x.reshape(-1, x.shape[-1])
             x_base = rows.to(base_dtype)
-            x_lora = x_base if lora_dtype == base_dtype else rows.to(lora_dtype)
             w = weight() if callable(weight) else weight
-            combined = x_base @ w.to(base_dtype).T
-            del w  # a dequantised weight is freed here
-            mask = None
-            if dropout_p:  # F.dropout's CPU draw (a float Bernoulli over x's shape), kept as a bool mask
-                mask = torch.empty_like(x_lora).bernoulli_(1 - dropout_p).bool()
-                h = ((x_lora * mask / (1 - dropout_p)) @ lora_A.to(lora_dtype).T).mul_(scaling)
+            if bias is not None and norm_scale is None:  # the bias in the base GEMM's epilogue
+                combined = torch.addmm(bias.to(base_dtype), x_base, w.to(base_dtype).T)
             else:
-                h = (x_lora @ lora_A.to(lora_dtype).T).mul_(scaling)
+                combined = x_base @ w.to(base_dtype).T
+            del w  # a dequantised weight is freed here
+            x_lora = x_base if lora_dtype == base_dtype else rows.to(lora_dtype)
+            dropped, mask = lora_dropout(x_lora, dropout_p)
+            h = dropped @ lora_A.to(lora_dtype).T  # (N, r); the scaling is the next GEMM's alpha
             if lora_dtype == base_dtype:
-                combined.addmm_(h, lora_B.to(lora_dtype).T)  # the update lands in the base GEMM's buffer
+                combined.addmm_(h, lora_B.to(lora_dtype).T, alpha=scaling)  # the update lands in the base's buffer
             else:  # no autocast, mixed dtypes: the sum in the wider one (peft adds a float32 update to the output)
-                wide = torch.promote_types(base_dtype, lora_dtype)
-                combined = combined.to(wide).addmm_(h.to(wide), lora_B.to(wide).T)
-            out = combined if norm_scale is None else combined * norm_scale.to(combined.dtype)
-            if bias is not None:
-                out.add_(bias.to(out.dtype))  # combined itself is kept for DoRA's backward, never shifted
+                combined = combined.to(wide).addmm_(h.to(wide), lora_B.to(wide).T, alpha=scaling)
+            if norm_scale is None:
+                out = combined
+            elif bias is None:
+                out = combined * norm_scale.to(combined.dtype)
+            else:  # combined itself is kept for DoRA's backward, never shifted
+                out = torch.addcmul(bias.to(combined.dtype), combined, norm_scale.to(combined.dtype))
         ctx.weight_source = weight if callable(weight) else None
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
-        ctx.base_dtype, ctx.lora_dtype = base_dtype, lora_dtype
+        ctx.base_dtype, ctx.lora_dtype, ctx.wide = base_dtype, lora_dtype, wide
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         ctx.has_bias, ctx.has_norm_scale, ctx.has_mask = bias is not None, norm_scale is not None, mask is not None
         empty = h.new_empty(0)
         ctx.save_for_backward(
-            x_base if lora_dtype == base_dtype else rows,  # x once: in the dtype both GEMMs read, else as given
+            # x once, not drop(x): inputs that several layers read (q/k/v, gate/up) are then kept once
+            x_lora if lora_dtype == base_dtype else rows,
             h, lora_A, lora_B,
             empty if callable(weight) else weight,
             mask if mask is not None else empty,
@@ -95,31 +103,35 @@ class FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x_saved, h, lora_A, lora_B, weight, mask, combined, norm_scale, bias = ctx.saved_tensors
-        needs = ctx.needs_input_grad
+        needs, s = ctx.needs_input_grad, ctx.scaling
         g = grad_out.reshape(-1, grad_out.shape[-1])
         grad_bias = g.sum(0).to(bias.dtype) if ctx.has_bias and needs[2] else None
         grad_norm_scale = None
         if ctx.has_norm_scale:
-            if needs[7]:  # as autograd's backward of ``combined * n``: products summed over the rows
-                grad_norm_scale = (g.to(combined.dtype) * combined).sum(0, dtype=torch.float32).to(norm_scale.dtype)
+            if needs[7]:  # as autograd's backward of ``combined * n``: per column, the dot product over the rows
+                gc = g.to(combined.dtype)
+                grad_norm_scale = torch.bmm(gc.T.unsqueeze(1), combined.T.unsqueeze(2)).view(-1).to(norm_scale.dtype)
             g = g * norm_scale.to(g.dtype)
         g_lora = g.to(ctx.lora_dtype)
-        grad_B = (g_lora.T @ h).to(lora_B.dtype) if needs[4] else None
+        B = lora_B.to(ctx.lora_dtype)
+        # s · gᵀ h and s · g B as the GEMMs' alpha (beta=0: the first argument only gives the shape)
+        grad_B = torch.addmm(B, g_lora.T, h, beta=0, alpha=s).to(lora_B.dtype) if needs[4] else None
         grad_A = grad_x = None
         if needs[3] or needs[0]:
-            dh = (g_lora @ lora_B.to(ctx.lora_dtype)).mul_(ctx.scaling)  # (N, r)
-            if needs[3]:
+            dh = torch.addmm(h, g_lora, B, beta=0, alpha=s)  # (N, r)
+            if needs[3]:  # dhᵀ drop(x), with dropout's 1/(1-p) as the GEMM's alpha
                 x_lora = x_saved.to(ctx.lora_dtype)
-                dropped = x_lora * mask / (1 - ctx.dropout_p) if ctx.has_mask else x_lora
-                grad_A = (dh.T @ dropped).to(lora_A.dtype)
-                del x_lora, dropped
+                kept = x_lora * mask if ctx.has_mask else x_lora
+                grad_A = torch.addmm(lora_A.to(ctx.lora_dtype), dh.T, kept, beta=0,
+                                     alpha=1.0 / (1.0 - ctx.dropout_p)).to(lora_A.dtype)
+                del x_lora, kept
             if needs[0]:
                 w = ctx.weight_source() if ctx.weight_source is not None else weight
-                grad_x = (g.to(ctx.base_dtype) @ w.to(ctx.base_dtype)).to(torch.promote_types(ctx.base_dtype,
-                                                                                              ctx.lora_dtype))
+                grad_x = (g.to(ctx.base_dtype) @ w.to(ctx.base_dtype)).to(ctx.wide)
                 del w
-                if ctx.has_mask:
-                    grad_x += (dh @ lora_A.to(ctx.lora_dtype)).mul_(mask).div_(1 - ctx.dropout_p).to(grad_x.dtype)
+                if ctx.has_mask:  # dropout's backward: the mask and 1/(1-p) in one pass
+                    grad_x.addcmul_((dh @ lora_A.to(ctx.lora_dtype)).to(grad_x.dtype), mask,
+                                    value=1.0 / (1.0 - ctx.dropout_p))
                 else:
                     grad_x.addmm_(dh.to(grad_x.dtype), lora_A.to(grad_x.dtype))
                 grad_x = grad_x.to(ctx.x_dtype).reshape(ctx.x_shape)
@@ -186,14 +198,13 @@ class FusedForwardMixin:
         weight = self._fused_weight()
         if weight is None:
             return None
-        dropout = self.lora_dropout[adapter]
-        p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
         norm_scale = None
         if variant is not None:  # DoRA: m / ‖W + s·BA‖, the norm from the factors and detached
             norm_scale = self.lora_magnitude_vector[adapter](variant.weight_norm(self, adapter))
         base = self.get_base_layer()
         return fused_lora_linear(x, weight, base.bias, self.lora_A[adapter].weight, b_weight(self.lora_B[adapter]),
-                                 self.scaling[adapter], p, norm_scale, getattr(base, "compute_dtype", None))
+                                 self.scaling[adapter], dropout_p(self.lora_dropout[adapter]), norm_scale,
+                                 getattr(base, "compute_dtype", None))
 
 
 def set_fused_path(model: torch.nn.Module, enabled: bool | None) -> int:

@@ -19,6 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..integrations.peft_api import VARIANT_KWARG_KEYS, init_lora_state, peft_lora
 from .dora import FactorizedDoraEmbeddingVariant, FactorizedDoraLinearVariant
+from .dropout import apply_dropout
 from .fused import FusedForwardMixin
 from .sliced import SlicedLoraB, block_mask
 
@@ -112,7 +113,7 @@ class LoraLinear(FusedForwardMixin, FusedSliceMixin, WeightNormCacheMixin, peft_
         result_dtype = result.dtype
         for adapter in active:
             lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
-            h = lora_A(self.lora_dropout[adapter](self._cast_input_dtype(x, lora_A.weight.dtype)))
+            h = lora_A(apply_dropout(self.lora_dropout[adapter], self._cast_input_dtype(x, lora_A.weight.dtype)))
             result = result + lora_B(h * self.scaling[adapter])
         return result.to(result_dtype)
 
