@@ -49,7 +49,8 @@ def _sft(tmp_path, peft_config):
     data = Dataset.from_dict({"text": [_sentence(rng, 10) for _ in range(8)]})
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, logging_steps=1,
                          report_to=[], use_cpu=True, save_strategy="no", max_length=16, seed=0, learning_rate=0.1,
-                         optim="sgd")  # AdamW's first steps amplify float-rounding differences to ±lr
+                         optim="sgd",  # AdamW's first steps amplify float-rounding differences to ±lr
+                         bf16=False)  # TRL's default on a bf16-capable CPU: fp32 keeps the 1e-5 comparison meaningful
     torch.manual_seed(0)
     trainer = trl.SFTTrainer(model=_base(), args=args, train_dataset=data, processing_class=_tokenizer(),
                              peft_config=peft_config)
@@ -91,7 +92,7 @@ def test_dpo_trainer_with_fused_slices(tmp_path):
     def run(peft_config, out):
         args = trl.DPOConfig(output_dir=str(out), max_steps=2, per_device_train_batch_size=2, logging_steps=1,
                              report_to=[], use_cpu=True, save_strategy="no", seed=0, learning_rate=1e-2,
-                             max_length=16)
+                             max_length=16, bf16=False)  # fp32 on every CPU (TRL picks bf16 where the CPU has it)
         torch.manual_seed(0)
         trainer = trl.DPOTrainer(model=_base(), args=args, train_dataset=data, processing_class=_tokenizer(),
                                  peft_config=peft_config)

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import serving
 from .._version import __version__
 from ..adapter_files import (
     CONFIG_FILE,
@@ -41,7 +40,17 @@ from ..adapter_files import (
 from ..base_init import PEFT_REBUILT_INITS, base_change_reason
 from ..card import write_model_card
 from ..config import SIDECAR_FORMAT, SIDECAR_NAME
-from ..serving import ENGINES, base_model_type, check_serving, engine_spec, next_rank_value
+from ..serving import (
+    BIASES,
+    DORA,
+    ENGINES,
+    HEADS,
+    MODEL_TYPE,
+    base_model_type,
+    check_serving,
+    engine_spec,
+    next_rank_value,
+)
 from .convert import bake_and_pad, dora_to_lowrank
 from .initial import convert_to_original_base
 
@@ -142,20 +151,20 @@ def _export_uniform(folder: AdapterFolder, dst: str, spec, rank, dora, heads, ba
     config = folder.config
     # what the engine cannot read comes from the one rule table (hf_lorax.serving); here, what export does about it
     report = check_serving(folder, spec.name)
-    if report.first(serving.MODEL_TYPE):
+    if report.first(MODEL_TYPE):
         raise ValueError(f"{spec.label} has no LoRA support for {base_model_type(folder)} models; export with --merge to "
                          f"serve the merged model as a base model instead.")
     dora_modules = [m.name for m in folder.modules if m.method == "dora"]
-    if report.first(serving.DORA) and dora is None:
+    if report.first(DORA) and dora is None:
         raise ValueError(f"{folder.path!r} is a DoRA adapter ({dora_modules[0]}, ...), which {spec.label} cannot run; "
                          "pass --dora merge (exact, a merged model) or --dora svd --rank N (a rank-N LoRA, error reported).")
     if dora == "svd" and rank is None:
         raise ValueError("--dora svd needs --rank N: the rank of the LoRA that approximates each DoRA update.")
-    if report.first(serving.BIASES):
+    if report.first(BIASES):
         raise ValueError(f"{folder.path!r} trains biases (bias={config.get('bias')!r}, lora_bias={config.get('lora_bias')}), "
                          f"which {spec.label} does not load; export with --merge.")
     head_names = folder.heads
-    if report.first(serving.HEADS) and heads == "refuse":
+    if report.first(HEADS) and heads == "refuse":
         raise ValueError(f"{folder.path!r} trains task heads {head_names} (modules_to_save), which {spec.label} does not "
                          "load; pass --heads beside to write them to heads.safetensors, or --merge for a full model.")
 
