@@ -86,3 +86,30 @@ def test_plain_peft_loads_the_saved_dense_form_exactly(arch, tmp_path):
         expected, actual, untouched = model(input_ids=ids).logits, plain(input_ids=ids).logits, base(input_ids=ids).logits
     assert (expected - untouched).abs().max() > 1e-3
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_each_slice_equals_its_own_projection_carved_from_the_weights(arch):
+    """The fused module's q rows (and v rows) equal a separate projection carved from the same weight rows, adapted
+    with that slice's own factors: slice i is ``W[rows_i] x + s·B_i A_i x`` with ``A_i`` the i-th r rows of ``A``."""
+    suffix, make = MODELS[arch]
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(make()).eval()
+    model = get_peft_model(base, LoRAConfig(r=2, target_modules=[suffix], fused_slices={suffix: ["q", "v"]}))
+    randomize_adapters(model, seed=4)
+    name, layer = next((n, m) for n, m in model.named_modules() if n.endswith(suffix) and hasattr(m, "slice_specs"))
+    spec, base_layer = layer.slice_specs["default"], layer.get_base_layer()
+    weight = base_layer.weight.T if layer.fan_in_fan_out else base_layer.weight  # (out, in)
+    bias = getattr(base_layer, "bias", None)
+    A, B, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    x = torch.randn(3, weight.shape[1])
+    with torch.no_grad():
+        fused = layer(x)
+        for i, rows in enumerate(spec.rows(weight.shape[0], name)):
+            carved = torch.nn.Linear(weight.shape[1], len(rows), bias=bias is not None)
+            carved.weight.copy_(weight[rows])
+            if bias is not None:
+                carved.bias.copy_(bias[rows])
+            a, b = A[i * 2:(i + 1) * 2], B[rows, i * 2:(i + 1) * 2]
+            torch.testing.assert_close(fused[:, rows], carved(x) + s * (x @ a.T) @ b.T, atol=1e-5, rtol=1e-5)
+            assert (s * (x @ a.T) @ b.T).abs().max() > 1e-3  # the slice's adapter is really there
