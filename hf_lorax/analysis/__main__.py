@@ -3,6 +3,11 @@
 Prints per-module rank utilization of a saved adapter, writes ``rank_utilization.png``,
 ``rank_utilization.json`` and ``suggested_rank_map.json`` (into ``--output_dir``, default the adapter
 folder), and with ``--against`` the subspace similarity φ of the two adapters' ``A`` matrices.
+
+``--budget N`` (LoRA parameters) or ``--budget_ratio 0.25`` (of the adapter's own LoRA parameters) makes
+``suggested_rank_map.json`` a budgeted allocation (:mod:`hf_lorax.analysis.allocation`): ``rank_map``,
+``alpha_map`` (``--alpha_policy``), ``params``. Without them it holds the ``--threshold`` energy suggestion.
+Bad flags: one line on stderr, exit code 2.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ import argparse
 import os
 import sys
 
-from ..adapter_files import write_json
+from ..adapter_files import read_adapter_folder, write_json
+from .allocation import ALPHA_POLICIES, allocate, budget_from_ratio, spectra_from_updates
 from .callback import RankUtilizationCallback
 from .report import analyze, updates_from_adapter_dir
 from .spectra import subspace_similarity, subspace_similarity_grid
@@ -46,10 +52,21 @@ def main(argv=None) -> int:
     parser.add_argument("--base_model", help="local base model folder, for ‖ΔW‖/‖W‖")
     parser.add_argument("--output_dir", help="where to write the plot and JSON files (default: adapter_dir)")
     parser.add_argument("--threshold", type=float, default=0.9, help="energy kept by the suggested ranks")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--budget", type=int, help="allocate ranks to at most N LoRA parameters")
+    budget.add_argument("--budget_ratio", type=float, help="budget as a fraction of this adapter's LoRA parameters")
+    parser.add_argument("--alpha_policy", default="scaling", choices=ALPHA_POLICIES,
+                        help="lora_alpha of the allocated ranks: keep each module's scaling, keep alpha, or rsLoRA")
+    parser.error = _one_line_error
     args = parser.parse_args(argv)
     for path in filter(None, [args.adapter_dir, args.against]):
         if not os.path.isfile(os.path.join(path, "adapter_config.json")):
-            parser.error(f"{path!r} is not an adapter folder (no adapter_config.json).")
+            return _fail(f"{path!r} is not an adapter folder (no adapter_config.json).")
+    if args.budget is not None or args.budget_ratio is not None:
+        try:
+            return _allocate(args)
+        except ValueError as exc:
+            return _fail(str(exc))
 
     updates = updates_from_adapter_dir(args.adapter_dir, _base_weights(args.base_model))
     stats = analyze(updates)
@@ -80,6 +97,31 @@ def main(argv=None) -> int:
         paths["similarity"] = path
     print("\nwrote " + ", ".join(sorted(paths.values())))
     return 0
+
+
+def _allocate(args) -> int:
+    """``--budget`` / ``--budget_ratio``: write the budgeted ``suggested_rank_map.json``."""
+    spectra = spectra_from_updates(updates_from_adapter_dir(args.adapter_dir))
+    budget = args.budget if args.budget is not None else budget_from_ratio(spectra, args.budget_ratio)
+    lora_alpha = float(read_adapter_folder(args.adapter_dir).config.get("lora_alpha") or 8)
+    plan = allocate(spectra, budget, lora_alpha=lora_alpha, alpha_policy=args.alpha_policy)
+    for module, rank in plan.rank_map.items():
+        alpha = f"  alpha {plan.alpha_map[module]:g}" if plan.alpha_map else ""
+        print(f"{module:<56} r {rank:>3}{alpha}")
+    path = os.path.join(args.output_dir or args.adapter_dir, "suggested_rank_map.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_json(path, plan.to_json())
+    print(f"\n{plan.params:,} LoRA parameters (budget {plan.budget:,}); wrote {path}")
+    return 0
+
+
+def _one_line_error(message: str):
+    raise SystemExit(_fail(message))
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
