@@ -25,19 +25,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .rank_budget import RankBudgetArguments
+
 METHODS = ("lora", "dora", "qlora", "qdora", "full", "bitfit")
 ADAPTER_METHODS = METHODS[:4]
 RUN_FILES = ("rank_utilization.png", "rank_utilization.json", "suggested_rank_map.json", "training_curve.png")
 
 
 @dataclass
-class MethodArguments:
-    """Model, method and adapter: the arguments every task script shares."""
+class MethodArguments(RankBudgetArguments):
+    """Model, method and adapter: the arguments every task script shares (``--rank_map auto``'s included)."""
 
     preset: str | None = field(default=None, metadata={"help": "paper preset, e.g. roberta-base/sst2 or gpt2-medium/e2e"})
     method: str = field(default="lora", metadata={"help": "lora, dora, qlora, qdora, full or bitfit"})
     model_name_or_path: str | None = field(default=None, metadata={"help": "overrides the preset's model"})
-    rank_map: str | None = field(default=None, metadata={"help": "rank map JSON file or inline JSON"})
+    rank_map: str | None = field(default=None, metadata={
+        "help": "rank map JSON file, inline JSON, or auto (probe run + budgeted allocation, see --rank_budget)"})
     r: int | None = None
     lora_alpha: float | None = None
     lora_dropout: float | None = None
@@ -182,14 +185,16 @@ def check_method(method: str) -> None:
 # -- running -----------------------------------------------------------------------------------------------
 
 
-def build_model(plugin: TaskPlugin, preset, method: MethodArguments, data):
-    """An hf_lorax adapter model (``get_model``) or, for ``full`` / ``bitfit``, the plain model to train."""
+def build_model(plugin: TaskPlugin, preset, method: MethodArguments, data, **adapter_overrides):
+    """An hf_lorax adapter model (``get_model``) or, for ``full`` / ``bitfit``, the plain model to train.
+
+    ``adapter_overrides`` replace config fields (the ``rank_map`` / ``alpha_map`` of ``--rank_map auto``)."""
     import transformers
 
     from hf_lorax import DoRAConfig, LoRAConfig, QLoRAConfig, get_model
 
     if method.method in ADAPTER_METHODS:
-        kwargs = plugin.adapter_fields(preset, method, data)
+        kwargs = {**plugin.adapter_fields(preset, method, data), **adapter_overrides}
         if method.method in ("qlora", "qdora"):
             extra = {"quant_storage": method.quant_storage} if method.quant_storage else {}
             return get_model(QLoRAConfig(use_dora=method.method == "qdora", **kwargs, **extra))
@@ -221,8 +226,9 @@ def run(plugin: TaskPlugin, experiment: Experiment) -> dict | None:
     splits = plugin.load_splits(preset, method, data)  # validated before anything is written
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(preset.model_name_or_path)
-    model = build_model(plugin, preset, method, data)
-    facts = plugin.after_model(model, method, data)
+    auto = plan_rank_map(plugin, experiment, tokenizer, splits)
+    model = build_model(plugin, preset, method, data, **auto["overrides"])
+    facts = {**plugin.after_model(model, method, data), **auto["facts"]}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     inputs = plugin.trainer_inputs(tokenizer, preset, method, data, splits)
     trainer_class = inputs.pop("trainer_class")
@@ -251,6 +257,22 @@ def run(plugin: TaskPlugin, experiment: Experiment) -> dict | None:
             results["hub"] = push_adapter(saved, args.hub_model_id, private=args.hub_private_repo).commit_url
     finish_distributed()
     return results
+
+
+def plan_rank_map(plugin: TaskPlugin, experiment: Experiment, tokenizer, splits) -> dict:
+    """``--rank_map auto`` (:mod:`hf_lorax_paper.rank_budget`): the probe run and the allocation.
+
+    Returns ``{"overrides": {rank_map, alpha_map}, "facts": {"rank_allocation": ...}}``; empty without ``auto``.
+    """
+    from .rank_budget import AUTO, allocate_from_probe, check_arguments
+
+    method = experiment.method
+    check_arguments(method, ADAPTER_METHODS)
+    if method.rank_map != AUTO:
+        return {"overrides": {}, "facts": {}}
+    out = allocate_from_probe(plugin, build_model, experiment.preset, method, experiment.data, experiment.training,
+                              tokenizer, splits)
+    return {"overrides": out["overrides"], "facts": {"rank_allocation": out["record"]}}
 
 
 class _timed:
@@ -388,7 +410,9 @@ def rank_map_argument(value: str | None):
     """``--rank_map``: a JSON file path (kept as a path, the config reads it) or inline JSON."""
     import json
 
-    if value is None or os.path.isfile(value):
+    if value is None or value == "auto":  # "auto": plan_rank_map supplies the map
+        return None
+    if os.path.isfile(value):
         return value
     try:
         return json.loads(value)
