@@ -84,6 +84,7 @@ def render_model_card(
         n_modules=len(rows), module_table=AdapterReport(adapter="default", rows=rows).to_markdown(),
         results_table=_results_table(results), reference_source=(results.get("reference") or {}).get("source"),
         hyperparameters_table=_dict_table(results.get("hyperparameters"), ("hyperparameter", "value")),
+        allocation_part=_allocation_part(results.get("rank_allocation")),
         has_plot=os.path.isfile(os.path.join(folder, "rank_utilization.png")),
         has_curve=os.path.isfile(os.path.join(folder, "training_curve.png")),
         auto_class=AUTO_CLASSES.get(task_type, "AutoModel"), num_labels=sidecar.get("num_labels"),
@@ -148,6 +149,26 @@ def _results_table(results: dict) -> str:
         ref = reference.get(name)
         diff = f"{value - ref:+.4f}" if isinstance(ref, (int, float)) else "-"
         lines.append(f"| {name} | {value:.4f} | {ref if ref is not None else '-'} | {diff} |")
+    return "\n".join(lines)
+
+
+def _allocation_part(allocation: dict | None) -> str:
+    """``results.json``'s ``rank_allocation`` (``--rank_map auto``): how the rank map was chosen."""
+    if not allocation:
+        return ""
+    ranks = sorted((allocation.get("rank_map") or {}).values())
+    alphas = allocation.get("alpha_map")
+    lines = [
+        f"The rank map was allocated from a probe run (uniform r={allocation.get('probe_r')}, "
+        f"{allocation.get('probe_steps')} steps, then discarded): each module's k-th direction is worth its share "
+        "of the probe update's energy per parameter, and the best directions were kept within the budget.",
+        "",
+        _dict_table({"budget (LoRA parameters)": f"{allocation.get('budget'):,}",
+                     "allocated (LoRA parameters)": f"{allocation.get('params'):,}",
+                     "ranks (min / max)": f"{ranks[0]} / {ranks[-1]}" if ranks else "-",
+                     "alpha policy": allocation.get("alpha_policy"),
+                     "per-module lora_alpha": "alpha_map" if alphas else "lora_alpha kept"}, ("", "")),
+    ]
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from .curves import plot_training_curve
 from .processes import check_process_group, join_cpu_processes
+from .rank_budget import RankBudgetArguments, plan_rank_map
 
 METHODS = ("lora", "dora", "qlora", "qdora", "full", "bitfit")
 ADAPTER_METHODS = METHODS[:4]
@@ -35,13 +36,14 @@ RUN_FILES = ("rank_utilization.png", "rank_utilization.json", "suggested_rank_ma
 
 
 @dataclass
-class MethodArguments:
-    """Model, method and adapter: the arguments every task script shares."""
+class MethodArguments(RankBudgetArguments):
+    """Model, method and adapter: the arguments every task script shares (``--rank_map auto``'s included)."""
 
     preset: str | None = field(default=None, metadata={"help": "paper preset, e.g. roberta-base/sst2 or gpt2-medium/e2e"})
     method: str = field(default="lora", metadata={"help": "lora, dora, qlora, qdora, full or bitfit"})
     model_name_or_path: str | None = field(default=None, metadata={"help": "overrides the preset's model"})
-    rank_map: str | None = field(default=None, metadata={"help": "rank map JSON file or inline JSON"})
+    rank_map: str | None = field(default=None, metadata={
+        "help": "rank map JSON file, inline JSON, or auto (probe run + budgeted allocation, see --rank_budget)"})
     r: int | None = None
     lora_alpha: float | None = None
     lora_dropout: float | None = None
@@ -191,14 +193,16 @@ def check_method(method: str) -> None:
 # -- running -----------------------------------------------------------------------------------------------
 
 
-def build_model(plugin: TaskPlugin, preset, method: MethodArguments, data):
-    """An hf_lorax adapter model (``get_model``) or, for ``full`` / ``bitfit``, the plain model to train."""
+def build_model(plugin: TaskPlugin, preset, method: MethodArguments, data, **adapter_overrides):
+    """An hf_lorax adapter model (``get_model``) or, for ``full`` / ``bitfit``, the plain model to train.
+
+    ``adapter_overrides`` replace config fields (the ``rank_map`` / ``alpha_map`` of ``--rank_map auto``)."""
     import transformers
 
     from hf_lorax import DoRAConfig, LoRAConfig, QLoRAConfig, get_model
 
     if method.method in ADAPTER_METHODS:
-        kwargs = plugin.adapter_fields(preset, method, data)
+        kwargs = {**plugin.adapter_fields(preset, method, data), **adapter_overrides}
         if method.method in ("qlora", "qdora"):
             extra = {"quant_storage": method.quant_storage} if method.quant_storage else {}
             return get_model(QLoRAConfig(use_dora=method.method == "qdora", **kwargs, **extra))
@@ -231,8 +235,9 @@ def run(plugin: TaskPlugin, experiment: Experiment) -> dict | None:
     splits = plugin.load_splits(preset, method, data)  # validated before anything is written
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(preset.model_name_or_path)
-    model = build_model(plugin, preset, method, data)
-    facts = plugin.after_model(model, method, data)
+    auto = plan_rank_map(plugin, experiment, tokenizer, splits, build_model, ADAPTER_METHODS)
+    model = build_model(plugin, preset, method, data, **auto["overrides"])
+    facts = {**plugin.after_model(model, method, data), **auto["facts"]}
     trainable = trained_parameter_count(model)  # a fused-slice B counts its blocks only
     inputs = plugin.trainer_inputs(tokenizer, preset, method, data, splits)
     trainer_class = inputs.pop("trainer_class")
@@ -375,7 +380,9 @@ def rank_map_argument(value: str | None):
     """``--rank_map``: a JSON file path (kept as a path, the config reads it) or inline JSON."""
     import json
 
-    if value is None or os.path.isfile(value):
+    if value is None or value == "auto":  # "auto": plan_rank_map supplies the map
+        return None
+    if os.path.isfile(value):
         return value
     try:
         return json.loads(value)

@@ -5,10 +5,12 @@ Pure functions (no Trainer needed)::
     from hf_lorax.analysis import analyze, updates_from_model, suggest_rank_map
     stats = analyze(updates_from_model(model))       # one ModuleStats per module (or fused slice)
     suggest_rank_map(stats, threshold=0.9)           # {module: power-of-two rank}
+    allocate(spectra_from_updates(updates), budget=20_000, lora_alpha=16)  # a rank map to a parameter budget
 
 During training: :class:`RankUtilizationCallback`. From the shell: ``python -m hf_lorax.analysis ADAPTER_DIR``.
 """
 
+from .allocation import Allocation, ModuleSpectrum, allocate, spectra_from_updates
 from .callback import RankUtilizationCallback
 from .report import (
     LowRankUpdate,
@@ -31,6 +33,10 @@ from .spectra import (
 )
 
 __all__ = [
+    "Allocation",
+    "ModuleSpectrum",
+    "allocate",
+    "spectra_from_updates",
     "LowRankUpdate",
     "ModuleStats",
     "RankUtilizationCallback",

@@ -4,6 +4,10 @@ Prints per-module rank utilization of a saved adapter, writes ``rank_utilization
 ``rank_utilization.json`` and ``suggested_rank_map.json`` (into ``--output_dir``, default the adapter
 folder, where a training run's files are kept unless ``--overwrite``), and with ``--against`` the subspace
 similarity φ of the two adapters' ``A`` matrices.
+
+``--budget N`` (LoRA parameters) or ``--budget_ratio 0.25`` (of the adapter's own LoRA parameters) makes
+``suggested_rank_map.json`` a budgeted allocation (:mod:`hf_lorax.analysis.allocation`): ``rank_map``,
+``alpha_map`` (``--alpha_policy``), ``params``. Without them it holds the ``--threshold`` energy suggestion.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ from __future__ import annotations
 import os
 import sys
 
-from ..adapter_files import read_json, write_json
+from ..adapter_files import read_adapter_folder, read_json, write_json
 from ..cli import OneLineArgumentParser, debug_enabled
+from .allocation import ALPHA_POLICIES, allocate, budget_from_ratio, spectra_from_updates
 from .callback import JSON_NAME, RankUtilizationCallback
 from .report import analyze, updates_from_adapter_dir
 from .spectra import subspace_similarity, subspace_similarity_grid
@@ -54,6 +59,11 @@ def main(argv=None) -> int:
     parser.add_argument("--output_dir", help="where to write the plot and JSON files (default: adapter_dir)")
     parser.add_argument("--threshold", type=float, default=0.9, help="energy kept by the suggested ranks, in (0, 1]")
     parser.add_argument("--overwrite", action="store_true", help="replace a training run's rank-utilization files")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--budget", type=int, help="allocate ranks to at most N LoRA parameters")
+    budget.add_argument("--budget_ratio", type=float, help="budget as a fraction of this adapter's LoRA parameters")
+    parser.add_argument("--alpha_policy", default="scaling", choices=ALPHA_POLICIES,
+                        help="lora_alpha of the allocated ranks: keep each module's scaling, keep alpha, or rsLoRA")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     try:
@@ -62,6 +72,8 @@ def main(argv=None) -> int:
         for path in filter(None, [args.adapter_dir, args.against]):
             if not os.path.isfile(os.path.join(path, "adapter_config.json")):
                 raise FileNotFoundError(f"{path!r} is not an adapter folder (no adapter_config.json).")
+        if args.budget is not None or args.budget_ratio is not None:
+            return _allocate(args)
         if not args.overwrite:
             _keep_training_history(args.output_dir or args.adapter_dir)
         return _report(args)
@@ -112,6 +124,22 @@ def _report(args) -> int:
         write_json(path, similarity)
         paths["similarity"] = path
     print("\nwrote " + ", ".join(sorted(paths.values())))
+    return 0
+
+
+def _allocate(args) -> int:
+    """``--budget`` / ``--budget_ratio``: write the budgeted ``suggested_rank_map.json``."""
+    spectra = spectra_from_updates(updates_from_adapter_dir(args.adapter_dir))
+    budget = args.budget if args.budget is not None else budget_from_ratio(spectra, args.budget_ratio)
+    lora_alpha = float(read_adapter_folder(args.adapter_dir).config.get("lora_alpha") or 8)
+    plan = allocate(spectra, budget, lora_alpha=lora_alpha, alpha_policy=args.alpha_policy)
+    for module, rank in plan.rank_map.items():
+        alpha = f"  alpha {plan.alpha_map[module]:g}" if plan.alpha_map else ""
+        print(f"{module:<56} r {rank:>3}{alpha}")
+    path = os.path.join(args.output_dir or args.adapter_dir, "suggested_rank_map.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_json(path, plan.to_json())
+    print(f"\n{plan.params:,} LoRA parameters (budget {plan.budget:,}); wrote {path}")
     return 0
 
 

@@ -1,0 +1,161 @@
+"""Rank allocation to a parameter budget, from the spectra of a short probe run.
+
+A probe adapter trained with a uniform rank ``R`` gives, per module, the singular values ``σ_1 ≥ … ≥ σ_R`` of
+its update ``ΔW``. The *value* of a module's k-th direction is its share of that module's update energy,
+``σ_k² / Σ_j σ_j²``: shares, not absolute energies, because absolute update norms differ between modules for
+reasons unrelated to how many directions they need (learning-rate dynamics, scaling, weight norms). A direction
+costs ``in_features + out_features`` parameters (one row of ``A``, one column of ``B``), so the k-th directions
+of all modules are ranked by value per parameter. Every module gets rank 1; then the ordered (module, k) pairs
+are taken while they fit. The *prefix* rule (stop at the first pair that does not fit, never skip ahead to a
+cheaper one) makes the allocation monotone: a larger budget never lowers any module's rank. Ranks are capped
+at the probe rank: the probe says nothing about directions beyond it.
+
+A fused module (``fused_slices``) has one rank for all its slices; the value of its k-th direction is the mean
+of its slices' shares and its cost is that of every slice's row and column.
+
+The alpha policy says how each module's ``lora_alpha`` follows its new rank:
+
+* ``"scaling"`` keeps the probe's scaling ``alpha / r`` per module (an ``alpha_map`` with ``alpha_m = s_m·r_m``),
+  so a module trained at rank 1 steps as it did at rank ``R``;
+* ``"alpha"`` keeps ``lora_alpha`` (no ``alpha_map``): a rank-1 module then trains with ``R``× the scaling;
+* ``"rslora"`` sets ``alpha_m = lora_alpha·√r_m`` (the scaling ``alpha/√r`` of rsLoRA, Kalajdzievski 2023).
+
+Every ``alpha_map`` assumes ``use_rslora=False`` in the config that uses it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .report import LowRankUpdate
+from .spectra import factor_singular_values
+
+ALPHA_POLICIES = ("scaling", "alpha", "rslora")
+
+
+@dataclass(frozen=True)
+class ModuleSpectrum:
+    """What the allocation needs to know of one adapted module (all its fused slices together)."""
+
+    module: str
+    singular_values: tuple[tuple[float, ...], ...]  # one descending spectrum per slice (one for a plain module)
+    cost_per_rank: int  # parameters one more rank adds: Σ over slices of in_features + out_features
+    probe_rank: int
+    scaling: float = 1.0  # the probe's alpha / r
+
+    def shares(self) -> list[float]:
+        """Value of directions k = 1..probe_rank: the mean over slices of ``σ_k² / Σσ²`` (0 for a zero update)."""
+        out = [0.0] * self.probe_rank
+        for sv in self.singular_values:
+            total = sum(s * s for s in sv)
+            for k, s in enumerate(sv[: self.probe_rank]):
+                out[k] += (s * s / total if total > 0 else 0.0) / len(self.singular_values)
+        return out
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """A budgeted rank map: ``rank_map`` and ``alpha_map`` are ready for :class:`hf_lorax.LoRAConfig`."""
+
+    rank_map: dict[str, int]
+    alpha_map: dict[str, float] | None
+    params: int  # LoRA parameters (lora_A + lora_B) of the rank map
+    budget: int
+    min_params: int  # the budget of rank 1 everywhere
+    alpha_policy: str
+
+    def to_json(self) -> dict:
+        return {"rank_map": self.rank_map, "alpha_map": self.alpha_map, "params": self.params, "budget": self.budget,
+                "min_params": self.min_params, "alpha_policy": self.alpha_policy, "rule": "energy share per parameter"}
+
+
+def spectra_from_updates(updates: Iterable[LowRankUpdate]) -> list[ModuleSpectrum]:
+    """Group the updates of a probe adapter (``updates_from_model`` / ``updates_from_adapter_dir``) by module."""
+    grouped: dict[str, list[LowRankUpdate]] = {}
+    for u in updates:
+        grouped.setdefault(u.module, []).append(u)
+    return [
+        ModuleSpectrum(
+            module=module,
+            singular_values=tuple(tuple(factor_singular_values(u.lora_A, u.lora_B, u.scaling).tolist()) for u in parts),
+            cost_per_rank=sum(u.lora_A.shape[1] + u.lora_B.shape[0] for u in parts),
+            probe_rank=parts[0].r,
+            scaling=parts[0].scaling,
+        )
+        for module, parts in grouped.items()
+    ]
+
+
+def adapter_params(spectra: Sequence[ModuleSpectrum], rank_map: dict[str, int]) -> int:
+    """LoRA parameters of ``rank_map`` (``rank_m · cost_per_rank_m`` summed)."""
+    return sum(rank_map[s.module] * s.cost_per_rank for s in spectra)
+
+
+def probe_params(spectra: Sequence[ModuleSpectrum]) -> int:
+    """LoRA parameters of the probe adapter itself (the reference of a budget ratio)."""
+    return adapter_params(spectra, {s.module: s.probe_rank for s in spectra})
+
+
+def direction_order(spectra: Sequence[ModuleSpectrum]) -> list[tuple[str, int, int]]:
+    """``(module, k, cost)`` for every direction k ≥ 2, best value per parameter first.
+
+    Ties keep module order and then k, so within a module directions come in σ order.
+    """
+    pairs = []
+    for index, s in enumerate(spectra):
+        for k, share in enumerate(s.shares()[1:], start=2):
+            pairs.append((-share / s.cost_per_rank, index, k, s))
+    pairs.sort(key=lambda p: p[:3])
+    return [(s.module, k, s.cost_per_rank) for _, _, k, s in pairs]
+
+
+def allocate_ranks(spectra: Sequence[ModuleSpectrum], budget: int) -> dict[str, int]:
+    """``{module: rank}`` with at most ``budget`` LoRA parameters: rank 1 everywhere, then the longest prefix of
+    :func:`direction_order` that fits. Raises ``ValueError`` when the budget is below rank 1 everywhere."""
+    if not spectra:
+        raise ValueError("No adapted modules to allocate ranks to.")
+    ranks = {s.module: 1 for s in spectra}
+    left = budget - adapter_params(spectra, ranks)
+    if left < 0:
+        raise ValueError(f"Budget {budget:,} parameters is below the minimum {budget - left:,} "
+                         f"(rank 1 on each of the {len(spectra)} adapted modules).")
+    for module, k, cost in direction_order(spectra):
+        if cost > left:
+            break
+        ranks[module], left = k, left - cost
+    return ranks
+
+
+def alpha_map(spectra: Sequence[ModuleSpectrum], rank_map: dict[str, int], lora_alpha: float,
+              policy: str) -> dict[str, float] | None:
+    """Each module's ``lora_alpha`` for its new rank under ``policy`` (see the module docstring)."""
+    check_alpha_policy(policy)
+    if policy == "alpha":
+        return None
+    if policy == "rslora":
+        return {m: lora_alpha * math.sqrt(r) for m, r in rank_map.items()}
+    return {s.module: s.scaling * rank_map[s.module] for s in spectra}
+
+
+def allocate(spectra: Sequence[ModuleSpectrum], budget: int, lora_alpha: float,
+             alpha_policy: str = "scaling") -> Allocation:
+    """The rank map for ``budget`` LoRA parameters, its alpha map and its size."""
+    check_alpha_policy(alpha_policy)
+    ranks = allocate_ranks(spectra, budget)
+    return Allocation(rank_map=ranks, alpha_map=alpha_map(spectra, ranks, lora_alpha, alpha_policy),
+                      params=adapter_params(spectra, ranks), budget=budget,
+                      min_params=sum(s.cost_per_rank for s in spectra), alpha_policy=alpha_policy)
+
+
+def budget_from_ratio(spectra: Sequence[ModuleSpectrum], ratio: float) -> int:
+    """``ratio`` × the probe adapter's LoRA parameters, rounded down."""
+    if not 0 < ratio <= 1:
+        raise ValueError(f"budget ratio {ratio} must be in (0, 1]: a fraction of the probe adapter's parameters.")
+    return int(ratio * probe_params(spectra))
+
+
+def check_alpha_policy(policy: str) -> None:
+    if policy not in ALPHA_POLICIES:
+        raise ValueError(f"alpha policy {policy!r}: choose one of {list(ALPHA_POLICIES)}.")
