@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--markdown", default=None)
     p.add_argument("--plot", default=None)
     p.add_argument("--report_only", action="store_true", help="re-render --json's rows; train nothing")
+    p.add_argument("--merge", nargs="*", default=[],
+                   help="with --report_only: JSON files of other runs (e.g. per-task settings) whose rows join --json's")
     return p.parse_args(argv)
 
 
@@ -165,7 +167,9 @@ def run_task_seed(args, task, seed, encoded, tokenizer, emit):
     from hf_lorax.analysis.report import updates_from_model
 
     steps = run_steps(args, len(encoded["train"]))
-    base = {"task": task.name, "metric": task.main_metric, "seed": seed, "steps": steps}
+    base = {"task": task.name, "metric": task.main_metric, "seed": seed, "steps": steps,
+            "train_rows": len(encoded["train"]), "eval_rows": len(encoded["validation"]), "epochs": args.epochs,
+            "learning_rate": args.learning_rate, "batch_size": args.batch_size, "max_length": args.max_length}
     uniform_params = {}
     for budget_r in sorted(set(args.budgets) | set(args.uniform_ranks or args.budgets)):
         set_seed(seed)
@@ -283,8 +287,10 @@ def write_outputs(args, rows):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report_only:
-        with open(args.json) as f:
-            rows = json.load(f)["rows"]
+        rows = []
+        for path in [args.json, *args.merge]:
+            with open(path) as f:
+                rows += json.load(f)["rows"]
         print(markdown(write_outputs(args, rows)))
         return 0
     import torch
