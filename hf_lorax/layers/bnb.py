@@ -29,7 +29,7 @@ from ..integrations.peft_api import (
     peft_bnb_module,
 )
 from .dora import FactorizedDoraLinearVariant
-from .fused import FusedForwardMixin
+from .fused import LinearForwardMixin
 from .lora import FusedSliceMixin
 
 peft_bnb = peft_bnb_module()
@@ -42,7 +42,7 @@ def disable_cpu_repacking(module: nn.Module) -> None:
             layer.support_avx512bf16_for_cpu = False
 
 
-class _QuantizedLora(FusedForwardMixin, FusedSliceMixin):
+class _QuantizedLora(LinearForwardMixin, FusedSliceMixin):
     def _init_quantized(self, base_layer, adapter_name, config, r, lora_alpha, **kwargs) -> None:
         init_lora_state(self, base_layer)
         self.fan_in_fan_out = False
@@ -56,10 +56,6 @@ class _QuantizedLora(FusedForwardMixin, FusedSliceMixin):
         if not isinstance(base, bnb.nn.Linear4bit):
             return None
         return lambda: dequantize_module_weight(base)
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        fused = self._fused_forward(x, *args, **kwargs)
-        return fused if fused is not None else super().forward(x, *args, **kwargs)
 
     def resolve_lora_variant(self, *, config, **kwargs):
         if config.use_dora:

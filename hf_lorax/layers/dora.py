@@ -199,7 +199,8 @@ class FactorizedDoraLinearVariant(LoraVariant):
         norm_scale = module.lora_magnitude_vector[active_adapter](cls.weight_norm(module, active_adapter))
         norm_scale = norm_scale.to(result.dtype)
         bias = module.get_base_layer().bias
-        lora = lora_B(lora_A(apply_dropout(module.lora_dropout[active_adapter], x)) * scaling)  # scaling on the r-wide A x
+        dropped = apply_dropout(module.lora_dropout[active_adapter], x, lora_A.weight)
+        lora = lora_B(lora_A(dropped) * scaling)  # scaling on the r-wide A x
         combined = result + lora.to(result.dtype) if bias is None else result - bias + lora.to(result.dtype)
         return scale_and_shift(combined, norm_scale, bias)
 

@@ -16,9 +16,8 @@ Backward forms ``dx = g W + (s · (g B) A) ⊙ mask/(1-p)``, ``dA``, ``dB`` (and
 gradients when they train); the frozen ``W`` gets no gradient. A 4-bit weight is dequantised in forward and
 again in backward, and freed right after each use (what bitsandbytes' own ``matmul_4bit`` does).
 
-Dropout, biases, rank maps, fused slices and DoRA all stay on this path. Under ``torch.compile`` the layers
-use their plain code instead (inductor fuses it and chooses what to save; an opaque node would stop it). In
-eager mode the node is the default for CUDA inputs (see :class:`FusedForwardMixin` for why not on CPU).
+Dropout, biases, rank maps, fused slices and DoRA all stay on this path. :class:`LinearForwardMixin` is the one
+rule that chooses, per call, between it, the plain reference maths and peft's forward.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import torch
 
 from ..integrations.sharding import is_zero3_param
 from .dora import FactorizedDoraLinearVariant
-from .dropout import dropout_p, lora_dropout
+from .dropout import apply_dropout, dropout_p, lora_dropout
 from .sliced import b_weight
 
 WeightSource = Callable[[], torch.Tensor]  # returns the frozen weight as (out, in) in the base compute dtype
@@ -70,7 +69,7 @@ class FusedLoraLinear(torch.autograd.Function):
                 combined = x_base @ w.to(base_dtype).T
             del w  # a dequantised weight is freed here
             x_lora = x_base if lora_dtype == base_dtype else rows.to(lora_dtype)
-            dropped, mask = lora_dropout(x_lora, dropout_p)
+            dropped, mask = lora_dropout(x_lora, dropout_p, lora_A)
             h = dropped @ lora_A.to(lora_dtype).T  # (N, r); the scaling is the next GEMM's alpha
             if lora_dtype == base_dtype:
                 combined.addmm_(h, lora_B.to(lora_dtype).T, alpha=scaling)  # the update lands in the base's buffer
@@ -162,15 +161,21 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor | WeightSource, bias
 FUSED_BY_DEFAULT_ON = ("cuda",)  # device types whose inputs take the fused node unless a model says otherwise
 
 
-class FusedForwardMixin:
-    """Sends a layer's eager forward through :class:`FusedLoraLinear` whenever the call allows it.
+class LinearForwardMixin:
+    """The forward of hf_lorax's linear tuner layers: one rule sends each call to one of three paths.
 
-    By default on CUDA inputs only: on this project's 2-core CPU the node kept 3–10% less peak memory but took
+    1. peft's forward (the parent class) for what only it covers: several active adapters, mixed-adapter
+       batches, merged or disabled adapters, ``lora_bias``, variants other than hf_lorax's DoRA, extra arguments.
+    2. Else the fused node (:class:`FusedLoraLinear`) when it is on for the input's device, the call is not being
+       traced by ``torch.compile`` (inductor fuses the plain code and chooses what to save; an opaque node would
+       stop it) and the frozen weight allows it (not trained, not a ZeRO-3 partition, not LLM.int8()).
+    3. Else the plain reference maths: the base layer, then ``B (s · A drop(x))``, and DoRA's rescale
+       (:meth:`~hf_lorax.layers.dora.FactorizedDoraLinearVariant.forward`).
+
+    Paths 2 and 3 compute the same function with the same dropout mask (:mod:`hf_lorax.layers.dropout`). The node is
+    on by default for CUDA inputs only: on this project's 2-core CPU it kept 3–10% less peak memory but took
     1.10–1.18× the step time of the plain layers (docs/benchmarks.md); its GPU time is unmeasured, and
-    ``scripts/bench_gpu.py``'s ``hf_lorax-unfused_*`` rows measure it. :func:`set_fused_path` turns it on or off
-    per model. The plain path (peft's, or the layer's own) is kept for what the fused node does not cover:
-    several active adapters, mixed-adapter batches, merged or disabled adapters, ``lora_bias``, 8-bit bases, a
-    base weight that trains, extra forward arguments, and ``torch.compile`` tracing.
+    ``scripts/bench_gpu.py``'s ``hf_lorax-unfused_*`` rows measure it. :func:`set_fused_path` sets it per model.
     """
 
     use_fused_path: bool | None = None  # None: by the input's device type (FUSED_BY_DEFAULT_ON)
@@ -182,29 +187,37 @@ class FusedForwardMixin:
             return None  # a ZeRO-3 partition is whole only inside the base layer's own call
         return weight.T if self.fan_in_fan_out else weight
 
-    def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor | None:
-        """The layer's output through the fused node, or None when this call must take the plain path."""
-        enabled = self.use_fused_path if self.use_fused_path is not None else x.device.type in FUSED_BY_DEFAULT_ON
-        if (not enabled or args or any(v is not None for v in kwargs.values())
-                or torch.compiler.is_compiling() or self.disable_adapters or self.merged):
+    def _single_adapter(self, args: tuple, kwargs: dict) -> str | None:
+        """The one adapter a call computes with on paths 2 and 3, or None for peft's forward."""
+        if args or any(v is not None for v in kwargs.values()) or self.disable_adapters or self.merged:
             return None
         active = [a for a in self.active_adapters if a in self.lora_A]
         if len(active) != 1 or self.lora_bias.get(active[0], False):
             return None
-        adapter = active[0]
+        variant = self.lora_variant.get(active[0])
+        return active[0] if variant is None or isinstance(variant, FactorizedDoraLinearVariant) else None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapter = self._single_adapter(args, kwargs)
+        if adapter is None:
+            return super().forward(x, *args, **kwargs)
+        enabled = self.use_fused_path if self.use_fused_path is not None else x.device.type in FUSED_BY_DEFAULT_ON
+        weight = self._fused_weight() if enabled and not torch.compiler.is_compiling() else None
         variant = self.lora_variant.get(adapter)
-        if variant is not None and not isinstance(variant, FactorizedDoraLinearVariant):
-            return None
-        weight = self._fused_weight()
-        if weight is None:
-            return None
-        norm_scale = None
-        if variant is not None:  # DoRA: m / ‖W + s·BA‖, the norm from the factors and detached
+        lora_A, lora_B, scaling = self.lora_A[adapter], self.lora_B[adapter], self.scaling[adapter]
+        if weight is None:  # the scaling multiplies the r-wide ``A x``, not the output
+            result = self.base_layer(x)
+            x = self._cast_input_dtype(x, lora_A.weight.dtype)
+            if variant is not None:
+                return variant.forward(self, adapter, x, result).to(result.dtype)
+            lora = lora_B(lora_A(apply_dropout(self.lora_dropout[adapter], x, lora_A.weight)) * scaling)
+            return (result + lora).to(result.dtype)
+        norm_scale = None  # DoRA: m / ‖W + s·BA‖, the norm from the factors and detached
+        if variant is not None:
             norm_scale = self.lora_magnitude_vector[adapter](variant.weight_norm(self, adapter))
         base = self.get_base_layer()
-        return fused_lora_linear(x, weight, base.bias, self.lora_A[adapter].weight, b_weight(self.lora_B[adapter]),
-                                 self.scaling[adapter], dropout_p(self.lora_dropout[adapter]), norm_scale,
-                                 getattr(base, "compute_dtype", None))
+        return fused_lora_linear(x, weight, base.bias, lora_A.weight, b_weight(lora_B), scaling,
+                                 dropout_p(self.lora_dropout[adapter]), norm_scale, getattr(base, "compute_dtype", None))
 
 
 def set_fused_path(model: torch.nn.Module, enabled: bool | None) -> int:
@@ -212,7 +225,7 @@ def set_fused_path(model: torch.nn.Module, enabled: bool | None) -> int:
     default by device (None); returns how many layers."""
     if enabled is not None and not isinstance(enabled, bool):  # bool("false") would turn it on
         raise TypeError(f"set_fused_path: enabled must be True, False or None (the default by device), got {enabled!r}.")
-    layers = [m for m in model.modules() if isinstance(m, FusedForwardMixin)]
+    layers = [m for m in model.modules() if isinstance(m, LinearForwardMixin)]
     for layer in layers:
         layer.use_fused_path = enabled
     return len(layers)

@@ -8,7 +8,8 @@ inference and saving behave exactly as in peft, and parameter names stay peft's 
 * ``Conv1D`` is recognised by type, not by the config's ``fan_in_fan_out`` flag;
 * a layer on a fused projection can adapt only some slices (:class:`~hf_lorax.layers.sliced.SlicedLoraB`: a
   dense block-structured ``B`` whose off-slice entries get no gradient);
-* in eager mode the whole layer (LoRA or DoRA) is one autograd node (:mod:`hf_lorax.layers.fused`).
+* one forward rule (:class:`~hf_lorax.layers.fused.LinearForwardMixin`): the fused node or the plain maths,
+  the same function with the same dropout mask; peft's forward only for what only it covers.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..integrations.peft_api import VARIANT_KWARG_KEYS, init_lora_state, peft_lora
+from ..integrations.peft_api import init_lora_state, peft_lora
 from .dora import FactorizedDoraEmbeddingVariant, FactorizedDoraLinearVariant
-from .dropout import apply_dropout
-from .fused import FusedForwardMixin
+from .fused import LinearForwardMixin
 from .sliced import SlicedLoraB, block_mask
 
 
@@ -74,7 +74,7 @@ class WeightNormCacheMixin:
         self.__dict__.pop("_hf_lorax_weight_sq", None)
 
 
-class LoraLinear(FusedForwardMixin, FusedSliceMixin, WeightNormCacheMixin, peft_lora.Linear):
+class LoraLinear(LinearForwardMixin, FusedSliceMixin, WeightNormCacheMixin, peft_lora.Linear):
     """LoRA / DoRA on ``nn.Linear`` or GPT-2 ``Conv1D``, optionally on slices of a fused projection."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int = 0, lora_alpha: float = 1, **kwargs):
@@ -90,32 +90,6 @@ class LoraLinear(FusedForwardMixin, FusedSliceMixin, WeightNormCacheMixin, peft_
     @property
     def lora_variants(self):
         return {(): None, ("use_dora",): FactorizedDoraLinearVariant}
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """``W x + B (s · A dropout(x))``: the scaling multiplies the r-wide ``A x``, not the output.
-
-        Eager calls go through the fused node (:class:`~hf_lorax.layers.fused.FusedForwardMixin`). Otherwise
-        (``torch.compile`` traces this code): peft scales ``B A x`` (batch × seq × out) and then adds it, one
-        more output-sized tensor and pass per layer. Merged layers, disabled adapters, mixed-adapter batches,
-        variants (DoRA) and ``lora_bias`` take peft's path.
-        """
-        fused = self._fused_forward(x, *args, **kwargs)
-        if fused is not None:
-            return fused
-        active = [a for a in self.active_adapters if a in self.lora_A]
-        if (self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None
-                or any(a in self.lora_variant or self.lora_bias.get(a, False) for a in active)):
-            return super().forward(x, *args, **kwargs)
-        self._check_forward_args(x, *args, **kwargs)
-        for key in ("adapter_names", *VARIANT_KWARG_KEYS):  # never passed to the base layer
-            kwargs.pop(key, None)
-        result = self.base_layer(x, *args, **kwargs)
-        result_dtype = result.dtype
-        for adapter in active:
-            lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
-            h = lora_A(apply_dropout(self.lora_dropout[adapter], self._cast_input_dtype(x, lora_A.weight.dtype)))
-            result = result + lora_B(h * self.scaling[adapter])
-        return result.to(result_dtype)
 
     def __repr__(self) -> str:
         return "hf_lorax." + super().__repr__()
