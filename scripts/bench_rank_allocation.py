@@ -58,9 +58,10 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     p.add_argument("--plot", default=None)
-    p.add_argument("--report_only", action="store_true", help="re-render --json's rows; train nothing")
-    p.add_argument("--merge", nargs="*", default=[],
-                   help="with --report_only: JSON files of other runs (e.g. per-task settings) whose rows join --json's")
+    p.add_argument("--report_only", action="store_true", help="re-render the rows of --inputs (default: --json); "
+                   "train nothing")
+    p.add_argument("--inputs", nargs="*", default=[],
+                   help="with --report_only: JSON files of runs (e.g. one per task's settings) whose rows are joined")
     return p.parse_args(argv)
 
 
@@ -247,6 +248,48 @@ def markdown(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _scores(rows: list[dict], task: str, method: str, budget_r: int, policy: str | None) -> dict[int, float]:
+    """``{seed: score x100}`` of one method (``policy``: the allocated map's alpha policy, else ignored)."""
+    return {r["seed"]: 100 * r["score"] for r in rows if r["task"] == task and r["method"] == method
+            and r["budget_r"] == budget_r and (method != "allocated" or r.get("alpha_policy", "scaling") == policy)}
+
+
+def verdicts(rows: list[dict], policy: str) -> list[dict]:
+    """The issue's three goals per task, on paired seeds: the allocated map against uniform LoRA at its budget
+    (beats it by more than the larger seed std?), at the small budget against uniform at the largest (matches it
+    within that std?), and against AdaLoRA at its budget (at least ties: not behind by more than that std)."""
+    out = []
+    budgets = sorted({r["budget_r"] for r in rows if r["method"] == "allocated"})
+    for task in sorted({r["task"] for r in rows}):
+        pairs = [(f"allocated @r={b} - uniform r={b}", b, ("uniform", b, None), "beats") for b in budgets]
+        if len(budgets) > 1:
+            pairs.append((f"allocated @r={budgets[0]} - uniform r={budgets[-1]}", budgets[0],
+                          ("uniform", budgets[-1], None), "matches"))
+        pairs += [(f"allocated @r={b} - AdaLoRA target_r={b}", b, ("adalora", b, None), "ties") for b in budgets]
+        for name, b, other, goal in pairs:
+            mine, theirs = _scores(rows, task, "allocated", b, policy), _scores(rows, task, *other)
+            seeds = sorted(set(mine) & set(theirs))
+            if len(seeds) < 2:
+                continue
+            diffs = [mine[s] - theirs[s] for s in seeds]
+            noise = max(statistics.stdev([mine[s] for s in seeds]), statistics.stdev([theirs[s] for s in seeds]))
+            mean = statistics.mean(diffs)
+            met = {"beats": mean > noise, "matches": mean >= -noise, "ties": mean >= -noise}[goal]
+            out.append({"task": task, "comparison": name, "goal": goal, "mean_diff": mean, "diffs": diffs,
+                        "seed_std": noise, "met": met, "seeds": seeds})
+    return out
+
+
+def verdict_markdown(found: list[dict]) -> str:
+    lines = ["| task | comparison (x100) | paired per seed | mean | larger seed std | goal | met |",
+             "|---|---|---|---:|---:|---|---|"]
+    for v in found:
+        per_seed = ", ".join(f"{d:+.1f}" for d in v["diffs"])
+        lines.append(f"| {v['task']} | {v['comparison']} | {per_seed} | {v['mean_diff']:+.2f} | {v['seed_std']:.2f} | "
+                     f"{v['goal']} | {'yes' if v['met'] else 'no'} |")
+    return "\n".join(lines)
+
+
 def plot(summary: list[dict], path: str, policy: str) -> None:
     import matplotlib
 
@@ -274,11 +317,12 @@ def write_outputs(args, rows):
     summary = summarize(rows)
     if args.json:
         with open(args.json + ".tmp", "w") as f:
-            json.dump({"args": vars(args), "rows": rows, "summary": summary}, f, indent=1)
+            json.dump({"args": vars(args), "rows": rows, "summary": summary,
+                       "verdicts": verdicts(rows, args.alpha_policy)}, f, indent=1)
         os.replace(args.json + ".tmp", args.json)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(markdown(summary) + "\n")
+            f.write(markdown(summary) + "\n\n" + verdict_markdown(verdicts(rows, args.alpha_policy)) + "\n")
     if args.plot and rows:
         plot(summary, args.plot, args.alpha_policy)
     return summary
@@ -288,10 +332,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report_only:
         rows = []
-        for path in [args.json, *args.merge]:
+        for path in args.inputs or [args.json]:
             with open(path) as f:
                 rows += json.load(f)["rows"]
         print(markdown(write_outputs(args, rows)))
+        print(verdict_markdown(verdicts(rows, args.alpha_policy)))
         return 0
     import torch
     from transformers import AutoTokenizer

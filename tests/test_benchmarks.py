@@ -76,3 +76,28 @@ def test_op_counter_sees_syncs_by_source_and_skips_views():
     assert "view" not in summary["by_op"] and summary["by_op"]["sum"] == 1
     assert summary["device_syncs"] >= 2 and y.shape == (12,) and kept.shape[1] == 3 and total == total
     assert any(key.startswith("index @ tests/test_benchmarks.py") for key in summary["sync_sources"])
+
+
+def test_bench_rank_allocation_report_joins_runs_and_judges_the_goals_on_paired_seeds(tmp_path):
+    """--report_only joins per-task JSON files and states each goal from paired seeds (no training, no data)."""
+    def row(task, method, budget_r, seed, score, **extra):
+        return {"task": task, "metric": "accuracy", "method": method, "budget_r": budget_r, "seed": seed,
+                "score": score, "params": 100 * budget_r, **extra}
+
+    runs = {
+        "a.json": [row("sst2", "uniform", 2, s, 0.70 + 0.01 * s) for s in range(3)]
+        + [row("sst2", "allocated", 2, s, 0.75 + 0.01 * s, alpha_policy="scaling") for s in range(3)]
+        + [row("sst2", "allocated", 2, s, 0.50, alpha_policy="alpha") for s in range(3)],  # another policy: ignored
+        "b.json": [row("sst2", "adalora", 2, s, 0.76 + 0.01 * s) for s in range(3)],
+    }
+    for name, rows in runs.items():
+        (tmp_path / name).write_text(json.dumps({"rows": rows}))
+    result = _run("bench_rank_allocation.py", "--model_dir", "unused", "--report_only", "--inputs",
+                  str(tmp_path / "a.json"), str(tmp_path / "b.json"), tmp_path=tmp_path)
+    assert len(result["rows"]) == 12
+    verdicts = {v["comparison"]: v for v in result["verdicts"]}
+    beats = verdicts["allocated @r=2 - uniform r=2"]
+    assert all(abs(d - 5.0) < 1e-9 for d in beats["diffs"])
+    assert beats["met"] and abs(beats["seed_std"] - 1.0) < 1e-9  # +5 points against a seed std of 1
+    ties = verdicts["allocated @r=2 - AdaLoRA target_r=2"]
+    assert abs(ties["mean_diff"] + 1.0) < 1e-9 and ties["met"]  # 1 point behind, within the seed std: a tie
