@@ -77,13 +77,9 @@ class ScaleAndShift(torch.autograd.Function):
 
     When the next operation keeps ``y`` for its own backward (RoBERTa's attention keeps the q/k/v projections'
     outputs), saving it costs no activation memory; saving ``c`` would add one (batch, seq, out) tensor per
-    layer. Where nothing else keeps ``y`` (GPT-2's fused ``c_attn``, whose q/k/v are copied before attention)
-    it costs that one tensor, as saving ``c`` would; peft's DoRA keeps two (measured on 6-layer models, batch
-    4 × 256: saved activations LoRA 1148 MiB, this DoRA 1238 MiB, peft's DoRA 1479 MiB on GPT-2; on RoBERTa
-    this DoRA's peak equals LoRA's plus 73 MiB, peft's plus 337 MiB). Backward recovers ``c = (y - b) / n``; ``n = m / ‖W + s·BA‖`` is a ratio
-    of norms, never zero for a trained layer. The subtraction loses precision when ``|b| ≫ |n·c|`` in
-    bf16/fp16 (measured: 2.6x the relative error of the magnitude gradient at ``|b| ≈ 5|c|``), so
-    :func:`scale_and_shift` uses it for float32 only.
+    layer (docs/benchmarks.md, "DoRA's saved activations"). Backward recovers ``c = (y - b) / n``; ``n`` is a
+    ratio of norms, never zero for a trained layer. The subtraction loses precision when ``|b| ≫ |n·c|`` in
+    bf16/fp16, so :func:`scale_and_shift` uses it for float32 only.
     """
 
     @staticmethod

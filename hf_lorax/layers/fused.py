@@ -173,9 +173,8 @@ class LinearForwardMixin:
        (:meth:`~hf_lorax.layers.dora.FactorizedDoraLinearVariant.forward`).
 
     Paths 2 and 3 compute the same function with the same dropout mask (:mod:`hf_lorax.layers.dropout`). The node is
-    on by default for CUDA inputs only: on this project's 2-core CPU it kept 3–10% less peak memory but took
-    1.10–1.18× the step time of the plain layers (docs/benchmarks.md); its GPU time is unmeasured, and
-    ``scripts/bench_gpu.py``'s ``hf_lorax-unfused_*`` rows measure it. :func:`set_fused_path` sets it per model.
+    on by default for CUDA inputs only: on CPU it measured slower than the plain layers (docs/benchmarks.md), on a
+    GPU it is unmeasured (``scripts/bench_gpu.py``'s ``hf_lorax-unfused_*`` rows). :func:`set_fused_path` sets it.
     """
 
     use_fused_path: bool | None = None  # None: by the input's device type (FUSED_BY_DEFAULT_ON)
