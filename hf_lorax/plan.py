@@ -173,10 +173,6 @@ def plain_modules(model: nn.Module):
         yield name, module
 
 
-def adaptable_names(model: nn.Module) -> list[str]:
-    """Names of the modules hf_lorax has layers for, skipping adapter internals."""
-    return [name for name, module in plain_modules(model) if is_dense(module)]
-
 
 def find_task_heads(model: nn.Module) -> list[str]:
     """The task head: the top-level modules outside the transformer body that hold parameters.

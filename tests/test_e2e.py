@@ -437,3 +437,30 @@ def test_cli_overrides_reach_the_preset():
     assert (preset.model_name_or_path, preset.length_penalty, preset.num_beams, preset.r) == ("gpt2-large", 0.8, 4, 8)
     assert (args.learning_rate, preset.max_new_tokens, experiment.data.meteor) == (2e-4, 64, False)
     assert (args.label_smoothing_factor, args.max_grad_norm, args.warmup_steps, args.seed) == (0.1, 0.0, 500, 110)
+
+
+def test_auto_rank_map_end_to_end(tiny_base, e2e_csv, tmp_path):
+    """``--rank_map auto`` on E2E (GPT-2: fused ``c_attn`` slices): a probe, the budgeted map, the real run; the saved
+    adapter holds exactly the allocated ranks and parameters, and results.json records the allocation."""
+    from safetensors.torch import load_file
+
+    from hf_lorax.layers import trained_parameter_count
+
+    results = run(_args(tiny_base, e2e_csv, tmp_path, rank_map="auto", rank_budget_ratio=0.5, probe_steps=2,
+                        probe_r=8, max_eval_samples=2, meteor=False))
+    allocation = json.loads((tmp_path / "results.json").read_text())["rank_allocation"]
+    assert allocation == results["rank_allocation"] and allocation["probe_steps"] == 2
+    assert allocation["params"] <= allocation["budget"] and len(set(allocation["rank_map"].values())) >= 1
+    reloaded = get_model(str(tmp_path / "adapter"), is_trainable=True)
+    for name, rank in allocation["rank_map"].items():  # a fused c_attn holds its slices' ranks side by side
+        layer = reloaded.get_submodule("base_model.model." + name)
+        spec = getattr(layer, "slice_specs", {}).get("default")
+        slices = len(spec.rows(layer.out_features, name)) if spec is not None else 1
+        assert layer.r["default"] == rank * slices, (name, layer.r["default"], rank, slices)
+    assert trained_parameter_count(reloaded) - _head_params(reloaded) == allocation["params"]
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert any("lora_" in k for k in weights)
+
+
+def _head_params(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n)
