@@ -54,6 +54,10 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=float, default=2)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--learning_rate", type=float, default=1e-3)
+    p.add_argument("--adalora_learning_rate", type=float, default=None,
+                   help="AdaLoRA's own learning rate (default --learning_rate): its update starts near zero (E = 0, "
+                        "A and B at std 0.02), so it needs a larger one than LoRA (docs/rank_allocation.md)")
+    p.add_argument("--resume", action="store_true", help="keep --json's rows and run only the missing ones")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
@@ -131,7 +135,7 @@ def adalora_final_params(model) -> tuple[int, dict[str, int]]:
     return total, ranks
 
 
-def train(args, task, encoded, tokenizer, model, seed, max_steps=None, callbacks=()):
+def train(args, task, encoded, tokenizer, model, seed, max_steps=None, callbacks=(), learning_rate=None):
     """Train ``model``; returns (trainer, main metric on the dev split or None when ``max_steps`` probes)."""
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
@@ -140,7 +144,7 @@ def train(args, task, encoded, tokenizer, model, seed, max_steps=None, callbacks
     targs = TrainingArguments(
         output_dir=os.path.join("/tmp", f"bench_rank_alloc_{os.getpid()}"), num_train_epochs=args.epochs,
         max_steps=max_steps or -1, per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=128,
-        learning_rate=args.learning_rate, warmup_steps=0.06, lr_scheduler_type="linear", weight_decay=0.0,
+        learning_rate=learning_rate or args.learning_rate, warmup_steps=0.06, lr_scheduler_type="linear", weight_decay=0.0,
         eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none", seed=seed,
         data_seed=seed, use_cpu=True, dataloader_num_workers=0, disable_tqdm=True)
     trainer = Trainer(model=model, args=targs, train_dataset=encoded["train"], eval_dataset=encoded["validation"],
@@ -160,7 +164,14 @@ def run_steps(args, n_train: int) -> int:
 # -- the grid --------------------------------------------------------------------------------------------------
 
 
-def run_task_seed(args, task, seed, encoded, tokenizer, emit):
+def row_key(row) -> tuple:
+    """What identifies a run: task, seed, method, budget and (allocated maps) alpha policy."""
+    policy = row.get("alpha_policy", "scaling") if row["method"] == "allocated" else None
+    return row["task"], row["seed"], row["method"], row["budget_r"], policy
+
+
+def run_task_seed(args, task, seed, encoded, tokenizer, emit, done=frozenset()):
+    """Every method's runs for one task and seed, except those whose :func:`row_key` is in ``done``."""
     from transformers import set_seed
 
     from hf_lorax import get_model
@@ -176,13 +187,18 @@ def run_task_seed(args, task, seed, encoded, tokenizer, emit):
         set_seed(seed)
         model = get_model(lora_config(args, task, budget_r))
         uniform_params[budget_r] = lora_params(model)
-        if "uniform" in args.methods and budget_r in (args.uniform_ranks or args.budgets):
+        if ("uniform" in args.methods and budget_r in (args.uniform_ranks or args.budgets)
+                and (task.name, seed, "uniform", budget_r, None) not in done):
             start = time.perf_counter()
             _, score = train(args, task, encoded, tokenizer, model, seed)
             emit({**base, "method": "uniform", "budget_r": budget_r, "params": uniform_params[budget_r],
                   "score": score, "rank_map": None, "seconds": time.perf_counter() - start})
 
-    if "allocated" in args.methods:
+    policies = [(b, args.alpha_policy) for b in args.budgets]
+    if task.name == args.policy_task:
+        policies += [(args.policy_budget, p) for p in args.policy_compare]
+    policies = [(b, p) for b, p in policies if (task.name, seed, "allocated", b, p) not in done]
+    if "allocated" in args.methods and policies:
         probe_steps = max(1, round(args.probe_fraction * steps))
         set_seed(seed)
         probe = get_model(lora_config(args, task, args.probe_r))
@@ -191,9 +207,6 @@ def run_task_seed(args, task, seed, encoded, tokenizer, emit):
         probe_seconds = time.perf_counter() - start
         spectra = spectra_from_updates(updates_from_model(probe))
         del probe
-        policies = [(b, args.alpha_policy) for b in args.budgets]
-        if task.name == args.policy_task:
-            policies += [(args.policy_budget, p) for p in args.policy_compare]
         for budget_r, policy in policies:
             plan = allocate(spectra, uniform_params[budget_r], lora_alpha=2 * args.probe_r, alpha_policy=policy)
             set_seed(seed)
@@ -207,14 +220,18 @@ def run_task_seed(args, task, seed, encoded, tokenizer, emit):
                   "seconds": time.perf_counter() - start})
 
     if "adalora" in args.methods:
+        learning_rate = args.adalora_learning_rate or args.learning_rate
         for budget_r in args.budgets:
+            if (task.name, seed, "adalora", budget_r, None) in done:
+                continue
             set_seed(seed)
             model, settings = adalora_model(args, task, budget_r, steps)
             start = time.perf_counter()
-            _, score = train(args, task, encoded, tokenizer, model, seed, callbacks=[adalora_callback()])
+            _, score = train(args, task, encoded, tokenizer, model, seed, callbacks=[adalora_callback()],
+                             learning_rate=learning_rate)
             params, ranks = adalora_final_params(model)
             emit({**base, "method": "adalora", "budget_r": budget_r, "params": params, "score": score,
-                  "rank_map": ranks, "trained_params": lora_params(model), **settings,
+                  "rank_map": ranks, "trained_params": lora_params(model), **settings, "learning_rate": learning_rate,
                   "seconds": time.perf_counter() - start})
 
 
@@ -348,6 +365,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     rows: list[dict] = []
+    if args.resume and args.json and os.path.exists(args.json):
+        with open(args.json) as f:
+            rows = json.load(f)["rows"]
+    done = {row_key(r) for r in rows}
 
     def emit(row):
         rows.append(row)
@@ -359,7 +380,7 @@ def main(argv=None) -> int:
         task = get_task(name)
         encoded = encode_splits(args, task, tokenizer)
         for seed in args.seeds:
-            run_task_seed(args, task, seed, encoded, tokenizer, emit)
+            run_task_seed(args, task, seed, encoded, tokenizer, emit, done)
     print(markdown(write_outputs(args, rows)))
     return 0
 
