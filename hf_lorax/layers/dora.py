@@ -178,6 +178,11 @@ class FactorizedDoraLinearVariant(LoraVariant):
                                           module.scaling[adapter])
 
     @classmethod
+    def norm_scale(cls, module: LoraLayer, adapter: str) -> torch.Tensor:
+        """DoRA's ``m / ‖W + s·BA‖`` (the norm from the factors, detached): the one place every path reads it."""
+        return module.lora_magnitude_vector[adapter](cls.weight_norm(module, adapter))
+
+    @classmethod
     def init(cls, module: LoraLayer, adapter_name: str, **kwargs: Any) -> None:
         if "lora_magnitude_vector" not in module.adapter_layer_names:
             module.adapter_layer_names = module.adapter_layer_names[:] + ("lora_magnitude_vector",)
@@ -192,8 +197,7 @@ class FactorizedDoraLinearVariant(LoraVariant):
     def forward(cls, module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
         lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
         scaling = module.scaling[active_adapter]
-        norm_scale = module.lora_magnitude_vector[active_adapter](cls.weight_norm(module, active_adapter))
-        norm_scale = norm_scale.to(result.dtype)
+        norm_scale = cls.norm_scale(module, active_adapter).to(result.dtype)
         bias = module.get_base_layer().bias
         dropped = apply_dropout(module.lora_dropout[active_adapter], x, lora_A.weight)
         lora = lora_B(lora_A(dropped) * scaling)  # scaling on the r-wide A x
@@ -243,8 +247,7 @@ class FactorizedDoraEmbeddingVariant(FactorizedDoraLinearVariant):
     @classmethod
     def forward(cls, module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
         A, B = cls.factors(module, active_adapter)
-        norm_scale = module.lora_magnitude_vector[active_adapter](cls.weight_norm(module, active_adapter))
-        norm_scale = norm_scale.to(result.dtype)
+        norm_scale = cls.norm_scale(module, active_adapter).to(result.dtype)
         lora = (module._embed(x, A.T) @ B.T) * module.scaling[active_adapter]
         embed_scale = module._get_embed_scale()
         if embed_scale is not None:

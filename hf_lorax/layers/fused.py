@@ -211,9 +211,7 @@ class LinearForwardMixin:
                 return variant.forward(self, adapter, x, result).to(result.dtype)
             lora = lora_B(lora_A(apply_dropout(self.lora_dropout[adapter], x, lora_A.weight)) * scaling)
             return (result + lora).to(result.dtype)
-        norm_scale = None  # DoRA: m / ‖W + s·BA‖, the norm from the factors and detached
-        if variant is not None:
-            norm_scale = self.lora_magnitude_vector[adapter](variant.weight_norm(self, adapter))
+        norm_scale = None if variant is None else variant.norm_scale(self, adapter)
         base = self.get_base_layer()
         return fused_lora_linear(x, weight, base.bias, lora_A.weight, b_weight(lora_B), scaling,
                                  dropout_p(self.lora_dropout[adapter]), norm_scale, getattr(base, "compute_dtype", None))
