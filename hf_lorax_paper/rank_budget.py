@@ -64,7 +64,8 @@ def allocate_from_probe(plugin, build_model, preset, method, data, args, tokeniz
     from hf_lorax.analysis.report import updates_from_model
 
     probe_method = dataclasses.replace(method, rank_map=None, r=method.probe_r, rank_utilization=False)
-    probe_preset = dataclasses.replace(preset, r=method.probe_r)
+    # the probe trains at the run's scaling alpha/r, so "scaling" keeps the step size of the uniform run it replaces
+    probe_preset = dataclasses.replace(preset, r=method.probe_r, lora_alpha=preset.lora_alpha * method.probe_r / preset.r)
     set_seed(args.seed)
     model = build_model(plugin, probe_preset, probe_method, data)
     inputs = plugin.trainer_inputs(tokenizer, probe_preset, probe_method, data, splits)

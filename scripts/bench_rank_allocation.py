@@ -6,7 +6,8 @@ the same rows with the same optimiser settings, LoRA on ``query``/``value``, sca
 * ``uniform r=R``: ``LoRAConfig(r=R, lora_alpha=2R)``;
 * ``allocated @R``: a probe run (uniform ``r=probe_r``, ``lora_alpha=2·probe_r``, ``probe_fraction`` of the
   run's steps, nothing saved), :func:`hf_lorax.analysis.allocation.allocate` to the LoRA parameters of uniform
-  ``r=R``, then the run with that ``rank_map`` (and ``alpha_map`` of ``--alpha_policy``) from a fresh adapter;
+  ``r=R`` with that run's ``lora_alpha=2R`` (``scaling`` keeps alpha/r = 2 per module, ``alpha`` keeps 2R,
+  ``rslora`` gives 2R/√r_m), then the run with that ``rank_map`` and ``alpha_map`` from a fresh adapter;
 * ``AdaLoRA @R``: peft ``AdaLoraConfig(init_r=R+R//2+…, target_r=R, lora_alpha=2·init_r)`` with
   ``update_and_allocate`` after every optimizer step; its final budget counts the ranks left unmasked.
 
@@ -86,11 +87,11 @@ def encode_splits(args, task, tokenizer):
             for name, s in splits.items()}
 
 
-def lora_config(args, task, r, rank_map=None, alpha_map=None):
+def lora_config(args, task, r, rank_map=None, alpha_map=None, lora_alpha=None):
     from hf_lorax import LoRAConfig
 
     return LoRAConfig(base_model_name_or_path=args.model_dir, task_type="SEQ_CLS", num_labels=task.num_labels,
-                      r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["query", "value"],
+                      r=r, lora_alpha=lora_alpha or 2 * r, lora_dropout=0.0, target_modules=["query", "value"],
                       modules_to_save=["classifier"], rank_map=rank_map, alpha_map=alpha_map)
 
 
@@ -208,9 +209,10 @@ def run_task_seed(args, task, seed, encoded, tokenizer, emit, done=frozenset()):
         spectra = spectra_from_updates(updates_from_model(probe))
         del probe
         for budget_r, policy in policies:
-            plan = allocate(spectra, uniform_params[budget_r], lora_alpha=2 * args.probe_r, alpha_policy=policy)
+            # the lora_alpha of the uniform run the map replaces: "alpha" keeps it, "rslora" divides it by √r
+            plan = allocate(spectra, uniform_params[budget_r], lora_alpha=2 * budget_r, alpha_policy=policy)
             set_seed(seed)
-            model = get_model(lora_config(args, task, 1, plan.rank_map, plan.alpha_map))
+            model = get_model(lora_config(args, task, 1, plan.rank_map, plan.alpha_map, lora_alpha=2 * budget_r))
             assert lora_params(model) == plan.params, (lora_params(model), plan.params)
             start = time.perf_counter()
             _, score = train(args, task, encoded, tokenizer, model, seed)

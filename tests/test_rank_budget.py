@@ -24,12 +24,14 @@ def test_auto_rank_map_end_to_end(setup, tmp_path, monkeypatch):
     templates = Path(__file__).resolve().parents[1] / "model_cards"
     monkeypatch.setattr(card_module, "resources", SimpleNamespace(files=lambda package: templates))
     results = run(_args(base, glue, tmp_path, "sst2", rank_map="auto", rank_budget_ratio=0.25, probe_steps=2,
-                        probe_r=8, alpha_policy="scaling"))
+                        probe_r=8, alpha_policy="scaling", r=4, lora_alpha=16))
     saved = json.loads((tmp_path / "results.json").read_text())
     allocation = saved["rank_allocation"]
     assert allocation == results["rank_allocation"]
     assert allocation["probe_steps"] == 2 and allocation["probe_r"] == 8 and allocation["alpha_policy"] == "scaling"
     assert allocation["params"] <= allocation["budget"]
+    # the probe trained at the run's scaling 16/4 (lora_alpha 32 at r=8), which "scaling" keeps in every module
+    assert allocation["alpha_map"] == {m: pytest.approx(4.0 * r) for m, r in allocation["rank_map"].items()}
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     ranks = {**{m: config["r"] for m in allocation["rank_map"]}, **config.get("rank_pattern", {})}
     assert ranks == allocation["rank_map"]  # the saved adapter has exactly the allocated ranks
