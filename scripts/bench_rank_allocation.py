@@ -13,8 +13,8 @@ the same rows with the same optimiser settings, LoRA on ``query``/``value``, sca
 
 ``params`` is the adapter's LoRA parameters at its final ranks (AdaLoRA: ``(in+out+1)`` per kept rank);
 the task head (trained in every method) is the same for all and not counted. The classifier is passed as
-``modules_to_save=["classifier"]`` explicitly (the recorded runs predate the BERT head fix of issue 21; with it,
-get_model finds the same head itself). Results go to ``--json`` after every run, so a stopped run keeps its rows.
+``modules_to_save=["classifier"]`` explicitly, as peft's AdaLoRA needs it (get_model would find it itself).
+Results go to ``--json`` after every run, so a stopped run keeps its rows.
 
     python scripts/bench_rank_allocation.py --model_dir MODELS/all-MiniLM-L6-v2 \\
         --data_dir ../shared/data/glue --tasks sst2 mrpc cola --seeds 0 1 2 --json out.json --plot out.png

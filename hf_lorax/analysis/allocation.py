@@ -20,6 +20,8 @@ The alpha policy says how each module's ``lora_alpha`` follows its new rank:
 * ``"alpha"`` keeps ``lora_alpha`` (no ``alpha_map``): a rank-1 module then trains with ``R``× the scaling;
 * ``"rslora"`` sets ``alpha_m = lora_alpha·√r_m`` (the scaling ``alpha/√r`` of rsLoRA, Kalajdzievski 2023).
 
+``"scaling"`` is the default: it changes the ranks and nothing else, so a map can be judged against the uniform
+run it replaces (docs/rank_allocation.md: the three policies were not separable by measurement).
 Every ``alpha_map`` assumes ``use_rslora=False`` in the config that uses it.
 """
 
