@@ -25,14 +25,19 @@ import torch.nn.functional as F
 from torch import nn
 
 IGNORE_INDEX = -100
-# a row chunk's float32 logits stay under this many elements (256 MiB): a few large chunks, so the number of
-# kernels a loss launches does not grow with the vocabulary, and memory stays a fraction of the full logits'
-CHUNK_ELEMENTS = 1 << 26
+# A row chunk's float32 logits hold a quarter of all the logits, kept between 64 MiB and 256 MiB: at most four
+# chunks until the logits pass 1 GiB, so the kernels a loss launches do not grow with the vocabulary, while small
+# logits still go through in 64 MiB pieces and large ones never need more than 256 MiB at once.
+MIN_CHUNK_ELEMENTS = 1 << 24
+CHUNK_ELEMENTS = 1 << 26  # the largest chunk
+TARGET_CHUNKS = 4
 HALF_PRECISION_GEMM_DEVICES = ("cuda", "xpu")  # where bf16/fp16 GEMMs outrun float32 ones
 
 
 def _row_chunks(rows: int, vocab: int) -> list[slice]:
-    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    vocab = max(vocab, 1)
+    elements = min(CHUNK_ELEMENTS, max(MIN_CHUNK_ELEMENTS, -(-rows * vocab // TARGET_CHUNKS)))
+    step = max(1, elements // vocab)
     return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
 
 

@@ -225,3 +225,17 @@ def test_a_negative_label_other_than_ignore_index_fails_loudly():
     labels[1, 2] = -1
     with pytest.raises((RuntimeError, IndexError)):
         causal_lm_loss_from_hidden(torch.randn(3, 7, 8), head, labels)
+
+
+@pytest.mark.parametrize(("rows", "vocab"), [(1024, 50257), (4096, 50257), (65536, 128256), (7, 11)])
+def test_row_chunks_cover_the_rows_in_at_most_four_bounded_chunks(rows, vocab):
+    """A quarter of the logits per chunk, between 64 MiB and 256 MiB of float32: at most four chunks (a bounded
+    kernel count) until the logits pass 1 GiB, never a chunk over 256 MiB, small logits in 64 MiB pieces."""
+    from hf_lorax.loss import CHUNK_ELEMENTS, MIN_CHUNK_ELEMENTS, _row_chunks
+
+    chunks = _row_chunks(rows, vocab)
+    assert [i for c in chunks for i in range(c.start, c.stop)] == list(range(rows))
+    assert all((c.stop - c.start) * vocab <= CHUNK_ELEMENTS for c in chunks)
+    if rows * vocab <= 4 * CHUNK_ELEMENTS:
+        assert len(chunks) <= 4
+    assert all((c.stop - c.start) * vocab <= max(MIN_CHUNK_ELEMENTS, -(-rows * vocab // 4)) for c in chunks)
