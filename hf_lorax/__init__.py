@@ -68,19 +68,12 @@ __all__ = [
     "push_adapter",
     "read_adapter_folder",
     "resolve",
-    "targeted_causal_lm_loss",
     "write_model_card",
 ]
 
-_LAZY = {  # importing transformers.Trainer takes seconds; load it on first use
-    "TargetedLossTrainer": "hf_lorax.targeted_loss",
-    "targeted_causal_lm_loss": "hf_lorax.targeted_loss",
-}
-
-
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    if name == "TargetedLossTrainer":  # importing transformers.Trainer takes seconds; load it on first use
+        from .targeted_loss import TargetedLossTrainer
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return TargetedLossTrainer
     raise AttributeError(f"module 'hf_lorax' has no attribute {name!r}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -56,10 +57,7 @@ def read_sidecar(directory: str) -> dict | None:
     path = os.path.join(directory, SIDECAR_NAME)
     if not os.path.isfile(path):
         return None
-    try:
-        data = read_json(path)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); delete it to load the adapter as plain peft LoRA.") from exc
+    data = read_json(path)
     if not isinstance(data, dict) or data.get("format_version") != SIDECAR_FORMAT:
         raise ValueError(f"{path} is not an hf_lorax sidecar of format {SIDECAR_FORMAT}.")
     return data
@@ -154,7 +152,7 @@ def read_adapter_folder(path: str) -> AdapterFolder:
     for key, a_shape in sorted(folder.shapes.items()):
         if not key.endswith(".lora_A.weight"):
             if "lora_" not in key:
-                folder.other_params += _numel(a_shape)
+                folder.other_params += math.prod(a_shape)
             continue
         prefix = key.removesuffix(".lora_A.weight")
         name = prefix.removeprefix("base_model.model.")
@@ -167,12 +165,12 @@ def read_adapter_folder(path: str) -> AdapterFolder:
         fused_alpha = pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
         spec = spec_for(name, specs) if name in sliced else None
         n = sliced.get(name, 1) if spec else 1
-        b_params = sum(map(len, spec.rows(b_shape[0], name))) * slice_rank(fused_r, n) if spec else _numel(b_shape)
+        b_params = sum(map(len, spec.rows(b_shape[0], name))) * slice_rank(fused_r, n) if spec else math.prod(b_shape)
         magnitude = folder.shapes.get(f"{prefix}.lora_magnitude_vector")
         folder.modules.append(SavedModule(
             name=name, key=prefix, r=slice_rank(fused_r, n), alpha=slice_alpha(fused_alpha, n, rslora),
             fused_r=fused_r, fused_alpha=fused_alpha, scaling=lora_scaling(fused_alpha, fused_r, rslora),
-            method="dora" if magnitude else "lora", params=_numel(a_shape) + b_params + (_numel(magnitude) if magnitude else 0),
+            method="dora" if magnitude else "lora", params=math.prod(a_shape) + b_params + (math.prod(magnitude) if magnitude else 0),
             slices=spec,
         ))
     return folder
@@ -202,13 +200,6 @@ def check_factor_shapes(weights: str, shapes: dict[str, list[int]]) -> None:
                                  f"{b_shape[0]} output rows.")
 
 
-def _numel(shape) -> int:
-    out = 1
-    for dim in shape:
-        out *= dim
-    return out
-
-
 # -- checking --------------------------------------------------------------------------------------------
 
 
@@ -219,11 +210,7 @@ def check_adapter_dir(path: str, allow_pickle: bool = False) -> PeftConfig:
     peft then loads it with ``torch.load(weights_only=True)``.
     """
     config_path = os.path.join(path, CONFIG_FILE)
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{config_path} is not valid JSON (truncated or edited?): {exc}") from exc
+    raw = read_json(config_path)
     if not isinstance(raw, dict) or "peft_type" not in raw:
         raise ValueError(f"{config_path} is not a peft adapter config: it has no 'peft_type' key.")
     if raw["peft_type"] != "LORA":

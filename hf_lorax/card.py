@@ -25,7 +25,7 @@ from ._version import __version__
 from .adapter_files import read_adapter_folder, read_json, write_text
 from .base_init import PEFT_REBUILT_INITS, base_change_reason
 from .config import UNQUANTIZED_HEADS
-from .describe import AdaptedModule, AdapterReport
+from .describe import AdaptedModule, AdapterReport, markdown_table
 from .serving import serving_summary
 from .task_types import AUTO_CLASSES, METHOD_NAMES, PIPELINE_TAGS
 
@@ -144,12 +144,12 @@ def _results_table(results: dict) -> str:
     if not metrics:
         return ""
     reference = (results.get("reference") or {}).get("metrics") or {}
-    lines = ["| metric | this adapter | reference | difference |", "|---|---|---|---|"]
+    rows = []
     for name, value in metrics.items():
         ref = reference.get(name)
-        diff = f"{value - ref:+.4f}" if isinstance(ref, (int, float)) else "-"
-        lines.append(f"| {name} | {value:.4f} | {ref if ref is not None else '-'} | {diff} |")
-    return "\n".join(lines)
+        rows.append((name, f"{value:.4f}", "-" if ref is None else ref,
+                     f"{value - ref:+.4f}" if isinstance(ref, (int, float)) else "-"))
+    return markdown_table(("metric", "this adapter", "reference", "difference"), rows)
 
 
 def _allocation_part(allocation: dict | None) -> str:
@@ -173,17 +173,11 @@ def _allocation_part(allocation: dict | None) -> str:
 
 
 def _serving_table(rows: list[dict]) -> str:
-    lines = ["| engine | as saved | how to serve |", "|---|---|---|"]
-    lines += [f"| {r['engine']} | {r['status']} | `{r['how']}` |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(("engine", "as saved", "how to serve"), [(r["engine"], r["status"], f"`{r['how']}`") for r in rows])
 
 
 def _dict_table(values: dict | None, header: tuple[str, str]) -> str:
-    if not values:
-        return ""
-    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in values.items()]
-    return "\n".join(lines)
+    return markdown_table(header, values.items()) if values else ""
 
 
 def _human_bytes(n: int) -> str:

@@ -89,9 +89,13 @@ class AdapterReport:
         head, body = self._table()
         if all(not row[1] for row in body):  # layer types are unknown when read from a saved adapter
             head, body = [head[0], *head[2:]], [[row[0], *row[2:]] for row in body]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-        return "\n".join(lines)
+        return markdown_table(head, body)
+
+
+def markdown_table(head, body) -> str:
+    """A markdown table of the ``head`` row and the ``body`` rows (cells as given)."""
+    rows = ["| " + " | ".join(map(str, row)) + " |" for row in [head, *body]]
+    return "\n".join([rows[0], "|" + "---|" * len(head), *rows[1:]])
 
 
 def describe(model: nn.Module, adapter: str | None = None) -> AdapterReport:
@@ -114,7 +118,8 @@ def describe(model: nn.Module, adapter: str | None = None) -> AdapterReport:
         spec = getattr(module, "slice_specs", {}).get(adapter)
         n = len(spec.adapt) if spec else 1
         params = sum(p.numel() if isinstance(p, nn.Parameter) else trained_numel(p)  # a sliced B: its blocks
-                     for attr in module.adapter_layer_names for p in _adapter_params(module, attr, adapter))
+                     for attr in module.adapter_layer_names if adapter in (getattr(module, attr, None) or {})
+                     for p in [getattr(module, attr)[adapter]])
         r = module.r[adapter] // n
         alpha = module.lora_alpha[adapter] / (n if not module.use_rslora.get(adapter) else n**0.5)
         report.rows.append(
@@ -194,14 +199,6 @@ def _base_storage(model: nn.Module) -> tuple[float | None, float | None]:
             params += int(torch.Size(state.shape).numel()) if state is not None else p.numel()
             nbytes += p.numel() * p.element_size()
     return (nbytes / params if params else None), q
-
-
-def _adapter_params(module: nn.Module, attr: str, adapter: str):
-    container = getattr(module, attr, None)
-    if container is None or adapter not in container:
-        return []
-    item = container[adapter]
-    return [item] if isinstance(item, nn.Parameter) else [item]
 
 
 def _active_adapter(model: nn.Module) -> str:

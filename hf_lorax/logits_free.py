@@ -24,8 +24,8 @@ loss of :mod:`hf_lorax.loss`; :func:`hf_lorax.describe` says which loss a model 
 Label smoothing: a ``Trainer`` with ``label_smoothing_factor > 0`` removes the labels before calling the model
 (its ``LabelSmoother`` then needs the logits), which would form the full logits. Set the smoothing on the model
 instead (:func:`set_label_smoothing`, with ``label_smoothing_factor=0``) or train with
-:class:`hf_lorax.TargetedLossTrainer`, which hands ``label_smoothing_factor`` to the same loss; a training forward
-that gets no labels warns once.
+:class:`hf_lorax.TargetedLossTrainer`, which does that with ``label_smoothing_factor``; a training forward that
+gets no labels warns once.
 
 It is switched per model instance, before any other loss is installed: ``get_model(config,
 logits_free_loss=False)`` or :func:`disable_logits_free_loss` leave the model's forward as transformers wrote it.
@@ -96,8 +96,7 @@ class LogitsFreeCausalLM:
 
     def forward(self, *args, labels=None, **kwargs):
         head = self.get_output_embeddings()
-        if (labels is None and self.training and torch.is_grad_enabled()
-                and not getattr(head, "_hf_lorax_loss_from_input", False)):  # TargetedLossTrainer's capture
+        if labels is None and self.training and torch.is_grad_enabled():
             _warn_no_labels(self)
         if (labels is None or args or not self.training or not torch.is_grad_enabled()
                 or kwargs.get("logits_to_keep", 0) != 0 or kwargs.get("shift_labels") is not None
@@ -127,7 +126,7 @@ def set_label_smoothing(model: nn.Module, epsilon: float) -> None:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not isinstance(inner, LogitsFreeCausalLM):
         raise ValueError(f"{type(inner).__name__} does not compute a logits-free loss (see logits_free_unsupported_reason)"
-                         "; use hf_lorax.TargetedLossTrainer or the Trainer's label_smoothing_factor instead.")
+                         "; use the Trainer's label_smoothing_factor instead (it forms the logits).")
     setattr(inner, _SMOOTHING, check_label_smoothing(epsilon))
 
 

@@ -41,10 +41,10 @@ def _row_chunks(rows: int, vocab: int) -> list[slice]:
     return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
 
 
-def check_label_smoothing(label_smoothing: float) -> float:
-    """``label_smoothing`` as a float in [0, 1], or a ``ValueError`` naming it."""
+def check_label_smoothing(label_smoothing: float, name: str = "label_smoothing") -> float:
+    """``label_smoothing`` as a float in [0, 1], or a ``ValueError`` naming it as ``name``."""
     if not 0 <= label_smoothing <= 1:  # ``not`` catches NaN
-        raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1].")
+        raise ValueError(f"{name}={label_smoothing} must be in [0, 1].")
     return float(label_smoothing)
 
 

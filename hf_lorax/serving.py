@@ -169,21 +169,17 @@ def check_serving(adapter_dir: str | AdapterFolder, engine: str) -> ServingRepor
                 add(Finding("wrong", module.name, f"scaling {module.scaling:g} would be served as {uniform:g} "
                             f"({spec.label} ignores rank_pattern/alpha_pattern and uses lora_alpha/r for every module).",
                             SCALING))
-    dora = [m.name for m in folder.modules if m.method == "dora"]
-    if dora and spec.dora != "supported":
-        kind = "refused" if spec.dora == "refused" else "wrong"
-        for name in dora:
-            add(Finding(kind, name, f"DoRA {'is refused by' if kind == 'refused' else 'magnitude is dropped by'} "
-                        f"{spec.label}; export with --dora merge or --dora svd.", DORA))
-    heads = folder.heads
-    if heads and spec.heads != "supported":
-        kind = "refused" if spec.heads == "refused" else "wrong"
-        add(Finding(kind, ",".join(heads), f"task heads (modules_to_save) are {'refused' if kind == 'refused' else 'not loaded'} "
-                    f"by {spec.label}.", HEADS))
-    if (config.get("bias") not in (None, "none") or config.get("lora_bias")) and spec.biases != "supported":
-        kind = "refused" if spec.biases == "refused" else "wrong"
-        add(Finding(kind, "", f"trained biases (bias={config.get('bias')!r}, lora_bias={config.get('lora_bias')}) "
-                    f"are {'refused' if kind == 'refused' else 'not loaded'} by {spec.label}.", BIASES))
+    biases = config.get("bias") not in (None, "none") or config.get("lora_bias")
+    for code, rule, modules, what in (
+        (DORA, spec.dora, [m.name for m in folder.modules if m.method == "dora"], "DoRA magnitudes"),
+        (HEADS, spec.heads, [",".join(folder.heads)] if folder.heads else [], "task heads (modules_to_save)"),
+        (BIASES, spec.biases, [""] if biases else [],
+         f"trained biases (bias={config.get('bias')!r}, lora_bias={config.get('lora_bias')})"),
+    ):
+        kind = {"refused": "refused", "ignored": "wrong"}.get(rule)  # "supported": nothing to report
+        for module in modules if kind else ():
+            add(Finding(kind, module, f"{what} are {'refused' if kind == 'refused' else 'not loaded'} by {spec.label}; "
+                        "export the adapter (python -m hf_lorax.export) or merge it.", code))
     ranks = sorted({m.fused_r for m in folder.modules})
     if spec.max_rank is not None:
         for module in folder.modules:

@@ -8,11 +8,11 @@ downloaded) and the same batches of 8 E2E examples (MR prefix + reference, loss 
 * ``full_logits``: ``model(input_ids, attention_mask)`` computes ``batch x seq x 50,257`` logits, then
   ``transformers``' ``LabelSmoother(0.1)(outputs, labels, shift_labels=True)`` — what ``Trainer`` with
   ``label_smoothing_factor=0.1`` does;
-* ``targeted``: :func:`hf_lorax.targeted_loss.targeted_causal_lm_loss` with logits: the model's logits and
-  hf_lorax's one-buffer cross-entropy (``hf_lorax.loss.causal_lm_loss``);
-* ``logits_free``: the same with ``return_logits=False`` (what ``TargetedLossTrainer`` trains with): the
-  head's matmul and the cross-entropy run in row chunks (``hf_lorax.loss.LinearCrossEntropy``), no
-  ``tokens x vocab`` logits are held.
+* ``targeted``: the model's logits and hf_lorax's one-buffer label-smoothed cross-entropy
+  (``hf_lorax.loss.causal_lm_loss``);
+* ``logits_free``: ``model(input_ids, attention_mask, labels)`` with the smoothing set on the model (what
+  ``TargetedLossTrainer`` trains with): the head's matmul and the cross-entropy run in row chunks
+  (``hf_lorax.loss.LinearCrossEntropy``), no ``tokens x vocab`` logits are held.
 
 Batches come from ``../shared/data/e2e/devset.csv`` when present (else generated MRs), encoded exactly as
 ``run_e2e.py`` does with a byte-level BPE trained offline on those sentences (GPT-2's scheme, a smaller
@@ -117,7 +117,8 @@ def worker(args) -> dict:
     from transformers.trainer_pt_utils import LabelSmoother
 
     import hf_lorax
-    from hf_lorax.targeted_loss import targeted_causal_lm_loss
+    from hf_lorax.logits_free import set_label_smoothing
+    from hf_lorax.loss import causal_lm_loss
 
     torch.set_num_threads(args.threads)
     device = args.device
@@ -130,6 +131,7 @@ def worker(args) -> dict:
                                                    target_modules=["c_attn"], fused_slices={"c_attn": ["q", "v"]}),
                                model=base)
     model.train()
+    set_label_smoothing(model, 0.1)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01)
     smoother = LabelSmoother(epsilon=0.1)
@@ -140,9 +142,11 @@ def worker(args) -> dict:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if args.worker == "full_logits":
             loss = smoother(model(**inputs), batch["labels"], shift_labels=True)
+        elif args.worker == "targeted":
+            logits = model(**inputs).logits
+            loss = causal_lm_loss(logits, batch["labels"], logits.shape[-1], label_smoothing=0.1)
         else:
-            loss, _ = targeted_causal_lm_loss(model, inputs, batch["labels"], label_smoothing=0.1,
-                                              return_logits=args.worker == "targeted")
+            loss = model(**inputs, labels=batch["labels"]).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -92,14 +92,12 @@ def test_labels_that_do_not_fit_the_tokens_name_both_shapes(logits_free):
     assert model(input_ids=ids, labels=ids).loss.isfinite()
 
 
-def test_targeted_loss_names_both_shapes():
-    from hf_lorax import targeted_causal_lm_loss
-
+def test_logits_free_loss_names_both_shapes():
     model = get_model(LoRAConfig(task_type="CAUSAL_LM", r=2, target_modules=["c_attn"]),
-                      model=GPT2LMHeadModel(gpt2_config()))
+                      model=GPT2LMHeadModel(gpt2_config())).train()
     ids = torch.randint(0, 64, (2, 10))
-    with pytest.raises(ValueError, match=r"labels have shape \(2, 9\), but input_ids have shape \(2, 10\)"):
-        targeted_causal_lm_loss(model, {"input_ids": ids}, ids[:, 1:])
+    with pytest.raises(ValueError, match=r"labels have shape \(2, 9\), but the hidden states .* have shape \(2, 10\)"):
+        model(input_ids=ids, labels=ids[:, 1:])
 
 
 @pytest.mark.parametrize("setting", ["false", "true", 0, 1, "", [True]])
@@ -194,14 +192,16 @@ def test_analysis_base_model_that_cannot_give_every_norm_is_one_line(saved, tmp_
 
 
 @pytest.mark.parametrize("smoothing", [-0.1, 1.5, float("nan")])
-def test_targeted_loss_label_smoothing_is_checked(smoothing):
-    from hf_lorax import targeted_causal_lm_loss
+def test_targeted_loss_label_smoothing_is_checked(tmp_path, smoothing):
+    from transformers import TrainingArguments
+
+    from hf_lorax import TargetedLossTrainer
 
     model = get_model(LoRAConfig(task_type="CAUSAL_LM", r=2, target_modules=["c_attn"]),
                       model=GPT2LMHeadModel(gpt2_config()))
-    ids = torch.randint(0, 64, (2, 10))
-    with pytest.raises(ValueError, match=r"label_smoothing=.* must be in \[0, 1\]"):
-        targeted_causal_lm_loss(model, {"input_ids": ids}, ids, label_smoothing=smoothing)
+    with pytest.raises(ValueError, match=r"label_smoothing_factor=.* must be in \[0, 1\]"):
+        TargetedLossTrainer(model=model, args=TrainingArguments(str(tmp_path), label_smoothing_factor=smoothing,
+                                                                use_cpu=True, report_to=[]))
 
 
 def test_analysis_keeps_a_training_runs_history(saved, tmp_path, capsys):

@@ -91,17 +91,21 @@ def test_classification_dora_compiles_whole(tiny_roberta):
     assert len(_steps(model, batch, steps=3, settle=2)) == 3
 
 
-def test_targeted_logits_free_loss_compiles_whole_and_matches_eager():
-    """TargetedLossTrainer's training loss under torch.compile: the labelled-positions gather (a data-dependent
-    shape) is not traced; every position goes to the chunked loss with ignore_index instead. Same loss and grads."""
-    from hf_lorax.targeted_loss import targeted_causal_lm_loss
+def test_label_smoothed_logits_free_loss_compiles_whole_and_matches_eager():
+    """TargetedLossTrainer's training loss (the logits-free loss with label smoothing) under torch.compile: masked
+    positions weigh 0 instead of being gathered out (no data-dependent shape), so it traces whole. Same loss and grads."""
+    from hf_lorax.logits_free import set_label_smoothing
 
     torch.manual_seed(0)
     model = get_model(LoRAConfig(task_type="CAUSAL_LM", r=4, target_modules=GPT2_TARGETS),
                       model=GPT2LMHeadModel(gpt2_config()))
     randomize_adapters(model, seed=1)
-    model.eval()  # GPT-2's own dropout off: compiled and eager see the same function
+    set_label_smoothing(model, 0.1)
     eager = copy.deepcopy(model)
+    for m in (model, eager):  # training mode (the logits-free path) without GPT-2's own dropout
+        for module in m.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
     ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
     labels[:, :5] = -100
@@ -109,12 +113,12 @@ def test_targeted_logits_free_loss_compiles_whole_and_matches_eager():
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     for step in range(2):
         with torch._dynamo.config.patch(error_on_recompile=step >= 1):
-            loss, logits = targeted_causal_lm_loss(compiled, {"input_ids": ids}, labels, 0.1, return_logits=False)
-        loss.backward()
-    reference, _ = targeted_causal_lm_loss(eager, {"input_ids": ids}, labels, 0.1, return_logits=False)
+            out = compiled(input_ids=ids, labels=labels)
+        out.loss.backward()
+    reference = eager(input_ids=ids, labels=labels).loss
     reference.backward()
-    assert logits is None
-    assert float(loss) == pytest.approx(float(reference), rel=1e-5)
+    assert out.logits is None
+    assert float(out.loss) == pytest.approx(float(reference), rel=1e-5)
     for (name, p), q in zip(model.named_parameters(), eager.parameters()):
         if p.requires_grad:  # two compiled backward passes, one eager
             torch.testing.assert_close(p.grad, 2 * q.grad, rtol=1e-4, atol=1e-6, msg=name)

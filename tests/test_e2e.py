@@ -17,7 +17,7 @@ from transformers import (
 
 from hf_lorax import LoRAConfig, get_model
 from hf_lorax.layers import trained_parameter_count
-from hf_lorax.targeted_loss import TargetedLossTrainer, targeted_causal_lm_loss
+from hf_lorax.targeted_loss import TargetedLossTrainer
 from hf_lorax_paper.experiment import parse
 from hf_lorax_paper.experiment import run as run_experiment
 from hf_lorax_paper.tasks.e2e import CausalLMCollator, E2EPlugin, generate, merged_adapter
@@ -181,10 +181,12 @@ def test_targeted_loss_equals_trainer_label_smoothed_loss(tmp_path, num_items):
 
 
 def test_training_loss_forms_no_logits_and_trains_a_tied_head_exactly(tmp_path):
-    """Full fine-tuning: the tied LM head trains, and its gradient equals the Trainer's; the head runs on 0 rows."""
+    """Full fine-tuning of a plain transformers model: the tied LM head trains, and its gradient equals the
+    Trainer's; the head module never runs (no logits)."""
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=96, n_positions=64,
-                                       bos_token_id=0, eos_token_id=0, pad_token_id=0)).eval()
+                                       bos_token_id=0, eos_token_id=0, pad_token_id=0, resid_pdrop=0.0,
+                                       embd_pdrop=0.0, attn_pdrop=0.0)).train()
     args = TrainingArguments(str(tmp_path), label_smoothing_factor=0.1, use_cpu=True, report_to=[])
     plain, targeted = Trainer(model=model, args=args), TargetedLossTrainer(model=model, args=args)
     batch = _batch()
@@ -193,26 +195,34 @@ def test_training_loss_forms_no_logits_and_trains_a_tied_head_exactly(tmp_path):
     handle = model.lm_head.register_forward_hook(lambda module, args, out: rows.append(out.shape[1]))
     loss, grads = _loss_and_grads(targeted, model, batch)
     handle.remove()
-    assert rows == [0]  # the head computed logits for no position
+    assert rows == []  # the head module never ran: no logits
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     assert grads["transformer.wte.weight"].abs().max() > 0
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-5, msg=name)
 
 
-def test_targeted_loss_with_logits_returns_the_models_logits_and_transformers_loss():
-    from transformers.loss.loss_utils import ForCausalLMLoss
+def test_targeted_loss_evaluates_and_falls_back_as_the_trainer(tmp_path):
+    """Evaluation (return_outputs, eval mode) and a model the logits-free loss does not support take the
+    Trainer's own label-smoothed path: the same loss and logits as a plain Trainer."""
 
-    model = _lora_gpt2()
+    class CustomLM(GPT2LMHeadModel):  # not transformers' own class: its forward may compute more than the loss
+        pass
+
+    args = TrainingArguments(str(tmp_path), label_smoothing_factor=0.1, use_cpu=True, report_to=[])
     batch = _batch()
-    labels = batch.pop("labels")
-    loss, logits = targeted_causal_lm_loss(model, batch, labels, label_smoothing=0.0)
-    full = model(**batch).logits
-    torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(loss, ForCausalLMLoss(full, labels, 96), atol=1e-5, rtol=1e-5)
-    free, none = targeted_causal_lm_loss(model, batch, labels, label_smoothing=0.0, return_logits=False)
-    assert none is None
-    torch.testing.assert_close(free, loss, atol=1e-5, rtol=1e-5)
+    model = _lora_gpt2().eval()
+    (loss, out), (ref_loss, ref_out) = (trainer.compute_loss(model, dict(batch), return_outputs=True)
+                                        for trainer in (TargetedLossTrainer(model=model, args=args),
+                                                        Trainer(model=model, args=args)))
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(out["logits"], ref_out["logits"])
+    torch.manual_seed(0)
+    custom = CustomLM(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=96, n_positions=64, resid_pdrop=0.0,
+                                 embd_pdrop=0.0, attn_pdrop=0.0)).train()
+    targeted, plain = TargetedLossTrainer(model=custom, args=args), Trainer(model=custom, args=args)
+    assert not targeted.logits_free
+    torch.testing.assert_close(targeted.compute_loss(custom, dict(batch)), plain.compute_loss(custom, dict(batch)))
 
 
 # -- decoding ---------------------------------------------------------------------------------------------
