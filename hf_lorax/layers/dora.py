@@ -110,21 +110,22 @@ def scale_and_shift(combined: torch.Tensor, scale: torch.Tensor, bias: torch.Ten
     return combined * scale if bias is None else torch.addcmul(bias.to(combined.dtype), combined, scale)
 
 
-def _oriented(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
-    return weight.T if fan_in_fan_out else weight
-
-
 class FactorizedDoraLinearVariant(LoraVariant):
     """DoRA for ``nn.Linear`` and GPT-2 ``Conv1D`` (and fused-slice) layers."""
 
     @staticmethod
-    def base_weight(module: LoraLayer) -> torch.Tensor:
+    def stored_transposed(module: LoraLayer) -> bool:
+        """Whether the layer stores its weight as (in, out) (GPT-2's ``Conv1D``) rather than (out, in)."""
+        return module.fan_in_fan_out
+
+    @classmethod
+    def base_weight(cls, module: LoraLayer) -> torch.Tensor:
         """The frozen weight as (out, in), dequantized if needed (a dense weight is used as it is, which
         keeps ``torch.compile`` graphs whole: peft's dequantize helper inspects type names)."""
         weight = module.get_base_layer().weight
         if not weight.is_floating_point():
             weight = dequantize_module_weight(module.get_base_layer())
-        return _oriented(weight, module.fan_in_fan_out)
+        return weight.T if cls.stored_transposed(module) else weight
 
     @staticmethod
     def factors(module: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,10 +209,15 @@ class FactorizedDoraLinearVariant(LoraVariant):
     def _dora_factor(cls, module: LoraLayer, adapter: str) -> torch.Tensor:
         # The norm must come from the weight without other merged adapters, as forward sees it.
         with module._unmerged_base_weight() as base_weight:
-            norm = cls.weight_norm(module, adapter, _oriented(base_weight, module.fan_in_fan_out))
+            norm = cls.weight_norm(module, adapter, base_weight.T if cls.stored_transposed(module) else base_weight)
         module._cache_store(f"{adapter}-weight_norm", norm)
+        return cls._stored_factor(module, adapter, norm)
+
+    @classmethod
+    def _stored_factor(cls, module: LoraLayer, adapter: str, norm: torch.Tensor) -> torch.Tensor:
+        """``m / norm`` shaped to scale the stored weight's output rows (columns when it is stored transposed)."""
         factor = module.lora_magnitude_vector[adapter].weight.float() / norm
-        return _oriented(factor.view(-1, 1), module.fan_in_fan_out)
+        return factor.view(1, -1) if cls.stored_transposed(module) else factor.view(-1, 1)
 
     @classmethod
     def merge_safe(cls, module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
@@ -226,9 +232,7 @@ class FactorizedDoraLinearVariant(LoraVariant):
 
     @classmethod
     def unmerge(cls, module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        norm = module._cache_pop(f"{active_adapter}-weight_norm")
-        factor = module.lora_magnitude_vector[active_adapter].weight.float() / norm
-        factor = _oriented(factor.view(-1, 1), module.fan_in_fan_out)
+        factor = cls._stored_factor(module, active_adapter, module._cache_pop(f"{active_adapter}-weight_norm"))
         delta = module.get_delta_weight(active_adapter)
         return (orig_weight.data.float() / factor - delta.float()).to(orig_weight.dtype)
 
@@ -237,8 +241,8 @@ class FactorizedDoraEmbeddingVariant(FactorizedDoraLinearVariant):
     """DoRA for ``nn.Embedding``: the adapted matrix is ``Wᵀ`` (dim × vocab) with factors ``B_e A_e``."""
 
     @staticmethod
-    def base_weight(module: LoraLayer) -> torch.Tensor:
-        return module.get_base_layer().weight.T
+    def stored_transposed(module: LoraLayer) -> bool:
+        return True  # the embedding table is (vocab, dim): the adapted matrix's transpose
 
     @staticmethod
     def factors(module: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,17 +257,3 @@ class FactorizedDoraEmbeddingVariant(FactorizedDoraLinearVariant):
         if embed_scale is not None:
             lora = lora * embed_scale.to(lora.dtype)
         return norm_scale * (result + lora.to(result.dtype))
-
-    @classmethod
-    def _dora_factor(cls, module: LoraLayer, adapter: str) -> torch.Tensor:
-        with module._unmerged_base_weight() as base_weight:
-            norm = cls.weight_norm(module, adapter, base_weight.T)
-        module._cache_store(f"{adapter}-weight_norm", norm)
-        return (module.lora_magnitude_vector[adapter].weight.float() / norm).view(1, -1)
-
-    @classmethod
-    def unmerge(cls, module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        norm = module._cache_pop(f"{active_adapter}-weight_norm")
-        factor = (module.lora_magnitude_vector[active_adapter].weight.float() / norm).view(1, -1)
-        delta = module.get_delta_weight(active_adapter)
-        return (orig_weight.data.float() / factor - delta.float()).to(orig_weight.dtype)
