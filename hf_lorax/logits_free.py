@@ -104,14 +104,17 @@ class LogitsFreeCausalLM:
                 or type(head) is not nn.Linear or hasattr(head, "_hf_hook")):  # accelerate-dispatched head
             return super().forward(*args, labels=labels, **kwargs)
         # the decoder stack the model's own forward calls (``self.model``, ``self.transformer``, ...), with the
-        # same arguments; the LM head and the loss are replaced by the chunked linear cross-entropy
+        # same arguments; the LM head and the loss are replaced by the chunked linear cross-entropy. No key/value
+        # cache unless asked for: a training step never reads it, and it would hold a copy of every layer's k and v
         kwargs.pop("logits_to_keep", None)
-        outputs = self.base_model(**kwargs)
-        hidden = outputs.last_hidden_state.to(head.weight.device)
-        loss = causal_lm_loss_from_hidden(hidden, head, labels, kwargs.get("num_items_in_batch"),
-                                          getattr(self, _SMOOTHING, 0.0))
-        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(outputs, "past_key_values", None),
-                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        kwargs.setdefault("use_cache", False)
+        outputs = dict(self.base_model(**kwargs))
+        # the loss holds the only reference to the last hidden state: on a CPU, once it has kept the labelled rows,
+        # the rest is freed (nothing saves it for backward)
+        loss = causal_lm_loss_from_hidden(outputs.pop("last_hidden_state").to(head.weight.device), head, labels,
+                                          kwargs.get("num_items_in_batch"), getattr(self, _SMOOTHING, 0.0))
+        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.get("past_key_values"),
+                                      hidden_states=outputs.get("hidden_states"), attentions=outputs.get("attentions"))
 
 
 _SMOOTHING = "_hf_lorax_label_smoothing"

@@ -12,7 +12,9 @@ step's peak memory. Two entry points share every rule here (:func:`shifted_label
   :class:`CrossEntropyFromLogits`, which keeps the logits and one float per row instead of three buffers.
 
 Masked rows (label ``-100``) go through the chunks with weight 0 instead of being gathered out: a boolean gather
-has a data-dependent shape, which makes the device wait (``nonzero``) and breaks ``torch.compile`` graphs.
+has a data-dependent shape, which makes the device wait (``nonzero``) and breaks ``torch.compile`` graphs. Only
+on a CPU, in eager mode, where no device waits, does the loss from hidden states gather the labelled rows
+(:data:`LABELLED_ROWS_ONLY_ON`): same value and gradients, the head's work only where a label is.
 Label smoothing follows ``F.cross_entropy(label_smoothing=eps)`` and the ``Trainer``'s ``LabelSmoother``:
 ``(1 - eps)·NLL + eps·mean_j(-log p_j)``. Values and gradients equal transformers' (tests/test_loss.py,
 tests/test_logits_free.py, tests/test_e2e.py).
@@ -27,11 +29,17 @@ from torch import nn
 IGNORE_INDEX = -100
 # A row chunk's float32 logits hold a quarter of all the logits, kept between 64 MiB and 256 MiB: at most four
 # chunks until the logits pass 1 GiB, so the kernels a loss launches do not grow with the vocabulary, while small
-# logits still go through in 64 MiB pieces and large ones never need more than 256 MiB at once.
+# logits still go through in 64 MiB pieces (each chunk reads the whole head weight: on a CPU, where that read is
+# the cost, fewer chunks are faster) and large ones never need more than 256 MiB at once.
 MIN_CHUNK_ELEMENTS = 1 << 24
 CHUNK_ELEMENTS = 1 << 26  # the largest chunk
 TARGET_CHUNKS = 4
 HALF_PRECISION_GEMM_DEVICES = ("cuda", "xpu")  # where bf16/fp16 GEMMs outrun float32 ones
+# Device types on which rows without a label skip the LM head (a boolean gather): on a CPU the gather waits for no
+# device, and the head's GEMMs shrink to the labelled rows (in an E2E batch the masked prompt and the padding are
+# two thirds of them). Elsewhere the gather's size would make the host wait for the device, and under torch.compile
+# it is a data-dependent shape: there every row goes through, unlabelled ones with weight 0.
+LABELLED_ROWS_ONLY_ON = ("cpu",)
 
 
 def _row_chunks(rows: int, vocab: int) -> list[slice]:
@@ -205,8 +213,14 @@ def causal_lm_loss_from_hidden(hidden: torch.Tensor, head: nn.Linear, labels: to
     check_labels_shape(labels, hidden.shape[:-1], "the hidden states (batch, tokens)")
     eps = check_label_smoothing(label_smoothing)
     safe, weights = _targets(shifted_labels(labels).reshape(-1).to(hidden.device), IGNORE_INDEX, torch.float32)
-    total = LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, head.bias, safe, weights, eps)
-    return per_item(total, weights.sum(), num_items_in_batch)  # the count, exact in float32 below 2**24 rows
+    hidden, labelled = hidden.reshape(-1, hidden.shape[-1]), weights.sum()  # exact in float32 below 2**24 rows
+    if hidden.device.type in LABELLED_ROWS_ONLY_ON and not torch.compiler.is_compiling():
+        rows = weights.nonzero().squeeze(1)
+        if rows.numel():  # with no labelled row, every row goes through with weight 0 (the gradients are zeros)
+            # rebinding ``hidden`` frees the full hidden states when the caller kept no reference to them
+            hidden, safe, weights = hidden.index_select(0, rows), safe.index_select(0, rows), weights.index_select(0, rows)
+    total = LinearCrossEntropy.apply(hidden, head.weight, head.bias, safe, weights, eps)
+    return per_item(total, labelled, num_items_in_batch)
 
 
 def causal_lm_loss(

@@ -10,7 +10,8 @@ both can be counted without a GPU. Counted with a ``TorchDispatchMode`` (every A
 
 On CPU, ``F.dropout`` decomposes into a Bernoulli draw, a multiply and a divide, where CUDA runs one
 ``native_dropout`` kernel; the counting routes it to ``native_dropout`` as CUDA does (``--cpu_dropout`` keeps
-the CPU route). Rows: full fine-tuning, peft and hf_lorax, LoRA and DoRA, dropout 0 and 0.1:
+the CPU route). hf_lorax's loss is counted on its CUDA route too (every row, unlabelled ones with weight 0; on a
+CPU it gathers the labelled rows, which waits for no device there). Rows: full fine-tuning, peft and hf_lorax, LoRA and DoRA, dropout 0 and 0.1:
 
 * ``layer``: one adapted ``Linear(1024, 1024)``, forward and backward (input gradient included), r=16;
 * ``step``: a whole training step (forward, loss, backward, ``AdamW(foreach=True)``, ``zero_grad``) of a GPT-2
@@ -110,8 +111,11 @@ def autograd_nodes(output: torch.Tensor) -> int:
 
 @contextmanager
 def dropout_as_on_cuda(enabled: bool = True):
-    """Route ``F.dropout`` to ``native_dropout`` (one kernel, as on CUDA) instead of CPU's decomposition."""
-    original = nn.functional.dropout
+    """Route ``F.dropout`` to ``native_dropout`` (one kernel, as on CUDA) instead of CPU's decomposition, and
+    hf_lorax's loss through every row (as on CUDA) instead of its CPU route, the labelled rows only."""
+    import hf_lorax.loss
+
+    original, labelled_only = nn.functional.dropout, hf_lorax.loss.LABELLED_ROWS_ONLY_ON
 
     def dropout(input, p=0.5, training=True, inplace=False):
         if not training or p == 0:
@@ -119,11 +123,11 @@ def dropout_as_on_cuda(enabled: bool = True):
         return torch.native_dropout(input, p, True)[0]
 
     if enabled:
-        nn.functional.dropout = dropout
+        nn.functional.dropout, hf_lorax.loss.LABELLED_ROWS_ONLY_ON = dropout, ()
     try:
         yield
     finally:
-        nn.functional.dropout = original
+        nn.functional.dropout, hf_lorax.loss.LABELLED_ROWS_ONLY_ON = original, labelled_only
 
 
 def adapt(config: str, base: nn.Module, targets: list[str], r: int, dropout: float, task_type: str | None):
@@ -223,11 +227,12 @@ def count_loss(kind: str, rows: int, hidden: int, vocab: int) -> dict:
         states.grad = head.weight.grad = None
         return loss
 
-    step()
-    peak = cpu_step_peak_bytes(step)
-    counter = OpCounter()
-    with counter:
+    with dropout_as_on_cuda():
         step()
+        peak = cpu_step_peak_bytes(step)
+        counter = OpCounter()
+        with counter:
+            step()
     return {**counter.summary(), "peak_bytes": peak}
 
 

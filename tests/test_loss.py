@@ -208,6 +208,7 @@ def test_loss_from_hidden_has_no_data_dependent_shapes_and_few_chunks(monkeypatc
             return func(*args, **(kwargs or {}))
 
     monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 10 * 50)  # 10 rows of a 50-token vocabulary per chunk
+    monkeypatch.setattr(loss_module, "LABELLED_ROWS_ONLY_ON", ())  # every row goes through, as on CUDA
     head = torch.nn.Linear(8, 50, bias=False)
     hidden = torch.randn(3, 7, 8, requires_grad=True)
     labels = _labels((3, 7), 50)
@@ -215,6 +216,31 @@ def test_loss_from_hidden_has_no_data_dependent_shapes_and_few_chunks(monkeypatc
         loss_module.causal_lm_loss_from_hidden(hidden, head, labels, label_smoothing=0.1).backward()
     assert not {"nonzero", "_local_scalar_dense", "masked_select", "item"} & set(ops.names)
     assert ops.names.count("logsumexp") == 3  # 21 rows in chunks of 10
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_labelled_rows_only_on_cpu_equals_every_row_with_weight_zero(monkeypatch, label_smoothing):
+    """On a CPU the loss gathers the labelled rows before the head: the same value and gradients as every row
+    with weight 0 (the CUDA route), a batch without any label included."""
+    import hf_lorax.loss as loss_module
+
+    gen = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(8, 50)
+    labels = _labels((3, 7), 50)
+    labels[:, :4] = -100  # a masked prompt
+    results = {}
+    for route in (("cpu",), ()):
+        monkeypatch.setattr(loss_module, "LABELLED_ROWS_ONLY_ON", route)
+        for name, batch_labels, items in (("some", labels, None), ("none", torch.full_like(labels, -100), 5)):
+            hidden = torch.randn(3, 7, 8, generator=gen.manual_seed(1), requires_grad=True)
+            head.zero_grad()
+            loss = loss_module.causal_lm_loss_from_hidden(hidden, head, batch_labels, items, label_smoothing)
+            loss.backward()
+            results[route, name] = (loss.detach(), hidden.grad, head.weight.grad.clone(), head.bias.grad.clone())
+    for name in ("some", "none"):
+        for got, want in zip(results[("cpu",), name], results[(), name]):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert float(results[("cpu",), "none"][0]) == 0.0
 
 
 def test_a_negative_label_other_than_ignore_index_fails_loudly():
