@@ -104,11 +104,14 @@ class LogitsFreeCausalLM:
                 or type(head) is not nn.Linear or hasattr(head, "_hf_hook")):  # accelerate-dispatched head
             return super().forward(*args, labels=labels, **kwargs)
         # the decoder stack the model's own forward calls (``self.model``, ``self.transformer``, ...), with the
-        # same arguments; the LM head and the loss are replaced by the chunked linear cross-entropy. No key/value
-        # cache unless asked for: a training step never reads it, and it would hold a copy of every layer's k and v
+        # same arguments; the LM head and the loss are replaced by the chunked linear cross-entropy
         kwargs.pop("logits_to_keep", None)
-        kwargs.setdefault("use_cache", False)
         outputs = dict(self.base_model(**kwargs))
+        # A training step never reads the key/value cache: unless use_cache=True was passed, its copies of every
+        # layer's k and v are dropped before the loss. (use_cache=False would skip them, but without an attention
+        # mask it makes transformers check the position ids for packed sequences: a device sync.)
+        if kwargs.get("use_cache") is not True:
+            outputs.pop("past_key_values", None)
         # the loss holds the only reference to the last hidden state: on a CPU, once it has kept the labelled rows,
         # the rest is freed (nothing saves it for backward)
         loss = causal_lm_loss_from_hidden(outputs.pop("last_hidden_state").to(head.weight.device), head, labels,

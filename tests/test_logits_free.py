@@ -221,8 +221,9 @@ def test_label_smoothing_set_on_the_model_equals_the_trainers_and_forms_no_logit
         set_label_smoothing(stock, 0.1)
 
 
-def test_training_forward_builds_no_key_value_cache_unless_asked():
-    """A training step never reads a key/value cache, which would hold a copy of every layer's k and v."""
+def test_training_forward_drops_the_key_value_cache_unless_asked():
+    """A training step never reads a key/value cache, which would hold a copy of every layer's k and v through the
+    loss; it is dropped (not switched off: use_cache=False makes transformers check for packed sequences, a sync)."""
     free, _ = _pair(tf.LlamaForCausalLM(tf.LlamaConfig(num_key_value_heads=2, **SMALL)))
     ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(1))
     assert free(input_ids=ids, labels=ids).past_key_values is None
