@@ -36,8 +36,8 @@ CHUNK_ELEMENTS = 1 << 26  # the largest chunk
 TARGET_CHUNKS = 4
 HALF_PRECISION_GEMM_DEVICES = ("cuda", "xpu")  # where bf16/fp16 GEMMs outrun float32 ones
 # Device types on which rows without a label skip the LM head (a boolean gather): on a CPU the gather waits for no
-# device, and the head's GEMMs shrink to the labelled rows (in an E2E batch the masked prompt and the padding are
-# two thirds of them). Elsewhere the gather's size would make the host wait for the device, and under torch.compile
+# device, and the head's GEMMs shrink to the labelled rows (a masked prompt and padding can be most of a batch).
+# Elsewhere the gather's size would make the host wait for the device, and under torch.compile
 # it is a data-dependent shape: there every row goes through, unlabelled ones with weight 0.
 LABELLED_ROWS_ONLY_ON = ("cpu",)
 
