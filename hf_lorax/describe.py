@@ -117,9 +117,9 @@ def describe(model: nn.Module, adapter: str | None = None) -> AdapterReport:
             continue
         spec = getattr(module, "slice_specs", {}).get(adapter)
         n = len(spec.adapt) if spec else 1
-        params = sum(p.numel() if isinstance(p, nn.Parameter) else trained_numel(p)  # a sliced B: its blocks
-                     for attr in module.adapter_layer_names if adapter in (getattr(module, attr, None) or {})
-                     for p in [getattr(module, attr)[adapter]])
+        items = [c[adapter] for attr in module.adapter_layer_names if adapter in (c := getattr(module, attr, None) or {})]
+        params = sum(item.numel() if isinstance(item, nn.Parameter) else trained_numel(item)  # a sliced B: its blocks
+                     for item in items)
         r = module.r[adapter] // n
         alpha = module.lora_alpha[adapter] / (n if not module.use_rslora.get(adapter) else n**0.5)
         report.rows.append(

@@ -170,16 +170,18 @@ def check_serving(adapter_dir: str | AdapterFolder, engine: str) -> ServingRepor
                             f"({spec.label} ignores rank_pattern/alpha_pattern and uses lora_alpha/r for every module).",
                             SCALING))
     biases = config.get("bias") not in (None, "none") or config.get("lora_bias")
-    for code, rule, modules, what in (
-        (DORA, spec.dora, [m.name for m in folder.modules if m.method == "dora"], "DoRA magnitudes"),
-        (HEADS, spec.heads, [",".join(folder.heads)] if folder.heads else [], "task heads (modules_to_save)"),
+    for code, rule, modules, what, remedy in (
+        (DORA, spec.dora, [m.name for m in folder.modules if m.method == "dora"], "DoRA magnitudes",
+         "--dora merge or --dora svd"),
+        (HEADS, spec.heads, [",".join(folder.heads)] if folder.heads else [], "task heads (modules_to_save)",
+         "--heads beside or --merge"),
         (BIASES, spec.biases, [""] if biases else [],
-         f"trained biases (bias={config.get('bias')!r}, lora_bias={config.get('lora_bias')})"),
+         f"trained biases (bias={config.get('bias')!r}, lora_bias={config.get('lora_bias')})", "--merge"),
     ):
         kind = {"refused": "refused", "ignored": "wrong"}.get(rule)  # "supported": nothing to report
         for module in modules if kind else ():
             add(Finding(kind, module, f"{what} are {'refused' if kind == 'refused' else 'not loaded'} by {spec.label}; "
-                        "export the adapter (python -m hf_lorax.export) or merge it.", code))
+                        f"export with python -m hf_lorax.export {remedy}.", code))
     ranks = sorted({m.fused_r for m in folder.modules})
     if spec.max_rank is not None:
         for module in folder.modules:
