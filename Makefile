@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(PY) -m hf_lorax_paper.demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=10 tests  # two workers, one test file each at a time
+	$(PY) -m pytest -q -n 2 --dist loadscope --durations=10 tests  # two workers, one test file (or test class) each at a time
 
 lint: $(STAMP)
 	$(PY) -m ruff check hf_lorax hf_lorax_paper scripts tests

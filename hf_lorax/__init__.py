@@ -36,9 +36,9 @@ from .card import write_model_card
 from .config import DoRAConfig, LoRAConfig, QLoRAConfig
 from .describe import AdapterReport, describe
 from .export import export_adapter
+from .hooks import install as _install_hooks
 from .hotswap import hotswap_adapter
 from .hub import push_adapter
-from .integrations.hooks import install as _install_hooks
 from .model import get_model, load_base_model
 from .optim import create_loraplus_optimizer, loraplus_param_groups
 from .plan import AdapterPlan, resolve
@@ -73,7 +73,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name == "TargetedLossTrainer":  # importing transformers.Trainer takes seconds; load it on first use
-        from .targeted_loss import TargetedLossTrainer
+        from .loss import TargetedLossTrainer
 
         return TargetedLossTrainer
     raise AttributeError(f"module 'hf_lorax' has no attribute {name!r}")

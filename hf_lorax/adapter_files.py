@@ -71,8 +71,8 @@ class SavedModule:
     key: str  # the state-dict prefix, e.g. "base_model.model.h.0.attn.c_attn"
     r: int
     alpha: float
-    fused_r: int
-    fused_alpha: float
+    module_r: int
+    module_alpha: float
     scaling: float
     method: str
     params: int
@@ -157,19 +157,19 @@ def read_adapter_folder(path: str) -> AdapterFolder:
         prefix = key.removesuffix(".lora_A.weight")
         name = prefix.removeprefix("base_model.model.")
         b_shape = folder.shapes[f"{prefix}.lora_B.weight"]
-        fused_r = a_shape[0]
+        module_r = a_shape[0]
         configured_r = pattern_value(config.get("rank_pattern") or {}, name, config["r"])
-        if fused_r != configured_r:  # peft would build rank configured_r and refuse (or mis-scale) these tensors
-            raise ValueError(f"{folder.weights_path}: {key} has rank {fused_r}, but {CONFIG_FILE} gives {name} "
+        if module_r != configured_r:  # peft would build rank configured_r and refuse (or mis-scale) these tensors
+            raise ValueError(f"{folder.weights_path}: {key} has rank {module_r}, but {CONFIG_FILE} gives {name} "
                              f"rank {configured_r} (r / rank_pattern); the config and the weights do not belong together.")
-        fused_alpha = pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
+        module_alpha = pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
         spec = spec_for(name, specs) if name in sliced else None
         n = sliced.get(name, 1) if spec else 1
-        b_params = sum(map(len, spec.rows(b_shape[0], name))) * slice_rank(fused_r, n) if spec else math.prod(b_shape)
+        b_params = sum(map(len, spec.rows(b_shape[0], name))) * slice_rank(module_r, n) if spec else math.prod(b_shape)
         magnitude = folder.shapes.get(f"{prefix}.lora_magnitude_vector")
         folder.modules.append(SavedModule(
-            name=name, key=prefix, r=slice_rank(fused_r, n), alpha=slice_alpha(fused_alpha, n, rslora),
-            fused_r=fused_r, fused_alpha=fused_alpha, scaling=lora_scaling(fused_alpha, fused_r, rslora),
+            name=name, key=prefix, r=slice_rank(module_r, n), alpha=slice_alpha(module_alpha, n, rslora),
+            module_r=module_r, module_alpha=module_alpha, scaling=lora_scaling(module_alpha, module_r, rslora),
             method="dora" if magnitude else "lora", params=math.prod(a_shape) + b_params + (math.prod(magnitude) if magnitude else 0),
             slices=spec,
         ))

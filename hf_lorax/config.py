@@ -165,6 +165,7 @@ class LoRAConfig(LoraConfig):
         resolved.modules_to_save = list(plan.modules_to_save) if plan.modules_to_save else None
         if plan.target_modules is not None:
             resolved.target_modules = plan.target_modules
+        resolved.fan_in_fan_out = resolved.fan_in_fan_out or plan.fan_in_fan_out
         resolved.resolved_from, resolved.resolved_plan = source, plan
         return resolved
 

@@ -59,11 +59,14 @@ class AdapterReport:
         return head, body
 
     def summary(self) -> str:
-        pct = 100 * self.trainable_params / max(self.total_params, 1)
-        text = (
-            f"adapter {self.adapter!r}: {len(self.rows)} modules, {self.adapter_params:,} adapter params; "
-            f"trainable {self.trainable_params:,} of {self.total_params:,} ({pct:.4f}%)"
-        )
+        text = f"adapter {self.adapter!r}: {len(self.rows)} modules, {self.adapter_params:,} adapter params"
+        if self.trainable_params:
+            pct = 100 * self.trainable_params / max(self.total_params, 1)
+            text += f"; trainable {self.trainable_params:,} of {self.total_params:,} ({pct:.4f}%)"
+        else:  # a reloaded adapter (is_trainable=False): say so, not "trainable 0 of N (0.0000%)"
+            pct = 100 * self.adapter_params / max(self.total_params, 1)
+            text += (f" ({pct:.4f}% of {self.total_params:,}); inference mode (frozen): nothing trainable, "
+                     "load with is_trainable=True to train it")
         if self.heads:
             text += "\ntrained in full besides the adapters: " + ", ".join(
                 f"{name} ({n:,} params)" for name, n in self.heads.items())
@@ -166,20 +169,14 @@ def _targets(model: nn.Module, adapter: str) -> str:
 
 
 def _loss(model: nn.Module) -> str:
-    """Which training loss a causal LM computes: the logits-free one, or its own and why."""
-    from .logits_free import LogitsFreeCausalLM, logits_free_unsupported_reason
+    """Which training loss a causal LM computes (:func:`hf_lorax.loss.training_loss`)."""
+    from .loss import training_loss
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(model, "peft_config", {}).get(_active_adapter(model))
     task = task_name(getattr(config, "task_type", None))
     if task == "SEQ_2_SEQ_LM":
         return "the model's own (the logits-free loss covers decoder-only causal LMs)"
-    if task != "CAUSAL_LM":
-        return ""
-    if isinstance(inner, LogitsFreeCausalLM):
-        return "logits-free (LM head and cross-entropy in row chunks from the hidden states)"
-    reason = logits_free_unsupported_reason(inner)
-    return f"the model's own ({reason})" if reason else "the model's own (logits_free_loss=False)"
+    return training_loss(model) if task == "CAUSAL_LM" else ""
 
 
 def _base_storage(model: nn.Module) -> tuple[float | None, float | None]:

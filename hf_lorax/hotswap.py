@@ -1,10 +1,9 @@
 """``hotswap_adapter``: peft's hotswap with each module's own scaling, so rank and alpha maps swap correctly.
 
-peft 0.21's ``hotswap_adapter_from_state_dict`` looks a module's rank and alpha up by matching the *parameter*
-name (``...c_attn.lora_A.default.weight``) against ``rank_pattern`` / ``alpha_pattern``, whose ``$``-anchored keys
-name *modules*: nothing matches, so every module gets ``lora_alpha / r`` (plain peft adapters with patterns
-swap wrong too). This entry runs peft's hotswap (its checks, weight copies and compiled-model handling) and then
-sets each swapped module's scaling from its module name, as peft does when it loads the adapter directly.
+peft 0.21's hotswap gives every module ``lora_alpha / r`` when an adapter has ``rank_pattern`` / ``alpha_pattern``
+(:mod:`hf_lorax.hooks` holds the hook that fixes peft's own function for hf_lorax adapters). This
+entry runs peft's hotswap and then sets each module's scaling from its module name, as peft does when it loads the
+adapter directly: right for plain peft adapters with patterns too, and with the hook off.
 """
 
 from __future__ import annotations

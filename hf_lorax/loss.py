@@ -1,44 +1,47 @@
-"""hf_lorax's one causal-LM loss: one label shift, one ignore index, one normalisation, no data-dependent shapes.
+"""hf_lorax's one causal-LM loss, and the decision of where a causal LM uses it.
 
-Why this exists: ``transformers``' ``ForCausalLMLoss`` calls ``F.cross_entropy`` on the ``n × vocab`` logits;
-autograd keeps the log-softmax output for backward and backward materialises two more vocabulary-sized buffers.
-With GPT-2's 50,257-token (or Llama 3's 128,256-token) vocabulary these buffers, not the adapters, set a LoRA
-step's peak memory. Two entry points share every rule here (:func:`shifted_labels`, :data:`IGNORE_INDEX`,
-:func:`per_item`, the label-smoothed row loss):
+Why this exists: ``transformers``' ``ForCausalLMLoss`` runs ``F.cross_entropy`` on the ``n × vocab`` logits; autograd
+keeps the log-softmax output and backward materialises two more vocabulary-sized buffers, which (GPT-2: 50,257
+tokens, Llama 3: 128,256), not the adapters, set a LoRA step's peak memory. Two entry points share every rule
+(:func:`shifted_labels`, :data:`IGNORE_INDEX`, :func:`per_item`, the label-smoothed row loss
+``(1 - eps)·NLL + eps·mean_j(-log p_j)``, as ``F.cross_entropy`` and the ``Trainer``'s ``LabelSmoother``):
+:func:`causal_lm_loss_from_hidden` (training: the LM head and the cross-entropy in a few row chunks, never holding the
+logits) and :func:`causal_lm_loss` (where logits exist anyway: ``ForCausalLMLoss``'s signature, one buffer).
 
-* :func:`causal_lm_loss_from_hidden` (what training uses): the LM head and the cross-entropy in a few large row
-  chunks (:class:`LinearCrossEntropy`), never holding the logits;
-* :func:`causal_lm_loss` (where the model forms logits anyway): ``ForCausalLMLoss``'s signature with
-  :class:`CrossEntropyFromLogits`, which keeps the logits and one float per row instead of three buffers.
+Masked rows (label ``-100``) go through the chunks with weight 0: a boolean gather has a data-dependent shape, which
+makes the device wait and breaks ``torch.compile`` graphs. Only on a CPU in eager mode, where nothing waits, are the
+labelled rows gathered (:data:`LABELLED_ROWS_ONLY_ON`; same value and gradients, docs/benchmarks.md says why).
 
-Masked rows (label ``-100``) go through the chunks with weight 0 instead of being gathered out: a boolean gather
-has a data-dependent shape, which makes the device wait (``nonzero``) and breaks ``torch.compile`` graphs. Only
-on a CPU, in eager mode, where no device waits, does the loss from hidden states gather the labelled rows
-(:data:`LABELLED_ROWS_ONLY_ON`): same value and gradients, the head's work only where a label is.
-Label smoothing follows ``F.cross_entropy(label_smoothing=eps)`` and the ``Trainer``'s ``LabelSmoother``:
-``(1 - eps)·NLL + eps·mean_j(-log p_j)``. Values and gradients equal transformers' (tests/test_loss.py,
-tests/test_logits_free.py, tests/test_e2e.py).
-"""
+The decision (:func:`prepare_causal_lm_loss`, read back by :func:`training_loss` for ``describe``): the logits-free
+training forward (:class:`LogitsFreeCausalLM`) where :func:`logits_free_unsupported_reason` finds the model's
+forward to be exactly its decoder stack, a plain linear head and the stock loss (read from the model, never from a
+list of names); label smoothing as an option of it (:func:`set_label_smoothing`); the ``Trainer`` hand-off
+(``TargetedLossTrainer``). Values and gradients equal transformers' (tests/test_loss.py, test_logits_free.py)."""
 
 from __future__ import annotations
+
+import functools
+import inspect
+import re
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .class_swap import register_mixin, swap_class
+from .integrations.transformers_api import uses_stock_causal_lm_loss
 
 IGNORE_INDEX = -100
-# A row chunk's float32 logits hold a quarter of all the logits, kept between 64 MiB and 256 MiB: at most four
-# chunks until the logits pass 1 GiB, so the kernels a loss launches do not grow with the vocabulary, while small
-# logits still go through in 64 MiB pieces (each chunk reads the whole head weight: on a CPU, where that read is
-# the cost, fewer chunks are faster) and large ones never need more than 256 MiB at once.
+# A row chunk's float32 logits hold a quarter of all the logits, kept between 64 MiB and 256 MiB: few chunks (each
+# reads the whole head weight) whose count does not grow with the vocabulary, and never more than 256 MiB at once.
 MIN_CHUNK_ELEMENTS = 1 << 24
 CHUNK_ELEMENTS = 1 << 26  # the largest chunk
 TARGET_CHUNKS = 4
 HALF_PRECISION_GEMM_DEVICES = ("cuda", "xpu")  # where bf16/fp16 GEMMs outrun float32 ones
-# Device types on which rows without a label skip the LM head (a boolean gather): on a CPU the gather waits for no
-# device, and the head's GEMMs shrink to the labelled rows (a masked prompt and padding can be most of a batch).
-# Elsewhere the gather's size would make the host wait for the device, and under torch.compile
-# it is a data-dependent shape: there every row goes through, unlabelled ones with weight 0.
+# Device types on which rows without a label skip the LM head (a masked prompt and padding can be most of a batch):
+# elsewhere the gather would make the host wait for the device; under torch.compile it is a data-dependent shape.
 LABELLED_ROWS_ONLY_ON = ("cpu",)
 
 
@@ -70,10 +73,7 @@ def _wider(a: torch.dtype, b: torch.dtype) -> torch.dtype:
 
 class CrossEntropyFromLogits(torch.autograd.Function):
     """Per-row label-smoothed cross-entropy of given logits (0 where the target is ``ignore_index``), at least float32.
-
-    Saves the logits (alive anyway: the model returns them), the targets and one log-sum-exp per row; backward
-    recomputes the softmax chunk by chunk straight into the gradient buffer.
-    """
+    Saves the logits (alive anyway), the targets and one log-sum-exp per row; backward recomputes the softmax."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
@@ -124,17 +124,14 @@ def _softmax_minus_targets(probs: torch.Tensor, safe: torch.Tensor, eps: float, 
 class LinearCrossEntropy(torch.autograd.Function):
     """``sum over rows of weightedCE(hidden @ weightᵀ + bias, target)`` with label smoothing, never holding ``n × vocab``.
 
-    The rows go through the head in chunks whose float32 logits stay under ``CHUNK_ELEMENTS``; each chunk's loss
-    and its gradients with respect to ``hidden``, ``weight`` and ``bias`` are computed at once (Liger-Kernel's
-    fused-linear-cross-entropy scheme, in plain PyTorch so it runs on CPU and CUDA), so backward only scales them.
-    Rows whose target is ``ignore_index`` get weight 0. liger-kernel's Triton kernel is not used: CUDA only, and
-    whether it beats this on a GPU is unmeasured (docs/benchmarks_gpu.md).
+    Row chunks through the head; each chunk's loss and its gradients for ``hidden``, ``weight`` and ``bias`` at once
+    (Liger-Kernel's scheme in plain PyTorch, for CPU and CUDA; its Triton kernel is CUDA only and unmeasured here),
+    so backward only scales them. ``safe_targets`` (n × 1) index the vocabulary on every row; ``row_weights`` (n,)
+    are 0 where there is no label (:func:`_targets` makes both).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, safe_targets, row_weights, label_smoothing: float):
-        """``safe_targets`` (n × 1) index the vocabulary on every row; ``row_weights`` (n,) are 0 where there is no
-        label (:func:`_targets` makes both)."""
         matmul_dtype = LinearCrossEntropy.matmul_dtype(hidden, weight)  # reads the caller's autocast state
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             return LinearCrossEntropy._forward(ctx, hidden, weight, bias, safe_targets, row_weights, label_smoothing,
@@ -142,12 +139,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-        """The dtype of the head's GEMMs; the softmax and the loss always run in at least float32.
-
-        On GPUs the autocast dtype when autocast is on (as the stock head's ``F.linear``), else the inputs' dtype:
-        a float32 head GEMM costs a GPU several times the bf16 one. On CPUs at least float32: without bf16 GEMM
-        units a bf16 GEMM is the slower one.
-        """
+        """The head GEMMs' dtype (softmax and loss: at least float32): on GPUs the autocast dtype, as the stock head's
+        ``F.linear``, else the inputs'; on CPUs at least float32 (without bf16 units a bf16 GEMM is the slower)."""
         device = hidden.device.type
         dtype = _wider(hidden.dtype, weight.dtype)
         if device in HALF_PRECISION_GEMM_DEVICES:
@@ -197,15 +190,6 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         bias: torch.Tensor | None = None, label_smoothing: float = 0.0,
-                         ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """The summed cross-entropy of the LM head ``hidden @ weightᵀ + bias`` against ``targets``, without logits."""
-    safe, weights = _targets(targets.reshape(-1), ignore_index, torch.float32)
-    return LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, bias, safe, weights,
-                                    float(label_smoothing))
-
-
 def causal_lm_loss_from_hidden(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
                                num_items_in_batch: torch.Tensor | int | None = None,
                                label_smoothing: float = 0.0) -> torch.Tensor:
@@ -248,8 +232,7 @@ def causal_lm_loss(
 
 
 def check_labels_shape(labels: torch.Tensor, tokens: tuple[int, ...], what: str) -> None:
-    """One label per token: a ``ValueError`` naming both shapes, where the loss would otherwise fail deep in
-    indexing (or, for some shapes, silently pair the wrong labels with the tokens)."""
+    """One label per token, else a ``ValueError`` naming both shapes (not a failure deep in indexing)."""
     if tuple(labels.shape) != tuple(tokens):
         raise ValueError(f"labels have shape {tuple(labels.shape)}, but {what} have shape {tuple(tokens)}: a causal "
                          "LM needs one label per input token (-100 for tokens without a loss).")
@@ -261,19 +244,158 @@ def shifted_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> to
 
 
 def per_item(total: torch.Tensor, n_labelled, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
-    """A summed loss as the Trainer expects it: over ``num_items_in_batch`` when given (gradient accumulation,
-    several devices), else the mean over this batch's ``n_labelled`` tokens."""
+    """A summed loss over ``num_items_in_batch`` when the Trainer gives it, else the mean over ``n_labelled``."""
     denominator = n_labelled if num_items_in_batch is None else num_items_in_batch
     if torch.is_tensor(denominator):
         denominator = denominator.to(total.device)
     return total / denominator
 
 
-def install_causal_lm_loss(model: torch.nn.Module) -> bool:
-    """Use :func:`causal_lm_loss` for ``model`` if it computes the stock causal-LM loss; returns whether it did."""
-    from .integrations.transformers_api import uses_stock_causal_lm_loss
+# Config fields that change the logits after the LM head, matched by name (Gemma's final_logit_softcapping, Cohere's
+# logit_scale, Granite's logits_scaling, Falcon-H1's lm_head_multiplier, ...); None or 1 leaves them as they are.
+_LOGIT_TRANSFORM = re.compile(r"(logit|lm_head).*(scal|cap|multiplier)|(scal|cap|multiplier).*(logit|lm_head)")
+_NEUTRAL = (None, False, 1, 1.0)
+_SMOOTHING = "_hf_lorax_label_smoothing"
 
-    stock = uses_stock_causal_lm_loss(model)
-    if stock:
+
+def logits_free_unsupported_reason(model: nn.Module) -> str | None:
+    """Why ``model``'s training loss cannot be computed without logits (None: it can), read from the model."""
+    config = getattr(model, "config", None)
+    if not type(model).__module__.startswith("transformers.models."):
+        return f"{type(model).__qualname__} is not transformers' own class (its forward may compute more than the loss)"
+    # hf_lorax's own one-buffer loss (installed after this check by get_model) is the stock loss, computed leaner
+    if getattr(model, "loss_function", None) is not causal_lm_loss and not uses_stock_causal_lm_loss(model):
+        return "the model does not compute transformers' stock causal-LM loss (a custom loss_function is set)"
+    if not _forward_calls_loss_function(type(model)):
+        return f"{type(model).__name__}.forward computes its loss itself, not with transformers' loss_function"
+    if getattr(config, "output_router_logits", False):
+        return "the model adds a router auxiliary loss (output_router_logits=True)"
+    for key, value in sorted((config.to_dict() if config is not None else {}).items()):
+        if _LOGIT_TRANSFORM.search(key) and "attn" not in key and not isinstance(value, dict) and value not in _NEUTRAL:
+            return f"the model transforms its logits after the LM head ({key}={value!r})"
+    head, body = model.get_output_embeddings(), getattr(model, "base_model", model)
+    if type(head) is not nn.Linear:
+        return f"its LM head is a {type(head).__name__}, not a plain nn.Linear"
+    children = {name: child for name, child in model.named_children() if next(child.parameters(), None) is not None}
+    if body is model or body not in children.values():
+        return "it has no separate decoder stack (base_model) to call"
+    if head not in children.values():
+        return "its LM head applies a transform before the output projection"
+    others = sorted(name for name, child in children.items() if child is not body and child is not head)
+    if others:
+        return f"its forward uses {others} besides the decoder stack and the LM head"
+    return None
+
+
+def _forward_calls_loss_function(cls: type) -> bool:
+    """Whether ``cls.forward`` computes its loss with ``self.loss_function`` (BART's causal LM does not)."""
+    try:
+        return "self.loss_function(" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):  # no source to read: not known to use the stock loss
+        return False
+
+
+def prepare_causal_lm_loss(model: nn.Module, logits_free: bool = True) -> None:
+    """The one decision, made once per model instance by :func:`hf_lorax.get_model`: a supported model's training
+    forward becomes logits-free (:class:`LogitsFreeCausalLM`); any model on the stock loss gets
+    :func:`causal_lm_loss` wherever it still forms logits (evaluation, generation, unsupported models)."""
+    if logits_free and logits_free_unsupported_reason(model) is None:  # first: it reads the stock loss
+        swap_class(model, LogitsFreeCausalLM)
+    if uses_stock_causal_lm_loss(model):
         model.loss_function = causal_lm_loss  # transformers' public setter for a model's loss
-    return stock
+
+
+def training_loss(model: nn.Module) -> str:
+    """What :func:`prepare_causal_lm_loss` decided for ``model`` (a base model or its ``PeftModel``), in words."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if isinstance(inner, LogitsFreeCausalLM):
+        return "logits-free (LM head and cross-entropy in row chunks from the hidden states)"
+    reason = logits_free_unsupported_reason(inner)
+    return f"the model's own ({reason})" if reason else "the model's own (logits_free_loss=False)"
+
+
+class LogitsFreeCausalLM:
+    """A training forward with ``labels`` calls the decoder stack (``base_model``) as the model's own forward does and
+    computes the loss from its last hidden state; ``logits`` is then ``None`` (the ``Trainer`` reads only ``loss``).
+    Evaluation, generation, calls without labels or with extra options take the model's own forward."""
+
+    def forward(self, *args, labels=None, **kwargs):
+        head = self.get_output_embeddings()
+        if labels is None and self.training and torch.is_grad_enabled():
+            _warn_no_labels(self)
+        if (labels is None or args or not self.training or not torch.is_grad_enabled()
+                or kwargs.get("logits_to_keep", 0) != 0 or kwargs.get("shift_labels") is not None
+                or kwargs.get("return_dict") is False
+                or type(head) is not nn.Linear or hasattr(head, "_hf_hook")):  # accelerate-dispatched head
+            return super().forward(*args, labels=labels, **kwargs)
+        kwargs.pop("logits_to_keep", None)
+        outputs = dict(self.base_model(**kwargs))
+        # the key/value cache is dropped before the loss unless use_cache=True was passed (use_cache=False without an
+        # attention mask would make transformers check the position ids for packed sequences: a device sync)
+        if kwargs.get("use_cache") is not True:
+            outputs.pop("past_key_values", None)
+        # the loss holds the only reference to the last hidden state (freed once the labelled rows are kept)
+        loss = causal_lm_loss_from_hidden(outputs.pop("last_hidden_state").to(head.weight.device), head, labels,
+                                          kwargs.get("num_items_in_batch"), getattr(self, _SMOOTHING, 0.0))
+        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.get("past_key_values"),
+                                      hidden_states=outputs.get("hidden_states"), attentions=outputs.get("attentions"))
+
+
+register_mixin("LogitsFree", LogitsFreeCausalLM, "transformers")
+
+
+def set_label_smoothing(model: nn.Module, epsilon: float) -> None:
+    """Label smoothing ``epsilon`` for the logits-free training loss of ``model`` (a base model or its ``PeftModel``):
+    with it (and ``label_smoothing_factor=0``) the loss equals the ``Trainer``'s label-smoothed one, without logits."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(inner, LogitsFreeCausalLM):
+        raise ValueError(f"{type(inner).__name__} does not compute a logits-free loss (see logits_free_unsupported_reason)"
+                         "; use the Trainer's label_smoothing_factor instead (it forms the logits).")
+    setattr(inner, _SMOOTHING, check_label_smoothing(epsilon))
+
+
+def _warn_no_labels(model: nn.Module) -> None:
+    if not getattr(model, "_hf_lorax_warned_no_labels", False):
+        model._hf_lorax_warned_no_labels = True
+        warnings.warn("hf_lorax: a training forward without labels forms the full logits. If a Trainer with "
+                      "label_smoothing_factor > 0 removed them, set label_smoothing_factor=0 and call "
+                      "hf_lorax.loss.set_label_smoothing(model, epsilon) (or use hf_lorax.TargetedLossTrainer) "
+                      "to keep the loss logits-free.", UserWarning, stacklevel=3)
+
+
+@functools.cache
+def _targeted_loss_trainer() -> type:
+    from transformers import Trainer  # seconds to import: only when the class is first used
+
+    class TargetedLossTrainer(Trainer):
+        """A ``Trainer`` whose ``label_smoothing_factor`` goes to the model's logits-free loss (the labels stay with
+        the model): the same value as the ``Trainer``'s smoothed loss, no logits. Evaluation, and a model the
+        logits-free loss does not support, take the ``Trainer``'s own path."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            check_label_smoothing(self.args.label_smoothing_factor, "label_smoothing_factor")
+            inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            if logits_free_unsupported_reason(inner) is None:
+                swap_class(inner, LogitsFreeCausalLM)
+            self.logits_free = isinstance(inner, LogitsFreeCausalLM)
+            if self.logits_free:
+                set_label_smoothing(inner, self.args.label_smoothing_factor)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not (self.logits_free and model.training and self.label_smoother is not None):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            smoother, self.label_smoother = self.label_smoother, None  # the labels stay: the model smooths its loss
+            try:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            finally:
+                self.label_smoother = smoother
+
+    TargetedLossTrainer.__module__ = __name__
+    return TargetedLossTrainer
+
+
+def __getattr__(name: str):
+    if name == "TargetedLossTrainer":
+        return _targeted_loss_trainer()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,6 @@ same card.
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
@@ -24,14 +23,12 @@ from torch import nn
 from .adapter_files import atomic_directory_write, check_adapter_dir, read_sidecar
 from .base_init import check_loadable
 from .card import write_model_card
+from .class_swap import register_mixin, swap_class
 from .config import LoRAConfig
 from .integrations.sharding import gathered_adapter_state, is_sharded, zero3_enabled
 from .integrations.transformers_api import is_trainer_checkpoint_dir
-from .model_prep import check_quantized_base, prepare_base_model, prepare_injection
-from .plan import resolve
+from .model_prep import prepare
 from .task_types import AUTO_CLASSES, LABELLED_TASK_TYPES, task_name
-
-logger = logging.getLogger(__name__)
 
 
 def get_model(
@@ -55,7 +52,7 @@ def get_model(
         allow_pickle: load an adapter saved only as a pickle ``adapter_model.bin`` (refused by default, as
             unpickling can run code; loaded with ``torch.load(weights_only=True)``).
         logits_free_loss: for causal LMs whose loss is a plain shifted cross-entropy, training forwards with
-            ``labels`` compute the loss from the hidden states in row chunks and never form the logits (:mod:`hf_lorax.logits_free`;
+            ``labels`` compute the loss from the hidden states in row chunks and never form the logits (:mod:`hf_lorax.loss`;
             ``outputs.logits`` is then ``None`` in training). ``False`` keeps the model's own forward.
         adapter_kwargs: for an adapter on the Hub, the download options of the adapter repo (``token``,
             ``revision``, ``cache_dir``, ``subfolder``, ``force_download``, ...), as transformers' ``adapter_kwargs``;
@@ -83,20 +80,7 @@ def get_model(
         )
     check_sharding_support(config)
     base = model if model is not None else load_base_model(config, **from_pretrained_kwargs)
-    resolved = _validated(config, base)
-    prepared = prepare_base_model(config, base, logits_free_loss)
-    return with_hf_lorax_saving(get_peft_model(prepared, prepare_injection(resolved, prepared)))
-
-
-def _validated(config: LoRAConfig, base: nn.Module) -> LoRAConfig:
-    """Every check that can reject ``config`` for ``base`` (the plan, the head, the quantization), then the only
-    base change a check implies (a pad token for GPT-2-style classification heads): nothing is changed before a
-    typo is reported. Returns the resolved copy peft receives."""
-    resolved = config.with_plan(resolve(config, base))
-    _check_base_model(config, base)
-    check_quantized_base(config, base)
-    _fill_pad_token(config, base)
-    return resolved
+    return swap_class(get_peft_model(base, prepare(config, base, logits_free_loss)), HfLoraxSaving)
 
 
 def load_base_model(config: PeftConfig, **from_pretrained_kwargs: Any) -> nn.Module:
@@ -141,29 +125,6 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or os.path.exists(name)
 
 
-def _check_base_model(config: LoRAConfig, base: nn.Module) -> None:
-    model_config = getattr(base, "config", None)
-    if model_config is None:
-        return
-    task = task_name(config.task_type)
-    if config.num_labels and task in LABELLED_TASK_TYPES and model_config.num_labels != config.num_labels:
-        raise ValueError(
-            f"config.num_labels={config.num_labels} but the model's head has {model_config.num_labels} labels. "
-            "Load the model with the same num_labels, or let get_model load it."
-        )
-
-
-def _fill_pad_token(config: LoRAConfig, base: nn.Module) -> None:
-    model_config = getattr(base, "config", None)
-    if model_config is None:
-        return
-    if task_name(config.task_type) == "SEQ_CLS" and getattr(model_config, "pad_token_id", None) is None:
-        eos = getattr(model_config, "eos_token_id", None)
-        if eos is not None:  # GPT-2-style heads need a pad id to find the last token of each row
-            model_config.pad_token_id = eos if isinstance(eos, int) else eos[0]
-            logger.info("pad_token_id was unset; using eos_token_id=%s for the classification head.", eos)
-
-
 def _load_adapter(path: str, model: nn.Module | None, is_trainable: bool, allow_pickle: bool, logits_free_loss: bool,
                   kwargs: dict, adapter_kwargs: dict | None = None) -> PeftModel:
     hub = {k: kwargs[k] for k in ("token", "cache_dir") if kwargs.get(k) is not None}
@@ -187,8 +148,7 @@ def _load_adapter(path: str, model: nn.Module | None, is_trainable: bool, allow_
             config = LoRAConfig.from_peft_config(config, sidecar)
     base = model if model is not None else load_base_model(config, **kwargs)
     if isinstance(config, LoRAConfig):
-        resolved = _validated(config, base)
-        config = prepare_injection(resolved, prepare_base_model(config, base, logits_free_loss))
+        config = prepare(config, base, logits_free_loss)
     try:
         loaded = PeftModel.from_pretrained(base, path, config=config, is_trainable=is_trainable,
                                            **({} if os.path.isdir(path) else hub))
@@ -198,7 +158,7 @@ def _load_adapter(path: str, model: nn.Module | None, is_trainable: bool, allow_
         raise ValueError(f"The adapter in {path!r} does not fit this base model: {_first_mismatch(exc)}") from exc
     if os.path.isfile(os.path.join(path, "adapter_model.safetensors")):
         _check_every_weight_loaded(loaded, path)
-    return with_hf_lorax_saving(loaded)
+    return swap_class(loaded, HfLoraxSaving)
 
 
 def _check_every_weight_loaded(model: PeftModel, path: str) -> None:
@@ -266,31 +226,4 @@ class HfLoraxSaving:
             super().create_or_update_model_card(output_dir)
 
 
-_SAVING_CLASSES: dict[type, type] = {}
-_PREFIX = "HfLorax"
-
-
-def saving_class(cls: type) -> type:
-    """``HfLorax<peft class>``: :class:`HfLoraxSaving` over ``cls``, made once; :func:`__getattr__` rebuilds it by
-    name in a fresh process, so the models pickle."""
-    if cls not in _SAVING_CLASSES:
-        name = _PREFIX + cls.__name__
-        _SAVING_CLASSES[cls] = type(name, (HfLoraxSaving, cls), {"__module__": __name__, "__qualname__": name})
-    return _SAVING_CLASSES[cls]
-
-
-def __getattr__(name: str) -> type:
-    if name.startswith(_PREFIX):
-        import peft
-
-        base = getattr(peft, name[len(_PREFIX):], None)
-        if isinstance(base, type) and issubclass(base, PeftModel):
-            return saving_class(base)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def with_hf_lorax_saving(model: PeftModel) -> PeftModel:
-    """Give ``model`` (this one instance) :class:`HfLoraxSaving`'s methods; it stays an instance of its class."""
-    if not isinstance(model, HfLoraxSaving):
-        model.__class__ = saving_class(type(model))
-    return model
+register_mixin("HfLorax", HfLoraxSaving, "peft")

@@ -1,13 +1,56 @@
-"""What :func:`hf_lorax.get_model` does to a base model before adapters go in (small, explicit steps)."""
+"""Everything :func:`hf_lorax.get_model` checks and changes on a base model before peft injects, in one place.
+
+:func:`prepare` runs once per model: first every check that can reject the config for this model (the plan, the
+head's label count, a quantized base for QLoRA), so nothing is changed before a typo is reported; then every change
+(a pad token for GPT-2-style classification heads, the Trainer's loss normalisation, the causal-LM loss, k-bit
+preparation); then hf_lorax's layers are registered on the resolved copy that peft receives. The user's config is
+never changed. :func:`injection_config` is the part the peft hook needs when a user hands an hf_lorax config to
+peft or transformers directly (their model is theirs: only what injecting needs).
+"""
 
 from __future__ import annotations
+
+import logging
 
 from torch import nn
 
 from .config import LoRAConfig, QLoRAConfig
 from .integrations.peft_api import register_layers
 from .layers import layer_mapping
+from .loss import prepare_causal_lm_loss
 from .plan import resolve
+from .quantization import is_quantized, prepare_for_kbit_training
+from .task_types import LABELLED_TASK_TYPES, task_name
+
+logger = logging.getLogger(__name__)
+
+
+def prepare(config: LoRAConfig, model: nn.Module, logits_free_loss: bool = True) -> LoRAConfig:
+    """Check ``config`` against ``model``, prepare ``model`` and return the resolved config peft injects."""
+    resolved = config if config.resolved_plan is not None else config.with_plan(resolve(config, model))
+    _check_num_labels(config, model)
+    check_quantized_base(config, model)
+    _fill_pad_token(config, model)
+    if resolved.resolved_plan.modules_to_save:
+        declare_mean_loss(model)
+    if task_name(config.task_type) == "CAUSAL_LM":
+        prepare_causal_lm_loss(model, logits_free_loss)
+    if isinstance(config, QLoRAConfig):
+        prepare_for_kbit_training(model)
+    register_layers(resolved, layer_mapping())
+    return resolved
+
+
+def injection_config(config: LoRAConfig, model: nn.Module) -> LoRAConfig:
+    """The config peft should inject into ``model`` (the peft hook's one call): ``config`` itself when it carries a
+    plan already (:func:`prepare` made it), else its resolved copy; hf_lorax's layers registered on it."""
+    if config.resolved_plan is None:
+        check_quantized_base(config, model)
+        config = config.with_plan(resolve(config, model))
+        if config.resolved_plan.modules_to_save:
+            declare_mean_loss(model)
+    register_layers(config, layer_mapping())
+    return config
 
 
 def declare_mean_loss(model: nn.Module) -> None:
@@ -22,22 +65,6 @@ def declare_mean_loss(model: nn.Module) -> None:
         model.accepts_loss_kwargs = False
 
 
-def prepare_injection(config: LoRAConfig, model: nn.Module) -> LoRAConfig:
-    """The config peft should inject into ``model``: ``config`` itself when it carries a plan already, else its
-    resolved copy (:meth:`~hf_lorax.config.LoRAConfig.with_plan`); ``config`` is never changed. Also tells the
-    Trainer the head's loss is a mean and registers hf_lorax's layers on the returned config.
-
-    :func:`hf_lorax.get_model` and the peft hook (for ``peft.get_peft_model``, ``add_adapter``,
-    ``PeftModel.from_pretrained``, ...) both call it before peft injects.
-    """
-    check_quantized_base(config, model)
-    resolved = config if config.resolved_plan is not None else config.with_plan(resolve(config, model))
-    if resolved.resolved_plan.modules_to_save:
-        declare_mean_loss(model)
-    register_layers(resolved, layer_mapping())
-    return resolved
-
-
 def check_quantized_base(config: LoRAConfig, model: nn.Module) -> None:
     """A :class:`QLoRAConfig` the user built needs a bitsandbytes-quantized base: refuse an unquantized one.
 
@@ -48,8 +75,6 @@ def check_quantized_base(config: LoRAConfig, model: nn.Module) -> None:
     """
     if not isinstance(config, QLoRAConfig) or config.is_resolved:
         return
-    from .quantization import is_quantized
-
     if not is_quantized(model):
         raise ValueError(
             f"QLoRAConfig needs a quantized base, but this {type(model).__name__} has no bitsandbytes-quantized linear "
@@ -59,18 +84,23 @@ def check_quantized_base(config: LoRAConfig, model: nn.Module) -> None:
         )
 
 
-def prepare_base_model(config: LoRAConfig, model: nn.Module, logits_free_loss: bool = True) -> nn.Module:
-    """Causal LMs train without logits (:mod:`hf_lorax.logits_free`, unless ``logits_free_loss=False``) and get
-    the one-buffer loss of :mod:`hf_lorax.loss` wherever logits are formed; quantized bases k-bit preparation."""
-    if config.task_type == "CAUSAL_LM":
-        from .logits_free import enable_logits_free_loss
-        from .loss import install_causal_lm_loss
+def _check_num_labels(config: LoRAConfig, model: nn.Module) -> None:
+    model_config = getattr(model, "config", None)
+    if model_config is None or not config.num_labels or task_name(config.task_type) not in LABELLED_TASK_TYPES:
+        return
+    if model_config.num_labels != config.num_labels:
+        raise ValueError(
+            f"config.num_labels={config.num_labels} but the model's head has {model_config.num_labels} labels. "
+            "Load the model with the same num_labels, or let get_model load it."
+        )
 
-        if logits_free_loss:
-            enable_logits_free_loss(model)  # first: it checks that the model computes the stock loss
-        install_causal_lm_loss(model)
-    if isinstance(config, QLoRAConfig):
-        from .quantization import prepare_for_kbit_training
 
-        prepare_for_kbit_training(model)
-    return model
+def _fill_pad_token(config: LoRAConfig, model: nn.Module) -> None:
+    model_config = getattr(model, "config", None)
+    if model_config is None or task_name(config.task_type) != "SEQ_CLS":
+        return
+    eos = getattr(model_config, "eos_token_id", None)
+    if getattr(model_config, "pad_token_id", None) is None and eos is not None:
+        # GPT-2-style heads need a pad id to find the last token of each row
+        model_config.pad_token_id = eos if isinstance(eos, int) else eos[0]
+        logger.info("pad_token_id was unset; using eos_token_id=%s for the classification head.", eos)

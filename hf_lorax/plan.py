@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .integrations.peft_api import (
     ExcludedModule,
@@ -33,10 +34,10 @@ from .layers.types import SUPPORTED_LAYER_TYPES, is_dense, is_quantized_linear, 
 from .rank_map import closest_names, resolve_module_map
 from .slices import (
     SliceSpec,
-    fused_alpha,
-    fused_rank,
     layout_for_model,
     lora_scaling,
+    module_alpha,
+    module_rank,
     slice_alpha,
     slice_rank,
     spec_for,
@@ -73,14 +74,14 @@ class ModulePlan:
         return len(self.slices.adapt) if self.slices else 1
 
     @property
-    def fused_r(self) -> int:
+    def module_r(self) -> int:
         """Rank of the full-module LoRA the module is (``n·r`` for a fused-slice module): what peft builds."""
-        return fused_rank(self.r, self.n_slices)
+        return module_rank(self.r, self.n_slices)
 
     @property
-    def fused_alpha(self) -> float:
+    def module_alpha(self) -> float:
         """Alpha of that full-module LoRA (keeps the per-slice scaling): what peft reads from ``alpha_pattern``."""
-        return fused_alpha(self.alpha, self.n_slices, self.use_rslora)
+        return module_alpha(self.alpha, self.n_slices, self.use_rslora)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class AdapterPlan:
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     target_modules: object = None  # the expanded list ("all-linear") or peft's default (no targets given), else None
     default_targets_for: str | None = None  # the model_type whose peft default target_modules were used
+    fan_in_fan_out: bool = False  # a targeted layer stores its weight as (in, out) (GPT-2's Conv1D), as peft records
 
     @property
     def sliced_modules(self) -> dict[str, int]:
@@ -147,7 +149,7 @@ def resolve(config, model: nn.Module) -> AdapterPlan:
             if peft_state:
                 r, alpha = slice_rank(r, n), slice_alpha(alpha, n, config.use_rslora)
             # exact entries of the full-module LoRA peft builds (and plain peft loads)
-            exact_r[name], exact_alpha[name] = fused_rank(r, n), fused_alpha(alpha, n, config.use_rslora)
+            exact_r[name], exact_alpha[name] = module_rank(r, n), module_alpha(alpha, n, config.use_rslora)
         plans[name] = ModulePlan(name=name, r=r, alpha=alpha, scaling=lora_scaling(alpha, r, config.use_rslora),
                                  method="dora" if config.use_dora else "lora", slices=spec,
                                  use_rslora=bool(config.use_rslora))
@@ -157,7 +159,8 @@ def resolve(config, model: nn.Module) -> AdapterPlan:
     expanded = probe.target_modules if probe.target_modules != config.target_modules else None
     return AdapterPlan(modules=ReadOnlyDict(plans), modules_to_save=tuple(modules_to_save) if modules_to_save else None,
                        rank_pattern=ReadOnlyDict(rank_pattern), alpha_pattern=ReadOnlyDict(alpha_pattern),
-                       target_modules=expanded, default_targets_for=default_for)
+                       target_modules=expanded, default_targets_for=default_for,
+                       fan_in_fan_out=any(isinstance(modules[name], Conv1D) for name in targeted))
 
 
 def plain_modules(model: nn.Module):

@@ -9,12 +9,14 @@ shares; peft's ``LoraModel``):
 engine       reads                                       scaling / limits / refusals
 ===========  ==========================================  ==================================================
 vllm         r, lora_alpha, use_rslora, target_modules,  one ``lora_alpha/r`` (``/√r`` with rsLoRA) for
-             bias, modules_to_save, use_dora             every module; refuses DoRA, ``modules_to_save``,
+             bias, modules_to_save, use_dora             every module; refuses a config without ``r``,
+                                                         ``lora_alpha`` or ``target_modules`` (``PEFTHelper``
+                                                         has no defaults for them), DoRA, ``modules_to_save``,
                                                          biases, ranks above ``max_lora_rank`` (≤ 512);
                                                          GPT-2 has no LoRA support
 lorax, tgi   r, lora_alpha, use_rslora, target_modules,  one scaling for every module; A/B stacked across
-             fan_in_fan_out                              layers (needs one rank); fast kernels for r ≤ 128;
-                                                         DoRA, heads and biases are not read (dropped)
+             fan_in_fan_out (through peft's LoraConfig,  layers (needs one rank); fast kernels for r ≤ 128;
+             so a missing key has peft's default)        DoRA, heads and biases are not read (dropped)
 peft         every peft key                              per-module ``rank_pattern`` / ``alpha_pattern``,
                                                          DoRA, heads: loads hf_lorax adapters as they are
 ===========  ==========================================  ==================================================
@@ -25,10 +27,11 @@ peft         every peft key                              per-module ``rank_patte
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
-from .adapter_files import AdapterFolder, read_adapter_folder, read_json
+from .adapter_files import CONFIG_FILE, AdapterFolder, read_adapter_folder, read_json
 from .base_init import CONVERTIBLE_INITS, PEFT_REBUILT_INITS, base_change_reason, init_family
 from .slices import lora_scaling
 
@@ -52,6 +55,7 @@ class EngineSpec:
     rank_values: tuple[int, ...] | None = None  # accepted max-rank settings
     unsupported_model_types: frozenset = field(default_factory=frozenset)
     serve_hint: str = ""
+    required_keys: tuple[str, ...] = ()  # adapter_config.json keys the loader has no default for
 
 
 ENGINES: dict[str, EngineSpec] = {
@@ -60,6 +64,7 @@ ENGINES: dict[str, EngineSpec] = {
         uniform_rank=False, max_rank=max(VLLM_MAX_LORA_RANKS), rank_values=VLLM_MAX_LORA_RANKS,
         unsupported_model_types=frozenset({"gpt2"}),
         serve_hint="vllm serve BASE --enable-lora --max-lora-rank {rank} --lora-modules NAME=DIR",
+        required_keys=("r", "lora_alpha", "target_modules"),
     ),
     "lorax": EngineSpec(
         name="lorax", label="LoRAX", reads_patterns=False, dora="ignored", heads="ignored", biases="ignored",
@@ -81,6 +86,7 @@ ENGINES: dict[str, EngineSpec] = {
 
 # What a finding is about: check_serving writes these, the card and export read them (never the message text).
 MODEL_TYPE = "model_type"  # the engine has no LoRA support for the base's architecture
+MISSING_KEY = "missing_key"  # adapter_config.json lacks a key the engine requires (peft would default it)
 BASE_CHANGED = "base_changed"  # the initialisation changed the base weights (PiSSA, OLoRA, ...)
 BASE_REBUILT = "base_rebuilt"  # ... and the engine (peft) rebuilds that change when it loads the adapter
 SCALING = "scaling"  # a module's own scaling (rank/alpha maps) is not read
@@ -155,6 +161,12 @@ def check_serving(adapter_dir: str | AdapterFolder, engine: str) -> ServingRepor
     model_type = base_model_type(folder)
     if model_type in spec.unsupported_model_types:
         add(Finding("refused", "", f"{spec.label} has no LoRA support for {model_type} models.", MODEL_TYPE))
+    # the parsed config has peft's defaults filled in (what peft and hf_lorax load); the engine reads the file
+    written = read_json(os.path.join(folder.path, CONFIG_FILE))
+    for key in (k for k in spec.required_keys if k not in written):
+        add(Finding("refused", "", f"{CONFIG_FILE} has no {key!r}, which {spec.label} requires; add \"{key}\": "
+                    f"{json.dumps(loaded_values(folder)[key])} (the value peft and hf_lorax load it with), or export "
+                    f"with python -m hf_lorax.export SRC DST --engine {spec.name}, which writes it.", MISSING_KEY))
     init = folder.base_changing_init
     if init and spec.name == "peft" and init.lower() in PEFT_REBUILT_INITS:
         add(Finding("note", "", f"init_lora_weights={init!r} changed the base in training; peft runs that "
@@ -182,11 +194,11 @@ def check_serving(adapter_dir: str | AdapterFolder, engine: str) -> ServingRepor
         for module in modules if kind else ():
             add(Finding(kind, module, f"{what} are {'refused' if kind == 'refused' else 'not loaded'} by {spec.label}; "
                         f"export with python -m hf_lorax.export {remedy}.", code))
-    ranks = sorted({m.fused_r for m in folder.modules})
+    ranks = sorted({m.module_r for m in folder.modules})
     if spec.max_rank is not None:
         for module in folder.modules:
-            if module.fused_r > spec.max_rank:
-                add(Finding("refused", module.name, f"rank {module.fused_r} is above {spec.label}'s limit "
+            if module.module_r > spec.max_rank:
+                add(Finding("refused", module.name, f"rank {module.module_r} is above {spec.label}'s limit "
                             f"{spec.max_rank}.", RANK_LIMIT))
     if spec.uniform_rank and len(ranks) > 1:
         add(Finding("wrong", "", f"ranks {ranks} differ across modules; {spec.label} stacks A/B across layers at one "
@@ -198,6 +210,13 @@ def check_serving(adapter_dir: str | AdapterFolder, engine: str) -> ServingRepor
         add(Finding("note", "", f"rank {max(ranks)} is above {spec.fast_rank}: {spec.label} falls back to slower "
                     "kernels.", SLOW_KERNELS))
     return report
+
+
+def loaded_values(folder: AdapterFolder) -> dict:
+    """``r``, ``lora_alpha`` and ``target_modules`` as peft loads the adapter: a key the file leaves out has peft's
+    default; ``target_modules``, which peft would infer from the architecture, is the adapted modules' names."""
+    targets = folder.config.get("target_modules") or sorted({m.name.rsplit(".", 1)[-1] for m in folder.modules})
+    return {"r": folder.config["r"], "lora_alpha": folder.config["lora_alpha"], "target_modules": targets}
 
 
 def next_rank_value(rank: int, spec: EngineSpec) -> int:
@@ -245,6 +264,6 @@ def serving_summary(folder: AdapterFolder, name: str = "ADAPTER", engines=("vllm
 
 
 def _max_rank(folder: AdapterFolder, engine: str) -> int:
-    top = max((m.fused_r for m in folder.modules), default=1)
+    top = max((m.module_r for m in folder.modules), default=1)
     spec = ENGINES[engine]
     return next_rank_value(top, spec) if spec.max_rank is None or top <= spec.max_rank else top

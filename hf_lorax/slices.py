@@ -95,6 +95,9 @@ def layout_for_model(spec: SliceSpec, module_name: str, model_config) -> SliceSp
         widths, groups = ((heads, 1, 1), 1) if get("multi_query", True) else (None, heads)
     elif model_type == "phi3" and suffix == "qkv_proj":
         widths = (heads, kv_heads, kv_heads)
+    elif model_type == "codegen" and suffix == "qkv_proj":  # CodeGenAttention: 4 groups (mp_num) of [q | v | k]
+        order = ("q", "v", "k")
+        return SliceSpec(layout=order, adapt=tuple(n for n in order if n in spec.adapt), groups=4)
     return SliceSpec(layout=spec.layout, adapt=spec.adapt, widths=widths, groups=groups)
 
 
@@ -182,23 +185,23 @@ def spec_for(module_name: str, specs: Mapping[str, SliceSpec]) -> SliceSpec | No
 # LoRA needs alpha*n (or alpha*sqrt(n)). Every place that converts between the two forms calls these.
 
 
-def fused_rank(r: int, n_slices: int) -> int:
+def module_rank(r: int, n_slices: int) -> int:
     """Rank of the full-module LoRA equivalent to ``n_slices`` slices of rank ``r``."""
     return n_slices * r
 
 
-def fused_alpha(alpha: float, n_slices: int, use_rslora: bool) -> float:
+def module_alpha(alpha: float, n_slices: int, use_rslora: bool) -> float:
     """Alpha of the rank ``n*r`` LoRA that keeps the per-slice scaling ``alpha/r`` (or ``alpha/sqrt(r)``)."""
     return alpha * (math.sqrt(n_slices) if use_rslora else n_slices)
 
 
-def slice_rank(fused_r: int, n_slices: int) -> int:
-    """Per-slice rank of a full-module rank ``fused_r`` (the inverse of :func:`fused_rank`)."""
-    return fused_r // n_slices
+def slice_rank(module_r: int, n_slices: int) -> int:
+    """Per-slice rank of a full-module rank ``module_r`` (the inverse of :func:`module_rank`)."""
+    return module_r // n_slices
 
 
 def slice_alpha(fused: float, n_slices: int, use_rslora: bool) -> float:
-    """Per-slice alpha of a full-module alpha (the inverse of :func:`fused_alpha`)."""
+    """Per-slice alpha of a full-module alpha (the inverse of :func:`module_alpha`)."""
     return fused / (math.sqrt(n_slices) if use_rslora else n_slices)
 
 

@@ -81,8 +81,12 @@ def check_training_arguments(args) -> None:
 
 def ran_hyperparameters(preset, args, training_fields: Mapping[str, str]) -> dict[str, Any]:
     """The preset's hyperparameters with the values that ran: ``training_fields`` maps a preset field to the
-    ``TrainingArguments`` name that carries it (the user's flag, or a method's baseline, may have replaced it)."""
-    values = {k: v for k, v in asdict(preset).items() if k not in ("setting", "task")}
+    ``TrainingArguments`` name that carries it (the user's flag, or a method's baseline, may have replaced it).
+    An adapter run's ``targets`` says which layers it adapted and why."""
+    # the preset's target fields are the paper model's; what this run adapted (and why) is ``targets``
+    values = {k: v for k, v in asdict(preset).items() if k not in ("setting", "task", "targets", "target_modules", "slices")}
+    if getattr(preset, "targets", None) is not None:
+        values["targets"] = preset.targets.why
     for field_name, arg_name in training_fields.items():
         values[field_name] = getattr(args, arg_name)
     if getattr(args, "max_steps", -1) > 0:

@@ -8,10 +8,11 @@ method, adapter), the task's data arguments, and transformers' own ``TrainingArg
 values are placed *before* the user's arguments, so argparse keeps the user's. ``results.json`` records the
 effective training arguments and which of them came from the preset.
 
-Methods: ``lora``, ``dora``, ``qlora``, ``qdora`` (an hf_lorax adapter), ``full`` (full fine-tuning, the paper's
-FT rows) and ``bitfit`` (biases and task head only). Each run writes ``results.json``, ``results.md`` (the
-run against the paper's row for its method), the wall time of each phase, a training-curve PNG, and the
-adapter with its model card (or, for ``full`` / ``bitfit``, the model).
+Methods: ``lora``, ``dora``, ``qlora``, ``qdora`` (an hf_lorax adapter on the targets :mod:`.targets` finds in
+the model: the attention's query and value), ``full`` (full fine-tuning, the paper's FT rows) and ``bitfit``
+(biases and task head only). Each run writes ``results.json``, ``results.md`` (the run, named by its model, and
+the paper's row for its method, named by the paper's model: a reference only for that model), the wall time of
+each phase, a training-curve PNG, and the adapter with its model card (or, for ``full`` / ``bitfit``, the model).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 from .curves import plot_training_curve
 from .processes import check_process_group, join_cpu_processes
 from .rank_budget import RankBudgetArguments, plan_rank_map
+from .targets import TargetArguments, check_flags, targets_record, with_targets
 
 METHODS = ("lora", "dora", "qlora", "qdora", "full", "bitfit")
 ADAPTER_METHODS = METHODS[:4]
@@ -36,8 +38,8 @@ RUN_FILES = ("rank_utilization.png", "rank_utilization.json", "suggested_rank_ma
 
 
 @dataclass
-class MethodArguments(RankBudgetArguments):
-    """Model, method and adapter: the arguments every task script shares (``--rank_map auto``'s included)."""
+class MethodArguments(TargetArguments, RankBudgetArguments):
+    """Model, method and adapter: the arguments every task script shares (targets' and ``--rank_map auto``'s included)."""
 
     preset: str | None = field(default=None, metadata={"help": "paper preset, e.g. roberta-base/sst2 or gpt2-medium/e2e"})
     method: str = field(default="lora", metadata={"help": "lora, dora, qlora, qdora, full or bitfit"})
@@ -79,7 +81,7 @@ class TaskPlugin:
         raise NotImplementedError
 
     def adapter_fields(self, preset, method: MethodArguments, data) -> dict[str, Any]:
-        """hf_lorax config fields (task_type, r, lora_alpha, target_modules, ...)."""
+        """hf_lorax config fields (task_type, r, lora_alpha, and ``preset.targets``' target_modules, ...)."""
         raise NotImplementedError
 
     def task_type(self) -> str:
@@ -142,6 +144,7 @@ def parse(plugin: TaskPlugin, argv: list[str]) -> Experiment:
         args=argv, return_remaining_strings=True)
     check_method(method.method)
     check_arguments(method, data)
+    check_flags(method, ADAPTER_METHODS)
     preset = plugin.resolve(method, data)
     defaults = {"output_dir": plugin.default_output_dir, "report_to": default_report_to(),
                 "bf16": cuda_bf16(), "dataloader_num_workers": 0, **join_cpu_processes(explicit_flags(argv)),
@@ -233,6 +236,8 @@ def run(plugin: TaskPlugin, experiment: Experiment) -> dict | None:
     if experiment.push_adapter and method.method not in ADAPTER_METHODS:
         raise ValueError(f"--push_to_hub uploads adapters; --method {method.method} trains a full model.")
     splits = plugin.load_splits(preset, method, data)  # validated before anything is written
+    if method.method in ADAPTER_METHODS:  # the paper's targets found in this model, or the flags'
+        preset = experiment.preset = with_targets(plugin, preset, method, log=args.should_log)
     set_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(preset.model_name_or_path)
     auto = plan_rank_map(plugin, experiment, tokenizer, splits, build_model, ADAPTER_METHODS)
@@ -258,7 +263,9 @@ def run(plugin: TaskPlugin, experiment: Experiment) -> dict | None:
     if main:
         os.makedirs(args.output_dir, exist_ok=True)
         curve = plot_training_curve(trainer.state.log_history, os.path.join(args.output_dir, "training_curve.png"))
-        results = {**outcome["record"], **facts, "preset": preset.name, "method": method.method,
+        results = {**outcome["record"], **facts, "model": preset.model_name_or_path, "preset": preset.name,
+                   "model_type": getattr(model.config, "model_type", None), "targets": targets_record(model, preset),
+                   "method": method.method,
                    "trainable_params": trainable, "train_loss": train_output.training_loss,
                    "training_args": effective_training_args(args), "from_preset": experiment.from_preset,
                    "timings_s": timings, "training_curve": os.path.basename(curve) if curve else None,

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 __hf_lorax_command__ = True  # an hf_lorax command: third-party import messages held back (hf_lorax.cli)
 
-import argparse
 import os
 import statistics
 import tempfile
 import time
 
-from bench_utils import emit
+from bench_utils import emit, parse_checked
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -44,13 +43,16 @@ def run(steps: int, every: int | None, out: str) -> float:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from hf_lorax.cli import OneLineArgumentParser
+    from hf_lorax_paper.arguments import WHOLE_POSITIVE
+
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json")
-    args = parser.parse_args(argv)
+    args = parse_checked(parser, argv, dict.fromkeys(("steps", "repeats", "every", "threads"), WHOLE_POSITIVE))
     torch.set_num_threads(args.threads)
     times = {"without": [], "with": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,14 +26,13 @@ CPU it gathers the labelled rows, which waits for no device there). Rows: full f
 
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import traceback
 from contextlib import contextmanager
 
 import torch
-from bench_utils import cpu_step_peak_bytes, emit
+from bench_utils import cpu_step_peak_bytes, emit, parse_checked
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -49,9 +48,10 @@ NO_KERNEL = {
 # ATen ops whose CUDA kernels make the host wait for the device (their output size or value is data-dependent).
 SYNCS = {"nonzero", "_local_scalar_dense", "masked_select", "unique", "_unique", "_unique2", "unique_consecutive",
          "unique_dim", "is_nonzero", "equal", "bincount", "repeat_interleave", "masked_scatter"}
-# hf_lorax rows run its CUDA default, the fused autograd node; hf_lorax-plain rows its plain layers (CPU default).
-CONFIGS = ("full", "peft_lora", "hf_lorax_lora", "hf_lorax-plain_lora", "peft_dora", "hf_lorax_dora",
-           "hf_lorax-plain_dora")
+# hf_lorax rows switch the fused autograd node on (set_fused_path); hf_lorax-unfused rows keep the default, peft's
+# forward (with hf_lorax's DoRA variant).
+CONFIGS = ("full", "peft_lora", "hf_lorax_lora", "hf_lorax-unfused_lora", "peft_dora", "hf_lorax_dora",
+           "hf_lorax-unfused_dora")
 
 
 class OpCounter(TorchDispatchMode):
@@ -145,7 +145,7 @@ def adapt(config: str, base: nn.Module, targets: list[str], r: int, dropout: flo
 
     cls = hf_lorax.DoRAConfig if method == "dora" else hf_lorax.LoRAConfig
     model = hf_lorax.get_model(cls(**common), model=base)
-    set_fused_path(model, library == "hf_lorax")  # the fused node, as on CUDA; -plain: the plain layers
+    set_fused_path(model, library == "hf_lorax")  # the fused node; -unfused: the default, peft's forward
     return model
 
 
@@ -245,14 +245,17 @@ SHAPES = {
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from hf_lorax.cli import OneLineArgumentParser
+    from hf_lorax_paper.arguments import FRACTION
+
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (checks the suite runs)")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--dropouts", nargs="+", type=float, default=[0.0, 0.1])
     parser.add_argument("--cpu_dropout", action="store_true", help="count CPU's dropout decomposition")
     parser.add_argument("--skip_loss", action="store_true")
     parser.add_argument("--json")
-    args = parser.parse_args(argv)
+    args = parse_checked(parser, argv, {"dropouts": FRACTION})
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     shape = SHAPES["quick" if args.quick else "full"]
     cuda_dropout = not args.cpu_dropout

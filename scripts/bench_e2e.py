@@ -43,6 +43,7 @@ import time
 from bench_utils import (
     cuda_available,
     emit,
+    parse_checked,
     peak_rss_bytes,
     reset_peak_rss,
     rss_bytes,
@@ -117,8 +118,7 @@ def worker(args) -> dict:
     from transformers.trainer_pt_utils import LabelSmoother
 
     import hf_lorax
-    from hf_lorax.logits_free import set_label_smoothing
-    from hf_lorax.loss import causal_lm_loss
+    from hf_lorax.loss import causal_lm_loss, set_label_smoothing
 
     torch.set_num_threads(args.threads)
     device = args.device
@@ -177,7 +177,10 @@ def _run_worker(config: str, args, workdir: str) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from hf_lorax.cli import OneLineArgumentParser
+    from hf_lorax_paper.arguments import WHOLE_NON_NEGATIVE, WHOLE_POSITIVE
+
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 layers x 768, fewer steps: < 2 minutes on 2 cores")
     parser.add_argument("--data", default=DEFAULT_DATA, help="an E2E mr,ref CSV (default: ../shared/data/e2e/devset.csv)")
     parser.add_argument("--batch", type=int, default=8)
@@ -189,7 +192,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse_checked(parser, argv, {**dict.fromkeys(("batch", "steps", "repeats", "threads"), WHOLE_POSITIVE),
+                                        "warmup": WHOLE_NON_NEGATIVE})
     if args.worker:
         print("RESULT " + json.dumps(worker(args)))
         return {}

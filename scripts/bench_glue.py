@@ -19,13 +19,12 @@ from __future__ import annotations
 
 __hf_lorax_command__ = True  # an hf_lorax command: third-party import messages held back (hf_lorax.cli)
 
-import argparse
 import os
 import tempfile
 import time
 from collections import Counter
 
-from bench_utils import emit
+from bench_utils import emit, parse_checked
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -101,7 +100,10 @@ def ours(base: str, data_dir: str, out: str, n: int, batch: int, threads: int) -
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from hf_lorax.cli import OneLineArgumentParser
+    from hf_lorax_paper.arguments import WHOLE_POSITIVE
+
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     default_data = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue")
     parser.add_argument("--data_dir", default=default_data)
     parser.add_argument("--train_samples", type=int, default=4000)
@@ -110,7 +112,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json")
-    args = parser.parse_args(argv)
+    args = parse_checked(parser, argv, dict.fromkeys(("train_samples", "batch_size", "layers", "hidden", "threads"),
+                                                   WHOLE_POSITIVE))
     with tempfile.TemporaryDirectory() as tmp:
         data_dir, base, splits = build_assets(args.data_dir, args.train_samples, tmp, args.layers, args.hidden)
         real = os.path.abspath(data_dir) == os.path.abspath(args.data_dir)

@@ -30,14 +30,14 @@ import os
 import statistics
 import tempfile
 
-from bench_utils import cuda_available, emit, run_worker, step_memory, time_steps
+from bench_utils import cuda_available, emit, parse_checked, run_worker, step_memory, time_steps
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 METHODS = ("lora", "dora", "qlora", "qdora")
 CONFIGS = ["full", *(f"{lib}_{m}" for m in METHODS for lib in ("peft", "hf_lorax"))]
-# hf_lorax with its fused eager node off (hf_lorax.layers.set_fused_path), against the hf_lorax rows, which use
-# it where it is the default (CUDA): what the node is worth.
+# hf_lorax with its fused eager node off (peft's forward, the default), against the hf_lorax rows, which switch it on
+# (hf_lorax.layers.set_fused_path): what the node is worth, and so whether it should become the default on CUDA.
 # Compiled steps never use the fused node, so these rows run in eager mode only.
 UNFUSED = [f"hf_lorax-unfused_{m}" for m in METHODS]
 # name: (family, layers, hidden, heads, kv_heads, intermediate, vocab, seq, batch, r, targets)
@@ -104,10 +104,10 @@ def load_model(config: str, shape: str, path: str, device: str):
         else:
             base = auto.from_pretrained(path, dtype=torch.bfloat16).to(device)
         model = get_peft_model(base, LoraConfig(use_dora=method in ("dora", "qdora"), **common))
-    if library == "hf_lorax-unfused":
+    if library.startswith("hf_lorax"):
         from hf_lorax.layers import set_fused_path
 
-        set_fused_path(model, False)
+        set_fused_path(model, library == "hf_lorax")
     for p in model.parameters():  # adapters (and a task head) train in fp32
         if p.requires_grad:
             p.data = p.data.float()
@@ -211,7 +211,10 @@ def ratios(rows: list[dict]) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from hf_lorax.cli import OneLineArgumentParser
+    from hf_lorax_paper.arguments import POSITIVE, WHOLE_NON_NEGATIVE, WHOLE_POSITIVE
+
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=["gpt2-medium", "roberta-large", "llama-1b"], choices=list(SHAPES))
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     parser.add_argument("--configs", nargs="+", default=CONFIGS + UNFUSED, choices=CONFIGS + UNFUSED)
@@ -226,7 +229,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--shape", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse_checked(parser, argv, {"warmup": WHOLE_NON_NEGATIVE, "steps": WHOLE_POSITIVE, "repeats": WHOLE_POSITIVE,
+                                        "peak_tflops": POSITIVE})
     if args.worker:
         import json
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 __hf_lorax_command__ = True  # an hf_lorax command: third-party import messages held back (hf_lorax.cli)
 
-import argparse
 import copy
 import os
 import statistics
 import time
 
-from bench_utils import emit
+from bench_utils import emit, parse_checked
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -41,14 +40,17 @@ def latencies(models: dict, ids, repeats: int, warmup: int = 3) -> dict[str, flo
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from hf_lorax.cli import OneLineArgumentParser
+    from hf_lorax_paper.arguments import WHOLE_POSITIVE
+
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", choices=["lora", "dora"], default="lora")
     parser.add_argument("--quick", action="store_true", help="2 layers x 256: a smoke run")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json")
-    args = parser.parse_args(argv)
+    args = parse_checked(parser, argv, dict.fromkeys(("seq", "repeats", "threads"), WHOLE_POSITIVE))
     torch.set_num_threads(args.threads)
     layers, hidden, heads = (2, 256, 4) if args.quick else (6, 768, 12)
     torch.manual_seed(0)

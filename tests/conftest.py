@@ -24,6 +24,12 @@ def gpt2_config(**overrides) -> GPT2Config:
     return GPT2Config(**kwargs)
 
 
+def build_gpt2(**overrides) -> GPT2LMHeadModel:
+    """A tiny GPT-2 LM from :func:`gpt2_config` (``overrides`` go to the config), seeded, in eval mode."""
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(gpt2_config(**overrides)).eval()
+
+
 def roberta_config(**overrides) -> RobertaConfig:
     kwargs = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                   max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2, num_labels=2,
@@ -34,8 +40,7 @@ def roberta_config(**overrides) -> RobertaConfig:
 
 @pytest.fixture
 def tiny_gpt2():
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(gpt2_config()).eval()
+    return build_gpt2()
 
 
 @pytest.fixture

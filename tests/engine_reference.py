@@ -4,7 +4,8 @@ Independent of hf_lorax on purpose: the export is checked against these, not aga
 
 * vLLM (``vllm/lora/peft_helper.py`` ``PEFTHelper``, ``LoRALayerWeights.from_config``): keeps only its own
   fields of ``adapter_config.json`` (``r``, ``lora_alpha``, ``target_modules``, ``bias``, ``modules_to_save``,
-  ``use_rslora``, ``use_dora``); raises for ``modules_to_save`` and ``use_dora``; ``r`` above
+  ``use_rslora``, ``use_dora``); raises for a config without ``r``, ``lora_alpha`` or ``target_modules``
+  (required fields: no defaults), for ``modules_to_save`` and ``use_dora``; ``r`` above
   ``max_lora_rank`` is refused; every module is scaled by ``lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA).
 * LoRAX / TGI (punica kernels): read ``r``, ``lora_alpha``, ``use_rslora``, ``target_modules``,
   ``fan_in_fan_out``; one scaling for every module; A/B of all layers stacked into one tensor, so every
@@ -33,7 +34,12 @@ def served_deltas(folder, engine: str, max_lora_rank: int = 512) -> dict[str, to
     folder = Path(folder)
     raw = json.loads((folder / "adapter_config.json").read_text())
     config = {k: v for k, v in raw.items() if k in (VLLM_KEYS if engine == "vllm" else LORAX_KEYS)}
+    if engine != "vllm":  # read through peft's LoraConfig: its defaults for what the file leaves out
+        config = {"r": 8, "lora_alpha": 8, **config}
     if engine == "vllm":
+        missing = sorted({"r", "lora_alpha", "target_modules"} - raw.keys())
+        if missing:
+            raise EngineRefused(f"Missing required configuration fields: {', '.join(missing)}")
         if config.get("modules_to_save"):
             raise EngineRefused("vLLM only supports modules_to_save being None.")
         if config.get("use_dora"):

@@ -11,9 +11,25 @@ import hf_lorax
 from hf_lorax import DoRAConfig, LoRAConfig, create_loraplus_optimizer, describe, loraplus_param_groups
 
 
-def test_public_api():
+PUBLIC = {
+    "AdapterPlan", "AdapterReport", "DoRAConfig", "LoRAConfig", "QLoRAConfig", "RankUtilizationCallback",
+    "TargetedLossTrainer", "__version__", "check_serving", "create_loraplus_optimizer", "describe", "export_adapter",
+    "get_model", "hotswap_adapter", "load_base_model", "loraplus_param_groups", "merge_and_unload", "push_adapter",
+    "read_adapter_folder", "resolve", "write_model_card",
+}
+
+
+def test_public_api_keeps_every_name_and_each_resolves():
+    """What users import stays importable: ``__all__`` holds at least these names, each a real object (classes and
+    functions documented), and ``from hf_lorax import *`` gives them all."""
+    assert PUBLIC <= set(hf_lorax.__all__)
+    namespace = {}
+    exec("from hf_lorax import *", namespace)
     for name in hf_lorax.__all__:
-        assert getattr(hf_lorax, name).__doc__ or name == "__version__", name
+        value = namespace[name]
+        assert value is getattr(hf_lorax, name), name
+        assert name == "__version__" or callable(value) and value.__doc__, name
+    assert issubclass(hf_lorax.TargetedLossTrainer, __import__("transformers").Trainer)
 
 
 def test_describe_table(tiny_roberta):

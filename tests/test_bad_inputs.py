@@ -18,6 +18,7 @@ from transformers import GPT2LMHeadModel
 from hf_lorax import LoRAConfig, check_serving, export_adapter, get_model, read_adapter_folder
 from hf_lorax.export.__main__ import main as export_main
 from hf_lorax.layers import set_fused_path
+from hf_lorax.serving import MISSING_KEY
 
 A_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 B_KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
@@ -76,7 +77,8 @@ def test_a_config_without_lora_alpha_is_read_with_peft_default(saved, tmp_path):
     q_proj = peft_model.base_model.model.model.layers[0].self_attn.q_proj
     assert parsed.config["lora_alpha"] == peft_model.peft_config["default"].lora_alpha == 8
     assert parsed.modules[0].scaling == q_proj.scaling["default"] == 2.0
-    assert check_serving(str(folder), "vllm").servable_as_is
+    assert check_serving(str(folder), "lorax").servable_as_is  # LoRAX reads it through peft: the same default
+    assert check_serving(str(folder), "vllm").first(MISSING_KEY).kind == "refused"  # vLLM requires the key (issue 33)
     export_adapter(str(folder), str(tmp_path / "out"), "vllm")  # the peft default is written out explicitly
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["lora_alpha"] == 4  # scaling baked into B
 
@@ -100,14 +102,14 @@ def test_logits_free_loss_names_both_shapes():
         model(input_ids=ids, labels=ids[:, 1:])
 
 
-@pytest.mark.parametrize("setting", ["false", "true", 0, 1, "", [True]])
-def test_set_fused_path_takes_exactly_true_false_none(setting):
+@pytest.mark.parametrize("setting", ["false", "true", 0, 1, "", [True], None])
+def test_set_fused_path_takes_exactly_true_false(setting):
     model = get_model(LoRAConfig(r=2, target_modules=["c_attn"]), model=GPT2LMHeadModel(gpt2_config()))
-    with pytest.raises(TypeError, match=r"enabled must be True, False or None .*got " + re.escape(repr(setting))):
+    with pytest.raises(TypeError, match=r"enabled must be True or False, got " + re.escape(repr(setting))):
         set_fused_path(model, setting)
     layers = [m for m in model.modules() if hasattr(m, "use_fused_path")]
-    assert layers and all(m.use_fused_path is None for m in layers)  # nothing changed
-    for value in (True, False, None):
+    assert layers and all(m.use_fused_path is False for m in layers)  # nothing changed
+    for value in (True, False):
         assert set_fused_path(model, value) == len(layers)
         assert all(m.use_fused_path is value for m in layers)
 

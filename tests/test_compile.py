@@ -94,7 +94,7 @@ def test_classification_dora_compiles_whole(tiny_roberta):
 def test_label_smoothed_logits_free_loss_compiles_whole_and_matches_eager():
     """TargetedLossTrainer's training loss (the logits-free loss with label smoothing) under torch.compile: masked
     positions weigh 0 instead of being gathered out (no data-dependent shape), so it traces whole. Same loss and grads."""
-    from hf_lorax.logits_free import set_label_smoothing
+    from hf_lorax.loss import set_label_smoothing
 
     torch.manual_seed(0)
     model = get_model(LoRAConfig(task_type="CAUSAL_LM", r=4, target_modules=GPT2_TARGETS),

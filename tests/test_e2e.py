@@ -15,9 +15,8 @@ from transformers import (
     TrainingArguments,
 )
 
-from hf_lorax import LoRAConfig, get_model
+from hf_lorax import LoRAConfig, TargetedLossTrainer, get_model
 from hf_lorax.layers import trained_parameter_count
-from hf_lorax.targeted_loss import TargetedLossTrainer
 from hf_lorax_paper.experiment import parse
 from hf_lorax_paper.experiment import run as run_experiment
 from hf_lorax_paper.tasks.e2e import CausalLMCollator, E2EPlugin, generate, merged_adapter
@@ -348,7 +347,8 @@ def test_end_to_end(method, tiny_base, e2e_csv, tmp_path):
     for name in ("BLEU", "NIST", "ROUGE_L", "CIDEr"):
         assert isinstance(saved["metrics"][name], float), (name, saved["metrics"])
     assert "METEOR" in saved["metrics"] or "METEOR" in saved["metrics_unavailable"]
-    assert saved["reference"]["metrics"]["BLEU"] == pytest.approx(0.704)
+    assert saved["reference"] is None  # a tiny GPT-2, not GPT-2 medium: Table 3 holds another model's numbers
+    assert saved["paper_rows"][0]["model"] == "GPT-2 medium" and saved["paper_rows"][0]["BLEU"] == 70.4
     assert saved["eval_loss"] is not None and saved["trainable_params"] == results["trainable_params"] > 0
     predictions = (tmp_path / "predictions.txt").read_text(encoding="utf-8").splitlines()
     assert len(predictions) == 4
@@ -356,7 +356,7 @@ def test_end_to_end(method, tiny_base, e2e_csv, tmp_path):
     assert [len(g.splitlines()) for g in groups] == [3, 3, 3, 3]
     assert groups[0].splitlines()[0] == "Blue Spice is a pub in the riverside."  # the original text
     table = (tmp_path / "results.md").read_text()
-    assert "| gpt2-medium/e2e (ours) |" in table and "| gpt2-medium (paper) | LoRA | 0.35M | 70.4 | 8.85 |" in table
+    assert f"| {Path(tiny_base).name} (ours) |" in table and "| paper, GPT-2 medium | LoRA | 0.35M | 70.4 | 8.85 |" in table
     adapter = tmp_path / "adapter"
     for name in ("adapter_model.safetensors", "adapter_config.json", "hf_lorax.json", "README.md", "results.json",
                  "rank_utilization.png"):

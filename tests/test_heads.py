@@ -1,6 +1,6 @@
 """Task heads, default target modules and the logits-free decision (issue 21 items 1, 3, 5), on named cases.
 
-The zoo matrix (tests/test_zoo_*.py) runs every architecture; this file pins the cases by name: what is trained
+The zoo matrix (tests/test_zoo.py) runs every architecture; this file pins the cases by name: what is trained
 in full besides the adapters, what peft's suffix matching would hit, which targets an architecture gets by
 default, and why a causal LM keeps its own loss.
 """
@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 from peft.utils import ModulesToSaveWrapper
 
 from hf_lorax import LoRAConfig, describe, get_model
-from hf_lorax.logits_free import logits_free_unsupported_reason
+from hf_lorax.loss import logits_free_unsupported_reason
 from hf_lorax.plan import find_task_heads, resolve
 from hf_lorax.task_types import PEFT_ADDED_HEADS
 

@@ -2,15 +2,15 @@
 
 The reference is the second adapter loaded directly with ``PeftModel.from_pretrained``. peft's own
 ``hotswap_adapter`` gets modules with ``rank_pattern`` / ``alpha_pattern`` entries wrong (it matches parameter
-names against module patterns, so every module gets ``lora_alpha / r``); :func:`hf_lorax.hotswap_adapter` does not.
+names against module patterns, so every module gets ``lora_alpha / r``); :func:`hf_lorax.hotswap_adapter` does not,
+and hf_lorax's hook fixes peft's own function for hf_lorax adapters (``tests/test_peft_hotswap.py``).
 """
 
 import pytest
 import torch
-from conftest import gpt2_config, randomize_adapters
+from conftest import build_gpt2, randomize_adapters
 from peft import PeftModel
 from peft.utils.hotswap import hotswap_adapter as peft_hotswap_adapter
-from transformers import GPT2LMHeadModel
 
 from hf_lorax import LoRAConfig, get_model, hotswap_adapter
 
@@ -21,11 +21,6 @@ CONFIGS = {
     "slices-maps": dict(r=2, lora_alpha=8, target_modules=["c_attn", "c_proj"], fused_slices={"c_attn": ["q", "v"]},
                         rank_map={"h.1.attn.c_attn": 4}),
 }
-
-
-def _base():
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(gpt2_config()).eval()
 
 
 def _logits(model, ids):
@@ -40,7 +35,7 @@ def two_adapters(tmp_path_factory):
     out = {}
     for kind, kwargs in CONFIGS.items():
         for seed in (1, 2):
-            model = get_model(LoRAConfig(task_type="CAUSAL_LM", **kwargs), model=_base())
+            model = get_model(LoRAConfig(task_type="CAUSAL_LM", **kwargs), model=build_gpt2())
             randomize_adapters(model, seed=seed)
             model.save_pretrained(root / f"{kind}-{seed}")
         out[kind] = (root / f"{kind}-1", root / f"{kind}-2")
@@ -50,30 +45,21 @@ def two_adapters(tmp_path_factory):
 @pytest.mark.parametrize("kind", list(CONFIGS))
 def test_hf_lorax_hotswap_equals_direct_load(kind, two_adapters, input_ids):
     first, second = two_adapters[kind]
-    direct = _logits(PeftModel.from_pretrained(_base(), second), input_ids)
-    model = PeftModel.from_pretrained(_base(), first)
+    direct = _logits(PeftModel.from_pretrained(build_gpt2(), second), input_ids)
+    model = PeftModel.from_pretrained(build_gpt2(), first)
     assert not torch.allclose(_logits(model, input_ids), direct)
     hotswap_adapter(model, str(second), adapter_name="default", torch_device="cpu")
     torch.testing.assert_close(_logits(model, input_ids), direct, atol=1e-5, rtol=1e-5)
     if kind == "slices":  # equal per-slice rank and alpha everywhere: peft's own hotswap is right too
-        model = PeftModel.from_pretrained(_base(), first)
+        model = PeftModel.from_pretrained(build_gpt2(), first)
         peft_hotswap_adapter(model, str(second), adapter_name="default", torch_device="cpu")
         torch.testing.assert_close(_logits(model, input_ids), direct, atol=1e-5, rtol=1e-5)
 
 
-def test_peft_hotswap_alone_is_wrong_with_patterns(two_adapters, input_ids):
-    """Documents why hf_lorax.hotswap_adapter exists (peft 0.21.x): if this starts failing, peft fixed it."""
-    first, second = two_adapters["maps"]
-    direct = _logits(PeftModel.from_pretrained(_base(), second), input_ids)
-    model = PeftModel.from_pretrained(_base(), first)
-    peft_hotswap_adapter(model, str(second), adapter_name="default", torch_device="cpu")
-    assert (_logits(model, input_ids) - direct).abs().max() > 1e-3
-
-
 def test_transformers_load_adapter_hotswap_of_fused_slices(two_adapters, input_ids):
     first, second = two_adapters["slices"]
-    direct = _logits(PeftModel.from_pretrained(_base(), second), input_ids)
-    model = _base()
+    direct = _logits(PeftModel.from_pretrained(build_gpt2(), second), input_ids)
+    model = build_gpt2()
     model.load_adapter(str(first), adapter_name="default")
     model.load_adapter(str(second), adapter_name="default", hotswap=True)
     torch.testing.assert_close(_logits(model, input_ids), direct, atol=1e-5, rtol=1e-5)

@@ -12,20 +12,22 @@ from transformers import RobertaForSequenceClassification
 
 import hf_lorax
 from hf_lorax import DoRAConfig, LoRAConfig, get_model, resolve
-from hf_lorax.integrations.guard import InternalAPI, require_signatures, signature_mismatches
-from hf_lorax.integrations.hooks import install
-from hf_lorax.integrations.peft_api import PEFT_INTERNALS
-from hf_lorax.integrations.transformers_api import LOSS_MAPPING_API
-from hf_lorax.integrations.transformers_hooks import TRANSFORMERS_INTERNALS
+from hf_lorax.hooks import install
+from hf_lorax.integrations.guard import InternalAPI, require_signatures
+from hf_lorax.integrations.peft_api import HOTSWAP_FROM_STATE_DICT, PEFT_INTERNALS
+from hf_lorax.integrations.sharding import DEFAULT_STORE
+from hf_lorax.integrations.transformers_api import LOAD_ADAPTER, LOSS_MAPPING_API
 
 
 def test_every_internal_has_the_verified_signature():
     """Fails as soon as a peft or transformers release changes a signature hf_lorax relies on."""
-    assert signature_mismatches([*PEFT_INTERNALS, *TRANSFORMERS_INTERNALS, LOSS_MAPPING_API]) == {}
+    problems = {api.path: api.problem() for api in [*PEFT_INTERNALS, HOTSWAP_FROM_STATE_DICT, LOAD_ADAPTER,
+                                                     LOSS_MAPPING_API, DEFAULT_STORE]}
+    assert {path: problem for path, problem in problems.items() if problem} == {}
 
 
 def test_all_hooks_are_installed_in_the_tested_range():
-    assert install() == {api.path: True for api in PEFT_INTERNALS[:2] + TRANSFORMERS_INTERNALS}
+    assert install() == {api.path: True for api in [*PEFT_INTERNALS[:2], LOAD_ADAPTER, HOTSWAP_FROM_STATE_DICT]}
 
 
 def test_a_changed_signature_or_version_is_reported():
@@ -52,7 +54,7 @@ def test_outside_the_verified_range_hooks_stay_off_and_get_model_still_works(tmp
             warnings.simplefilter("always")
             import hf_lorax
         messages = [str(w.message) for w in caught if "hf_lorax: not hooking" in str(w.message)]
-        assert len(messages) == 2 and all("outside the verified range" in m for m in messages), messages
+        assert len(messages) == 3 and all("outside the verified range" in m for m in messages), messages
         from transformers import GPT2Config, GPT2LMHeadModel
         from hf_lorax import LoRAConfig, get_model
         base = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=96, n_positions=64))
@@ -101,7 +103,7 @@ def test_the_plan_reaches_the_layers(tiny_gpt2):
     model = get_model(config, model=copy.deepcopy(tiny_gpt2))
     for name, entry in plan.modules.items():
         layer = model.get_submodule(f"base_model.model.{name}")
-        assert layer.r["default"] == entry.fused_r
+        assert layer.r["default"] == entry.module_r
         assert layer.scaling["default"] == pytest.approx(entry.scaling), name
     assert plan.sliced_modules == {"transformer.h.0.attn.c_attn": 2, "transformer.h.1.attn.c_attn": 2}
 
@@ -111,7 +113,8 @@ def test_get_model_saves_all_or_nothing_with_the_card(tmp_path):
     base = RobertaForSequenceClassification(roberta_config())
     model = get_model(LoRAConfig(task_type="SEQ_CLS", num_labels=2, r=4, target_modules=["query"]), model=base)
     assert isinstance(model, hf_lorax.model.HfLoraxSaving)
-    assert type(model).__name__ == "HfLoraxPeftModelForSequenceClassification"
+    assert type(model).__name__ == "PeftModelForSequenceClassification"  # the class keeps peft's name
+    assert type(model).__qualname__ == "HfLoraxPeftModelForSequenceClassification"
     randomize_adapters(model)
     model.save_pretrained(tmp_path / "adapter")
     card = (tmp_path / "adapter" / "README.md").read_text()

@@ -96,11 +96,12 @@ SNAPSHOT = textwrap.dedent("""
 """)
 
 
-def test_import_patches_only_the_three_guarded_methods():
+def test_import_patches_only_the_guarded_methods():
     changed = json.loads(_run(SNAPSHOT))
     assert changed == [
         "peft.config.PeftConfigMixin.from_pretrained",  # reads hf_lorax.json of local hf_lorax folders only
         "peft.tuners.lora.model.LoraModel.inject_adapter",  # resolves hf_lorax configs only (LoRA tuners only)
+        "peft.utils.hotswap.hotswap_adapter_from_state_dict",  # module scalings of hf_lorax adapters only
         "transformers.integrations.peft.PeftAdapterMixin.load_adapter",  # DoRA magnitudes of hf_lorax folders only
     ], changed
     from transformers.trainer_callback import CallbackHandler

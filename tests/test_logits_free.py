@@ -1,4 +1,4 @@
-"""Logits-free causal-LM training (:mod:`hf_lorax.logits_free`): what ``get_model`` gives a plain ``Trainer``.
+"""Logits-free causal-LM training (:mod:`hf_lorax.loss`): what ``get_model`` gives a plain ``Trainer``.
 
 These architectures are built tiny from their config and trained one step both ways (the model's own
 forward with transformers' loss, and the logits-free forward); loss and every gradient must agree.
@@ -12,9 +12,8 @@ import transformers as tf
 from conftest import gpt2_config, randomize_adapters
 
 from hf_lorax import LoRAConfig, get_model
-from hf_lorax.logits_free import (
+from hf_lorax.loss import (
     LogitsFreeCausalLM,
-    disable_logits_free_loss,
     logits_free_unsupported_reason,
 )
 
@@ -154,10 +153,9 @@ def test_unsupported_models_keep_their_forward():
                                        modules_to_save=None if "lm_head" in targets else ["lm_head"]),
                             model=tf.GPT2LMHeadModel(gpt2_config(tie_word_embeddings=False))).train()
         assert adapted(input_ids=torch.tensor([[3, 4, 5]]), labels=torch.tensor([[3, 4, 5]])).logits is not None
-    # and it can be switched off after the fact
+    # and it can be switched off
     model = get_model(LoRAConfig(task_type="CAUSAL_LM", r=4, target_modules=["c_attn"]),
-                      model=tf.GPT2LMHeadModel(gpt2_config()))
-    disable_logits_free_loss(model)
+                      model=tf.GPT2LMHeadModel(gpt2_config()), logits_free_loss=False)
     assert type(model.get_base_model()) is tf.GPT2LMHeadModel
 
 
@@ -191,7 +189,7 @@ def test_logits_free_models_pickle_and_keep_the_trainers_causal_lm_label_smoothi
 def test_label_smoothing_set_on_the_model_equals_the_trainers_and_forms_no_logits(tmp_path):
     """A Trainer with label_smoothing_factor pops the labels (full logits, and a warning once); with
     set_label_smoothing and label_smoothing_factor=0 the logits-free loss equals the Trainer's smoothed loss."""
-    from hf_lorax.logits_free import set_label_smoothing
+    from hf_lorax.loss import set_label_smoothing
 
     torch.manual_seed(0)
     free, stock = _pair(tf.GPT2LMHeadModel(gpt2_config()))

@@ -85,8 +85,16 @@ def test_get_model_installs_it_and_training_matches_peft(input_ids):
             torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def linear_cross_entropy(hidden, weight, targets, bias=None, label_smoothing=0.0):
+    """The summed cross-entropy of ``hidden @ weightᵀ + bias`` by :class:`LinearCrossEntropy` (no logits)."""
+    from hf_lorax.loss import LinearCrossEntropy, _targets
+
+    safe, weights = _targets(targets.reshape(-1), -100, torch.float32)
+    return LinearCrossEntropy.apply(hidden, weight, bias, safe, weights, float(label_smoothing))
+
+
 def test_a_loss_the_user_set_is_kept():
-    from hf_lorax.loss import install_causal_lm_loss
+    from hf_lorax.loss import prepare_causal_lm_loss
 
     model = GPT2LMHeadModel(gpt2_config())
 
@@ -94,7 +102,8 @@ def test_a_loss_the_user_set_is_kept():
         return torch.tensor(0.0)
 
     model.loss_function = custom
-    assert not install_causal_lm_loss(model) and model.loss_function is custom
+    prepare_causal_lm_loss(model)
+    assert model.loss_function is custom and type(model) is GPT2LMHeadModel  # not logits-free either
 
 
 def test_keeps_fewer_vocabulary_sized_buffers():
@@ -122,8 +131,6 @@ def test_keeps_fewer_vocabulary_sized_buffers():
 def test_linear_cross_entropy_equals_head_then_cross_entropy(monkeypatch, label_smoothing):
     """Value and gradients (hidden, weight, bias) equal ``F.cross_entropy(hidden @ Wᵀ + b)``, across chunks."""
     import hf_lorax.loss as loss_module
-    from hf_lorax.loss import linear_cross_entropy
-
     monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 50 * 8)  # several row chunks
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(37, 16, dtype=torch.float64, generator=g, requires_grad=True)
@@ -146,7 +153,6 @@ def test_linear_cross_entropy_matmul_dtype_under_autocast(device):
     GEMMs (a CPU without bf16 units runs them several times faster), so the loss is the float32 one."""
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from hf_lorax.loss import linear_cross_entropy
 
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(8, 16, generator=g).to(device)

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import gpt2_config, randomize_adapters
+from conftest import build_gpt2, gpt2_config, randomize_adapters
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
@@ -31,11 +31,6 @@ KINDS = {
     "dora-slices": lambda: DoRAConfig(task_type="CAUSAL_LM", r=2, lora_alpha=4, target_modules=["c_attn"],
                                       fused_slices={"c_attn": ["q", "v"]}, use_rslora=True),
 }
-
-
-def _base(n_layer: int = 2) -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(gpt2_config(n_layer=n_layer)).eval()
 
 
 def plain_config(config) -> LoraConfig:
@@ -88,7 +83,7 @@ def _build(entry: str, base, config):
 
 def _changed_fields(config, entry: str) -> set[str]:
     before = copy.deepcopy(config.__dict__)
-    _build(entry, _base(), config)
+    _build(entry, build_gpt2(), config)
     return {k for k, v in before.items() if config.__dict__[k] != v}
 
 
@@ -103,7 +98,7 @@ def test_one_config_two_models(entry, input_ids):
     before = copy.deepcopy(config.__dict__)
     built = []
     for n_layer in (2, 3):
-        model = _build(entry, _base(n_layer), config)
+        model = _build(entry, build_gpt2(n_layer=n_layer), config)
         changed = {k for k, v in before.items() if config.__dict__[k] != v}
         assert changed <= theirs, (entry, changed)  # hf_lorax changes nothing in the user's object
         built.append(model)
@@ -116,7 +111,7 @@ def test_one_config_two_models(entry, input_ids):
         held = built[1].peft_config[adapter]
         assert held is not config and held.rank_pattern == {f"transformer.h.{i}.attn.c_attn": 2 for i in (1, 2)}
         if entry != "add_adapter":
-            torch.testing.assert_close(logits(built[1], input_ids), logits(plain_twin(built[1], _base(3)), input_ids),
+            torch.testing.assert_close(logits(built[1], input_ids), logits(plain_twin(built[1], build_gpt2(n_layer=3)), input_ids),
                                        atol=1e-5, rtol=1e-5)
 
 
@@ -127,10 +122,10 @@ def test_one_config_two_models(entry, input_ids):
 @pytest.mark.parametrize("kind", ["maps", "slices"])
 def test_add_weighted_adapter_matches_plain_peft(kind, combination, input_ids):
     config = KINDS[kind]()
-    ours = get_peft_model(_base(), config)
+    ours = get_peft_model(build_gpt2(), config)
     ours.add_adapter("b", config)
     randomize_adapters(ours, seed=3)
-    ref = plain_twin(ours, _base())
+    ref = plain_twin(ours, build_gpt2())
     for model in (ours, ref):
         model.add_weighted_adapter(["default", "b"], [0.7, 0.4], "merged", combination_type=combination)
         model.set_adapter("merged")
@@ -147,7 +142,7 @@ def saved(tmp_path_factory):
     """{kind: (base dir, adapter dir, plain copy without hf_lorax.json)} for every config kind."""
     root = tmp_path_factory.mktemp("paths")
     base_dir = root / "base"
-    _base().save_pretrained(base_dir)
+    build_gpt2().save_pretrained(base_dir)
     out = {}
     for kind, make in KINDS.items():
         config = make()
@@ -222,7 +217,7 @@ def test_loaded_slices_keep_off_block_entries_at_zero_while_training(saved):
 
 def test_qlora_config_through_peft_refuses_an_unquantized_model():
     config = QLoRAConfig(task_type="CAUSAL_LM", r=4, target_modules=["c_attn"])
-    base = _base()
+    base = build_gpt2()
     with pytest.raises(ValueError, match="QLoRAConfig needs a quantized base.*quantization_config"):
         get_peft_model(base, config)
     assert not any("lora_" in n for n, _ in base.named_parameters())  # nothing was injected
@@ -239,7 +234,7 @@ def test_get_model_changes_nothing_before_rejecting_a_typo():
     with pytest.raises(ValueError, match="'c_projj' matches no module"):
         get_model(LoRAConfig(task_type="SEQ_CLS", num_labels=2, target_modules=["c_attn", "c_projj"]), model=cls_base)
     assert cls_base.config.pad_token_id is None and type(cls_base) is GPT2ForSequenceClassification
-    lm = _base()
+    lm = build_gpt2()
     with pytest.raises(ValueError, match="rank_map key"):
         get_model(LoRAConfig(task_type="CAUSAL_LM", target_modules=["c_attn"], rank_map={"h.9.attn": 2}), model=lm)
     assert type(lm) is GPT2LMHeadModel and "loss_function" not in vars(lm)

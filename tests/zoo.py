@@ -222,7 +222,7 @@ COLUMNS = {"SEQ_CLS": "SEQ_CLS", "TOKEN_CLS": "TOKEN_CLS", "QUESTION_ANS": "QA",
 
 def readme_table() -> str:
     """The README's table of tested cells, generated from the cell list (tests/test_heads.py keeps it current)."""
-    from hf_lorax.logits_free import logits_free_unsupported_reason
+    from hf_lorax.loss import logits_free_unsupported_reason
 
     notes: dict[str, int] = {}
 

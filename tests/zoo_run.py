@@ -166,7 +166,7 @@ def run_cell(cell: Cell, method: str, workdir: Path, explicit_targets: bool = Fa
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     from hf_lorax import get_model
-    from hf_lorax.logits_free import LogitsFreeCausalLM, logits_free_unsupported_reason
+    from hf_lorax.loss import LogitsFreeCausalLM, logits_free_unsupported_reason
     from hf_lorax.plan import find_task_heads, resolve
     from hf_lorax.task_types import HEAD_TASK_TYPES
 

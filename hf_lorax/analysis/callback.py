@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from transformers import TrainerCallback
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
 from ..adapter_files import write_json
 from ..integrations.sharding import is_sharded
@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 JSON_NAME = "rank_utilization.json"
 PNG_NAME = "rank_utilization.png"
 SUGGESTION_NAME = "suggested_rank_map.json"
+CONSOLE_KEYS = ("rank_utilization/mean", "rank_utilization/min")  # the summary the console shows
+LOWEST_KEY = "rank_utilization/lowest"  # console only: the module using the least of its rank
 
 
 class RankUtilizationCallback(TrainerCallback):
@@ -36,8 +38,10 @@ class RankUtilizationCallback(TrainerCallback):
     ``Trainer.log`` — so ``trainer.state.log_history``, and with :meth:`attach` TensorBoard, W&B and every
     other configured reporter, receive it: ``rank_utilization/mean``, ``/min``, per module type
     (``rank_utilization/type/query/mean``) and per layer (``rank_utilization/layer/3/mean``), plus every
-    module when ``log_per_module``. At the end of training it writes, into ``output_dir`` (default: the
-    run's ``args.output_dir``): ``rank_utilization.json`` (history and final per-module statistics),
+    module when ``log_per_module``. With :meth:`attach`, the console line (``ProgressCallback`` /
+    ``PrinterCallback``) shows only the mean, the minimum and the lowest module (:class:`ConsoleSummary`).
+    At the end of training it writes, into ``output_dir`` (default: the run's ``args.output_dir``):
+    ``rank_utilization.json`` (history and final per-module statistics),
     ``rank_utilization.png`` and ``suggested_rank_map.json``, which ``LoRAConfig(rank_map=path)`` accepts.
 
     Example::
@@ -95,15 +99,19 @@ class RankUtilizationCallback(TrainerCallback):
 
     def attach(self, trainer) -> RankUtilizationCallback:
         """Put this callback first in ``trainer``'s callbacks (that trainer only), so that the reporters after
-        it (TensorBoard, W&B, ...) receive its metrics too; returns the callback.
+        it (TensorBoard, W&B, ...) receive its metrics too, and a :class:`ConsoleSummary` on each side of the
+        console printer; returns the callback.
 
         ``Trainer(callbacks=[...])`` places user callbacks after the reporters, and a callback can only add
         metrics to the ``logs`` of a ``Trainer.log`` call the callbacks after it see.
         """
         callbacks = trainer.callback_handler.callbacks
-        if self in callbacks:
-            callbacks.remove(self)
+        callbacks[:] = [c for c in callbacks if c is not self and getattr(c, "owner", None) is not self]
         callbacks.insert(0, self)
+        printer = next((i for i, c in enumerate(callbacks) if isinstance(c, (ProgressCallback, PrinterCallback))), None)
+        if printer is not None:
+            before = ConsoleSummary(self)
+            callbacks[printer:printer + 1] = [before, callbacks[printer], ConsoleSummary(self, held=before.held)]
         self._attached = True
         return self
 
@@ -150,3 +158,27 @@ class RankUtilizationCallback(TrainerCallback):
                                                  title=f"rank utilization at step {step}")
         return paths
 
+
+class ConsoleSummary(TrainerCallback):
+    """Keeps the console line to the summary. Placed right before the Trainer's printer, it takes the per-type,
+    per-layer and per-module metrics out of ``logs`` and adds the lowest module; a second one (``held``: the
+    first one's) right after the printer puts them back, so callbacks after the printer receive them too."""
+
+    def __init__(self, owner: RankUtilizationCallback, held: dict | None = None):
+        self.owner, self.restores = owner, held is not None
+        self.held: dict = {} if held is None else held
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None:
+            return control
+        if self.restores:
+            logs.pop(LOWEST_KEY, None)
+            logs.update(self.held)
+            self.held.clear()
+        else:
+            detail = [k for k in logs if k.startswith("rank_utilization/") and k not in CONSOLE_KEYS]
+            self.held.update({k: logs.pop(k) for k in detail})
+            if detail and self.owner.latest:
+                lowest = min(self.owner.latest, key=lambda s: s.utilization)
+                logs[LOWEST_KEY] = f"{lowest.name} ({lowest.utilization:.3g})"
+        return control

@@ -49,6 +49,7 @@ from ..serving import (
     base_model_type,
     check_serving,
     engine_spec,
+    loaded_values,
     next_rank_value,
 )
 from .convert import bake_and_pad, dora_to_lowrank
@@ -168,14 +169,14 @@ def _export_uniform(folder: AdapterFolder, dst: str, spec, rank, dora, heads, ba
         raise ValueError(f"{folder.path!r} trains task heads {head_names} (modules_to_save), which {spec.label} does not "
                          "load; pass --heads beside to write them to heads.safetensors, or --merge for a full model.")
 
-    target = rank if rank is not None else max(m.fused_r for m in folder.modules)
+    target = rank if rank is not None else max(m.module_r for m in folder.modules)
     for module in folder.modules:
-        if module.fused_r > target and module.method != "dora":
-            raise ValueError(f"module {module.name} has rank {module.fused_r}, above --rank {target}; "
-                             f"pass --rank {module.fused_r} or more.")
+        if module.module_r > target and module.method != "dora":
+            raise ValueError(f"module {module.name} has rank {module.module_r}, above --rank {target}; "
+                             f"pass --rank {module.module_r} or more.")
     if spec.max_rank is not None and target > spec.max_rank:
-        worst = max(folder.modules, key=lambda m: m.fused_r)
-        raise ValueError(f"module {worst.name} has rank {worst.fused_r}, above {spec.label}'s limit {spec.max_rank}.")
+        worst = max(folder.modules, key=lambda m: m.module_r)
+        raise ValueError(f"module {worst.name} has rank {worst.module_r}, above {spec.label}'s limit {spec.max_rank}.")
 
     tensors = folder.load_tensors()
     weights = _base_weights(folder, base_model, dora_modules) if dora == "svd" else {}
@@ -192,8 +193,8 @@ def _export_uniform(folder: AdapterFolder, dst: str, spec, rank, dora, heads, ba
         out[f"{module.key}.lora_A.weight"], out[f"{module.key}.lora_B.weight"] = A.contiguous(), B.contiguous()
     head_tensors = {k: v for k, v in tensors.items() if "lora_" not in k}
 
-    new_config = {**config, "r": target, "lora_alpha": target, "use_rslora": False, "rank_pattern": {},
-                  "alpha_pattern": {}, "use_dora": False, "modules_to_save": None}
+    new_config = {**loaded_values(folder), **config, "r": target, "lora_alpha": target, "use_rslora": False,
+                  "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "modules_to_save": None}
     rank_value = next_rank_value(target, spec)
     if spec.rank_values:
         result.notes.append(f"serve with --max-lora-rank {rank_value} (or more)")
@@ -223,8 +224,9 @@ def _export_for_peft(folder: AdapterFolder, dst: str) -> ExportResult:
     converted = folder.sidecar.get("converted_from")
 
     def write(tmp: str) -> None:
-        for name in (CONFIG_FILE, SAFETENSORS_FILE):
-            shutil.copy2(os.path.join(folder.path, name), tmp)
+        shutil.copy2(folder.weights_path, tmp)
+        written = read_json(os.path.join(folder.path, CONFIG_FILE))  # as written, plus the keys vLLM requires
+        write_json(os.path.join(tmp, CONFIG_FILE), {**loaded_values(folder), **written})
         if converted:  # what the card says about the conversion
             write_json(os.path.join(tmp, SIDECAR_NAME), _exported_sidecar(folder, "peft", None, None, result))
         _finish(folder, tmp, dst)

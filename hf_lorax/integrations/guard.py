@@ -18,7 +18,8 @@ class InternalAPI:
 
     ``path`` is ``"module:Qualified.name"``; ``params`` the parameter names its signature must have (in
     order); ``library`` the distribution whose version decides; ``verified`` the half-open range
-    ``[low, high)`` the suite ran against.
+    ``[low, high)`` the suite ran against. A hooked internal is replaced as an attribute of ``hooked_on``
+    (``"module:Qualified.name"``; by default the object that holds it in ``path``).
     """
 
     path: str
@@ -26,11 +27,12 @@ class InternalAPI:
     library: str
     verified: tuple[str, str]
     reason: str
+    hooked_on: str = ""
 
-    def resolve(self):
-        module_name, _, qualname = self.path.partition(":")
+    def resolve(self, path: str = ""):
+        module_name, _, qualname = (path or self.path).partition(":")
         obj = importlib.import_module(module_name)
-        for part in qualname.split("."):
+        for part in filter(None, qualname.split(".")):
             obj = getattr(obj, part)
         return obj
 
@@ -58,11 +60,20 @@ class InternalAPI:
 _HOOKS: dict[str, bool] = {}
 
 
-def install_hook(api: InternalAPI, install: Callable[[], None], fallback: str) -> bool:
-    """Run ``install`` if ``api`` checks out; else warn with ``fallback`` (what still works) and skip it."""
+def install_hook(api: InternalAPI, make: Callable, fallback: str) -> bool:
+    """Replace ``api``'s internal with ``make(original)`` if it checks out; else warn with ``fallback`` (what still
+    works) and leave it. The original stays reachable as the wrapper's ``__wrapped__``."""
     problem = api.problem()
     if problem is None:
-        install()
+        module_name, _, qualname = api.path.partition(":")
+        parent, _, name = qualname.rpartition(".")
+        owner = api.resolve(api.hooked_on or f"{module_name}:{parent}")
+        is_classmethod = isinstance(inspect.getattr_static(owner, name), classmethod)
+        original = getattr(owner, name)
+        original = original.__func__ if is_classmethod else original
+        wrapper = make(original)
+        wrapper.__wrapped__ = original
+        setattr(owner, name, classmethod(wrapper) if is_classmethod else wrapper)
     else:
         warnings.warn(f"hf_lorax: not hooking {api.path} ({api.reason}): {problem}. {fallback}", UserWarning,
                       stacklevel=3)
@@ -71,22 +82,8 @@ def install_hook(api: InternalAPI, install: Callable[[], None], fallback: str) -
 
 
 def installed_hooks() -> dict[str, bool]:
-    """``{hook path: installed}`` for every hook :func:`hf_lorax.integrations.install` considered."""
+    """``{hook path: installed}`` for every hook :func:`hf_lorax.hooks.install` considered."""
     return dict(_HOOKS)
-
-
-def signature_mismatches(apis: list[InternalAPI]) -> dict[str, str]:
-    """``{path: problem}`` for the internals whose signature (or version) no longer matches."""
-    return {api.path: problem for api in apis if (problem := api.problem()) is not None}
-
-
-def wrap(owner: type, name: str, make: Callable, as_classmethod: bool = False) -> None:
-    """Replace ``owner.name`` with ``make(original)``, keeping the original as ``__wrapped__``."""
-    original = getattr(owner, name)
-    original = original.__func__ if as_classmethod else original
-    wrapper = make(original)
-    wrapper.__wrapped__ = original
-    setattr(owner, name, classmethod(wrapper) if as_classmethod else wrapper)
 
 
 def require_signatures(apis: list[InternalAPI], what: str) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.lora import layer as peft_lora
-from peft.tuners.lora.layer import VARIANT_KWARG_KEYS, LoraVariant
+from peft.tuners.lora.layer import LoraVariant
 from peft.tuners.tuners_utils import (
     BaseTunerLayer,
     _maybe_include_all_linear_layers,
@@ -29,12 +29,17 @@ def _api(path: str, params: tuple[str, ...], reason: str) -> InternalAPI:
     return InternalAPI(path=path, params=params, library="peft", verified=PEFT_RANGE, reason=reason)
 
 
-INJECT_ADAPTER = _api("peft.tuners.tuners_utils:BaseTuner.inject_adapter", ("self", "model", "adapter_name"),
-                      "hand peft a resolved copy of an hf_lorax config before it injects layers (it reads "
-                      "self.peft_config[adapter_name] first thing)")
+INJECT_ADAPTER = InternalAPI(
+    path="peft.tuners.tuners_utils:BaseTuner.inject_adapter", params=("self", "model", "adapter_name"), library="peft",
+    verified=PEFT_RANGE, hooked_on="peft.tuners.lora:LoraModel",  # set on LoraModel only
+    reason="hand peft a resolved copy of an hf_lorax config before it injects layers (it reads "
+           "self.peft_config[adapter_name] first thing)")
 CONFIG_FROM_PRETRAINED = _api("peft.config:PeftConfigMixin.from_pretrained",
                               ("cls", "pretrained_model_name_or_path", "subfolder"),
                               "read hf_lorax.json beside adapter_config.json")
+HOTSWAP_FROM_STATE_DICT = _api(
+    "peft.utils.hotswap:hotswap_adapter_from_state_dict", ("model", "state_dict", "adapter_name", "config"),
+    "peft's hotswap_adapter gives every module of a rank- or alpha-mapped adapter lora_alpha / r")
 HOTSWAP_UPDATE_SCALING = _api("peft.utils.hotswap:_update_scaling", ("lora_module", "adapter_name", "scaling"),
                               "hf_lorax.hotswap_adapter sets each module's scaling as peft's hotswap does "
                               "(a tensor under torch.compile), from the module's own rank and alpha")
@@ -63,7 +68,7 @@ PEFT_INTERNALS = [
 ]
 
 __all__ = [
-    "BaseTunerLayer", "ExcludedModule", "LoraLayer", "LoraModel", "LoraVariant", "PEFT_INTERNALS", "VARIANT_KWARG_KEYS",
+    "BaseTunerLayer", "ExcludedModule", "LoraLayer", "LoraModel", "LoraVariant", "PEFT_INTERNALS",
     "adapter_child_names", "check_adapters_to_merge", "default_target_modules", "dequantize_module_weight",
     "expand_all_linear", "init_lora_state", "is_tuner_layer", "is_wrapped_head", "pattern_value", "peft_bnb_module",
     "peft_hotswap_adapter", "peft_lora", "register_layers", "set_scaling", "target_matcher",

@@ -11,8 +11,10 @@ only (a report, a file) gather on all and compute on one.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
+from datetime import timedelta
 
 import torch
 from torch import nn
@@ -24,6 +26,14 @@ GATHERED_PARAMETERS = InternalAPI(
     params=("self", "params", "modifier_rank"), library="deepspeed", verified=("0.15.0", "0.20.0"),
     reason="gather ZeRO-3 partitioned weights for DoRA's norm, the rank analysis and saving",
 )
+DEFAULT_STORE = InternalAPI(
+    path="torch.distributed.distributed_c10d:_get_default_store", params=(), library="torch",
+    verified=("2.13.0", "2.14.0"),
+    reason="every process checks in on the process group's store before a save gathers, so a save called on "
+           "one process only fails with an error instead of waiting forever in the gather",
+)
+SAVE_TIMEOUT_ENV = "HF_LORAX_SAVE_TIMEOUT"
+_SAVES = [0]  # this process's completed check-ins: the n-th save of every rank is one gather
 
 
 def is_zero3_param(param: torch.Tensor) -> bool:
@@ -88,8 +98,11 @@ def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{name: full CPU tensor}`` of every adapter and trained-head parameter of a (sharded) peft model.
 
     What peft's ``save_pretrained(state_dict=...)`` needs to write the adapter; the frozen base is not gathered.
-    A collective under sharding (every process must call it); on one process it only copies.
+    A collective under sharding (every process must call it; :func:`check_every_process_saves` first); on one
+    process it only copies.
     """
+    if is_sharded(model):
+        check_every_process_saves()
     wanted = [(name, p) for name, p in model.named_parameters()
               if p.requires_grad or "lora_" in name or ".modules_to_save." in name]
     state = {}
@@ -97,3 +110,38 @@ def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
         with full_params([param]) as (full,):
             state[name] = full.detach().to("cpu", copy=True)
     return state
+
+
+def check_every_process_saves() -> None:
+    """Wait until every process of the default group has reached this save, or raise a ``RuntimeError``.
+
+    Each process sets a key for its n-th sharded save on the group's store and waits for every rank's key
+    (``HF_LORAX_SAVE_TIMEOUT`` seconds, 60 by default). ``if trainer.is_world_process_zero():
+    model.save_pretrained(...)`` (the pattern peft's and transformers' docs show) would otherwise wait forever in a
+    gather the other processes never join; no collective is entered until all have arrived.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    raw = os.environ.get(SAVE_TIMEOUT_ENV, "60")
+    seconds = float(raw) if raw.strip().replace(".", "", 1).isdigit() else 0.0
+    if seconds <= 0:
+        raise ValueError(f"{SAVE_TIMEOUT_ENV}={raw!r}: must be a number of seconds > 0.")
+    require_signatures([DEFAULT_STORE], "check that every process saves")
+    store = dist.distributed_c10d._get_default_store()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    keys = [f"hf_lorax/save/{_SAVES[0]}/{r}" for r in range(world)]
+    store.set(keys[rank], "1")
+    try:
+        store.wait(keys, timedelta(seconds=seconds))
+    except RuntimeError:  # DistStoreError: the wait timed out
+        missing = [r for r, key in enumerate(keys) if not store.check([key])]
+        store.delete_key(keys[rank])  # withdrawn: the next save called on every process pairs up again
+        raise RuntimeError(
+            f"save_pretrained was called on process {rank} but not on process(es) {missing} (waited {seconds:g} s, "
+            f"{SAVE_TIMEOUT_ENV} sets it). The adapter is sharded (DeepSpeed ZeRO-3 / FSDP): saving gathers it, a "
+            "collective every process must join. Call model.save_pretrained(dir, is_main_process=...) on every "
+            "process (the main one writes), or use trainer.save_model(dir). Nothing was written."
+        ) from None
+    _SAVES[0] += 1

@@ -1,15 +1,23 @@
-"""transformers internals hf_lorax reads (no hooks): which loss a model computes."""
+"""transformers internals hf_lorax touches: the ``load_adapter`` it hooks, which loss a model computes, checkpoint names."""
 
 from __future__ import annotations
+
+import functools
 
 from torch import nn
 
 from .guard import InternalAPI
 
+TRANSFORMERS_RANGE = ("5.0.0", "5.24.0")
+LOAD_ADAPTER = InternalAPI(
+    path="transformers.integrations.peft:PeftAdapterMixin.load_adapter",
+    params=("self", "peft_model_id", "adapter_name"), library="transformers", verified=TRANSFORMERS_RANGE,
+    reason="transformers 5.x keeps freshly initialised DoRA magnitudes instead of the saved ones",
+)
 LOSS_MAPPING_API = InternalAPI(
     path="transformers.loss.loss_utils:ForCausalLMLoss",
     params=("logits", "labels", "vocab_size", "num_items_in_batch", "ignore_index", "shift_labels"),
-    library="transformers", verified=("5.0.0", "5.24.0"),
+    library="transformers", verified=TRANSFORMERS_RANGE,
     reason="hf_lorax's causal-LM loss replaces this one only where a model uses it unchanged",
 )
 
@@ -20,10 +28,17 @@ def uses_stock_causal_lm_loss(model: nn.Module) -> bool:
 
     if getattr(model, "_loss_function", None) is not None or not hasattr(type(model), "loss_function"):
         return False  # a custom loss the user set, or not a transformers model
+    if _loss_mapping_problem():  # outside the verified range: the model keeps its own loss
+        return False
     try:
         return model.loss_function is LOSS_MAPPING["ForCausalLM"]
     except (AttributeError, KeyError):
         return False
+
+
+@functools.cache
+def _loss_mapping_problem() -> str | None:
+    return LOSS_MAPPING_API.problem()
 
 
 def is_trainer_checkpoint_dir(path: str) -> bool:

@@ -30,7 +30,7 @@ from ..integrations.peft_api import (
 )
 from .dora import FactorizedDoraLinearVariant
 from .fused import LinearForwardMixin
-from .lora import FusedSliceMixin
+from .lora import PlannedLayerMixin
 
 peft_bnb = peft_bnb_module()
 
@@ -42,7 +42,7 @@ def disable_cpu_repacking(module: nn.Module) -> None:
             layer.support_avx512bf16_for_cpu = False
 
 
-class _QuantizedLora(LinearForwardMixin, FusedSliceMixin):
+class _QuantizedLora(LinearForwardMixin, PlannedLayerMixin):
     def _init_quantized(self, base_layer, adapter_name, config, r, lora_alpha, **kwargs) -> None:
         init_lora_state(self, base_layer)
         self.fan_in_fan_out = False

@@ -27,7 +27,6 @@ from torch import nn
 
 from ..integrations.peft_api import LoraLayer, LoraVariant, dequantize_module_weight
 from ..integrations.sharding import full_params, is_zero3_param
-from .dropout import apply_dropout
 
 
 class DoraMagnitude(nn.Module):
@@ -200,8 +199,7 @@ class FactorizedDoraLinearVariant(LoraVariant):
         scaling = module.scaling[active_adapter]
         norm_scale = cls.norm_scale(module, active_adapter).to(result.dtype)
         bias = module.get_base_layer().bias
-        dropped = apply_dropout(module.lora_dropout[active_adapter], x, lora_A.weight)
-        lora = lora_B(lora_A(dropped) * scaling)  # scaling on the r-wide A x
+        lora = lora_B(lora_A(module.lora_dropout[active_adapter](x)) * scaling)  # scaling on the r-wide A x
         combined = result + lora.to(result.dtype) if bias is None else result - bias + lora.to(result.dtype)
         return scale_and_shift(combined, norm_scale, bias)
 

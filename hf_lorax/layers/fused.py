@@ -17,7 +17,7 @@ gradients when they train); the frozen ``W`` gets no gradient. A 4-bit weight is
 again in backward, and freed right after each use (what bitsandbytes' own ``matmul_4bit`` does).
 
 Dropout, biases, rank maps, fused slices and DoRA all stay on this path. :class:`LinearForwardMixin` is the one
-rule that chooses, per call, between it, the plain reference maths and peft's forward.
+rule that chooses, per call, between it and peft's forward.
 """
 
 from __future__ import annotations
@@ -28,10 +28,21 @@ import torch
 
 from ..integrations.sharding import is_zero3_param
 from .dora import FactorizedDoraLinearVariant
-from .dropout import apply_dropout, dropout_p, lora_dropout
 from .sliced import b_weight
 
 WeightSource = Callable[[], torch.Tensor]  # returns the frozen weight as (out, in) in the base compute dtype
+
+
+def lora_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(dropout(x), bool mask)`` from ``torch.native_dropout`` (``(x, None)`` when ``p`` is 0): the call
+    ``F.dropout`` makes on CUDA, which on CPU draws the mask ``F.dropout`` draws, so one seed gives the fused node
+    and peft's forward the same mask."""
+    return torch.native_dropout(x, p, True) if p else (x, None)
+
+
+def dropout_p(module: torch.nn.Module) -> float:
+    """The probability a layer's ``lora_dropout[adapter]`` module drops with now (0 for Identity or eval mode)."""
+    return float(module.p) if isinstance(module, torch.nn.Dropout) and module.training else 0.0
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -69,7 +80,7 @@ class FusedLoraLinear(torch.autograd.Function):
                 combined = x_base @ w.to(base_dtype).T
             del w  # a dequantised weight is freed here
             x_lora = x_base if lora_dtype == base_dtype else rows.to(lora_dtype)
-            dropped, mask = lora_dropout(x_lora, dropout_p, lora_A)
+            dropped, mask = lora_dropout(x_lora, dropout_p)
             h = dropped @ lora_A.to(lora_dtype).T  # (N, r); the scaling is the next GEMM's alpha
             if lora_dtype == base_dtype:
                 combined.addmm_(h, lora_B.to(lora_dtype).T, alpha=scaling)  # the update lands in the base's buffer
@@ -158,26 +169,18 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor | WeightSource, bias
                                  base, cast or lora_A.dtype, out)
 
 
-FUSED_BY_DEFAULT_ON = ("cuda",)  # device types whose inputs take the fused node unless a model says otherwise
-
-
 class LinearForwardMixin:
-    """The forward of hf_lorax's linear tuner layers: one rule sends each call to one of three paths.
+    """The forward of hf_lorax's linear tuner layers: the fused node when switched on, else peft's own forward.
 
-    1. peft's forward (the parent class) for what only it covers: several active adapters, mixed-adapter
-       batches, merged or disabled adapters, ``lora_bias``, variants other than hf_lorax's DoRA, extra arguments.
-    2. Else the fused node (:class:`FusedLoraLinear`) when it is on for the input's device, the call is not being
-       traced by ``torch.compile`` (inductor fuses the plain code and chooses what to save; an opaque node would
-       stop it) and the frozen weight allows it (not trained, not a ZeRO-3 partition, not LLM.int8()).
-    3. Else the plain reference maths: the base layer, then ``B (s · A drop(x))``, and DoRA's rescale
-       (:meth:`~hf_lorax.layers.dora.FactorizedDoraLinearVariant.forward`).
-
-    Paths 2 and 3 compute the same function with the same dropout mask (:mod:`hf_lorax.layers.dropout`). The node is
-    on by default for CUDA inputs only: on CPU it measured slower than the plain layers (docs/benchmarks.md), on a
-    GPU it is unmeasured (``scripts/bench_gpu.py``'s ``hf_lorax-unfused_*`` rows). :func:`set_fused_path` sets it.
+    The fused node (:class:`FusedLoraLinear`) computes a call when :func:`set_fused_path` turned it on for the layer,
+    the call is not being traced by ``torch.compile`` (inductor fuses peft's code and chooses what to save; an opaque
+    node would stop it), one hf_lorax LoRA/DoRA adapter is active and unmerged, and the frozen weight allows it (not
+    trained, not a ZeRO-3 partition, not LLM.int8()). Every other call is peft's forward (with hf_lorax's DoRA
+    variant). It is off by default until a GPU run shows it faster: ``scripts/bench_gpu.py`` times both paths (CPU
+    figures: docs/benchmarks.md).
     """
 
-    use_fused_path: bool | None = None  # None: by the input's device type (FUSED_BY_DEFAULT_ON)
+    use_fused_path: bool = False
 
     def _fused_weight(self) -> torch.Tensor | WeightSource | None:
         """The frozen weight as (out, in), a callable that dequantises it, or None (not fusable)."""
@@ -187,7 +190,7 @@ class LinearForwardMixin:
         return weight.T if self.fan_in_fan_out else weight
 
     def _single_adapter(self, args: tuple, kwargs: dict) -> str | None:
-        """The one adapter a call computes with on paths 2 and 3, or None for peft's forward."""
+        """The one adapter a fused call computes with, or None for peft's forward."""
         if args or any(v is not None for v in kwargs.values()) or self.disable_adapters or self.merged:
             return None
         active = [a for a in self.active_adapters if a in self.lora_A]
@@ -197,31 +200,24 @@ class LinearForwardMixin:
         return active[0] if variant is None or isinstance(variant, FactorizedDoraLinearVariant) else None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        adapter = self._single_adapter(args, kwargs)
-        if adapter is None:
+        fused = self.use_fused_path and not torch.compiler.is_compiling()
+        adapter = self._single_adapter(args, kwargs) if fused else None
+        weight = self._fused_weight() if adapter is not None else None
+        if weight is None:
             return super().forward(x, *args, **kwargs)
-        enabled = self.use_fused_path if self.use_fused_path is not None else x.device.type in FUSED_BY_DEFAULT_ON
-        weight = self._fused_weight() if enabled and not torch.compiler.is_compiling() else None
         variant = self.lora_variant.get(adapter)
-        lora_A, lora_B, scaling = self.lora_A[adapter], self.lora_B[adapter], self.scaling[adapter]
-        if weight is None:  # the scaling multiplies the r-wide ``A x``, not the output
-            result = self.base_layer(x)
-            x = self._cast_input_dtype(x, lora_A.weight.dtype)
-            if variant is not None:
-                return variant.forward(self, adapter, x, result).to(result.dtype)
-            lora = lora_B(lora_A(apply_dropout(self.lora_dropout[adapter], x, lora_A.weight)) * scaling)
-            return (result + lora).to(result.dtype)
         norm_scale = None if variant is None else variant.norm_scale(self, adapter)
         base = self.get_base_layer()
-        return fused_lora_linear(x, weight, base.bias, lora_A.weight, b_weight(lora_B), scaling,
-                                 dropout_p(self.lora_dropout[adapter]), norm_scale, getattr(base, "compute_dtype", None))
+        return fused_lora_linear(x, weight, base.bias, self.lora_A[adapter].weight, b_weight(self.lora_B[adapter]),
+                                 self.scaling[adapter], dropout_p(self.lora_dropout[adapter]), norm_scale,
+                                 getattr(base, "compute_dtype", None))
 
 
-def set_fused_path(model: torch.nn.Module, enabled: bool | None) -> int:
-    """Turn the fused eager path of every hf_lorax linear in ``model`` on (True) or off (False), or back to the
-    default by device (None); returns how many layers."""
-    if enabled is not None and not isinstance(enabled, bool):  # bool("false") would turn it on
-        raise TypeError(f"set_fused_path: enabled must be True, False or None (the default by device), got {enabled!r}.")
+def set_fused_path(model: torch.nn.Module, enabled: bool) -> int:
+    """Turn the fused node of every hf_lorax linear in ``model`` on (True) or off (False, the default); returns how
+    many layers."""
+    if not isinstance(enabled, bool):  # bool("false") would turn it on
+        raise TypeError(f"set_fused_path: enabled must be True or False, got {enabled!r}.")
     layers = [m for m in model.modules() if isinstance(m, LinearForwardMixin)]
     for layer in layers:
         layer.use_fused_path = enabled

@@ -24,14 +24,14 @@ from .fused import LinearForwardMixin
 from .sliced import SlicedLoraB, block_mask
 
 
-class FusedSliceMixin:
+class PlannedLayerMixin:
     """``update_layer`` that takes the module's rank, alpha and slices from the config's resolved plan."""
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config, **kwargs) -> None:
         target = kwargs.get("target_name", "")
         entry = module_plan(config, target)
         if entry is not None:  # the plan's values are the ones peft read from rank_pattern / alpha_pattern
-            r, lora_alpha = entry.fused_r, entry.fused_alpha
+            r, lora_alpha = entry.module_r, entry.module_alpha
             if entry.slices is not None:
                 _check_slice_options(config, target)
         super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
@@ -74,16 +74,14 @@ class WeightNormCacheMixin:
         self.__dict__.pop("_hf_lorax_weight_sq", None)
 
 
-class LoraLinear(LinearForwardMixin, FusedSliceMixin, WeightNormCacheMixin, peft_lora.Linear):
+class LoraLinear(LinearForwardMixin, PlannedLayerMixin, WeightNormCacheMixin, peft_lora.Linear):
     """LoRA / DoRA on ``nn.Linear`` or GPT-2 ``Conv1D``, optionally on slices of a fused projection."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int = 0, lora_alpha: float = 1, **kwargs):
         init_lora_state(self, base_layer, **kwargs)
         # Conv1D stores its weight as (in, out); decide from the layer, not the config flag.
         self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
-        self.is_target_conv_1d_layer = self.fan_in_fan_out
-        if self.fan_in_fan_out:  # the state plain peft records in the config it holds (a resolved copy here)
-            config.fan_in_fan_out = True
+        self.is_target_conv_1d_layer = self.fan_in_fan_out  # the plan set config.fan_in_fan_out, as peft would
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 

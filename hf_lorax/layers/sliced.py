@@ -30,7 +30,7 @@ class SlicedLoraB(nn.Linear):
 
     def __init__(self, mask: torch.Tensor, adapted_entries: int):
         super().__init__(mask.shape[1], mask.shape[0], bias=False, device="meta")
-        # the values come from peft's B (see FusedSliceMixin._use_slices): no init, so no random numbers drawn and
+        # the values come from peft's B (see PlannedLayerMixin._use_slices): no init, so no random numbers drawn and
         # a seeded run draws what plain peft draws
         self.weight = nn.Parameter(torch.empty(mask.shape, device=mask.device))
         self.register_buffer("slice_mask", mask, persistent=False)  # derived from the config, never saved

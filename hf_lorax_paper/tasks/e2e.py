@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from ..arguments import ran_hyperparameters
 from ..experiment import MethodArguments, TaskPlugin, rank_map_argument, timed
+from ..targets import model_label, preset_targets, same_model
 from .e2e_data import (
     HUB_DATASETS,
     E2ESplit,
@@ -30,7 +31,7 @@ from .e2e_data import (
     write_predictions,
     write_references,
 )
-from .e2e_presets import METRICS, PAPER_SOURCE, SCALED_X100, E2EPreset, get_preset
+from .e2e_presets import METRICS, PAPER_MODELS, PAPER_SOURCE, PRESETS, SCALED_X100, E2EPreset, get_preset
 
 PRESET_FIELDS = ("model_name_or_path", "r", "lora_alpha", "lora_dropout", "max_length", "num_beams", "length_penalty",
                  "no_repeat_ngram_size", "max_new_tokens")
@@ -108,10 +109,11 @@ class E2EPlugin(TaskPlugin):
         return "CAUSAL_LM"
 
     def adapter_fields(self, preset: E2EPreset, method: MethodArguments, data) -> dict:
+        targets = preset.targets or preset_targets(preset.target_modules,
+                                                   {m: list(preset.slices) for m in preset.target_modules})
         return dict(base_model_name_or_path=preset.model_name_or_path, task_type="CAUSAL_LM", r=preset.r,
                     lora_alpha=preset.lora_alpha, lora_dropout=preset.lora_dropout,
-                    target_modules=list(preset.target_modules), rank_map=rank_map_argument(method.rank_map),
-                    fused_slices={m: list(preset.slices) for m in preset.target_modules})
+                    rank_map=rank_map_argument(method.rank_map), **targets.config_fields())
 
     def trainer_inputs(self, tokenizer, preset: E2EPreset, method, data, splits) -> dict:
         from datasets import Dataset
@@ -149,15 +151,16 @@ class E2EPlugin(TaskPlugin):
             scores = _scorer()(predictions, test_refs, meteor=data.meteor)
         metrics = {m: scores[m] for m in METRICS if isinstance(scores.get(m), (int, float))}
         row = next((r for r in preset.paper_rows if r.method == {"full": "FT"}.get(method.method, "LoRA")), None)
-        if method.method == "bitfit":
-            row = None  # Table 3 has no BitFit row
+        paper_model = PRESETS[preset.name].model_name_or_path
+        if method.method == "bitfit" or not same_model(preset.model_name_or_path, paper_model):
+            row = None  # Table 3 has no BitFit row; another model's numbers are no reference for this one
         record = {
             "task": "e2e", "task_type": "text-generation",
             "dataset": {"name": "E2E NLG", "type": "e2e_nlg", "config": None, "split": "test"},
             "metrics": metrics, "metrics_unavailable": dict(scores.get("unavailable") or {}),
             "main_metric": {"name": "BLEU", "value": metrics.get("BLEU")},
             "reference": {"source": PAPER_SOURCE, "method": row.method, "metrics": row.metrics()} if row else None,
-            "paper_rows": [asdict(r) for r in preset.paper_rows],
+            "paper_rows": [{"model": PAPER_MODELS[preset.setting], **asdict(r)} for r in preset.paper_rows],
             "hyperparameters": ran_hyperparameters(preset, trainer.args, TRAINING_FIELDS),
             "eval_loss": eval_loss, "decode_runtime_s": timings["decode"],
             "data": {split: {"source": s.source, "rows": len(s)} for split, s in splits.items()},
@@ -257,20 +260,19 @@ def _params(n: int) -> str:
 
 
 def results_table(results: list[dict]) -> str:
-    """Markdown table of runs and the paper's Table 3 rows (BLEU, METEOR, ROUGE-L x100 as the paper prints)."""
+    """Markdown table of runs, each named by the model that ran, and the paper's Table 3 rows, each named by its
+    model (BLEU, METEOR, ROUGE-L x100 as the paper prints)."""
     header = "| run | method | trainable params | BLEU | NIST | METEOR | ROUGE-L | CIDEr |"
     lines = [header, "|---|---|---|---|---|---|---|---|"]
-    paper_seen: set[str] = set()
+    paper_seen: set[tuple[str, str]] = set()
     for r in results:
         cells = " | ".join(_fmt(m, r["metrics"].get(m)) for m in METRICS)
-        lines.append(f"| {r['preset']} (ours) | {r['method']} | {_params(r['trainable_params'])} | {cells} |")
-    for r in results:
-        setting = r["preset"].split("/")[0]
-        if setting in paper_seen:
+        lines.append(f"| {model_label(r['model'])} (ours) | {r['method']} | {_params(r['trainable_params'])} | {cells} |")
+    for row in (row for r in results for row in r.get("paper_rows") or []):
+        if (row["model"], row["method"]) in paper_seen:
             continue
-        paper_seen.add(setting)
-        for row in r.get("paper_rows") or []:
-            cells = " | ".join(f"{row[m]:.1f}" if m in SCALED_X100 else f"{row[m]:.2f}" for m in METRICS)
-            lines.append(f"| {setting} (paper) | {row['method']} | {row['trainable_params_m']:.2f}M | {cells} |")
+        paper_seen.add((row["model"], row["method"]))
+        cells = " | ".join(f"{row[m]:.1f}" if m in SCALED_X100 else f"{row[m]:.2f}" for m in METRICS)
+        lines.append(f"| paper, {row['model']} | {row['method']} | {row['trainable_params_m']:.2f}M | {cells} |")
     return "\n".join(lines)
 

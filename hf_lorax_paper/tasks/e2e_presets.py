@@ -13,8 +13,10 @@ with BLEU, METEOR and ROUGE-L x100 as printed in Table 3.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 PAPER_SOURCE = "LoRA paper (Hu et al. 2021), Table 3, E2E NLG test set (mean of 3 seeds)"
+PAPER_MODELS = {"gpt2-medium": "GPT-2 medium", "gpt2-large": "GPT-2 large"}  # the model behind each setting's rows
 METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 SCALED_X100 = ("BLEU", "METEOR", "ROUGE_L")  # printed x100 in Table 3; the scorer reports them in [0, 1]
 
@@ -65,6 +67,7 @@ class E2EPreset:
     max_new_tokens: int = 64
     target_modules: tuple[str, ...] = ("c_attn",)
     slices: tuple[str, ...] = field(default=("q", "v"))  # of the fused c_attn (q, k, v)
+    targets: Any = None  # hf_lorax_paper.targets.Targets: what the run's model adapts (the scripts resolve it)
 
     @property
     def name(self) -> str:

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field, replace
 
 from ..arguments import ran_hyperparameters
 from ..experiment import MethodArguments, TaskPlugin, rank_map_argument, timed
+from ..targets import model_label, preset_targets, same_model
 from .glue_data import GlueTask, compute_metrics, get_task, load_hub, load_local
-from .glue_presets import PAPER_SOURCE, GluePreset, get_preset, paper_result
+from .glue_presets import PAPER_MODELS, PAPER_SOURCE, PRESETS, GluePreset, get_preset, paper_result
 
 
 @dataclass
@@ -100,8 +101,8 @@ class GluePlugin(TaskPlugin):
     def adapter_fields(self, preset: GluePreset, method: MethodArguments, data) -> dict:
         return dict(base_model_name_or_path=preset.model_name_or_path, task_type="SEQ_CLS",
                     num_labels=self.num_labels(preset), r=preset.r, lora_alpha=preset.lora_alpha,
-                    lora_dropout=preset.lora_dropout, target_modules=list(preset.target_modules),
-                    rank_map=rank_map_argument(method.rank_map))
+                    lora_dropout=preset.lora_dropout, rank_map=rank_map_argument(method.rank_map),
+                    **(preset.targets or preset_targets(preset.target_modules)).config_fields())
 
     def after_model(self, model, method: MethodArguments, data: GlueDataArguments) -> dict:
         if not data.init_adapter:
@@ -136,6 +137,9 @@ class GluePlugin(TaskPlugin):
                    if k.startswith("eval_") and not k.endswith(("runtime", "per_second", "loss", "epoch"))
                    and "preparation" not in k}
         reference = paper_result(preset, method.method)
+        paper = {"source": PAPER_SOURCE, "model": PAPER_MODELS[preset.setting], "method": reference[0],
+                 "metrics": {key.removeprefix("eval_"): reference[1] / 100}} if reference else None
+        paper_model = PRESETS[preset.name].model_name_or_path if preset.name in PRESETS else None
         record = {
             "task": task.name, "task_type": "text-classification",
             "dataset": {"name": f"GLUE {task.folder}", "type": "nyu-mll/glue", "config": task.name,
@@ -143,8 +147,8 @@ class GluePlugin(TaskPlugin):
             "metrics": metrics,
             "main_metric": {"name": key.removeprefix("eval_"), "value": final.get(key),
                             "best_epoch": best.get("epoch"), "best_value": best.get(key)},
-            "reference": {"source": PAPER_SOURCE, "method": reference[0],
-                          "metrics": {key.removeprefix("eval_"): reference[1] / 100}} if reference else None,
+            # the paper's number is this run's reference only for the paper's model; else it is another model's
+            "reference": paper if same_model(preset.model_name_or_path, paper_model) else None, "paper": paper,
             "hyperparameters": ran_hyperparameters(preset, trainer.args, TRAINING_FIELDS),
         }
         return {"record": record, "timings": timings}
@@ -190,15 +194,22 @@ def load_init_adapter(model, path: str) -> list[str]:
 
 
 def results_table(results: list[dict]) -> str:
-    """Markdown table of runs set against the paper's Table 2 numbers (x100)."""
-    lines = ["| preset | method | metric | ours | paper (same method) | difference |", "|---|---|---|---|---|---|"]
+    """Markdown table of runs (x100), each named by the model that ran. The paper's Table 2 number is set against
+    a run of the paper's own model; beside another model's run it is a row of its own, named by its model."""
+    lines = ["| preset | method | model | metric | value | paper (same model and method) | difference |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         main = r["main_metric"]
         ours = 100 * main["value"] if main["value"] is not None else float("nan")
         ref = r.get("reference") or {}
         paper = 100 * next(iter(ref["metrics"].values())) if ref else None
         diff = f"{ours - paper:+.1f}" if paper is not None else "-"
-        lines.append(f"| {r['preset']} | {r['method']} | {main['name']} | {ours:.1f} | "
+        lines.append(f"| {r['preset']} | {r['method']} | {model_label(r['model'])} | {main['name']} | {ours:.1f} | "
                      f"{f'{paper:.1f}' if paper is not None else '-'} | {diff} |")
+        other = r.get("paper") if not ref else None
+        if other:
+            value = 100 * next(iter(other["metrics"].values()))
+            lines.append(f"| {r['preset']} | {other['method']} | paper, {other['model']} | {main['name']} | "
+                         f"{value:.1f} | - | - |")
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ no weight decay listed).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 # Table 2, GLUE dev (MNLI: matched accuracy; CoLA: Matthews; STS-B: Pearson; others: accuracy), x100.
 PAPER_RESULTS: dict[str, dict[str, float]] = {
@@ -36,6 +37,7 @@ PAPER_BASELINES: dict[tuple[str, str], dict[str, float]] = {
 }
 PAPER_METHOD_NAMES = {"lora": "LoRA", "full": "FT", "bitfit": "BitFit"}
 PAPER_SOURCE = "LoRA paper (Hu et al. 2021), Table 2, GLUE dev"
+PAPER_MODELS = {"roberta-base": "RoBERTa base", "roberta-large": "RoBERTa large", "roberta-large-dagger": "RoBERTa large"}
 INIT_FROM_MNLI = ("mrpc", "rte", "stsb")
 
 
@@ -55,6 +57,7 @@ class GluePreset:
     lora_dropout: float = 0.0
     init_from_mnli: bool = False
     target_modules: tuple[str, ...] = ("query", "value")
+    targets: Any = None  # hf_lorax_paper.targets.Targets: what the run's model adapts (the scripts resolve it)
 
     @property
     def name(self) -> str:

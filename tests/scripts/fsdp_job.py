@@ -17,7 +17,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import GPT2LMHeadModel, RobertaForSequenceClassification
 
 from hf_lorax import DoRAConfig, LoRAConfig, get_model
-from hf_lorax.logits_free import LogitsFreeCausalLM
+from hf_lorax.loss import LogitsFreeCausalLM
 
 out = sys.argv[1]
 distributed = "RANK" in os.environ
