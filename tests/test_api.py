@@ -10,7 +10,6 @@ from peft import get_peft_model
 import hf_lorax
 from hf_lorax import DoRAConfig, LoRAConfig, create_loraplus_optimizer, describe, loraplus_param_groups
 
-
 PUBLIC = {
     "AdapterPlan", "AdapterReport", "DoRAConfig", "LoRAConfig", "QLoRAConfig", "RankUtilizationCallback",
     "TargetedLossTrainer", "__version__", "check_serving", "create_loraplus_optimizer", "describe", "export_adapter",
