@@ -8,15 +8,14 @@ tokens, Llama 3: 128,256), not the adapters, set a LoRA step's peak memory. Two 
 :func:`causal_lm_loss_from_hidden` (training: the LM head and the cross-entropy in a few row chunks, never holding the
 logits) and :func:`causal_lm_loss` (where logits exist anyway: ``ForCausalLMLoss``'s signature, one buffer).
 
-Masked rows (label ``-100``) go through the chunks with weight 0: a boolean gather has a data-dependent shape, which
-makes the device wait and breaks ``torch.compile`` graphs. Only on a CPU in eager mode, where nothing waits, are the
-labelled rows gathered (:data:`LABELLED_ROWS_ONLY_ON`; same value and gradients, docs/benchmarks.md says why).
+Masked rows (label ``-100``) go through the chunks with weight 0 (a boolean gather makes a device wait and breaks
+``torch.compile`` graphs), except on a CPU in eager mode (:data:`LABELLED_ROWS_ONLY_ON`, docs/benchmarks.md).
 
-The decision (:func:`prepare_causal_lm_loss`, read back by :func:`training_loss` for ``describe``): the logits-free
-training forward (:class:`LogitsFreeCausalLM`) where :func:`logits_free_unsupported_reason` finds the model's
-forward to be exactly its decoder stack, a plain linear head and the stock loss (read from the model, never from a
-list of names); label smoothing as an option of it (:func:`set_label_smoothing`); the ``Trainer`` hand-off
-(``TargetedLossTrainer``). Values and gradients equal transformers' (tests/test_loss.py, test_logits_free.py)."""
+The decision (:func:`prepare_causal_lm_loss`; :func:`training_loss` says it for ``describe``): the logits-free
+forward (:class:`LogitsFreeCausalLM`) where :func:`logits_free_unsupported_reason`, reading the model itself, finds
+its forward to be its decoder stack, a plain linear head and the stock loss; label smoothing as an option of it
+(:func:`set_label_smoothing`); the ``Trainer`` hand-off (``TargetedLossTrainer``). Values and gradients equal
+transformers' (tests/test_loss.py, test_logits_free.py)."""
 
 from __future__ import annotations
 
