@@ -137,9 +137,13 @@ def _hotswap_wrapper(original):
     peft's ``hotswap_adapter`` looks this function up in its module at every call, so the hook reaches it however it
     was imported; plain peft adapters swap exactly as peft wrote it."""
     def hotswap_adapter_from_state_dict(model, state_dict, adapter_name, config, *args, **kwargs):
-        original(model, state_dict, adapter_name, config, *args, **kwargs)
         current = (getattr(model, "peft_config", None) or {}).get(adapter_name)
-        if isinstance(config, LoRAConfig) or isinstance(current, LoRAConfig):
+        ours = isinstance(config, LoRAConfig) or isinstance(current, LoRAConfig)
+        if ours and config.modules_to_save:  # peft fails there with a bare KeyError on a head parameter
+            raise ValueError(f"this adapter trains modules in full ({sorted(set(config.modules_to_save))}, e.g. a task "
+                             "head); peft's hotswap swaps LoRA weights only: load it with PeftModel.from_pretrained.")
+        original(model, state_dict, adapter_name, config, *args, **kwargs)
+        if ours:
             set_module_scalings(model, config, adapter_name)
 
     return hotswap_adapter_from_state_dict

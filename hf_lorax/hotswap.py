@@ -25,8 +25,14 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str, adapter_name: str
     Same arguments as ``peft.utils.hotswap.hotswap_adapter`` (``subfolder``, ``revision``, ``token``, ... in
     ``kwargs``); works on ``torch.compile``-d models prepared with ``prepare_model_for_compiled_hotswap``.
     """
-    peft_hotswap_adapter(model, model_name_or_path, adapter_name=adapter_name, torch_device=torch_device, **kwargs)
     config = PeftConfig.from_pretrained(model_name_or_path, **kwargs)
+    if config.modules_to_save:  # peft 0.21's hotswap fails there with a bare KeyError naming a head parameter
+        raise ValueError(
+            f"{model_name_or_path} trains modules in full ({sorted(set(config.modules_to_save))}, e.g. a task head); "
+            "peft's hotswap swaps LoRA weights only. Load it with PeftModel.from_pretrained / model.load_adapter "
+            "instead, or hotswap adapters saved without modules_to_save."
+        )
+    peft_hotswap_adapter(model, model_name_or_path, adapter_name=adapter_name, torch_device=torch_device, **kwargs)
     set_module_scalings(model, config, adapter_name)
 
 

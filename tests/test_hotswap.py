@@ -6,6 +6,8 @@ names against module patterns, so every module gets ``lora_alpha / r``); :func:`
 and hf_lorax's hook fixes peft's own function for hf_lorax adapters (``tests/test_peft_hotswap.py``).
 """
 
+import copy
+
 import pytest
 import torch
 from conftest import build_gpt2, randomize_adapters
@@ -63,3 +65,19 @@ def test_transformers_load_adapter_hotswap_of_fused_slices(two_adapters, input_i
     model.load_adapter(str(first), adapter_name="default")
     model.load_adapter(str(second), adapter_name="default", hotswap=True)
     torch.testing.assert_close(_logits(model, input_ids), direct, atol=1e-5, rtol=1e-5)
+
+
+def test_an_adapter_with_a_task_head_is_refused_with_a_clear_error(tmp_path):
+    """peft 0.21's hotswap cannot swap modules_to_save (a bare KeyError on the head's parameter): hf_lorax's names it."""
+    from conftest import roberta_config
+    from transformers import RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    base = RobertaForSequenceClassification(roberta_config())
+    config = LoRAConfig(task_type="SEQ_CLS", num_labels=2, r=4, target_modules=["query", "value"])
+    get_model(config, model=copy.deepcopy(base)).save_pretrained(tmp_path / "a")
+    model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a")
+    with pytest.raises(ValueError, match=r"trains modules in full \(\['classifier', 'score'\].*PeftModel.from_pretrained"):
+        hotswap_adapter(model, str(tmp_path / "a"), adapter_name="default", torch_device="cpu")
+    with pytest.raises(ValueError, match=r"trains modules in full \(\['classifier', 'score'\].*PeftModel.from_pretrained"):
+        peft_hotswap_adapter(model, str(tmp_path / "a"), adapter_name="default", torch_device="cpu")  # peft's own
