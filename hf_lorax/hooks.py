@@ -36,7 +36,7 @@ from peft import LoraConfig
 
 from .adapter_files import read_sidecar
 from .config import SIDECAR_NAME, LoRAConfig
-from .hotswap import set_module_scalings
+from .hotswap import check_hotswappable, set_module_scalings
 from .integrations.guard import install_hook, installed_hooks
 from .integrations.peft_api import CONFIG_FROM_PRETRAINED, HOTSWAP_FROM_STATE_DICT, INJECT_ADAPTER
 from .integrations.transformers_api import LOAD_ADAPTER
@@ -139,9 +139,8 @@ def _hotswap_wrapper(original):
     def hotswap_adapter_from_state_dict(model, state_dict, adapter_name, config, *args, **kwargs):
         current = (getattr(model, "peft_config", None) or {}).get(adapter_name)
         ours = isinstance(config, LoRAConfig) or isinstance(current, LoRAConfig)
-        if ours and config.modules_to_save:  # peft fails there with a bare KeyError on a head parameter
-            raise ValueError(f"this adapter trains modules in full ({sorted(set(config.modules_to_save))}, e.g. a task "
-                             "head); peft's hotswap swaps LoRA weights only: load it with PeftModel.from_pretrained.")
+        if ours:
+            check_hotswappable(config)
         original(model, state_dict, adapter_name, config, *args, **kwargs)
         if ours:
             set_module_scalings(model, config, adapter_name)

@@ -26,14 +26,20 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str, adapter_name: str
     ``kwargs``); works on ``torch.compile``-d models prepared with ``prepare_model_for_compiled_hotswap``.
     """
     config = PeftConfig.from_pretrained(model_name_or_path, **kwargs)
-    if config.modules_to_save:  # peft 0.21's hotswap fails there with a bare KeyError naming a head parameter
-        raise ValueError(
-            f"{model_name_or_path} trains modules in full ({sorted(set(config.modules_to_save))}, e.g. a task head); "
-            "peft's hotswap swaps LoRA weights only. Load it with PeftModel.from_pretrained / model.load_adapter "
-            "instead, or hotswap adapters saved without modules_to_save."
-        )
+    check_hotswappable(config, model_name_or_path)
     peft_hotswap_adapter(model, model_name_or_path, adapter_name=adapter_name, torch_device=torch_device, **kwargs)
     set_module_scalings(model, config, adapter_name)
+
+
+def check_hotswappable(config, source: str = "this adapter") -> None:
+    """peft 0.21's hotswap swaps LoRA weights only: with ``modules_to_save`` it fails on a bare ``KeyError`` naming a
+    head parameter, so refuse such an adapter by name first."""
+    if config.modules_to_save:
+        raise ValueError(
+            f"{source} trains modules in full ({sorted(set(config.modules_to_save))}, e.g. a task head); peft's hotswap "
+            "swaps LoRA weights only. Load it with PeftModel.from_pretrained / model.load_adapter instead, or hotswap "
+            "adapters saved without modules_to_save."
+        )
 
 
 def set_module_scalings(model: nn.Module, config, adapter_name: str) -> int:
