@@ -78,11 +78,6 @@ class SavedModule:
     params: int
     slices: SliceSpec | None = None
 
-    def row(self) -> AdaptedModule:
-        return AdaptedModule(module=self.name, layer="", method=self.method, r=self.r, alpha=self.alpha,
-                             scaling=self.scaling, params=self.params,
-                             slices=",".join(self.slices.adapt) if self.slices else "")
-
 
 @dataclass
 class AdapterFolder:
@@ -121,7 +116,10 @@ class AdapterFolder:
         return [h for h in listed if any(f".{h}." in f".{n}" for n in names)]
 
     def rows(self) -> list[AdaptedModule]:
-        return [m.row() for m in self.modules]
+        """The modules as :func:`hf_lorax.describe` rows (the layer type is unknown in a saved folder)."""
+        return [AdaptedModule(module=m.name, layer="", method=m.method, r=m.r, alpha=m.alpha, scaling=m.scaling,
+                              params=m.params, slices=",".join(m.slices.adapt) if m.slices else "")
+                for m in self.modules]
 
     def load_tensors(self) -> dict:
         from safetensors.torch import load_file
@@ -137,9 +135,7 @@ def read_adapter_folder(path: str) -> AdapterFolder:
         raise FileNotFoundError(f"Adapter folder {path!r} does not exist.")
     if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
         raise FileNotFoundError(f"{path!r} has no {CONFIG_FILE}; it is not a saved adapter folder.")
-    peft_config = check_adapter_dir(path)
-    if not os.path.isfile(os.path.join(path, SAFETENSORS_FILE)):
-        raise FileNotFoundError(f"{path!r} has no {SAFETENSORS_FILE} (pickle .bin adapters are not read here).")
+    peft_config = check_adapter_dir(path)  # also refuses a folder without adapter_model.safetensors
     config = read_json(os.path.join(path, CONFIG_FILE))
     for key in PEFT_DEFAULTED_KEYS:  # a key the file leaves out has peft's default, as when peft loads it
         config.setdefault(key, getattr(peft_config, key, None))
@@ -188,6 +184,7 @@ def check_factor_shapes(weights: str, shapes: dict[str, list[int]]) -> None:
                 raise ValueError(f"{weights} holds {key} but not {partner}: the file is incomplete; save the adapter again.")
             if len(shape) != 2:
                 raise ValueError(f"{weights}: {key} has shape {shape}; a LoRA factor is a matrix.")
+    for key, shape in shapes.items():  # every factor is a matrix now, whichever of A and B came first
         if key.endswith(".lora_A.weight"):
             prefix = key.removesuffix(".lora_A.weight")
             b_shape = shapes[f"{prefix}.lora_B.weight"]
@@ -239,16 +236,9 @@ def check_weights_file(path: str, allow_pickle: bool = False) -> None:
     try:
         with safe_open(weights, framework="pt") as f:
             shapes = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
-    except Exception as exc:  # safetensors raises its own SafetensorError for every kind of damage
+    except Exception as exc:  # SafetensorError for every kind of damage, a file shorter or longer than its header too
         raise ValueError(f"{weights} is truncated or corrupt ({exc}); save the adapter again.") from exc
     check_factor_shapes(weights, shapes)  # a missing lora_B would otherwise load as zeros: an adapter doing nothing
-    size = os.path.getsize(weights)
-    with open(weights, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + end != size:
-        raise ValueError(f"{weights} is truncated: {size} bytes on disk, {8 + header_len + end} expected.")
 
 
 # -- writing ---------------------------------------------------------------------------------------------

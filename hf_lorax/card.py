@@ -25,7 +25,7 @@ from ._version import __version__
 from .adapter_files import read_adapter_folder, read_json, write_text
 from .base_init import PEFT_REBUILT_INITS, base_change_reason
 from .config import UNQUANTIZED_HEADS
-from .describe import AdaptedModule, AdapterReport, markdown_table
+from .describe import AdapterReport, markdown_table
 from .serving import serving_summary
 from .task_types import AUTO_CLASSES, METHOD_NAMES, PIPELINE_TAGS
 
@@ -37,8 +37,6 @@ def render_model_card(
     repo_id: str,
     results: dict | str | None = None,
     license: str | None = None,
-    rows: list[AdaptedModule] | None = None,
-    adapter_params: int | None = None,
 ) -> ModelCard:
     """Render the model card of the saved adapter in ``folder`` (everything is read from the folder).
 
@@ -46,13 +44,10 @@ def render_model_card(
     """
     saved = read_adapter_folder(folder)
     config, sidecar = saved.config, saved.sidecar
-    if isinstance(results, str):
-        results = read_json(results)
     if results is None and os.path.isfile(os.path.join(folder, "results.json")):
-        results = read_json(os.path.join(folder, "results.json"))
-    results = results or {}
-    rows = rows if rows is not None else saved.rows()
-    adapter_params = adapter_params if adapter_params is not None else saved.adapter_params
+        results = os.path.join(folder, "results.json")
+    results = (read_json(results) if isinstance(results, str) else results) or {}
+    rows = saved.rows()
     method = saved.method
     task_type = config.get("task_type")
     base_model = config.get("base_model_name_or_path") or "unknown"
@@ -68,13 +63,12 @@ def render_model_card(
         model_name=repo_id.split("/")[-1],
         eval_results=_eval_results(results, pipeline_tag) or None,
     )
-    weights = os.path.join(folder, "adapter_model.safetensors")
     context = dict(
         title=repo_id.split("/")[-1], repo_id=repo_id, base_model=base_model,
         base_model_url=f"https://huggingface.co/{base_model}" if not os.path.isabs(base_model) else base_model,
         method_name=METHOD_NAMES.get(method, method), task_description=dataset.get("name"),
-        has_head=bool(config.get("modules_to_save")), adapter_params_str=f"{adapter_params:,}",
-        adapter_size_str=_human_bytes(os.path.getsize(weights)) if os.path.isfile(weights) else "not saved yet",
+        has_head=bool(config.get("modules_to_save")), adapter_params_str=f"{saved.adapter_params:,}",
+        adapter_size_str=_human_bytes(os.path.getsize(saved.weights_path)),
         hf_lorax_version=__version__, serving_table=_serving_table(serving_summary(saved, repo_id)) + _base_note(saved), peft_version=config.get("peft_version", "?"),
         slices=", ".join(f"{m}: {'/'.join(v) if isinstance(v, list) else v}" for m, v in (sidecar.get("fused_slices") or {}).items()),
         target_modules=", ".join(f"`{t}`" for t in sorted(config.get("target_modules") or [])) if not isinstance(config.get("target_modules"), str) else f"`{config['target_modules']}`",
@@ -160,8 +154,9 @@ def _allocation_part(allocation: dict | None) -> str:
     alphas = allocation.get("alpha_map")
     lines = [
         f"The rank map was allocated from a probe run (uniform r={allocation.get('probe_r')}, "
-        f"{allocation.get('probe_steps')} steps, then discarded): each module's k-th direction is worth its share "
-        "of the probe update's energy per parameter, and the best directions were kept within the budget.",
+        f"{allocation.get('probe_steps')} steps, then discarded): each module's k-th direction is worth "
+        + ("its loss sensitivity" if allocation.get("signal") == "sensitivity" else "its share of the probe update's energy")
+        + " per parameter, and the best directions were kept within the budget.",
         "",
         _dict_table({"budget (LoRA parameters)": f"{allocation.get('budget'):,}",
                      "allocated (LoRA parameters)": f"{allocation.get('params'):,}",
@@ -185,7 +180,6 @@ def _human_bytes(n: int) -> str:
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n} B"
 
 
 def write_model_card(folder: str, repo_id: str | None = None, **kwargs) -> str:

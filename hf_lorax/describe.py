@@ -9,6 +9,7 @@ from torch import nn
 
 from .integrations.peft_api import LoraLayer, is_wrapped_head
 from .layers.sliced import trained_numel
+from .slices import slice_alpha, slice_rank
 from .task_types import task_name
 
 
@@ -123,15 +124,13 @@ def describe(model: nn.Module, adapter: str | None = None) -> AdapterReport:
         items = [c[adapter] for attr in module.adapter_layer_names if adapter in (c := getattr(module, attr, None) or {})]
         params = sum(item.numel() if isinstance(item, nn.Parameter) else trained_numel(item)  # a sliced B: its blocks
                      for item in items)
-        r = module.r[adapter] // n
-        alpha = module.lora_alpha[adapter] / (n if not module.use_rslora.get(adapter) else n**0.5)
         report.rows.append(
             AdaptedModule(
                 module=_strip_prefix(name),
                 layer=type(module.get_base_layer()).__name__,
                 method="dora" if adapter in module.lora_magnitude_vector else "lora",
-                r=r,
-                alpha=alpha,
+                r=slice_rank(module.r[adapter], n),
+                alpha=slice_alpha(module.lora_alpha[adapter], n, module.use_rslora.get(adapter)),
                 scaling=float(module.scaling[adapter]),
                 params=params,
                 slices=",".join(spec.adapt) if spec else "",

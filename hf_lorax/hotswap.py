@@ -42,10 +42,8 @@ def check_hotswappable(config, source: str = "this adapter") -> None:
         )
 
 
-def set_module_scalings(model: nn.Module, config, adapter_name: str) -> int:
-    """Set every LoRA layer's scaling of ``adapter_name`` from ``config``'s patterns by module name; returns how
-    many layers."""
-    count = 0
+def set_module_scalings(model: nn.Module, config, adapter_name: str) -> None:
+    """Set every LoRA layer's scaling of ``adapter_name`` from ``config``'s patterns by module name."""
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer) or adapter_name not in module.scaling:
             continue
@@ -53,5 +51,3 @@ def set_module_scalings(model: nn.Module, config, adapter_name: str) -> int:
         r = pattern_value(config.rank_pattern or {}, key, config.r)
         alpha = pattern_value(config.alpha_pattern or {}, key, config.lora_alpha)
         set_scaling(module, adapter_name, lora_scaling(alpha, r, config.use_rslora))
-        count += 1
-    return count

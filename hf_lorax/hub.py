@@ -17,7 +17,7 @@ from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi
 
-from .adapter_files import check_adapter_dir, read_adapter_folder, read_json
+from .adapter_files import read_adapter_folder
 from .card import CARD_NAME, write_model_card
 from .serving import check_serving
 
@@ -69,8 +69,14 @@ def plan_upload(folder: str, repo_id: str, results: str | None = None) -> Upload
             f"{folder!r} has no adapter_model.safetensors (pickle .bin adapters are not uploaded); "
             "save with safe_serialization=True."
         )
-    check_adapter_dir(folder)
-    _check_adapter_tensors(folder)
+    saved = read_adapter_folder(folder)  # config, weights and their factors checked
+    heads = saved.config["modules_to_save"] or []
+    foreign = [k for k in saved.shapes if "lora_" not in k and not any(f".{h}." in f".{k}" for h in heads)]
+    if foreign:
+        raise ValueError(
+            f"adapter_model.safetensors in {folder!r} holds non-adapter tensors such as {foreign[:3]}; "
+            "refusing to upload what may be base-model weights."
+        )
     plan = UploadPlan(repo_id=repo_id, folder=folder)
     for name in names:
         path = os.path.join(folder, name)
@@ -93,20 +99,6 @@ def _checked_size(path: str, name: str) -> int:
     if size > bound:
         raise ValueError(f"{path} is {size:,} bytes, over the {bound:,}-byte bound for {name}; it is not an adapter file.")
     return size
-
-
-def _check_adapter_tensors(folder: str) -> None:
-    from safetensors import safe_open
-
-    config = read_json(os.path.join(folder, "adapter_config.json"))
-    heads = config.get("modules_to_save") or []
-    with safe_open(os.path.join(folder, "adapter_model.safetensors"), framework="pt") as f:
-        foreign = [k for k in f.keys() if "lora_" not in k and not any(f".{h}." in f".{k}" for h in heads)]
-    if foreign:
-        raise ValueError(
-            f"adapter_model.safetensors in {folder!r} holds non-adapter tensors such as {foreign[:3]}; "
-            "refusing to upload what may be base-model weights."
-        )
 
 
 # -- push -------------------------------------------------------------------------------------------------
@@ -141,9 +133,8 @@ def push_adapter(
     ``force=True``; export it with ``python -m hf_lorax.export`` first.
     """
     plan = plan_upload(folder, repo_id, results)
-    saved = read_adapter_folder(folder) if serving_engines else None
     for engine in serving_engines:
-        report = check_serving(saved, engine)
+        report = check_serving(folder, engine)
         if not report.servable_as_is and not force:
             first = (report.wrong + report.refused)[0]
             raise ValueError(

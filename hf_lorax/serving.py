@@ -46,9 +46,9 @@ class EngineSpec:
     name: str
     label: str
     reads_patterns: bool  # rank_pattern / alpha_pattern honoured (else one scaling for all modules)
-    dora: str  # "supported", "refused" or "ignored" (the magnitude is silently dropped)
-    heads: str  # modules_to_save: "supported", "refused" or "ignored"
-    biases: str  # LoRA / trained biases: "supported", "refused" or "ignored"
+    # DoRA magnitudes, task heads (modules_to_save) and trained biases (every engine treats the three alike):
+    # "supported", "refused" or "ignored" (silently dropped)
+    extras: str
     uniform_rank: bool  # needs every module at one rank
     max_rank: int | None
     fast_rank: int | None = None  # above this, slower kernels
@@ -60,24 +60,24 @@ class EngineSpec:
 
 ENGINES: dict[str, EngineSpec] = {
     "vllm": EngineSpec(
-        name="vllm", label="vLLM", reads_patterns=False, dora="refused", heads="refused", biases="refused",
+        name="vllm", label="vLLM", reads_patterns=False, extras="refused",
         uniform_rank=False, max_rank=max(VLLM_MAX_LORA_RANKS), rank_values=VLLM_MAX_LORA_RANKS,
         unsupported_model_types=frozenset({"gpt2"}),
         serve_hint="vllm serve BASE --enable-lora --max-lora-rank {rank} --lora-modules NAME=DIR",
         required_keys=("r", "lora_alpha", "target_modules"),
     ),
     "lorax": EngineSpec(
-        name="lorax", label="LoRAX", reads_patterns=False, dora="ignored", heads="ignored", biases="ignored",
+        name="lorax", label="LoRAX", reads_patterns=False, extras="ignored",
         uniform_rank=True, max_rank=None, fast_rank=128,
         serve_hint="lorax-launcher --model-id BASE, then request with adapter_id=DIR (adapter_source local)",
     ),
     "tgi": EngineSpec(
-        name="tgi", label="TGI", reads_patterns=False, dora="ignored", heads="ignored", biases="ignored",
+        name="tgi", label="TGI", reads_patterns=False, extras="ignored",
         uniform_rank=True, max_rank=None, fast_rank=128,
         serve_hint="text-generation-launcher --model-id BASE --lora-adapters NAME=DIR",
     ),
     "peft": EngineSpec(
-        name="peft", label="peft", reads_patterns=True, dora="supported", heads="supported", biases="supported",
+        name="peft", label="peft", reads_patterns=True, extras="supported",
         uniform_rank=False, max_rank=None,
         serve_hint='PeftModel.from_pretrained(base_model, "DIR")',
     ),
@@ -182,15 +182,15 @@ def check_serving(adapter_dir: str | AdapterFolder, engine: str) -> ServingRepor
                             f"({spec.label} ignores rank_pattern/alpha_pattern and uses lora_alpha/r for every module).",
                             SCALING))
     biases = config.get("bias") not in (None, "none") or config.get("lora_bias")
-    for code, rule, modules, what, remedy in (
-        (DORA, spec.dora, [m.name for m in folder.modules if m.method == "dora"], "DoRA magnitudes",
+    kind = {"refused": "refused", "ignored": "wrong"}.get(spec.extras)  # "supported": nothing to report
+    for code, modules, what, remedy in (
+        (DORA, [m.name for m in folder.modules if m.method == "dora"], "DoRA magnitudes",
          "--dora merge or --dora svd"),
-        (HEADS, spec.heads, [",".join(folder.heads)] if folder.heads else [], "task heads (modules_to_save)",
+        (HEADS, [",".join(folder.heads)] if folder.heads else [], "task heads (modules_to_save)",
          "--heads beside or --merge"),
-        (BIASES, spec.biases, [""] if biases else [],
+        (BIASES, [""] if biases else [],
          f"trained biases (bias={config.get('bias')!r}, lora_bias={config.get('lora_bias')})", "--merge"),
     ):
-        kind = {"refused": "refused", "ignored": "wrong"}.get(rule)  # "supported": nothing to report
         for module in modules if kind else ():
             add(Finding(kind, module, f"{what} are {'refused' if kind == 'refused' else 'not loaded'} by {spec.label}; "
                         f"export with python -m hf_lorax.export {remedy}.", code))
@@ -220,13 +220,9 @@ def loaded_values(folder: AdapterFolder) -> dict:
 
 
 def next_rank_value(rank: int, spec: EngineSpec) -> int:
-    """The smallest rank setting ``spec`` accepts that holds ``rank`` (``rank`` itself without a list)."""
-    if not spec.rank_values:
-        return rank
-    fitting = [v for v in spec.rank_values if v >= rank]
-    if not fitting:
-        raise ValueError(f"rank {rank} is above {spec.label}'s largest max-lora-rank {spec.rank_values[-1]}.")
-    return fitting[0]
+    """The smallest rank setting ``spec`` accepts that holds ``rank`` (``rank`` itself without a list). Callers
+    check ``rank`` against ``spec.max_rank`` first, which is the largest setting."""
+    return min((v for v in spec.rank_values or () if v >= rank), default=rank)
 
 
 def base_model_type(folder: AdapterFolder) -> str | None:
@@ -246,8 +242,9 @@ def serving_summary(folder: AdapterFolder, name: str = "ADAPTER", engines=("vllm
     for engine in engines:
         report = check_serving(folder, engine)
         blocked, base_changed = report.first(MODEL_TYPE), report.first(BASE_CHANGED)
-        if report.servable_as_is:
-            status, how = "loads as is", ENGINES[engine].serve_hint.format(rank=_max_rank(folder, engine)).replace("DIR", name)
+        if report.servable_as_is:  # so no module is above the engine's max_rank
+            rank = next_rank_value(max((m.module_r for m in folder.modules), default=1), ENGINES[engine])
+            status, how = "loads as is", ENGINES[engine].serve_hint.format(rank=rank).replace("DIR", name)
         elif blocked:
             status, how = "cannot be served", blocked.message
         elif base_changed and init_family(folder.base_changing_init) not in CONVERTIBLE_INITS:
@@ -261,9 +258,3 @@ def serving_summary(folder: AdapterFolder, name: str = "ADAPTER", engines=("vllm
             how = f"python -m hf_lorax.export ADAPTER_DIR OUT --engine {engine}{extra}"
         rows.append({"engine": ENGINES[engine].label, "status": status, "how": how})
     return rows
-
-
-def _max_rank(folder: AdapterFolder, engine: str) -> int:
-    top = max((m.module_r for m in folder.modules), default=1)
-    spec = ENGINES[engine]
-    return next_rank_value(top, spec) if spec.max_rank is None or top <= spec.max_rank else top

@@ -37,7 +37,8 @@ POSITIVE = Rule("a finite number > 0", lambda v: _number(v) and v > 0)
 NON_NEGATIVE = Rule("a finite number >= 0", lambda v: _number(v) and v >= 0)
 FRACTION = Rule("a number in [0, 1)", lambda v: _number(v) and 0 <= v < 1)
 FINITE = Rule("a finite number", _number)
-MAX_STEPS = Rule("-1 (train --num_train_epochs) or a whole number >= 1", lambda v: _whole(v) and (v == -1 or v >= 1))
+MAX_STEPS = Rule("-1 (train --num_train_epochs), 0 (no training: score the model as it starts) or a whole number >= 1",
+                 lambda v: _whole(v) and v >= -1)
 
 # MethodArguments and the tasks' data arguments (None: not given, the preset's value is used)
 METHOD_RULES: dict[str, Rule] = {
@@ -74,7 +75,7 @@ def check_arguments(*groups) -> None:
 def check_training_arguments(args) -> None:
     """Check a ``TrainingArguments``; ``--num_train_epochs`` only when ``--max_steps`` does not replace it."""
     values = {name: getattr(args, name, None) for name in TRAINING_RULES}
-    if _whole(values["max_steps"]) and values["max_steps"] >= 1:
+    if _whole(values["max_steps"]) and values["max_steps"] >= 0:
         values.pop("num_train_epochs")
     check_values(values, TRAINING_RULES)
 
@@ -89,7 +90,7 @@ def ran_hyperparameters(preset, args, training_fields: Mapping[str, str]) -> dic
         values["targets"] = preset.targets.why
     for field_name, arg_name in training_fields.items():
         values[field_name] = getattr(args, arg_name)
-    if getattr(args, "max_steps", -1) > 0:
+    if getattr(args, "max_steps", -1) >= 0:
         values["max_steps"] = args.max_steps
     if getattr(args, "gradient_accumulation_steps", 1) != 1:
         values["gradient_accumulation_steps"] = args.gradient_accumulation_steps

@@ -6,7 +6,8 @@ method, adapter), the task's data arguments, and transformers' own ``TrainingArg
 ``--gradient_checkpointing``, ``--report_to``, ``--resume_from_checkpoint``, ``--max_steps``, ...). A preset
 (``--preset roberta-base/sst2``) fills defaults, and every flag given on the command line wins: the preset's
 values are placed *before* the user's arguments, so argparse keeps the user's. ``results.json`` records the
-effective training arguments and which of them came from the preset.
+effective training arguments and which of them came from the preset. ``--max_steps 0`` trains nothing and scores
+the model as it starts: with an adapter (whose ``B`` starts at zero) that is the base model, a zero-shot row.
 
 Methods: ``lora``, ``dora``, ``qlora``, ``qdora`` (an hf_lorax adapter on the targets :mod:`.targets` finds in
 the model: the attention's query and value), ``full`` (full fine-tuning, the paper's FT rows) and ``bitfit``
@@ -251,8 +252,8 @@ def run(plugin: TaskPlugin, experiment: Experiment) -> dict | None:
         RankUtilizationCallback(every_n_steps=method.rank_utilization_steps, output_dir=args.output_dir,
                                 log_per_module=False).attach(trainer)
     timings = {}
-    with timed(timings, "train"):
-        train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    with timed(timings, "train"):  # --max_steps 0: nothing trains (an adapter then starts as the base model)
+        train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint) if args.max_steps else None
     outcome = plugin.evaluate(trainer, model, tokenizer, preset, method, data, splits, args.output_dir)
     timings.update(outcome.get("timings", {}))
 
@@ -266,7 +267,7 @@ def run(plugin: TaskPlugin, experiment: Experiment) -> dict | None:
         results = {**outcome["record"], **facts, "model": preset.model_name_or_path, "preset": preset.name,
                    "model_type": getattr(model.config, "model_type", None), "targets": targets_record(model, preset),
                    "method": method.method,
-                   "trainable_params": trainable, "train_loss": train_output.training_loss,
+                   "trainable_params": trainable, "train_loss": train_output.training_loss if train_output else None,
                    "training_args": effective_training_args(args), "from_preset": experiment.from_preset,
                    "timings_s": timings, "training_curve": os.path.basename(curve) if curve else None,
                    "distributed": {"processes": trainer.accelerator.num_processes,

@@ -2,7 +2,8 @@
 
 A short probe run trains a uniform-rank adapter (``--probe_r``, ``--probe_steps``) on the same data with the
 same training arguments, saving and evaluating nothing; :func:`hf_lorax.analysis.allocation.allocate` turns its
-spectra into a rank map for ``--rank_budget`` LoRA parameters (or ``--rank_budget_ratio`` of the probe's); the
+spectra (``--signal energy``) or the loss sensitivity its ``RankUtilizationCallback`` gathered (``--signal
+sensitivity``) into a rank map for ``--rank_budget`` LoRA parameters (or ``--rank_budget_ratio`` of the probe's); the
 real run then trains a fresh adapter with that map. ``results.json`` records it under ``rank_allocation``.
 """
 
@@ -27,13 +28,16 @@ class RankBudgetArguments:
     probe_steps: int | None = field(default=None, metadata={"help": "--rank_map auto: optimizer steps of the probe"})
     probe_r: int = field(default=16, metadata={"help": "--rank_map auto: uniform rank of the probe"})
     alpha_policy: str = field(default="scaling", metadata={"help": "--rank_map auto: scaling, alpha or rslora"})
+    signal: str = field(default="energy", metadata={
+        "help": "--rank_map auto: value of a direction, energy (update spectrum) or sensitivity (loss)"})
 
 
 def check_arguments(method, adapter_methods: tuple[str, ...]) -> None:
     """Flags of the recipe without ``--rank_map auto``, or ``auto`` without a budget, raise ``ValueError``."""
-    from hf_lorax.analysis.allocation import check_alpha_policy
+    from hf_lorax.analysis.allocation import SIGNALS, check_alpha_policy, check_choice
 
     given = [f"--{k}" for k in ("rank_budget", "rank_budget_ratio", "probe_steps") if getattr(method, k) is not None]
+    given += ["--signal"] if method.signal != "energy" else []
     if method.rank_map != AUTO:
         if given:
             raise ValueError(f"{given[0]} needs --rank_map auto.")
@@ -47,6 +51,7 @@ def check_arguments(method, adapter_methods: tuple[str, ...]) -> None:
     if method.probe_r < 1:
         raise ValueError(f"--probe_r {method.probe_r}: the probe rank must be >= 1.")
     check_alpha_policy(method.alpha_policy)
+    check_choice("--signal", method.signal, SIGNALS)
 
 
 def probe_training_args(args, steps: int, output_dir: str):
@@ -60,6 +65,7 @@ def allocate_from_probe(plugin, build_model, preset, method, data, args, tokeniz
     """Train the probe and allocate: ``{"overrides": {rank_map, alpha_map}, "record": {...}}``."""
     from transformers import set_seed
 
+    from hf_lorax.analysis import RankUtilizationCallback
     from hf_lorax.analysis.allocation import allocate, allocate_ranks, budget_from_ratio, spectra_from_updates
     from hf_lorax.analysis.report import updates_from_model
 
@@ -74,11 +80,15 @@ def allocate_from_probe(plugin, build_model, preset, method, data, args, tokeniz
         allocate_ranks(spectra_from_updates(updates_from_model(model)), method.rank_budget)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hf_lorax_probe_") as scratch:
-        trainer_class(model=model, args=probe_training_args(args, method.probe_steps, scratch), **inputs).train()
+        trainer = trainer_class(model=model, args=probe_training_args(args, method.probe_steps, scratch), **inputs)
+        recorder = RankUtilizationCallback(every_n_steps=method.probe_steps, plot=False).attach(trainer)
+        trainer.train()
     seconds = time.perf_counter() - start
-    spectra = spectra_from_updates(updates_from_model(model))
+    sensitivity = recorder.sensitivity.scores() if recorder.sensitivity is not None else None
+    spectra = spectra_from_updates(updates_from_model(model), sensitivity)
     budget = method.rank_budget if method.rank_budget is not None else budget_from_ratio(spectra, method.rank_budget_ratio)
-    plan = allocate(spectra, budget, lora_alpha=preset.lora_alpha, alpha_policy=method.alpha_policy)
+    plan = allocate(spectra, budget, lora_alpha=preset.lora_alpha, alpha_policy=method.alpha_policy,
+                    signal=method.signal)
     set_seed(args.seed)  # the real run starts from the seed, as without a probe
     record = {"probe_steps": method.probe_steps, "probe_r": method.probe_r, "probe_seconds": seconds,
               "budget_ratio": method.rank_budget_ratio, **plan.to_json()}

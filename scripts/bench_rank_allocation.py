@@ -1,12 +1,14 @@
 """Budgeted rank allocation against uniform LoRA and AdaLoRA, at equal final adapter budget, on real GLUE data.
 
 Per task and seed, every method trains the same pretrained encoder (default all-MiniLM-L6-v2, BERT 6×384) on
-the same rows with the same optimiser settings, LoRA on ``query``/``value``, scaling ``alpha/r = 2``:
+the same rows with the same optimiser settings, LoRA on ``--target_modules`` (default ``query``/``value``),
+scaling ``alpha/r = 2``:
 
 * ``uniform r=R``: ``LoRAConfig(r=R, lora_alpha=2R)``;
 * ``allocated @R``: a probe run (uniform ``r=probe_r``, ``lora_alpha=2·probe_r``, ``probe_fraction`` of the
-  run's steps, nothing saved), :func:`hf_lorax.analysis.allocation.allocate` to the LoRA parameters of uniform
-  ``r=R`` with that run's ``lora_alpha=2R`` (``scaling`` keeps alpha/r = 2 per module, ``alpha`` keeps 2R,
+  run's steps, nothing saved, its ``RankUtilizationCallback`` gathering the loss sensitivity),
+  :func:`hf_lorax.analysis.allocation.allocate` under each of ``--signals`` (``energy``, ``sensitivity``) to the LoRA
+  parameters of uniform ``r=R`` with that run's ``lora_alpha=2R`` (``scaling`` keeps alpha/r = 2 per module, ``alpha`` keeps 2R,
   ``rslora`` gives 2R/√r_m), then the run with that ``rank_map`` and ``alpha_map`` from a fresh adapter;
 * ``AdaLoRA @R``: peft ``AdaLoraConfig(init_r=R+R//2+…, target_r=R, lora_alpha=2·init_r)`` with
   ``update_and_allocate`` after every optimizer step; its final budget counts the ranks left unmasked.
@@ -47,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--budgets", nargs="+", type=int, default=[2, 8], help="budgets as uniform ranks R")
     p.add_argument("--uniform_ranks", nargs="+", type=int, default=None, help="uniform runs (default: --budgets)")
     p.add_argument("--methods", nargs="+", default=["uniform", "allocated", "adalora"])
+    p.add_argument("--target_modules", nargs="+", default=["query", "value"], help="the adapted modules (every method)")
+    p.add_argument("--signals", nargs="+", default=["energy"], choices=["energy", "sensitivity"],
+                   help="allocated maps: value directions by update energy and/or loss sensitivity (one probe)")
     p.add_argument("--probe_r", type=int, default=16)
     p.add_argument("--probe_fraction", type=float, default=0.25, help="probe steps / run steps")
     p.add_argument("--alpha_policy", default="scaling")
@@ -99,7 +104,7 @@ def lora_config(args, task, r, rank_map=None, alpha_map=None, lora_alpha=None):
     from hf_lorax import LoRAConfig
 
     return LoRAConfig(base_model_name_or_path=args.model_dir, task_type="SEQ_CLS", num_labels=task.num_labels,
-                      r=r, lora_alpha=lora_alpha or 2 * r, lora_dropout=0.0, target_modules=["query", "value"],
+                      r=r, lora_alpha=lora_alpha or 2 * r, lora_dropout=0.0, target_modules=args.target_modules,
                       modules_to_save=["classifier"], rank_map=rank_map, alpha_map=alpha_map)
 
 
@@ -111,7 +116,7 @@ def adalora_model(args, task, target_r, total_step):
     model = AutoModelForSequenceClassification.from_pretrained(args.model_dir, num_labels=task.num_labels)
     tinit, tfinal = total_step // 10, total_step // 5
     config = AdaLoraConfig(task_type="SEQ_CLS", init_r=init_r, target_r=target_r, lora_alpha=2 * init_r,
-                           lora_dropout=0.0, target_modules=["query", "value"], modules_to_save=["classifier"],
+                           lora_dropout=0.0, target_modules=args.target_modules, modules_to_save=["classifier"],
                            total_step=total_step, tinit=tinit, tfinal=tfinal, deltaT=max(1, total_step // 20))
     return get_peft_model(model, config), {"init_r": init_r, "target_r": target_r, "tinit": tinit, "tfinal": tfinal}
 
@@ -174,9 +179,10 @@ def run_steps(args, n_train: int) -> int:
 
 
 def row_key(row) -> tuple:
-    """What identifies a run: task, seed, method, budget and (allocated maps) alpha policy."""
-    policy = row.get("alpha_policy", "scaling") if row["method"] == "allocated" else None
-    return row["task"], row["seed"], row["method"], row["budget_r"], policy
+    """What identifies a run: task, seed, method, budget and (allocated maps) alpha policy and signal."""
+    allocated = row["method"] == "allocated"
+    policy = row.get("alpha_policy", "scaling") if allocated else None
+    return row["task"], row["seed"], row["method"], row["budget_r"], policy, row.get("signal", "energy") if allocated else None
 
 
 def run_task_seed(args, task, seed, encoded, tokenizer, emit, done=frozenset()):
@@ -184,6 +190,7 @@ def run_task_seed(args, task, seed, encoded, tokenizer, emit, done=frozenset()):
     from transformers import set_seed
 
     from hf_lorax import get_model
+    from hf_lorax.analysis import RankUtilizationCallback
     from hf_lorax.analysis.allocation import allocate, spectra_from_updates
     from hf_lorax.analysis.report import updates_from_model
 
@@ -197,7 +204,7 @@ def run_task_seed(args, task, seed, encoded, tokenizer, emit, done=frozenset()):
         model = get_model(lora_config(args, task, budget_r))
         uniform_params[budget_r] = lora_params(model)
         if ("uniform" in args.methods and budget_r in (args.uniform_ranks or args.budgets)
-                and (task.name, seed, "uniform", budget_r, None) not in done):
+                and (task.name, seed, "uniform", budget_r, None, None) not in done):
             start = time.perf_counter()
             _, score = train(args, task, encoded, tokenizer, model, seed)
             emit({**base, "method": "uniform", "budget_r": budget_r, "params": uniform_params[budget_r],
@@ -206,25 +213,29 @@ def run_task_seed(args, task, seed, encoded, tokenizer, emit, done=frozenset()):
     policies = [(b, args.alpha_policy) for b in args.budgets]
     if task.name == args.policy_task:
         policies += [(args.policy_budget, p) for p in args.policy_compare]
-    policies = [(b, p) for b, p in policies if (task.name, seed, "allocated", b, p) not in done]
+    policies = [(b, p, signal) for b, p in policies for signal in args.signals
+                if (task.name, seed, "allocated", b, p, signal) not in done]
     if "allocated" in args.methods and policies:
         probe_steps = max(1, round(args.probe_fraction * steps))
         set_seed(seed)
         probe = get_model(lora_config(args, task, args.probe_r))
+        recorder = RankUtilizationCallback(every_n_steps=probe_steps, plot=False)
         start = time.perf_counter()
-        train(args, task, encoded, tokenizer, probe, seed, max_steps=probe_steps)
+        train(args, task, encoded, tokenizer, probe, seed, max_steps=probe_steps, callbacks=[recorder])
         probe_seconds = time.perf_counter() - start
-        spectra = spectra_from_updates(updates_from_model(probe))
+        spectra = spectra_from_updates(updates_from_model(probe), recorder.sensitivity.scores())
         del probe
-        for budget_r, policy in policies:
+        for budget_r, policy, signal in policies:
             # the lora_alpha of the uniform run the map replaces: "alpha" keeps it, "rslora" divides it by √r
-            plan = allocate(spectra, uniform_params[budget_r], lora_alpha=2 * budget_r, alpha_policy=policy)
+            plan = allocate(spectra, uniform_params[budget_r], lora_alpha=2 * budget_r, alpha_policy=policy,
+                            signal=signal)
             set_seed(seed)
             model = get_model(lora_config(args, task, 1, plan.rank_map, plan.alpha_map, lora_alpha=2 * budget_r))
             assert lora_params(model) == plan.params, (lora_params(model), plan.params)
             start = time.perf_counter()
             _, score = train(args, task, encoded, tokenizer, model, seed)
-            emit({**base, "method": "allocated", "budget_r": budget_r, "alpha_policy": policy, "params": plan.params,
+            emit({**base, "method": "allocated", "budget_r": budget_r, "alpha_policy": policy, "signal": signal,
+                  "params": plan.params,
                   "budget": plan.budget, "score": score, "rank_map": plan.rank_map, "alpha_map": plan.alpha_map,
                   "probe_r": args.probe_r, "probe_steps": probe_steps, "probe_seconds": probe_seconds,
                   "seconds": time.perf_counter() - start})
@@ -232,7 +243,7 @@ def run_task_seed(args, task, seed, encoded, tokenizer, emit, done=frozenset()):
     if "adalora" in args.methods:
         learning_rate = args.adalora_learning_rate or args.learning_rate
         for budget_r in args.budgets:
-            if (task.name, seed, "adalora", budget_r, None) in done:
+            if (task.name, seed, "adalora", budget_r, None, None) in done:
                 continue
             set_seed(seed)
             model, settings = adalora_model(args, task, budget_r, steps)
@@ -250,7 +261,7 @@ def label(row) -> str:
         return f"uniform r={row['budget_r']}"
     if row["method"] == "adalora":
         return f"AdaLoRA target_r={row['budget_r']}"
-    return f"allocated @r={row['budget_r']} budget ({row.get('alpha_policy', 'scaling')})"
+    return f"{row.get('signal', 'energy')} map @r={row['budget_r']} budget ({row.get('alpha_policy', 'scaling')})"
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -263,7 +274,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         out.append({"task": task, "method": name, "metric": rs[0]["metric"], "n": len(rs),
                     "mean": statistics.mean(scores), "std": statistics.stdev(scores) if len(rs) > 1 else 0.0,
                     "params": statistics.mean(r["params"] for r in rs), "budget_r": rs[0]["budget_r"],
-                    "kind": rs[0]["method"], "policy": rs[0].get("alpha_policy")})
+                    "kind": rs[0]["method"], "policy": rs[0].get("alpha_policy"), "signal": rs[0].get("signal")})
     return out
 
 
@@ -275,26 +286,40 @@ def markdown(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _scores(rows: list[dict], task: str, method: str, budget_r: int, policy: str | None) -> dict[int, float]:
-    """``{seed: score x100}`` of one method (``policy``: the allocated map's alpha policy, else ignored)."""
+def _scores(rows: list[dict], task: str, method: str, budget_r: int, policy: str | None = None,
+            signal: str | None = None) -> dict[int, float]:
+    """``{seed: score x100}`` of one method (``policy``, ``signal``: the allocated map's, else ignored)."""
     return {r["seed"]: 100 * r["score"] for r in rows if r["task"] == task and r["method"] == method
-            and r["budget_r"] == budget_r and (method != "allocated" or r.get("alpha_policy", "scaling") == policy)}
+            and r["budget_r"] == budget_r and (method != "allocated" or (
+                r.get("alpha_policy", "scaling") == policy and r.get("signal", "energy") == signal))}
 
 
 def verdicts(rows: list[dict], policy: str) -> list[dict]:
-    """The issue's three goals per task, on paired seeds: the allocated map against uniform LoRA at its budget
+    """The goals per task and signal, on paired seeds: the allocated map against uniform LoRA at its budget
     (beats it by more than the larger seed std?), at the small budget against uniform at the largest (matches it
-    within that std?), and against AdaLoRA at its budget (at least ties: not behind by more than that std)."""
+    within that std?), against AdaLoRA at its budget (at least ties: not behind by more than that std), and the
+    sensitivity map against the energy map."""
     out = []
-    budgets = sorted({r["budget_r"] for r in rows if r["method"] == "allocated"})
+    allocated = [r for r in rows if r["method"] == "allocated"]
+    budgets = sorted({r["budget_r"] for r in allocated})
+    signals = sorted({r.get("signal", "energy") for r in allocated})
+    uniform = sorted({r["budget_r"] for r in rows if r["method"] == "uniform"})
     for task in sorted({r["task"] for r in rows}):
-        pairs = [(f"allocated @r={b} - uniform r={b}", b, ("uniform", b, None), "beats") for b in budgets]
-        if len(budgets) > 1:
-            pairs.append((f"allocated @r={budgets[0]} - uniform r={budgets[-1]}", budgets[0],
-                          ("uniform", budgets[-1], None), "matches"))
-        pairs += [(f"allocated @r={b} - AdaLoRA target_r={b}", b, ("adalora", b, None), "ties") for b in budgets]
-        for name, b, other, goal in pairs:
-            mine, theirs = _scores(rows, task, "allocated", b, policy), _scores(rows, task, *other)
+        pairs = []
+        for sig in signals:
+            mine = ("allocated", policy, sig)
+            pairs += [(f"{sig} map @r={b} - uniform r={b}", (mine, b), (("uniform",), b), "beats") for b in budgets]
+            if uniform and uniform[-1] > budgets[0]:
+                pairs.append((f"{sig} map @r={budgets[0]} - uniform r={uniform[-1]}", (mine, budgets[0]),
+                              (("uniform",), uniform[-1]), "matches"))
+            pairs += [(f"{sig} map @r={b} - AdaLoRA target_r={b}", (mine, b), (("adalora",), b), "ties")
+                      for b in budgets]
+        if len(signals) > 1:
+            pairs += [(f"sensitivity map @r={b} - energy map @r={b}", (("allocated", policy, "sensitivity"), b),
+                       (("allocated", policy, "energy"), b), "beats") for b in budgets]
+        for name, (method, b), (other, ob), goal in pairs:
+            mine = _scores(rows, task, method[0], b, *method[1:])
+            theirs = _scores(rows, task, other[0], ob, *other[1:])
             seeds = sorted(set(mine) & set(theirs))
             if len(seeds) < 2:
                 continue
@@ -326,12 +351,13 @@ def plot(summary: list[dict], path: str, policy: str) -> None:
     tasks = sorted({s["task"] for s in summary})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for kind, marker in [("uniform", "o"), ("allocated", "s"), ("adalora", "^")]:
-            pts = sorted((s["params"], s["mean"], s["std"]) for s in summary if s["task"] == task
-                         and s["kind"] == kind and (kind != "allocated" or s["policy"] == policy))
+        for kind, signal, marker in [("uniform", None, "o"), ("allocated", "energy", "s"),
+                                     ("allocated", "sensitivity", "D"), ("adalora", None, "^")]:
+            pts = sorted((s["params"], s["mean"], s["std"]) for s in summary if s["task"] == task and s["kind"] == kind
+                         and (kind != "allocated" or (s["policy"] == policy and (s["signal"] or "energy") == signal)))
             if pts:
                 x, y, e = zip(*pts)
-                ax.errorbar(x, y, yerr=e, marker=marker, capsize=3, label=kind)
+                ax.errorbar(x, y, yerr=e, marker=marker, capsize=3, label=f"{signal} map" if signal else kind)
         metric = next(s["metric"] for s in summary if s["task"] == task)
         ax.set(xscale="log", xlabel="LoRA parameters (final)", ylabel=f"{metric} x100", title=task)
         ax.legend(fontsize=8)

@@ -51,8 +51,14 @@ def _rank_8_b(weights):
     return weights
 
 
+def _vector_b(weights):
+    weights[B_KEY] = weights[B_KEY][:, 0].contiguous()
+    return weights
+
+
 @pytest.mark.parametrize(("tensors", "config", "match"), [
     (_drop_b, None, rf"holds {A_KEY} but not {B_KEY}: the file is incomplete"),
+    (_vector_b, None, rf"{B_KEY} has shape \[32\]; a LoRA factor is a matrix"),  # was a bare IndexError
     (_rank_8_b, None, rf"{A_KEY} has rank 4 \(shape \[4, 32\]\) but .*lora_B.weight has rank 8 \(shape \[32, 8\]\)"),
     (None, lambda c: {**c, "r": 8}, rf"{A_KEY} has rank 4, but adapter_config.json gives .*q_proj rank 8"),
 ])
@@ -67,7 +73,7 @@ def test_a_broken_folder_is_refused_naming_the_tensor(saved, tmp_path, capsys, t
     assert not (tmp_path / "out").exists()
     assert export_main(["--check", str(folder)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ") and A_KEY in err
+    assert err.count("\n") == 1 and err.startswith("error: ") and A_KEY.removesuffix(".lora_A.weight") in err
 
 
 def test_a_config_without_lora_alpha_is_read_with_peft_default(saved, tmp_path):

@@ -87,17 +87,22 @@ def test_bench_rank_allocation_report_joins_runs_and_judges_the_goals_on_paired_
     runs = {
         "a.json": [row("sst2", "uniform", 2, s, 0.70 + 0.01 * s) for s in range(3)]
         + [row("sst2", "allocated", 2, s, 0.75 + 0.01 * s, alpha_policy="scaling") for s in range(3)]
-        + [row("sst2", "allocated", 2, s, 0.50, alpha_policy="alpha") for s in range(3)],  # another policy: ignored
+        + [row("sst2", "allocated", 2, s, 0.50, alpha_policy="alpha") for s in range(3)]  # another policy: ignored
+        + [row("sst2", "allocated", 2, s, 0.78 + 0.01 * s, alpha_policy="scaling", signal="sensitivity")
+           for s in range(3)],
         "b.json": [row("sst2", "adalora", 2, s, 0.76 + 0.01 * s) for s in range(3)],
     }
     for name, rows in runs.items():
         (tmp_path / name).write_text(json.dumps({"rows": rows}))
     result = _run("bench_rank_allocation.py", "--model_dir", "unused", "--report_only", "--inputs",
                   str(tmp_path / "a.json"), str(tmp_path / "b.json"), tmp_path=tmp_path)
-    assert len(result["rows"]) == 12
+    assert len(result["rows"]) == 15
     verdicts = {v["comparison"]: v for v in result["verdicts"]}
-    beats = verdicts["allocated @r=2 - uniform r=2"]
+    beats = verdicts["energy map @r=2 - uniform r=2"]
     assert all(abs(d - 5.0) < 1e-9 for d in beats["diffs"])
     assert beats["met"] and abs(beats["seed_std"] - 1.0) < 1e-9  # +5 points against a seed std of 1
-    ties = verdicts["allocated @r=2 - AdaLoRA target_r=2"]
+    ties = verdicts["energy map @r=2 - AdaLoRA target_r=2"]
     assert abs(ties["mean_diff"] + 1.0) < 1e-9 and ties["met"]  # 1 point behind, within the seed std: a tie
+    signals = verdicts["sensitivity map @r=2 - energy map @r=2"]
+    assert abs(signals["mean_diff"] - 3.0) < 1e-9 and signals["met"]  # rows without "signal" are energy rows
+    assert verdicts["sensitivity map @r=2 - uniform r=2"]["mean_diff"] > 7.9

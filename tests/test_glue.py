@@ -173,6 +173,17 @@ def run(argv):
     return run_experiment(GLUE, parse(GLUE, argv))
 
 
+def test_max_steps_0_scores_the_base_model_without_training(tiny_base, glue_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    results = run(_args(tiny_base, glue_dir, tmp_path, "sst2", max_steps=0))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["train_loss"] is None and saved["hyperparameters"]["max_steps"] == 0
+    assert results["main_metric"]["value"] is not None
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert all(not t.any() for k, t in weights.items() if "lora_B" in k)  # the adapter is still the base model
+
+
 @pytest.mark.parametrize(("task", "method"), [("sst2", "lora"), ("mrpc", "dora"), ("stsb", "lora"), ("mnli", "lora")])
 def test_end_to_end_per_task_family(task, method, tiny_base, glue_dir, tmp_path):
     results = run(_args(tiny_base, glue_dir, tmp_path, task, method=method))

@@ -15,8 +15,7 @@ from hf_lorax_paper.tasks.glue_data import read_tsv
 BAD = [
     ("num_train_epochs", "-1", "a finite number > 0"),
     ("num_train_epochs", "0", "a finite number > 0"),
-    ("max_steps", "0", "-1 (train --num_train_epochs) or a whole number >= 1"),
-    ("max_steps", "-5", "-1 (train --num_train_epochs) or a whole number >= 1"),
+    ("max_steps", "-5", "-1 (train --num_train_epochs), 0 (no training: score the model as it starts) or a whole number >= 1"),
     ("per_device_train_batch_size", "0", "a whole number >= 1"),
     ("per_device_eval_batch_size", "-1", "a whole number >= 1"),
     ("gradient_accumulation_steps", "0", "a whole number >= 1"),

@@ -6,12 +6,14 @@ Pure functions (no Trainer needed)::
     stats = analyze(updates_from_model(model))       # one ModuleStats per module (or fused slice)
     suggest_rank_map(stats, threshold=0.9)           # {module: power-of-two rank}
     allocate(spectra_from_updates(updates), budget=20_000, lora_alpha=16)  # a rank map to a parameter budget
+    allocate(spectra_from_updates(updates, tracker.scores()), 20_000, 16, signal="sensitivity")  # by loss
 
 During training: :class:`RankUtilizationCallback`. From the shell: ``python -m hf_lorax.analysis ADAPTER_DIR``.
 """
 
 from .allocation import Allocation, ModuleSpectrum, allocate, spectra_from_updates
 from .callback import RankUtilizationCallback
+from .sensitivity import SensitivityTracker, direction_sensitivity
 from .report import (
     LowRankUpdate,
     ModuleStats,
@@ -40,6 +42,8 @@ __all__ = [
     "LowRankUpdate",
     "ModuleStats",
     "RankUtilizationCallback",
+    "SensitivityTracker",
+    "direction_sensitivity",
     "analyze",
     "effective_rank",
     "energy",

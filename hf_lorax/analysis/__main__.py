@@ -8,6 +8,8 @@ similarity φ of the two adapters' ``A`` matrices.
 ``--budget N`` (LoRA parameters) or ``--budget_ratio 0.25`` (of the adapter's own LoRA parameters) makes
 ``suggested_rank_map.json`` a budgeted allocation (:mod:`hf_lorax.analysis.allocation`): ``rank_map``,
 ``alpha_map`` (``--alpha_policy``), ``params``. Without them it holds the ``--threshold`` energy suggestion.
+``--signal sensitivity`` values directions by the loss sensitivity the training run's ``RankUtilizationCallback``
+recorded in ``rank_utilization.json`` beside the adapter (``--signal energy``, the default, by update energy).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 
 from ..adapter_files import read_adapter_folder, read_json, write_json
 from ..cli import OneLineArgumentParser, debug_enabled
-from .allocation import ALPHA_POLICIES, allocate, budget_from_ratio, spectra_from_updates
+from .allocation import ALPHA_POLICIES, SIGNALS, allocate, budget_from_ratio, spectra_from_updates
 from .callback import JSON_NAME, RankUtilizationCallback
 from .report import analyze, updates_from_adapter_dir
 from .spectra import subspace_similarity, subspace_similarity_grid
@@ -64,6 +66,8 @@ def main(argv=None) -> int:
     budget.add_argument("--budget_ratio", type=float, help="budget as a fraction of this adapter's LoRA parameters")
     parser.add_argument("--alpha_policy", default="scaling", choices=ALPHA_POLICIES,
                         help="lora_alpha of the allocated ranks: keep each module's scaling, keep alpha, or rsLoRA")
+    parser.add_argument("--signal", default="energy", choices=SIGNALS,
+                        help="value of a direction: its share of update energy, or its recorded loss sensitivity")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     try:
@@ -129,10 +133,11 @@ def _report(args) -> int:
 
 def _allocate(args) -> int:
     """``--budget`` / ``--budget_ratio``: write the budgeted ``suggested_rank_map.json``."""
-    spectra = spectra_from_updates(updates_from_adapter_dir(args.adapter_dir))
+    sensitivity = _recorded_sensitivity(args.adapter_dir) if args.signal == "sensitivity" else None
+    spectra = spectra_from_updates(updates_from_adapter_dir(args.adapter_dir), sensitivity)
     budget = args.budget if args.budget is not None else budget_from_ratio(spectra, args.budget_ratio)
     lora_alpha = float(read_adapter_folder(args.adapter_dir).config.get("lora_alpha") or 8)
-    plan = allocate(spectra, budget, lora_alpha=lora_alpha, alpha_policy=args.alpha_policy)
+    plan = allocate(spectra, budget, lora_alpha=lora_alpha, alpha_policy=args.alpha_policy, signal=args.signal)
     for module, rank in plan.rank_map.items():
         alpha = f"  alpha {plan.alpha_map[module]:g}" if plan.alpha_map else ""
         print(f"{module:<56} r {rank:>3}{alpha}")
@@ -141,6 +146,16 @@ def _allocate(args) -> int:
     write_json(path, plan.to_json())
     print(f"\n{plan.params:,} LoRA parameters (budget {plan.budget:,}); wrote {path}")
     return 0
+
+
+def _recorded_sensitivity(adapter_dir: str) -> dict[str, list[float]]:
+    path = os.path.join(adapter_dir, JSON_NAME)
+    recorded = read_json(path).get("sensitivity") if os.path.isfile(path) else None
+    if not recorded:
+        raise ValueError(f"--signal sensitivity: {path} holds no loss sensitivity; it is recorded by "
+                         "RankUtilizationCallback during training into the run's output_dir (save the adapter there), "
+                         "or use --signal energy.")
+    return recorded["scores"]
 
 
 if __name__ == "__main__":

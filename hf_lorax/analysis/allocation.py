@@ -1,17 +1,23 @@
-"""Rank allocation to a parameter budget, from the spectra of a short probe run.
+"""Rank allocation to a parameter budget, from a short probe run.
 
 A probe adapter trained with a uniform rank ``R`` gives, per module, the singular values ``σ_1 ≥ … ≥ σ_R`` of
-its update ``ΔW``. The *value* of a module's k-th direction is its share of that module's update energy,
-``σ_k² / Σ_j σ_j²``: shares, not absolute energies, because absolute update norms differ between modules for
-reasons unrelated to how many directions they need (learning-rate dynamics, scaling, weight norms). A direction
-costs ``in_features + out_features`` parameters (one row of ``A``, one column of ``B``), so the k-th directions
+its update ``ΔW``. The *value* of a module's k-th direction comes from one of two signals:
+
+* ``"energy"``: its share of that module's update energy, ``σ_k² / Σ_j σ_j²``. Shares, not absolute energies,
+  because absolute update norms differ between modules for reasons unrelated to how many directions they need
+  (learning-rate dynamics, scaling, weight norms).
+* ``"sensitivity"``: the k-th largest smoothed loss sensitivity of the module's directions
+  (:mod:`hf_lorax.analysis.sensitivity`, recorded by the probe's ``RankUtilizationCallback``). Absolute, not
+  shares: it estimates what the loss loses with the direction, which is comparable between modules.
+
+A direction costs ``in_features + out_features`` parameters (one row of ``A``, one column of ``B``), so the k-th directions
 of all modules are ranked by value per parameter. Every module gets rank 1; then the ordered (module, k) pairs
 are taken while they fit. The *prefix* rule (stop at the first pair that does not fit, never skip ahead to a
 cheaper one) makes the allocation monotone: a larger budget never lowers any module's rank. Ranks are capped
 at the probe rank: the probe says nothing about directions beyond it.
 
 A fused module (``fused_slices``) has one rank for all its slices; the value of its k-th direction is the mean
-of its slices' shares and its cost is that of every slice's row and column.
+of its slices' shares (the sum of their sensitivities) and its cost is that of every slice's row and column.
 
 The alpha policy says how each module's ``lora_alpha`` follows its new rank:
 
@@ -35,6 +41,8 @@ from .report import LowRankUpdate
 from .spectra import factor_singular_values
 
 ALPHA_POLICIES = ("scaling", "alpha", "rslora")
+SIGNALS = ("energy", "sensitivity")
+RULES = {"energy": "energy share per parameter", "sensitivity": "loss sensitivity per parameter"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,17 @@ class ModuleSpectrum:
     cost_per_rank: int  # parameters one more rank adds: Σ over slices of in_features + out_features
     probe_rank: int
     scaling: float = 1.0  # the probe's alpha / r
+    sensitivity: tuple[tuple[float, ...], ...] | None = None  # per slice, the score of each direction (σ order)
+
+    def values(self, signal: str) -> list[float]:
+        """Value of directions k = 1..probe_rank under ``signal``, descending."""
+        if signal == "energy":
+            return self.shares()
+        if self.sensitivity is None:
+            raise ValueError(f"{self.module}: no loss sensitivity was recorded for this module; gather it with "
+                             "RankUtilizationCallback during the probe run, or use signal 'energy'.")
+        ranked = [sorted(scores, reverse=True)[: self.probe_rank] for scores in self.sensitivity]
+        return [sum(scores[k] for scores in ranked if k < len(scores)) for k in range(self.probe_rank)]
 
     def shares(self) -> list[float]:
         """Value of directions k = 1..probe_rank: the mean over slices of ``σ_k² / Σσ²`` (0 for a zero update)."""
@@ -67,17 +86,29 @@ class Allocation:
     budget: int
     min_params: int  # the budget of rank 1 everywhere
     alpha_policy: str
+    signal: str = "energy"
 
     def to_json(self) -> dict:
         return {"rank_map": self.rank_map, "alpha_map": self.alpha_map, "params": self.params, "budget": self.budget,
-                "min_params": self.min_params, "alpha_policy": self.alpha_policy, "rule": "energy share per parameter"}
+                "min_params": self.min_params, "alpha_policy": self.alpha_policy, "signal": self.signal,
+                "rule": RULES[self.signal]}
 
 
-def spectra_from_updates(updates: Iterable[LowRankUpdate]) -> list[ModuleSpectrum]:
-    """Group the updates of a probe adapter (``updates_from_model`` / ``updates_from_adapter_dir``) by module."""
+def spectra_from_updates(updates: Iterable[LowRankUpdate],
+                         sensitivity: dict[str, list[float]] | None = None) -> list[ModuleSpectrum]:
+    """Group the updates of a probe adapter (``updates_from_model`` / ``updates_from_adapter_dir``) by module;
+    ``sensitivity`` (``SensitivityTracker.scores()``: ``{module or module[slice]: scores}``) attaches each
+    module's loss sensitivity."""
     grouped: dict[str, list[LowRankUpdate]] = {}
     for u in updates:
         grouped.setdefault(u.module, []).append(u)
+
+    def scores(parts):
+        names = [f"{u.module}[{u.part}]" if u.part else u.module for u in parts]
+        if sensitivity is None or any(n not in sensitivity for n in names):
+            return None
+        return tuple(tuple(sensitivity[n]) for n in names)
+
     return [
         ModuleSpectrum(
             module=module,
@@ -85,6 +116,7 @@ def spectra_from_updates(updates: Iterable[LowRankUpdate]) -> list[ModuleSpectru
             cost_per_rank=sum(u.lora_A.shape[1] + u.lora_B.shape[0] for u in parts),
             probe_rank=parts[0].r,
             scaling=parts[0].scaling,
+            sensitivity=scores(parts),
         )
         for module, parts in grouped.items()
     ]
@@ -100,20 +132,21 @@ def probe_params(spectra: Sequence[ModuleSpectrum]) -> int:
     return adapter_params(spectra, {s.module: s.probe_rank for s in spectra})
 
 
-def direction_order(spectra: Sequence[ModuleSpectrum]) -> list[tuple[str, int, int]]:
+def direction_order(spectra: Sequence[ModuleSpectrum], signal: str = "energy") -> list[tuple[str, int, int]]:
     """``(module, k, cost)`` for every direction k ≥ 2, best value per parameter first.
 
-    Ties keep module order and then k, so within a module directions come in σ order.
+    Ties keep module order and then k; values fall with k, so within a module directions come in order.
     """
+    check_choice("signal", signal, SIGNALS)
     pairs = []
     for index, s in enumerate(spectra):
-        for k, share in enumerate(s.shares()[1:], start=2):
+        for k, share in enumerate(s.values(signal)[1:], start=2):
             pairs.append((-share / s.cost_per_rank, index, k, s))
     pairs.sort(key=lambda p: p[:3])
     return [(s.module, k, s.cost_per_rank) for _, _, k, s in pairs]
 
 
-def allocate_ranks(spectra: Sequence[ModuleSpectrum], budget: int) -> dict[str, int]:
+def allocate_ranks(spectra: Sequence[ModuleSpectrum], budget: int, signal: str = "energy") -> dict[str, int]:
     """``{module: rank}`` with at most ``budget`` LoRA parameters: rank 1 everywhere, then the longest prefix of
     :func:`direction_order` that fits. Raises ``ValueError`` when the budget is below rank 1 everywhere."""
     if not spectra:
@@ -123,7 +156,7 @@ def allocate_ranks(spectra: Sequence[ModuleSpectrum], budget: int) -> dict[str, 
     if left < 0:
         raise ValueError(f"Budget {budget:,} parameters is below the minimum {budget - left:,} "
                          f"(rank 1 on each of the {len(spectra)} adapted modules).")
-    for module, k, cost in direction_order(spectra):
+    for module, k, cost in direction_order(spectra, signal):
         if cost > left:
             break
         ranks[module], left = k, left - cost
@@ -142,13 +175,13 @@ def alpha_map(spectra: Sequence[ModuleSpectrum], rank_map: dict[str, int], lora_
 
 
 def allocate(spectra: Sequence[ModuleSpectrum], budget: int, lora_alpha: float,
-             alpha_policy: str = "scaling") -> Allocation:
-    """The rank map for ``budget`` LoRA parameters, its alpha map and its size."""
+             alpha_policy: str = "scaling", signal: str = "energy") -> Allocation:
+    """The rank map for ``budget`` LoRA parameters under ``signal``, its alpha map and its size."""
     check_alpha_policy(alpha_policy)
-    ranks = allocate_ranks(spectra, budget)
+    ranks = allocate_ranks(spectra, budget, signal)
     return Allocation(rank_map=ranks, alpha_map=alpha_map(spectra, ranks, lora_alpha, alpha_policy),
                       params=adapter_params(spectra, ranks), budget=budget,
-                      min_params=sum(s.cost_per_rank for s in spectra), alpha_policy=alpha_policy)
+                      min_params=sum(s.cost_per_rank for s in spectra), alpha_policy=alpha_policy, signal=signal)
 
 
 def budget_from_ratio(spectra: Sequence[ModuleSpectrum], ratio: float) -> int:
@@ -159,5 +192,9 @@ def budget_from_ratio(spectra: Sequence[ModuleSpectrum], ratio: float) -> int:
 
 
 def check_alpha_policy(policy: str) -> None:
-    if policy not in ALPHA_POLICIES:
-        raise ValueError(f"alpha policy {policy!r}: choose one of {list(ALPHA_POLICIES)}.")
+    check_choice("alpha policy", policy, ALPHA_POLICIES)
+
+
+def check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{what} {value!r}: choose one of {list(choices)}.")

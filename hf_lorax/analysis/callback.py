@@ -19,6 +19,7 @@ from .report import (
     summarize,
     updates_from_model,
 )
+from .sensitivity import SensitivityTracker
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,11 @@ class RankUtilizationCallback(TrainerCallback):
     ``rank_utilization.json`` (history and final per-module statistics),
     ``rank_utilization.png`` and ``suggested_rank_map.json``, which ``LoRAConfig(rank_map=path)`` accepts.
 
+    With ``sensitivity=True`` (default) it also gathers, before every optimizer step, the loss sensitivity of each
+    singular direction of each update (:mod:`hf_lorax.analysis.sensitivity`; not under ZeRO-3 or FSDP2, whose
+    gradients are sharded). ``rank_utilization.json`` keeps it under ``"sensitivity"``, where
+    ``python -m hf_lorax.analysis ADAPTER --budget N --signal sensitivity`` reads it.
+
     Example::
 
         trainer = Trainer(model=model, args=args, train_dataset=ds)
@@ -51,13 +57,14 @@ class RankUtilizationCallback(TrainerCallback):
     """
 
     def __init__(self, every_n_steps: int = 100, output_dir: str | None = None, log_per_module: bool = True,
-                 threshold: float = 0.9, plot: bool = True):
+                 threshold: float = 0.9, plot: bool = True, sensitivity: bool = True):
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps={every_n_steps!r} must be a positive integer.")
         if isinstance(threshold, bool) or not 0 < threshold <= 1:
             raise ValueError(f"threshold={threshold} must be in (0, 1].")
         self.every_n_steps, self.output_dir, self.log_per_module = every_n_steps, output_dir, log_per_module
         self.threshold, self.plot = threshold, plot
+        self.sensitivity = SensitivityTracker() if sensitivity else None
         self.history: list[dict] = []
         self.latest: list[ModuleStats] = []
         self._pending: dict[str, float] = {}
@@ -82,6 +89,16 @@ class RankUtilizationCallback(TrainerCallback):
             # every rank logs at this step: Trainer's logging gathers the loss across processes
             control.should_log = True
             self._measure_once(model, state)
+        return control
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.sensitivity is not None and model is not None and state.is_world_process_zero:
+            if is_sharded(model):
+                logger.warning("RankUtilizationCallback: no loss sensitivity under ZeRO-3 or FSDP2 (the gradients "
+                               "are sharded); rank maps from this run can use signal 'energy' only.")
+                self.sensitivity = None
+            else:
+                self.sensitivity.update(model)
         return control
 
     def _measure_once(self, model, state) -> None:
@@ -149,6 +166,8 @@ class RankUtilizationCallback(TrainerCallback):
         paths = {"json": os.path.join(directory, JSON_NAME), "suggestion": os.path.join(directory, SUGGESTION_NAME)}
         report = {"every_n_steps": self.every_n_steps, "threshold": self.threshold, "history": self.history,
                   "modules": stats_to_dict(self.latest)}
+        if self.sensitivity is not None and self.sensitivity.steps:
+            report["sensitivity"] = self.sensitivity.to_json()
         suggestion = {"rank_map": suggest_rank_map(self.latest, self.threshold), "threshold": self.threshold,
                       "step": step}
         write_json(paths["json"], report)

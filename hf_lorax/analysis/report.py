@@ -98,12 +98,7 @@ def updates_from_model(model: torch.nn.Module, adapter: str | None = None) -> li
     this is a collective: every process must call it (:class:`~hf_lorax.analysis.RankUtilizationCallback` does).
     """
     updates = []
-    for name, layer in model.named_modules():
-        if not isinstance(layer, LoraLayer):
-            continue
-        adapter_name = adapter or _first_active(layer)
-        if adapter_name not in layer.lora_A:
-            continue
+    for name, layer, adapter_name in lora_layers(model, adapter):
         base = layer.get_base_layer()
         tensors = [layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight, base.weight]
         if adapter_name in layer.lora_magnitude_vector:
@@ -114,7 +109,7 @@ def updates_from_model(model: torch.nn.Module, adapter: str | None = None) -> li
             W = W.detach().T if getattr(layer, "fan_in_fan_out", False) else W.detach()
             spec = getattr(layer, "slice_specs", {}).get(adapter_name)
             # copies: the gathered tensors are released when the block ends; W is only read inside it
-            updates += _split(_clean(name), A.detach().clone(), B.detach().clone(), float(layer.scaling[adapter_name]),
+            updates += split_update(name, A.detach().clone(), B.detach().clone(), float(layer.scaling[adapter_name]),
                               W, magnitude[0].detach().clone() if magnitude else None, spec)
     return updates
 
@@ -134,11 +129,21 @@ def updates_from_adapter_dir(path: str, base_weights: dict[str, torch.Tensor] | 
         if W is not None and tuple(W.shape) != (B.shape[0], A.shape[1]):
             raise ValueError(f"the base weight of {module.name} has shape {tuple(W.shape)}, the adapter's update "
                              f"{(B.shape[0], A.shape[1])}: the adapter was not trained on this base model.")
-        updates += _split(module.name, A, B, module.scaling, W, magnitude, module.slices)
+        updates += split_update(module.name, A, B, module.scaling, W, magnitude, module.slices)
     return updates
 
 
-def _split(module, A, B, scaling, W, magnitude, spec) -> list[LowRankUpdate]:
+def lora_layers(model: torch.nn.Module, adapter: str | None = None):
+    """``(module name, LoRA layer, adapter name)`` of every layer holding ``adapter`` (default: its active one)."""
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoraLayer):
+            adapter_name = adapter or _first_active(layer)
+            if adapter_name in layer.lora_A:
+                yield name.removeprefix("base_model.model."), layer, adapter_name
+
+
+def split_update(module, A, B, scaling, W, magnitude, spec) -> list[LowRankUpdate]:
+    """One :class:`LowRankUpdate` per slice of a fused module (``spec``), or one for a plain module."""
     def make(part, a, b, rows):
         w = None if W is None else W[rows].double()
         return LowRankUpdate(
@@ -170,10 +175,6 @@ def _find_weight(weights: dict | None, module: str):
 def _first_active(layer) -> str:
     active = layer.active_adapters
     return active[0] if active else "default"
-
-
-def _clean(name: str) -> str:
-    return name.removeprefix("base_model.model.")
 
 
 # -- summaries -----------------------------------------------------------------------------------------

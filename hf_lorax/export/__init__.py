@@ -113,7 +113,9 @@ def export_adapter(src: str, dst: str, engine: str = "vllm", *, rank: int | None
         raise ValueError(f"rank={rank!r} must be a positive integer.")
     _check_destination(src, dst)
     folder = read_adapter_folder(src)
-    _check_supported_tensors(folder)
+    embedding = [k for k in folder.shapes if "lora_embedding_" in k]
+    if embedding:
+        raise ValueError(f"{src!r} adapts embeddings ({embedding[0]}); export handles linear layers only.")
     if initial_adapter is None and folder.base_changing_init:
         init = folder.base_changing_init
         if engine == "peft" and not merge and init.lower() in PEFT_REBUILT_INITS:
@@ -140,12 +142,6 @@ def _check_destination(src: str, dst: str) -> None:
         raise ValueError(f"destination {dst!r} is inside the source adapter {src!r}; choose a folder outside it.")
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
         raise FileExistsError(f"destination {dst!r} exists and is not an empty folder; choose a new one.")
-
-
-def _check_supported_tensors(folder: AdapterFolder) -> None:
-    embedding = [k for k in folder.shapes if "lora_embedding_" in k]
-    if embedding:
-        raise ValueError(f"{folder.path!r} adapts embeddings ({embedding[0]}); export handles linear layers only.")
 
 
 def _export_uniform(folder: AdapterFolder, dst: str, spec, rank, dora, heads, base_model) -> ExportResult:

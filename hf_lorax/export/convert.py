@@ -13,11 +13,10 @@ import torch
 def bake_and_pad(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A', B')`` of rank ``rank`` with ``B' A' = scaling · B A`` exactly: zero rows of ``A``, zero columns of ``B``.
 
-    An engine that applies scaling 1 (``lora_alpha = r``) then computes the module's own update.
+    An engine that applies scaling 1 (``lora_alpha = r``) then computes the module's own update. ``rank`` is at least
+    the module's rank (the export refuses a smaller ``--rank`` first).
     """
     r = lora_A.shape[0]
-    if rank < r:
-        raise ValueError(f"cannot pad rank {r} down to {rank}")
     A = torch.zeros(rank, lora_A.shape[1], dtype=lora_A.dtype)
     B = torch.zeros(lora_B.shape[0], rank, dtype=lora_B.dtype)
     A[:r] = lora_A
