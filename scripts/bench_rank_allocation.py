@@ -197,7 +197,8 @@ def run_task_seed(args, task, seed, encoded, tokenizer, emit, done=frozenset()):
     steps = run_steps(args, len(encoded["train"]))
     base = {"task": task.name, "metric": task.main_metric, "seed": seed, "steps": steps,
             "train_rows": len(encoded["train"]), "eval_rows": len(encoded["validation"]), "epochs": args.epochs,
-            "learning_rate": args.learning_rate, "batch_size": args.batch_size, "max_length": args.max_length}
+            "learning_rate": args.learning_rate, "batch_size": args.batch_size, "max_length": args.max_length,
+            "target_modules": args.target_modules}
     uniform_params = {}
     for budget_r in sorted(set(args.budgets) | set(args.uniform_ranks or args.budgets)):
         set_seed(seed)
@@ -366,11 +367,12 @@ def plot(summary: list[dict], path: str, policy: str) -> None:
     plt.close(fig)
 
 
-def write_outputs(args, rows):
+def write_outputs(args, rows, sources=None):
+    """``sources`` (``--report_only``): the arguments each input file's grid ran with, kept beside its rows."""
     summary = summarize(rows)
     if args.json:
         with open(args.json + ".tmp", "w") as f:
-            json.dump({"args": vars(args), "rows": rows, "summary": summary,
+            json.dump({"args": vars(args), **({"sources": sources} if sources else {}), "rows": rows, "summary": summary,
                        "verdicts": verdicts(rows, args.alpha_policy)}, f, indent=1)
         os.replace(args.json + ".tmp", args.json)
     if args.markdown:
@@ -384,11 +386,13 @@ def write_outputs(args, rows):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.report_only:
-        rows = []
+        rows, sources = [], {}
         for path in args.inputs or [args.json]:
             with open(path) as f:
-                rows += json.load(f)["rows"]
-        print(markdown(write_outputs(args, rows)))
+                loaded = json.load(f)
+            rows += loaded["rows"]
+            sources[os.path.basename(path)] = loaded.get("args")
+        print(markdown(write_outputs(args, rows, sources)))
         print(verdict_markdown(verdicts(rows, args.alpha_policy)))
         return 0
     import torch

@@ -337,6 +337,14 @@ def resolve(argv):
     return parse(E2E, argv).preset
 
 
+def test_zero_shot_row_decodes_the_base_model(tiny_base, e2e_csv, tmp_path):
+    """``--max_steps 0``: nothing trains; the untrained adapter (B = 0) decodes exactly what the base model does."""
+    run(_args(tiny_base, e2e_csv, tmp_path, max_steps=0, max_eval_samples=2, num_beams=1))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["train_loss"] is None and saved["test_mrs"] == 2 and "BLEU" in saved["metrics"]
+    assert len((tmp_path / "predictions.txt").read_text(encoding="utf-8").splitlines()) == 2
+
+
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_end_to_end(method, tiny_base, e2e_csv, tmp_path):
     results = run(_args(tiny_base, e2e_csv, tmp_path, method=method, validation_file=str(e2e_csv), max_eval_samples=4,
