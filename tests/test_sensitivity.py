@@ -172,3 +172,14 @@ def test_callback_records_sensitivity_and_the_cli_allocates_by_it(tmp_path, caps
     assert cli([str(run), "--budget_ratio", "0.5", "--signal", "sensitivity"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "rank_utilization.json holds no loss sensitivity" in err[0] and "--signal energy" in err[0]
+
+
+def test_a_run_whose_gradients_were_never_visible_says_so(tmp_path, caplog):
+    from hf_lorax.analysis import RankUtilizationCallback
+
+    callback = RankUtilizationCallback(plot=False)
+    callback.measure(_student(Blocks(len(TEACHER_RANKS), D), r=2, lora_alpha=4), step=1)  # no optimizer step seen
+    with caplog.at_level("WARNING"):
+        callback.write(str(tmp_path))
+    assert "no loss sensitivity was recorded" in caplog.text
+    assert "sensitivity" not in json.loads((tmp_path / "rank_utilization.json").read_text())

@@ -168,6 +168,9 @@ class RankUtilizationCallback(TrainerCallback):
                   "modules": stats_to_dict(self.latest)}
         if self.sensitivity is not None and self.sensitivity.steps:
             report["sensitivity"] = self.sensitivity.to_json()
+        elif self.sensitivity is not None and self.history:  # e.g. DeepSpeed ZeRO-1/2 keeps gradients to itself
+            logger.warning("RankUtilizationCallback: no adapter gradients were visible before the optimizer steps, so "
+                           "no loss sensitivity was recorded; rank maps from this run can use signal 'energy' only.")
         suggestion = {"rank_map": suggest_rank_map(self.latest, self.threshold), "threshold": self.threshold,
                       "step": step}
         write_json(paths["json"], report)
