@@ -80,7 +80,8 @@ def get_model(
         )
     check_sharding_support(config)
     base = model if model is not None else load_base_model(config, **from_pretrained_kwargs)
-    return swap_class(get_peft_model(base, prepare(config, base, logits_free_loss)), HfLoraxSaving)
+    peft_model = get_peft_model(base, prepare(config, base, logits_free_loss))
+    return swap_class(peft_model, HfLoraxSaving)
 
 
 def load_base_model(config: PeftConfig, **from_pretrained_kwargs: Any) -> nn.Module:
