@@ -117,7 +117,7 @@ def _report(args) -> int:
             if (u.module, u.part) not in other:
                 continue
             A2 = other[(u.module, u.part)].lora_A
-            name = f"{u.module}[{u.part}]" if u.part else u.module
+            name = u.name
             if A2.shape[1] != u.lora_A.shape[1]:
                 raise ValueError(f"--against {args.against!r}: {name} adapts {A2.shape[1]} input features, "
                                  f"{args.adapter_dir!r} {u.lora_A.shape[1]}; the adapters are of different base models.")

@@ -104,7 +104,7 @@ def spectra_from_updates(updates: Iterable[LowRankUpdate],
         grouped.setdefault(u.module, []).append(u)
 
     def scores(parts):
-        names = [f"{u.module}[{u.part}]" if u.part else u.module for u in parts]
+        names = [u.name for u in parts]
         if sensitivity is None or any(n not in sensitivity for n in names):
             return None
         return tuple(tuple(sensitivity[n]) for n in names)

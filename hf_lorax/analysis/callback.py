@@ -93,12 +93,7 @@ class RankUtilizationCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self.sensitivity is not None and model is not None and state.is_world_process_zero:
-            if is_sharded(model):
-                logger.warning("RankUtilizationCallback: no loss sensitivity under ZeRO-3 or FSDP2 (the gradients "
-                               "are sharded); rank maps from this run can use signal 'energy' only.")
-                self.sensitivity = None
-            else:
-                self.sensitivity.update(model)
+            self.sensitivity.update(model)
         return control
 
     def _measure_once(self, model, state) -> None:
@@ -132,7 +127,12 @@ class RankUtilizationCallback(TrainerCallback):
         self._attached = True
         return self
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.sensitivity is not None and model is not None and is_sharded(model):  # decided once, not every step
+            if state.is_world_process_zero:
+                logger.warning("RankUtilizationCallback: no loss sensitivity under ZeRO-3 or FSDP2 (the gradients "
+                               "are sharded); rank maps from this run can use signal 'energy' only.")
+            self.sensitivity = None
         reporters = [r for r in (args.report_to or []) if r != "none"]
         if reporters and not self._attached and state.is_world_process_zero:
             logger.warning("RankUtilizationCallback's metrics reach trainer.state.log_history but not %s: the "

@@ -40,6 +40,10 @@ class LowRankUpdate:
     def r(self) -> int:
         return self.lora_A.shape[0]
 
+    @property
+    def name(self) -> str:
+        return module_part_name(self.module, self.part)
+
 
 @dataclass
 class ModuleStats:
@@ -58,10 +62,15 @@ class ModuleStats:
 
     @property
     def name(self) -> str:
-        return f"{self.module}[{self.part}]" if self.part else self.module
+        return module_part_name(self.module, self.part)
 
     def rank_at(self, threshold: float) -> int:
         return energy_rank(torch.tensor(self.singular_values), threshold)
+
+
+def module_part_name(module: str, part: str) -> str:
+    """``module`` or, for a slice of a fused module, ``module[part]``: the key of every per-slice report."""
+    return f"{module}[{part}]" if part else module
 
 
 def module_stats(update: LowRankUpdate) -> ModuleStats:

@@ -75,7 +75,7 @@ class SensitivityTracker:
             return
         self.steps += 1
         for update, grad_A, grad_B in pairs:
-            name = f"{update.module}[{update.part}]" if update.part else update.module
+            name = update.name
             value = direction_sensitivity(update, grad_A, grad_B)
             mean = self._mean.get(name, torch.zeros_like(value))
             mean = self.beta1 * mean + (1 - self.beta1) * value
