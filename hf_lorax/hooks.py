@@ -40,7 +40,7 @@ from .hotswap import check_hotswappable, set_module_scalings
 from .integrations.guard import install_hook, installed_hooks
 from .integrations.peft_api import CONFIG_FROM_PRETRAINED, HOTSWAP_FROM_STATE_DICT, INJECT_ADAPTER
 from .integrations.transformers_api import LOAD_ADAPTER
-from .model_prep import injection_config
+from .model import injection_config
 
 _INSTALLED = False
 

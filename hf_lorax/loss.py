@@ -11,7 +11,7 @@ logits) and :func:`causal_lm_loss` (where logits exist anyway: ``ForCausalLMLoss
 Masked rows (label ``-100``) go through the chunks with weight 0 (a boolean gather makes a device wait and breaks
 ``torch.compile`` graphs), except on a CPU in eager mode (:data:`LABELLED_ROWS_ONLY_ON`, docs/benchmarks.md).
 
-The decision (:func:`prepare_causal_lm_loss`; :func:`training_loss` says it for ``describe``): the logits-free
+The decision (:func:`prepare_loss`; :func:`training_loss` says it for ``describe``): the logits-free
 forward (:class:`LogitsFreeCausalLM`) where :func:`logits_free_unsupported_reason`, reading the model itself, finds
 its forward to be its decoder stack, a plain linear head and the stock loss; label smoothing as an option of it
 (:func:`set_label_smoothing`); the ``Trainer`` hand-off (``TargetedLossTrainer``). Values and gradients equal
@@ -294,18 +294,40 @@ def _forward_calls_loss_function(cls: type) -> bool:
         return False
 
 
-def prepare_causal_lm_loss(model: nn.Module, logits_free: bool = True) -> None:
-    """The one decision, made once per model instance by :func:`hf_lorax.get_model`: a supported model's training
-    forward becomes logits-free (:class:`LogitsFreeCausalLM`); any model on the stock loss gets
-    :func:`causal_lm_loss` wherever it still forms logits (evaluation, generation, unsupported models)."""
-    if logits_free and logits_free_unsupported_reason(model) is None:  # first: it reads the stock loss
+def prepare_loss(model: nn.Module, task: str | None, trains_heads: bool, logits_free: bool = True) -> None:
+    """The one decision, made once per model instance by :func:`hf_lorax.get_model`.
+
+    A model whose task head trains (``trains_heads``) declares its loss a plain mean (:func:`declare_mean_loss`). For
+    a causal LM (``task`` ``"CAUSAL_LM"``), a supported model's training forward becomes logits-free
+    (:class:`LogitsFreeCausalLM`), and any model on the stock loss gets :func:`causal_lm_loss` wherever it still
+    forms logits (evaluation, generation, unsupported models).
+    """
+    if trains_heads:
+        declare_mean_loss(model)
+    if task != "CAUSAL_LM":
+        return
+    reason = logits_free_unsupported_reason(model) if logits_free else "logits_free_loss=False"  # reads the stock loss
+    stock = uses_stock_causal_lm_loss(model)
+    if reason is None:
         swap_class(model, LogitsFreeCausalLM)
-    if uses_stock_causal_lm_loss(model):
+    if stock:
         model.loss_function = causal_lm_loss  # transformers' public setter for a model's loss
 
 
+def declare_mean_loss(model: nn.Module) -> None:
+    """Tell the Trainer that a task head's loss is a plain mean.
+
+    transformers' classification / QA heads take ``**kwargs`` but compute a mean loss without
+    ``num_items_in_batch``; seeing ``**kwargs``, the Trainer assumes a sum over the global batch and multiplies
+    the loss by the number of processes, so under DDP the loss and gradients come out N times too large (and
+    gradient clipping then changes the result). ``accepts_loss_kwargs = False`` is the Trainer's own switch.
+    """
+    if "accepts_loss_kwargs" not in vars(type(model)) and hasattr(model, "forward"):
+        model.accepts_loss_kwargs = False
+
+
 def training_loss(model: nn.Module) -> str:
-    """What :func:`prepare_causal_lm_loss` decided for ``model`` (a base model or its ``PeftModel``), in words."""
+    """What :func:`prepare_loss` decided for ``model`` (a base model or its ``PeftModel``), in words."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if isinstance(inner, LogitsFreeCausalLM):
         return "logits-free (LM head and cross-entropy in row chunks from the hidden states)"

@@ -1,10 +1,11 @@
 """``get_model``: a base model with hf_lorax adapters, ready for a ``Trainer`` loop.
 
-The route from a config to layers, all visible here: :func:`hf_lorax.plan.resolve` validates the config
-against the model and returns an :class:`~hf_lorax.plan.AdapterPlan`; peft receives a resolved *copy* of the
-config (:meth:`~hf_lorax.config.LoRAConfig.with_plan`) with hf_lorax's layers registered on it
-(:func:`hf_lorax.layers.layer_mapping`); each layer takes its rank, alpha and slices from the plan. The
-user's config object is not changed.
+The route from a config to layers, all visible here: :func:`prepare` checks and prepares the base model once,
+with :func:`hf_lorax.plan.resolve` validating the config against the model into an
+:class:`~hf_lorax.plan.AdapterPlan`; peft receives a resolved *copy* of the config
+(:meth:`~hf_lorax.config.LoRAConfig.with_plan`) with hf_lorax's layers registered on it
+(:func:`hf_lorax.layers.layer_mapping`); each layer takes its rank, alpha and slices from the plan. The user's
+config object is not changed.
 
 The returned model is peft's own task class (``PeftModelForCausalLM``, ...) with two methods of
 :class:`HfLoraxSaving` on top: ``save_pretrained`` is all-or-nothing and writes hf_lorax's model card after
@@ -14,6 +15,7 @@ same card.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -24,11 +26,17 @@ from .adapter_files import atomic_directory_write, check_adapter_dir, read_sidec
 from .base_init import check_loadable
 from .card import write_model_card
 from .class_swap import register_mixin, swap_class
-from .config import LoRAConfig
+from .config import LoRAConfig, QLoRAConfig
+from .integrations.peft_api import register_layers
 from .integrations.sharding import gathered_adapter_state, is_sharded, zero3_enabled
 from .integrations.transformers_api import is_trainer_checkpoint_dir
-from .model_prep import prepare
+from .layers import layer_mapping
+from .loss import declare_mean_loss, prepare_loss
+from .plan import resolve
+from .quantization import prepare_for_kbit_training
 from .task_types import AUTO_CLASSES, LABELLED_TASK_TYPES, task_name
+
+logger = logging.getLogger(__name__)
 
 
 def get_model(
@@ -82,6 +90,47 @@ def get_model(
     base = model if model is not None else load_base_model(config, **from_pretrained_kwargs)
     peft_model = get_peft_model(base, prepare(config, base, logits_free_loss))
     return swap_class(peft_model, HfLoraxSaving)
+
+
+def prepare(config: LoRAConfig, model: nn.Module, logits_free_loss: bool = True) -> LoRAConfig:
+    """Check ``config`` against ``model``, change ``model`` as training needs, return the resolved config peft injects.
+
+    First every check that can reject the config for this model (the head's label count, then the plan: targets,
+    maps, slices, heads, a quantized base for QLoRA), so nothing is changed before a typo is reported; then every
+    change (a pad token for GPT-2-style classification heads, k-bit preparation, the Trainer's loss normalisation and
+    the causal-LM loss); last, hf_lorax's layers are registered on the resolved copy peft receives. The user's config
+    is never changed. Runs once per model.
+    """
+    task, model_config = task_name(config.task_type), getattr(model, "config", None)
+    labels = getattr(model_config, "num_labels", None)
+    if config.num_labels and task in LABELLED_TASK_TYPES and labels not in (None, config.num_labels):
+        raise ValueError(
+            f"config.num_labels={config.num_labels} but the model's head has {labels} labels. "
+            "Load the model with the same num_labels, or let get_model load it."
+        )
+    plan = config.resolved_plan or resolve(config, model)
+    eos = getattr(model_config, "eos_token_id", None)
+    if task == "SEQ_CLS" and eos is not None and getattr(model_config, "pad_token_id", None) is None:
+        # GPT-2-style heads need a pad id to find the last token of each row
+        model_config.pad_token_id = eos if isinstance(eos, int) else eos[0]
+        logger.info("pad_token_id was unset; using eos_token_id=%s for the classification head.", eos)
+    if isinstance(config, QLoRAConfig):
+        prepare_for_kbit_training(model)
+    resolved = config if config.resolved_plan is not None else config.with_plan(plan)
+    prepare_loss(model, task, bool(plan.modules_to_save), logits_free_loss)
+    register_layers(resolved, layer_mapping())
+    return resolved
+
+
+def injection_config(config: LoRAConfig, model: nn.Module) -> LoRAConfig:
+    """The config peft should inject into ``model`` (the peft hook's one call): ``config`` itself when it carries a
+    plan already (:func:`prepare` made it), else its resolved copy; hf_lorax's layers registered on it. The model is
+    the user's: only what injecting needs is changed."""
+    resolved = config if config.resolved_plan is not None else config.with_plan(resolve(config, model))
+    if resolved.resolved_plan.modules_to_save:
+        declare_mean_loss(model)
+    register_layers(resolved, layer_mapping())
+    return resolved
 
 
 def load_base_model(config: PeftConfig, **from_pretrained_kwargs: Any) -> nn.Module:

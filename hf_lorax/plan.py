@@ -13,22 +13,19 @@ differs from ``r`` / ``lora_alpha``, and which carries the plan).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .config import QLoRAConfig
 from .integrations.peft_api import (
-    ExcludedModule,
     adapter_child_names,
-    default_target_modules,
-    expand_all_linear,
     is_tuner_layer,
     is_wrapped_head,
     pattern_value,
-    target_matcher,
+    peft_targets,
 )
 from .layers.types import SUPPORTED_LAYER_TYPES, is_dense, is_quantized_linear, out_features
 from .rank_map import closest_names, resolve_module_map
@@ -103,44 +100,34 @@ class AdapterPlan:
 
 def resolve(config, model: nn.Module) -> AdapterPlan:
     """Validate ``config`` against ``model`` and resolve its maps, slices and task head."""
-    probe = copy.deepcopy(config)  # peft's all-linear expansion writes into the config it is given
-    default_for = _apply_default_targets(probe, model)
-    expand_all_linear(probe, model)
+    modules = dict(plain_modules(model))
+    _check_quantized_base(config, model, modules)
     modules_to_save = list(config.modules_to_save or []) or None
     found_heads = task_name(config.task_type) in HEAD_TASK_TYPES and not modules_to_save
     if found_heads:
         modules_to_save = find_task_heads(model) or None
-
-    modules = dict(plain_modules(model))
     heads = tuple(modules_to_save or ())
-    is_target = target_matcher(probe)
-    targeted = []
-    for name in modules:
-        if name in heads or name.startswith(tuple(f"{h}." for h in heads)):
-            continue
-        hit = is_target(name)
-        if hit and not isinstance(hit, ExcludedModule):
-            targeted.append(name)
+    body = [name for name in modules if not (name in heads or name.startswith(tuple(f"{h}." for h in heads)))]
+    target_modules, default_for, targeted = peft_targets(config, model, body)
+    # the values peft picks from the config's own rank_pattern / alpha_pattern (rank_map / alpha_map override them)
+    peft_r = {name: pattern_value(config.rank_pattern or {}, name, config.r) for name in targeted}
+    peft_alpha = {name: pattern_value(config.alpha_pattern or {}, name, config.lora_alpha) for name in targeted}
 
     specs = config.slice_specs
-    # a resolved config (a copy peft held, a saved folder's) states every rank and alpha as peft reads them:
-    # fused-slice modules with their full-module values, which are turned back into per-slice ones below
-    peft_state = getattr(config, "is_resolved", False)
-    _check_target_names(probe, targeted, modules, default_for)
+    _check_target_names(model, target_modules, targeted, modules, default_for)
     check_modules_to_save(list(modules), modules_to_save or [], targeted, task_name(config.task_type), found_heads)
     _check_layer_types(config, targeted, modules, specs)
     ranks = resolve_module_map(config.rank_map, targeted, all_modules=list(modules), what="rank_map")
     alphas = resolve_module_map(config.alpha_map, targeted, all_modules=list(modules), what="alpha_map")
     if (ranks or alphas) and config.use_rslora and config.init_lora_weights in ("pissa", "olora"):
         raise ValueError("rank_map/alpha_map cannot be combined with use_rslora and PiSSA/OLoRA initialisation.")
-    rank_pattern = {**ranks, **{k: v for k, v in (config.rank_pattern or {}).items() if k not in ranks}}
-    alpha_pattern = {**alphas, **{k: v for k, v in (config.alpha_pattern or {}).items() if k not in alphas}}
-    _check_slice_keys(specs, targeted)
 
+    # a resolved config (a copy peft held, a saved folder's) states every rank and alpha as peft reads them:
+    # fused-slice modules with their full-module values, which are turned back into per-slice ones below
+    peft_state = getattr(config, "is_resolved", False)
     plans, exact_r, exact_alpha = {}, {}, {}
     for name in targeted:
-        r = pattern_value(rank_pattern, name, config.r)
-        alpha = pattern_value(alpha_pattern, name, config.lora_alpha)
+        r, alpha = ranks.get(name, peft_r[name]), alphas.get(name, peft_alpha[name])
         spec = spec_for(name, specs)
         if spec is not None:
             spec = layout_for_model(spec, name, getattr(model, "config", None))
@@ -153,10 +140,12 @@ def resolve(config, model: nn.Module) -> AdapterPlan:
         plans[name] = ModulePlan(name=name, r=r, alpha=alpha, scaling=lora_scaling(alpha, r, config.use_rslora),
                                  method="dora" if config.use_dora else "lora", slices=spec,
                                  use_rslora=bool(config.use_rslora))
+    rank_pattern = {**ranks, **{k: v for k, v in (config.rank_pattern or {}).items() if k not in ranks}}
+    alpha_pattern = {**alphas, **{k: v for k, v in (config.alpha_pattern or {}).items() if k not in alphas}}
     # peft takes the first matching key: the exact full-module entries go before any pattern
     rank_pattern = {**exact_r, **{k: v for k, v in rank_pattern.items() if k not in exact_r}}
     alpha_pattern = {**exact_alpha, **{k: v for k, v in alpha_pattern.items() if k not in exact_alpha}}
-    expanded = probe.target_modules if probe.target_modules != config.target_modules else None
+    expanded = target_modules if target_modules != config.target_modules else None
     return AdapterPlan(modules=ReadOnlyDict(plans), modules_to_save=tuple(modules_to_save) if modules_to_save else None,
                        rank_pattern=ReadOnlyDict(rank_pattern), alpha_pattern=ReadOnlyDict(alpha_pattern),
                        target_modules=expanded, default_targets_for=default_for,
@@ -248,63 +237,73 @@ def adaptable_suffixes(names: list[str]) -> list[str]:
     return [s for s in seen if not s.isdigit()]
 
 
-def _apply_default_targets(config, model: nn.Module) -> str | None:
-    """No ``target_modules``: peft's default for the architecture, as peft sets it before injecting (written into
-    ``config``); returns the model_type whose default was used."""
-    if config.target_modules is not None or getattr(config, "target_parameters", None):
-        return None
-    model_type, default = default_target_modules(model)
-    if default is None:
+def _check_quantized_base(config, model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """A :class:`~hf_lorax.config.QLoRAConfig` the user built needs a bitsandbytes-quantized base.
+
+    Why an error and not quantizing: ``peft.get_peft_model`` / ``SFTTrainer(peft_config=...)`` receive a model the
+    user already built and placed; replacing its weights in place by 4-bit copies would change that object (and
+    its device and dtype) behind their back. A saved QLoRA adapter (a resolved config) may load onto an
+    unquantized base, as with plain peft (e.g. to serve it in bf16).
+    """
+    quantized = any(is_quantized_linear(m) for m in modules.values())
+    if isinstance(config, QLoRAConfig) and not config.is_resolved and not quantized:
         raise ValueError(
-            f"target_modules is not set and peft has no default LoRA targets for model_type {model_type!r} "
-            f"({type(model).__name__}). Set target_modules to some of its linear layers, e.g. "
-            f"{adaptable_suffixes(_adaptable(dict(plain_modules(model))))[:12]}, or to 'all-linear'."
+            f"QLoRAConfig needs a quantized base, but this {type(model).__name__} has no bitsandbytes-quantized linear "
+            "layers (4-bit or 8-bit), so its quant_type/compute_dtype would be ignored. Load the base with "
+            "quantization_config=config.bnb_config() (for TRL: model_init_kwargs={'quantization_config': ...}), or "
+            "let hf_lorax.get_model(config) load it; for an unquantized base use LoRAConfig / DoRAConfig."
         )
-    config.target_modules = default if isinstance(default, str) else set(default)
-    return model_type
 
 
-def _adaptable(modules: dict[str, nn.Module]) -> list[str]:
-    return [n for n, m in modules.items() if is_dense(m) or is_quantized_linear(m)] or list(modules)
+def _supported(modules: dict[str, nn.Module]) -> list[str]:
+    """The modules of a layer type hf_lorax adapts (:data:`~hf_lorax.layers.types.SUPPORTED_LAYER_TYPES`)."""
+    return [n for n, m in modules.items() if is_dense(m) or is_quantized_linear(m)]
 
 
-def _check_target_names(config, targeted: list[str], modules: dict[str, nn.Module], default_for: str | None) -> None:
-    candidates = adaptable_suffixes(_adaptable(modules))
-    given = f"target_modules={_show(config.target_modules)}"
+def _check_target_names(model: nn.Module, target_modules, targeted: list[str], modules: dict[str, nn.Module],
+                        default_for: str | None) -> None:
+    """``target_modules`` as peft completed them (:func:`~hf_lorax.integrations.peft_api.peft_targets`)."""
+    candidates = adaptable_suffixes(_supported(modules) or list(modules))
+    if default_for is not None and target_modules is None:
+        raise ValueError(
+            f"target_modules is not set and peft has no default LoRA targets for model_type {default_for!r} "
+            f"({type(model).__name__}). Set target_modules to some of its linear layers, e.g. {candidates[:12]}, "
+            "or to 'all-linear'."
+        )
+    shown = f"target_modules={_show(target_modules)}"
     if default_for is not None:
-        given += f" (peft's default for model_type {default_for!r})"
+        shown += f" (peft's default for model_type {default_for!r})"
     if not targeted:
         raise ValueError(
-            f"{given} matched no module of the model. Layer names it could target (by suffix): {candidates[:12]}."
+            f"{shown} matched no module of the model. Layer names it could target (by suffix): {candidates[:12]}."
         )
-    if isinstance(config.target_modules, str):
+    if isinstance(target_modules, str):
         return  # a regex; peft matches it as a whole
-    for entry in sorted(config.target_modules):
+    for entry in sorted(target_modules):
         if not any(name == entry or name.endswith("." + entry) for name in targeted):
             raise ValueError(
-                f"target_modules entry {entry!r} matches no module of the model ({given}). Closest layer names: "
+                f"target_modules entry {entry!r} matches no module of the model ({shown}). Closest layer names: "
                 f"{closest_names(entry, candidates)}."
             )
 
 
 def _check_layer_types(config, targeted: list[str], modules: dict[str, nn.Module], specs: dict) -> None:
-    for name in targeted:
-        module = modules[name]
-        if is_dense(module) or is_quantized_linear(module):
-            continue
-        if config.use_dora or spec_for(name, specs) is not None:
-            raise ValueError(
-                f"{config.method.upper()} cannot adapt {name} ({type(module).__name__}): hf_lorax supports "
-                f"{', '.join(SUPPORTED_LAYER_TYPES)}. Remove it from target_modules."
-            )
-
-
-def _check_slice_keys(specs: dict, targeted: list[str]) -> None:
-    for key in specs:
-        if not any(name == key or name.endswith("." + key) for name in targeted):
+    """Each slice key names an adapted module; DoRA and slices adapt only the layer types hf_lorax supports."""
+    sliced = set()
+    for key in specs:  # matched as spec_for matches: the name or a ``.``-boundary suffix of it
+        hits = {name for name in targeted if name == key or name.endswith("." + key)}
+        if not hits:
             raise ValueError(
                 f"fused_slices key {key!r} matches no adapted module. Add it to target_modules; adapted modules "
                 f"look like {closest_names(key, targeted)}."
+            )
+        sliced |= hits
+    supported = set(_supported(modules))
+    for name in targeted:
+        if name not in supported and (config.use_dora or name in sliced):
+            raise ValueError(
+                f"{config.method.upper()} cannot adapt {name} ({type(modules[name]).__name__}): hf_lorax supports "
+                f"{', '.join(SUPPORTED_LAYER_TYPES)}. Remove it from target_modules."
             )
 
 

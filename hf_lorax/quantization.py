@@ -10,6 +10,8 @@ import warnings
 import torch
 from torch import nn
 
+QUANTIZED_LINEAR_NAMES = frozenset({"Linear4bit", "Linear8bitLt"})
+
 
 def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
     """Make a quantized base trainable under adapters, keeping its memory footprint.
@@ -22,8 +24,6 @@ def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
     ``gradient_checkpointing_enable`` turns them on when checkpointing is on; a hook installed here
     unconditionally would break ``torch.compile`` graphs for every run.
     """
-    from .layers.bnb import disable_cpu_repacking
-
     if not is_quantized(model):
         raise ValueError(
             "The base model has no bitsandbytes-quantized linear layers to train on: QLoRA needs a model loaded "
@@ -35,10 +35,25 @@ def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
     return model
 
 
+def disable_cpu_repacking(module: nn.Module) -> None:
+    """Turn off bitsandbytes' in-place repacking of 4-bit weights on CPUs with AVX512-BF16.
+
+    bitsandbytes' CPU backend there repacks a 4-bit weight in place on the first no-grad forward, after which every
+    training step fails ("a view of a leaf Variable ... in-place operation"): a ``Trainer`` with
+    ``eval_strategy="steps"`` could not train on after evaluating.
+    """
+    for layer in module.modules():
+        if is_quantized_linear(layer) and getattr(layer, "support_avx512bf16_for_cpu", False):
+            layer.support_avx512bf16_for_cpu = False
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit or 8-bit linear (checked by name: bitsandbytes need not be importable)."""
+    return type(module).__module__.split(".")[0] == "bitsandbytes" and type(module).__name__ in QUANTIZED_LINEAR_NAMES
+
+
 def is_quantized(model: nn.Module) -> bool:
     """Whether ``model`` has bitsandbytes 4-bit or 8-bit linear layers."""
-    from .layers.types import is_quantized_linear
-
     return any(is_quantized_linear(m) for m in model.modules())
 
 

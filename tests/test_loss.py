@@ -94,7 +94,7 @@ def linear_cross_entropy(hidden, weight, targets, bias=None, label_smoothing=0.0
 
 
 def test_a_loss_the_user_set_is_kept():
-    from hf_lorax.loss import prepare_causal_lm_loss
+    from hf_lorax.loss import prepare_loss
 
     model = GPT2LMHeadModel(gpt2_config())
 
@@ -102,7 +102,7 @@ def test_a_loss_the_user_set_is_kept():
         return torch.tensor(0.0)
 
     model.loss_function = custom
-    prepare_causal_lm_loss(model)
+    prepare_loss(model, "CAUSAL_LM", False)
     assert model.loss_function is custom and type(model) is GPT2LMHeadModel  # not logits-free either
 
 

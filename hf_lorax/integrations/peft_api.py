@@ -6,6 +6,8 @@ signatures ``tests/test_integrations.py`` checks.
 
 from __future__ import annotations
 
+import copy
+
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.lora import layer as peft_lora
 from peft.tuners.lora.layer import LoraVariant
@@ -69,20 +71,31 @@ PEFT_INTERNALS = [
 
 __all__ = [
     "BaseTunerLayer", "ExcludedModule", "LoraLayer", "LoraModel", "LoraVariant", "PEFT_INTERNALS",
-    "adapter_child_names", "check_adapters_to_merge", "default_target_modules", "dequantize_module_weight",
-    "expand_all_linear", "init_lora_state", "is_tuner_layer", "is_wrapped_head", "pattern_value", "peft_bnb_module",
-    "peft_hotswap_adapter", "peft_lora", "register_layers", "set_scaling", "target_matcher",
+    "adapter_child_names", "check_adapters_to_merge", "dequantize_module_weight", "init_lora_state", "is_tuner_layer",
+    "is_wrapped_head", "pattern_value", "peft_bnb_module", "peft_hotswap_adapter", "peft_lora", "peft_targets",
+    "register_layers", "set_scaling",
 ]
 
 
-def target_matcher(config):
-    """peft's matcher for ``config``: ``matcher(module_name)`` is truthy when peft would adapt the module."""
-    return lambda name: LoraModel._check_target_module_exists(config, name)
+def peft_targets(config, model: nn.Module, names: list[str]) -> tuple[object, str | None, list[str]]:
+    """What peft adapts in ``model`` for ``config``, decided by peft's own code.
 
-
-def expand_all_linear(config, model: nn.Module) -> None:
-    """Expand ``target_modules="all-linear"`` in ``config`` as peft does (peft writes into the config)."""
-    _maybe_include_all_linear_layers(config, model)
+    Returns ``(target_modules, default_for, adapted)``: the config's ``target_modules`` as peft completes them before
+    injecting (its default for the architecture when unset, ``"all-linear"`` expanded; None when unset and peft has
+    no default), the ``model_type`` whose default was looked up (None when the config sets targets) and the entries
+    of ``names`` peft's matcher adapts. ``config`` is not changed (peft writes its completions into a copy).
+    """
+    probe, default_for = copy.deepcopy(config), None
+    if probe.target_modules is None and not getattr(probe, "target_parameters", None):
+        # as LoraModel._prepare_adapter_config does when a config sets no targets
+        default_for = LoraModel.get_model_config(model).get("model_type") or "unknown"
+        default = LoraModel.target_module_mapping.get(default_for)
+        if default is None:
+            return None, default_for, []
+        probe.target_modules = default if isinstance(default, str) else set(default)
+    _maybe_include_all_linear_layers(probe, model)
+    hits = ((name, LoraModel._check_target_module_exists(probe, name)) for name in names)
+    return probe.target_modules, default_for, [name for name, hit in hits if hit and not isinstance(hit, ExcludedModule)]
 
 
 def pattern_value(pattern, name: str, default):
@@ -139,13 +152,6 @@ def init_lora_state(layer: nn.Module, base_layer: nn.Module, **kwargs) -> None:
     """
     nn.Module.__init__(layer)
     LoraLayer.__init__(layer, base_layer, **kwargs)
-
-
-def default_target_modules(model: nn.Module) -> tuple[str | None, object]:
-    """``(model_type, targets)``: peft's default LoRA ``target_modules`` for the model's architecture (None when
-    peft has none), looked up as ``LoraModel._prepare_adapter_config`` does when a config sets no targets."""
-    model_type = LoraModel.get_model_config(model).get("model_type")
-    return model_type, LoraModel.target_module_mapping.get(model_type)
 
 
 def adapter_child_names() -> tuple[str, ...]:

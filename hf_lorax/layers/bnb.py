@@ -10,10 +10,9 @@ peft's bnb layers, with four changes:
   unmerging restores the original quantized layer bit for bit. peft instead re-quantizes the merged weight
   (lossy every time, peft#2321).
 
-bitsandbytes' CPU backend on AVX512-BF16 machines repacks 4-bit weights in place on the first no-grad
-forward, after which every training step fails ("a view of a leaf Variable ... in-place operation").
-:func:`disable_cpu_repacking` switches that off for each layer hf_lorax wraps, so ``Trainer`` with
-``eval_strategy="steps"`` trains on after evaluating.
+Each layer hf_lorax wraps has bitsandbytes' in-place CPU repacking switched off
+(:func:`hf_lorax.quantization.disable_cpu_repacking`), so ``Trainer`` with ``eval_strategy="steps"`` trains on after
+evaluating.
 """
 
 from __future__ import annotations
@@ -28,18 +27,12 @@ from ..integrations.peft_api import (
     init_lora_state,
     peft_bnb_module,
 )
+from ..quantization import disable_cpu_repacking
 from .dora import FactorizedDoraLinearVariant
 from .fused import LinearForwardMixin
 from .lora import PlannedLayerMixin
 
 peft_bnb = peft_bnb_module()
-
-
-def disable_cpu_repacking(module: nn.Module) -> None:
-    """Turn off bitsandbytes' in-place AVX512-BF16 repacking of 4-bit weights (see module docstring)."""
-    for layer in module.modules():
-        if isinstance(layer, bnb.nn.Linear4bit) and getattr(layer, "support_avx512bf16_for_cpu", False):
-            layer.support_avx512bf16_for_cpu = False
 
 
 class _QuantizedLora(LinearForwardMixin, PlannedLayerMixin):

@@ -5,14 +5,12 @@ from __future__ import annotations
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..quantization import is_quantized_linear
+
+__all__ = ["SUPPORTED_LAYER_TYPES", "is_dense", "is_quantized_linear", "out_features"]
+
 SUPPORTED_LAYER_TYPES = ("torch.nn.Linear", "transformers Conv1D", "torch.nn.Embedding",
                          "bitsandbytes Linear4bit / Linear8bitLt")
-QUANTIZED_LINEAR_NAMES = frozenset({"Linear4bit", "Linear8bitLt"})
-
-
-def is_quantized_linear(module: nn.Module) -> bool:
-    """A bitsandbytes 4-bit or 8-bit linear (checked by name: bitsandbytes need not be importable)."""
-    return type(module).__module__.split(".")[0] == "bitsandbytes" and type(module).__name__ in QUANTIZED_LINEAR_NAMES
 
 
 def is_dense(module: nn.Module) -> bool:
