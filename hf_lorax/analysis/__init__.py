@@ -13,7 +13,6 @@ During training: :class:`RankUtilizationCallback`. From the shell: ``python -m h
 
 from .allocation import Allocation, ModuleSpectrum, allocate, spectra_from_updates
 from .callback import RankUtilizationCallback
-from .sensitivity import SensitivityTracker, direction_sensitivity
 from .report import (
     LowRankUpdate,
     ModuleStats,
@@ -24,6 +23,7 @@ from .report import (
     updates_from_adapter_dir,
     updates_from_model,
 )
+from .sensitivity import SensitivityTracker, direction_sensitivity
 from .spectra import (
     effective_rank,
     energy,
@@ -34,27 +34,9 @@ from .spectra import (
     subspace_similarity_grid,
 )
 
-__all__ = [
-    "Allocation",
-    "ModuleSpectrum",
-    "allocate",
-    "spectra_from_updates",
-    "LowRankUpdate",
-    "ModuleStats",
-    "RankUtilizationCallback",
-    "SensitivityTracker",
-    "direction_sensitivity",
-    "analyze",
-    "effective_rank",
-    "energy",
-    "energy_rank",
-    "factor_singular_values",
-    "module_stats",
-    "stable_rank",
-    "subspace_similarity",
-    "subspace_similarity_grid",
-    "suggest_rank_map",
-    "summarize",
-    "updates_from_adapter_dir",
-    "updates_from_model",
+__all__ = [  # in the order of the imports above
+    "Allocation", "ModuleSpectrum", "allocate", "spectra_from_updates", "RankUtilizationCallback", "LowRankUpdate",
+    "ModuleStats", "analyze", "module_stats", "suggest_rank_map", "summarize", "updates_from_adapter_dir",
+    "updates_from_model", "SensitivityTracker", "direction_sensitivity", "effective_rank", "energy", "energy_rank",
+    "factor_singular_values", "stable_rank", "subspace_similarity", "subspace_similarity_grid",
 ]

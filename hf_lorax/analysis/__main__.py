@@ -20,36 +20,31 @@ import sys
 from ..adapter_files import read_adapter_folder, read_json, write_json
 from ..cli import OneLineArgumentParser, debug_enabled
 from .allocation import ALPHA_POLICIES, SIGNALS, allocate, budget_from_ratio, spectra_from_updates
-from .callback import JSON_NAME, RankUtilizationCallback
+from .callback import JSON_NAME, SUGGESTION_NAME, RankUtilizationCallback
 from .report import analyze, updates_from_adapter_dir
 from .spectra import subspace_similarity, subspace_similarity_grid
 
 
-def _base_weights(base_dir: str | None) -> dict | None:
-    if not base_dir:
-        return None
+def _base_weights(base_dir: str) -> dict:
+    """``{module: (out, in) weight}`` of every 2-D ``.weight`` in a local model folder's safetensors files."""
     if not os.path.isdir(base_dir):
         raise FileNotFoundError(f"--base_model {base_dir!r} is not a local model directory.")
     from safetensors.torch import load_file
 
     weights = {}
-    files = [name for name in sorted(os.listdir(base_dir)) if name.endswith(".safetensors")]
+    files = [os.path.join(base_dir, name) for name in sorted(os.listdir(base_dir)) if name.endswith(".safetensors")]
     if not files:
         raise FileNotFoundError(f"--base_model {base_dir!r} holds no .safetensors weights.")
-    for name in files:
+    for path in files:
         try:
-            weights.update(load_file(os.path.join(base_dir, name)))
+            weights.update(load_file(path))
         except Exception as exc:  # safetensors raises its own SafetensorError for every kind of damage
-            raise ValueError(f"{os.path.join(base_dir, name)} is truncated or corrupt ({exc}).") from exc
+            raise ValueError(f"{path} is truncated or corrupt ({exc}).") from exc
     from transformers import AutoConfig
 
     conv1d = AutoConfig.from_pretrained(base_dir).model_type in {"gpt2"}  # Conv1D stores (in, out)
-    out = {}
-    for key, value in weights.items():
-        if key.endswith(".weight") and value.ndim == 2:
-            module = key.removesuffix(".weight")
-            out[module] = value.T if conv1d and not module.endswith(("wte", "wpe")) else value
-    return out
+    return {key.removesuffix(".weight"): value.T if conv1d and not key.endswith(("wte.weight", "wpe.weight")) else value
+            for key, value in weights.items() if key.endswith(".weight") and value.ndim == 2}
 
 
 def main(argv=None) -> int:
@@ -70,6 +65,7 @@ def main(argv=None) -> int:
                         help="value of a direction: its share of update energy, or its recorded loss sensitivity")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
+    args.output_dir = args.output_dir or args.adapter_dir
     try:
         if not 0 < args.threshold <= 1:
             raise ValueError(f"--threshold {args.threshold} must be in (0, 1].")
@@ -78,8 +74,11 @@ def main(argv=None) -> int:
                 raise FileNotFoundError(f"{path!r} is not an adapter folder (no adapter_config.json).")
         if args.budget is not None or args.budget_ratio is not None:
             return _allocate(args)
-        if not args.overwrite:
-            _keep_training_history(args.output_dir or args.adapter_dir)
+        # the training callback's files hold the run's history, which this report (one point) would replace
+        previous = os.path.join(args.output_dir, JSON_NAME)
+        if not args.overwrite and os.path.isfile(previous) and read_json(previous).get("history"):
+            raise FileExistsError(f"{previous} holds the training run's rank-utilization history, which this report "
+                                  "would replace; pass --output_dir DIR (or --overwrite).")
         return _report(args)
     except (ValueError, OSError) as exc:
         if args.debug or debug_enabled():
@@ -88,16 +87,8 @@ def main(argv=None) -> int:
         return 2
 
 
-def _keep_training_history(directory: str) -> None:
-    """The training callback's files hold the run's history, which this command's report (one point) would replace."""
-    path = os.path.join(directory, JSON_NAME)
-    if os.path.isfile(path) and read_json(path).get("history"):
-        raise FileExistsError(f"{path} holds the training run's rank-utilization history, which this report would "
-                              "replace; pass --output_dir DIR (or --overwrite).")
-
-
 def _report(args) -> int:
-    updates = updates_from_adapter_dir(args.adapter_dir, _base_weights(args.base_model))
+    updates = updates_from_adapter_dir(args.adapter_dir, _base_weights(args.base_model) if args.base_model else None)
     stats = analyze(updates)
     print(f"{'module':<48} {'r':>3} {'eff.rank':>8} {'util':>6} {'r90':>4} {'r99':>4} {'stable':>7} {'|dW|/|W|':>9}")
     for s in stats:
@@ -106,27 +97,22 @@ def _report(args) -> int:
               f"{s.stable_rank:>7.2f} {rel:>9}")
 
     report = RankUtilizationCallback(threshold=args.threshold)
-    report.latest, report.history = stats, []
-    paths = report.write(args.output_dir or args.adapter_dir)
+    report.latest = stats
+    paths = report.write(args.output_dir)
 
     if args.against:
-        other = {(u.module, u.part): u for u in updates_from_adapter_dir(args.against)}
+        other = {u.name: u.lora_A for u in updates_from_adapter_dir(args.against)}
         similarity = {}
         print(f"\nsubspace similarity phi(A1, A2) against {args.against}")
-        for u in updates:
-            if (u.module, u.part) not in other:
-                continue
-            A2 = other[(u.module, u.part)].lora_A
-            name = u.name
-            if A2.shape[1] != u.lora_A.shape[1]:
-                raise ValueError(f"--against {args.against!r}: {name} adapts {A2.shape[1]} input features, "
-                                 f"{args.adapter_dir!r} {u.lora_A.shape[1]}; the adapters are of different base models.")
-            similarity[name] = {"top1": subspace_similarity(u.lora_A, A2, 1, 1),
-                                "full": subspace_similarity(u.lora_A, A2), "grid": subspace_similarity_grid(u.lora_A, A2)}
-            print(f"{name:<48} top-1 {similarity[name]['top1']:.3f}   full {similarity[name]['full']:.3f}")
-        path = os.path.join(args.output_dir or args.adapter_dir, "subspace_similarity.json")
-        write_json(path, similarity)
-        paths["similarity"] = path
+        for u in filter(lambda u: u.name in other, updates):
+            A1, A2 = u.lora_A, other[u.name]
+            if A2.shape[1] != A1.shape[1]:
+                raise ValueError(f"--against {args.against!r}: {u.name} adapts {A2.shape[1]} input features, "
+                                 f"{args.adapter_dir!r} {A1.shape[1]}; the adapters are of different base models.")
+            similarity[u.name] = {"top1": subspace_similarity(A1, A2, 1, 1), "full": subspace_similarity(A1, A2),
+                                  "grid": subspace_similarity_grid(A1, A2)}
+            print(f"{u.name:<48} top-1 {similarity[u.name]['top1']:.3f}   full {similarity[u.name]['full']:.3f}")
+        paths["similarity"] = write_json(os.path.join(args.output_dir, "subspace_similarity.json"), similarity)
     print("\nwrote " + ", ".join(sorted(paths.values())))
     return 0
 
@@ -141,9 +127,8 @@ def _allocate(args) -> int:
     for module, rank in plan.rank_map.items():
         alpha = f"  alpha {plan.alpha_map[module]:g}" if plan.alpha_map else ""
         print(f"{module:<56} r {rank:>3}{alpha}")
-    path = os.path.join(args.output_dir or args.adapter_dir, "suggested_rank_map.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    write_json(path, plan.to_json())
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = write_json(os.path.join(args.output_dir, SUGGESTION_NAME), plan.to_json())
     print(f"\n{plan.params:,} LoRA parameters (budget {plan.budget:,}); wrote {path}")
     return 0
 

@@ -10,8 +10,8 @@ its update ``ΔW``. The *value* of a module's k-th direction comes from one of t
   (:mod:`hf_lorax.analysis.sensitivity`, recorded by the probe's ``RankUtilizationCallback``). Absolute, not
   shares: it estimates what the loss loses with the direction, which is comparable between modules.
 
-A direction costs ``in_features + out_features`` parameters (one row of ``A``, one column of ``B``), so the k-th directions
-of all modules are ranked by value per parameter. Every module gets rank 1; then the ordered (module, k) pairs
+A direction costs ``in_features + out_features`` parameters (one row of ``A``, one column of ``B``), so the k-th
+directions of all modules are ranked by value per parameter. Every module gets rank 1; then the ordered (module, k) pairs
 are taken while they fit. The *prefix* rule (stop at the first pair that does not fit, never skip ahead to a
 cheaper one) makes the allocation monotone: a larger budget never lowers any module's rank. Ranks are capped
 at the probe rank: the probe says nothing about directions beyond it.
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from .report import LowRankUpdate
 from .spectra import factor_singular_values
@@ -89,9 +89,7 @@ class Allocation:
     signal: str = "energy"
 
     def to_json(self) -> dict:
-        return {"rank_map": self.rank_map, "alpha_map": self.alpha_map, "params": self.params, "budget": self.budget,
-                "min_params": self.min_params, "alpha_policy": self.alpha_policy, "signal": self.signal,
-                "rule": RULES[self.signal]}
+        return {**asdict(self), "rule": RULES[self.signal]}
 
 
 def spectra_from_updates(updates: Iterable[LowRankUpdate],
@@ -102,34 +100,21 @@ def spectra_from_updates(updates: Iterable[LowRankUpdate],
     grouped: dict[str, list[LowRankUpdate]] = {}
     for u in updates:
         grouped.setdefault(u.module, []).append(u)
-
-    def scores(parts):
+    spectra = []
+    for module, parts in grouped.items():
         names = [u.name for u in parts]
-        if sensitivity is None or any(n not in sensitivity for n in names):
-            return None
-        return tuple(tuple(sensitivity[n]) for n in names)
-
-    return [
-        ModuleSpectrum(
-            module=module,
-            singular_values=tuple(tuple(factor_singular_values(u.lora_A, u.lora_B, u.scaling).tolist()) for u in parts),
-            cost_per_rank=sum(u.lora_A.shape[1] + u.lora_B.shape[0] for u in parts),
-            probe_rank=parts[0].r,
-            scaling=parts[0].scaling,
-            sensitivity=scores(parts),
-        )
-        for module, parts in grouped.items()
-    ]
+        recorded = sensitivity is not None and all(n in sensitivity for n in names)  # every slice, or none
+        spectra.append(ModuleSpectrum(
+            module, tuple(tuple(factor_singular_values(u.lora_A, u.lora_B, u.scaling).tolist()) for u in parts),
+            cost_per_rank=sum(u.lora_A.shape[1] + u.lora_B.shape[0] for u in parts), probe_rank=parts[0].r,
+            scaling=parts[0].scaling, sensitivity=tuple(tuple(sensitivity[n]) for n in names) if recorded else None,
+        ))
+    return spectra
 
 
 def adapter_params(spectra: Sequence[ModuleSpectrum], rank_map: dict[str, int]) -> int:
     """LoRA parameters of ``rank_map`` (``rank_m · cost_per_rank_m`` summed)."""
     return sum(rank_map[s.module] * s.cost_per_rank for s in spectra)
-
-
-def probe_params(spectra: Sequence[ModuleSpectrum]) -> int:
-    """LoRA parameters of the probe adapter itself (the reference of a budget ratio)."""
-    return adapter_params(spectra, {s.module: s.probe_rank for s in spectra})
 
 
 def direction_order(spectra: Sequence[ModuleSpectrum], signal: str = "energy") -> list[tuple[str, int, int]]:
@@ -138,12 +123,10 @@ def direction_order(spectra: Sequence[ModuleSpectrum], signal: str = "energy") -
     Ties keep module order and then k; values fall with k, so within a module directions come in order.
     """
     check_choice("signal", signal, SIGNALS)
-    pairs = []
-    for index, s in enumerate(spectra):
-        for k, share in enumerate(s.values(signal)[1:], start=2):
-            pairs.append((-share / s.cost_per_rank, index, k, s))
-    pairs.sort(key=lambda p: p[:3])
-    return [(s.module, k, s.cost_per_rank) for _, _, k, s in pairs]
+    directions = [(s.module, k, s.cost_per_rank, value / s.cost_per_rank)
+                  for s in spectra for k, value in enumerate(s.values(signal)[1:], start=2)]
+    # a stable sort: ties stay in module order, then k
+    return [d[:3] for d in sorted(directions, key=lambda d: -d[3])]
 
 
 def allocate_ranks(spectra: Sequence[ModuleSpectrum], budget: int, signal: str = "energy") -> dict[str, int]:
@@ -165,8 +148,8 @@ def allocate_ranks(spectra: Sequence[ModuleSpectrum], budget: int, signal: str =
 
 def alpha_map(spectra: Sequence[ModuleSpectrum], rank_map: dict[str, int], lora_alpha: float,
               policy: str) -> dict[str, float] | None:
-    """Each module's ``lora_alpha`` for its new rank under ``policy`` (see the module docstring)."""
-    check_alpha_policy(policy)
+    """Each module's ``lora_alpha`` for its new rank under ``policy`` (see the module docstring; :func:`allocate`
+    checks it)."""
     if policy == "alpha":
         return None
     if policy == "rslora":
@@ -188,7 +171,7 @@ def budget_from_ratio(spectra: Sequence[ModuleSpectrum], ratio: float) -> int:
     """``ratio`` × the probe adapter's LoRA parameters, rounded down."""
     if not 0 < ratio <= 1:
         raise ValueError(f"budget ratio {ratio} must be in (0, 1]: a fraction of the probe adapter's parameters.")
-    return int(ratio * probe_params(spectra))
+    return int(ratio * adapter_params(spectra, {s.module: s.probe_rank for s in spectra}))
 
 
 def check_alpha_policy(policy: str) -> None:

@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import asdict
 
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
 from ..adapter_files import write_json
 from ..integrations.sharding import is_sharded
 from .plots import plot_rank_utilization
-from .report import (
-    ModuleStats,
-    analyze,
-    per_module_metrics,
-    stats_to_dict,
-    suggest_rank_map,
-    summarize,
-    updates_from_model,
-)
+from .report import ModuleStats, analyze, suggest_rank_map, summarize, updates_from_model
 from .sensitivity import SensitivityTracker
 
 logger = logging.getLogger(__name__)
@@ -77,12 +70,10 @@ class RankUtilizationCallback(TrainerCallback):
 
     def record(self, stats: list[ModuleStats], step: int) -> dict[str, float]:
         self.latest = stats
-        summary = summarize(self.latest)
+        summary = summarize(stats)
         self.history.append({"step": step, "summary": summary})
-        metrics = dict(summary)
-        if self.log_per_module:
-            metrics.update(per_module_metrics(self.latest))
-        return metrics
+        per_module = {f"rank_utilization/module/{s.name}": s.utilization for s in stats} if self.log_per_module else {}
+        return {**summary, **per_module}
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every_n_steps == 0:
@@ -100,14 +91,10 @@ class RankUtilizationCallback(TrainerCallback):
         """Measure on the main process only. Sharded factors (ZeRO-3, FSDP2) are gathered by every process
         first (a collective), so every process takes the same steps here whatever its rank."""
         self._last_step = state.global_step
-        if model is None:
-            return
-        if is_sharded(model):
+        if model is not None and (state.is_world_process_zero or is_sharded(model)):
             updates = updates_from_model(model)
             if state.is_world_process_zero:
                 self._pending = self.record(analyze(updates), state.global_step)
-        elif state.is_world_process_zero:
-            self._pending = self.measure(model, state.global_step)
 
     def attach(self, trainer) -> RankUtilizationCallback:
         """Put this callback first in ``trainer``'s callbacks (that trainer only), so that the reporters after
@@ -118,8 +105,7 @@ class RankUtilizationCallback(TrainerCallback):
         metrics to the ``logs`` of a ``Trainer.log`` call the callbacks after it see.
         """
         callbacks = trainer.callback_handler.callbacks
-        callbacks[:] = [c for c in callbacks if c is not self and getattr(c, "owner", None) is not self]
-        callbacks.insert(0, self)
+        callbacks[:] = [self] + [c for c in callbacks if c is not self and getattr(c, "owner", None) is not self]
         printer = next((i for i, c in enumerate(callbacks) if isinstance(c, (ProgressCallback, PrinterCallback))), None)
         if printer is not None:
             before = ConsoleSummary(self)
@@ -163,9 +149,8 @@ class RankUtilizationCallback(TrainerCallback):
     def write(self, directory: str, step: int | None = None) -> dict[str, str]:
         """Write the JSON report, the plot and the suggested rank map; returns their paths."""
         os.makedirs(directory, exist_ok=True)
-        paths = {"json": os.path.join(directory, JSON_NAME), "suggestion": os.path.join(directory, SUGGESTION_NAME)}
         report = {"every_n_steps": self.every_n_steps, "threshold": self.threshold, "history": self.history,
-                  "modules": stats_to_dict(self.latest)}
+                  "modules": [asdict(s) for s in self.latest]}
         if self.sensitivity is not None and self.sensitivity.steps:
             report["sensitivity"] = self.sensitivity.to_json()
         elif self.sensitivity is not None and self.history:  # e.g. DeepSpeed ZeRO-1/2 keeps gradients to itself
@@ -173,8 +158,8 @@ class RankUtilizationCallback(TrainerCallback):
                            "no loss sensitivity was recorded; rank maps from this run can use signal 'energy' only.")
         suggestion = {"rank_map": suggest_rank_map(self.latest, self.threshold), "threshold": self.threshold,
                       "step": step}
-        write_json(paths["json"], report)
-        write_json(paths["suggestion"], suggestion)
+        paths = {"json": write_json(os.path.join(directory, JSON_NAME), report),
+                 "suggestion": write_json(os.path.join(directory, SUGGESTION_NAME), suggestion)}
         if self.plot and self.latest:
             paths["png"] = plot_rank_utilization(self.latest, self.history, os.path.join(directory, PNG_NAME),
                                                  title=f"rank utilization at step {step}")

@@ -25,9 +25,7 @@ def plot_rank_utilization(stats: list[ModuleStats], history: list[dict], path: s
     image = heat.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower")
     heat.set_xticks(range(len(types)), types, rotation=30, ha="right")
     heat.set_yticks(range(len(layers)), [str(layer) for layer in layers])
-    heat.set_xlabel("module")
-    heat.set_ylabel("layer")
-    heat.set_title("utilization = effective rank / r")
+    heat.set(xlabel="module", ylabel="layer", title="utilization = effective rank / r")
     fig.colorbar(image, ax=heat, fraction=0.046)
 
     steps = [h["step"] for h in history]
@@ -37,10 +35,7 @@ def plot_rank_utilization(stats: list[ModuleStats], history: list[dict], path: s
             key = f"rank_utilization/type/{kind}/mean"
             line.plot(steps, [h["summary"].get(key, float("nan")) for h in history], label=kind, lw=1, alpha=0.8)
         line.legend(fontsize=8)
-    line.set_xlabel("step")
-    line.set_ylabel("utilization")
-    line.set_ylim(0, 1.05)
-    line.set_title("over training")
+    line.set(xlabel="step", ylabel="utilization", ylim=(0, 1.05), title="over training")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

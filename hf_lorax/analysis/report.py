@@ -6,21 +6,14 @@ so the same numbers come out of the Trainer callback and of ``python -m hf_lorax
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..adapter_files import read_adapter_folder
 from ..integrations.peft_api import LoraLayer, dequantize_module_weight
 from ..integrations.sharding import full_params
-from .spectra import (
-    effective_rank,
-    energy,
-    energy_rank,
-    factor_singular_values,
-    next_power_of_two,
-    stable_rank,
-)
+from .spectra import effective_rank, energy, energy_rank, factor_singular_values, stable_rank
 
 
 @dataclass
@@ -58,14 +51,11 @@ class ModuleStats:
     rank_90: int
     rank_99: int
     relative_norm: float | None = None  # ‖ΔW‖_F / ‖W‖_F (LoRA paper §7.3)
-    magnitude: dict | None = field(default=None)  # DoRA: statistics of m and of its change from ‖W‖
+    magnitude: dict | None = None  # DoRA: statistics of m and of its change from ‖W‖
 
     @property
     def name(self) -> str:
         return module_part_name(self.module, self.part)
-
-    def rank_at(self, threshold: float) -> int:
-        return energy_rank(torch.tensor(self.singular_values), threshold)
 
 
 def module_part_name(module: str, part: str) -> str:
@@ -76,13 +66,10 @@ def module_part_name(module: str, part: str) -> str:
 def module_stats(update: LowRankUpdate) -> ModuleStats:
     sv = factor_singular_values(update.lora_A, update.lora_B, update.scaling)
     erank = effective_rank(sv)
-    fro = float((sv**2).sum().sqrt())
-    stats = ModuleStats(
-        module=update.module, part=update.part, r=update.r, singular_values=sv.tolist(), effective_rank=erank,
-        stable_rank=stable_rank(sv), utilization=erank / update.r, energy=energy(sv),
-        rank_90=energy_rank(sv, 0.9), rank_99=energy_rank(sv, 0.99),
-        relative_norm=fro / update.weight_fro if update.weight_fro else None,
-    )
+    stats = ModuleStats(module=update.module, part=update.part, r=update.r, singular_values=sv.tolist(),
+                        effective_rank=erank, stable_rank=stable_rank(sv), utilization=erank / update.r,
+                        energy=energy(sv), rank_90=energy_rank(sv, 0.9), rank_99=energy_rank(sv, 0.99),
+                        relative_norm=float(sv.norm()) / update.weight_fro if update.weight_fro else None)
     if update.magnitude is not None:
         m = update.magnitude.detach().double()
         stats.magnitude = {"mean": float(m.mean()), "std": float(m.std()) if m.numel() > 1 else 0.0,
@@ -107,7 +94,7 @@ def updates_from_model(model: torch.nn.Module, adapter: str | None = None) -> li
     this is a collective: every process must call it (:class:`~hf_lorax.analysis.RankUtilizationCallback` does).
     """
     updates = []
-    for name, layer, adapter_name in lora_layers(model, adapter):
+    for name, layer, adapter_name, spec in lora_layers(model, adapter):
         base = layer.get_base_layer()
         tensors = [layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight, base.weight]
         if adapter_name in layer.lora_magnitude_vector:
@@ -116,10 +103,9 @@ def updates_from_model(model: torch.nn.Module, adapter: str | None = None) -> li
             if not W.is_floating_point():
                 W = dequantize_module_weight(base)
             W = W.detach().T if getattr(layer, "fan_in_fan_out", False) else W.detach()
-            spec = getattr(layer, "slice_specs", {}).get(adapter_name)
             # copies: the gathered tensors are released when the block ends; W is only read inside it
             updates += split_update(name, A.detach().clone(), B.detach().clone(), float(layer.scaling[adapter_name]),
-                              W, magnitude[0].detach().clone() if magnitude else None, spec)
+                                    W, magnitude[0].detach().clone() if magnitude else None, spec)
     return updates
 
 
@@ -131,7 +117,7 @@ def updates_from_adapter_dir(path: str, base_weights: dict[str, torch.Tensor] | 
     for module in folder.modules:
         A, B = state[f"{module.key}.lora_A.weight"], state[f"{module.key}.lora_B.weight"]
         magnitude = state.get(f"{module.key}.lora_magnitude_vector")
-        W = _find_weight(base_weights, module.name)
+        W = _find_weight(base_weights or {}, module.name)
         if base_weights and W is None:  # else its ‖ΔW‖/‖W‖ would silently read "-"
             raise ValueError(f"the base weights hold no weight for {module.name}; the adapter was not trained on "
                              "this base model.")
@@ -143,47 +129,37 @@ def updates_from_adapter_dir(path: str, base_weights: dict[str, torch.Tensor] | 
 
 
 def lora_layers(model: torch.nn.Module, adapter: str | None = None):
-    """``(module name, LoRA layer, adapter name)`` of every layer holding ``adapter`` (default: its active one)."""
+    """``(module name, LoRA layer, adapter name, its fused-slice spec or None)`` of every layer holding ``adapter``
+    (default: its active one)."""
     for name, layer in model.named_modules():
         if isinstance(layer, LoraLayer):
-            adapter_name = adapter or _first_active(layer)
+            adapter_name = adapter or (layer.active_adapters or ["default"])[0]
             if adapter_name in layer.lora_A:
-                yield name.removeprefix("base_model.model."), layer, adapter_name
+                spec = getattr(layer, "slice_specs", {}).get(adapter_name)
+                yield name.removeprefix("base_model.model."), layer, adapter_name, spec
 
 
 def split_update(module, A, B, scaling, W, magnitude, spec) -> list[LowRankUpdate]:
     """One :class:`LowRankUpdate` per slice of a fused module (``spec``), or one for a plain module."""
     def make(part, a, b, rows):
         w = None if W is None else W[rows].double()
-        return LowRankUpdate(
-            module=module, part=part, lora_A=a, lora_B=b, scaling=scaling,
-            weight_fro=float(w.norm()) if w is not None else None,
-            magnitude=None if magnitude is None else magnitude[rows],
-            weight_row_norm=None if w is None else w.norm(dim=1),
-        )
+        return LowRankUpdate(module, part, a, b, scaling, weight_fro=None if w is None else float(w.norm()),
+                             magnitude=None if magnitude is None else magnitude[rows],
+                             weight_row_norm=None if w is None else w.norm(dim=1))
 
     if spec is None:
         return [make("", A, B, slice(None))]
     r = A.shape[0] // len(spec.adapt)
     rows = [torch.as_tensor(idx, dtype=torch.long) for idx in spec.rows(B.shape[0], module)]
-    return [
-        make(part, A[i * r : (i + 1) * r], B[idx, i * r : (i + 1) * r], idx)
-        for i, (part, idx) in enumerate(zip(spec.adapt, rows))
-    ]
+    return [make(part, A[i * r : (i + 1) * r], B[idx, i * r : (i + 1) * r], idx)
+            for i, (part, idx) in enumerate(zip(spec.adapt, rows))]
 
 
-def _find_weight(weights: dict | None, module: str):
+def _find_weight(weights: dict, module: str):
     """``weights[module]``, tolerating a task-model prefix on either side (``transformer.h.0`` vs ``h.0``)."""
-    if not weights:
-        return None
     if module in weights:
         return weights[module]
     return next((w for k, w in weights.items() if module.endswith("." + k) or k.endswith("." + module)), None)
-
-
-def _first_active(layer) -> str:
-    active = layer.active_adapters
-    return active[0] if active else "default"
 
 
 # -- summaries -----------------------------------------------------------------------------------------
@@ -195,30 +171,18 @@ def layer_index(module: str) -> int | None:
 
 
 def module_type(stats: ModuleStats) -> str:
-    base = stats.module.split(".")[-1]
-    return f"{base}[{stats.part}]" if stats.part else base
+    return module_part_name(stats.module.split(".")[-1], stats.part)
 
 
 def summarize(stats: list[ModuleStats], prefix: str = "rank_utilization") -> dict[str, float]:
     """Mean/min utilization overall, per module type and per layer, as flat metric names for a logger."""
-    out: dict[str, float] = {}
-    if not stats:
-        return out
-
-    def add(name, values):
-        out[f"{prefix}/{name}mean"] = sum(values) / len(values)
-        out[f"{prefix}/{name}min"] = min(values)
-
-    add("", [s.utilization for s in stats])
+    groups = {"": [s.utilization for s in stats]} if stats else {}
     for kind in sorted({module_type(s) for s in stats}):
-        add(f"type/{kind}/", [s.utilization for s in stats if module_type(s) == kind])
+        groups[f"type/{kind}/"] = [s.utilization for s in stats if module_type(s) == kind]
     for layer in sorted({i for s in stats if (i := layer_index(s.module)) is not None}):
-        add(f"layer/{layer}/", [s.utilization for s in stats if layer_index(s.module) == layer])
-    return out
-
-
-def per_module_metrics(stats: list[ModuleStats], prefix: str = "rank_utilization") -> dict[str, float]:
-    return {f"{prefix}/module/{s.name}": s.utilization for s in stats}
+        groups[f"layer/{layer}/"] = [s.utilization for s in stats if layer_index(s.module) == layer]
+    return {f"{prefix}/{name}{stat}": value for name, values in groups.items()
+            for stat, value in (("mean", sum(values) / len(values)), ("min", min(values)))}
 
 
 def suggest_rank_map(stats: list[ModuleStats], threshold: float = 0.9, max_rank: int | None = None) -> dict[str, int]:
@@ -229,12 +193,9 @@ def suggest_rank_map(stats: list[ModuleStats], threshold: float = 0.9, max_rank:
     """
     suggestion: dict[str, int] = {}
     for s in stats:
-        rank = next_power_of_two(max(s.rank_at(threshold), 1))
+        rank = max(energy_rank(torch.tensor(s.singular_values), threshold), 1)
+        rank = 1 << (rank - 1).bit_length()  # the next power of two
         if max_rank is not None:
             rank = min(rank, max_rank)
         suggestion[s.module] = max(suggestion.get(s.module, 1), rank)
     return suggestion
-
-
-def stats_to_dict(stats: list[ModuleStats]) -> list[dict]:
-    return [asdict(s) for s in stats]

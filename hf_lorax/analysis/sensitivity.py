@@ -8,7 +8,8 @@ What a direction of an update is worth is how much the loss depends on it. Write
 same ``I`` for any invertible ``M``.
 
 No d×k matrix is formed. With ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A`` (thin QR), the SVD ``U Σ Vᵀ`` of the r×r core
-``s·R_B R_Aᵀ`` gives ``u_k = Q_B U_k`` and ``v_k = Q_A V_k``. Since ``∂L/∂B = s·G Aᵀ``, ``G v_k = (∂L/∂B / s)·R_A⁻¹ V_k``.
+``s·R_B R_Aᵀ`` gives ``u_k = Q_B U_k`` and ``v_k = Q_A V_k``. Since ``∂L/∂B = s·G Aᵀ``,
+``G v_k = (∂L/∂B / s)·R_A⁻¹ V_k``.
 
 One batch's ``I`` is noisy. As in AdaLoRA (eqs. 8-9), the score smooths it and weights it by its uncertainty:
 ``Ī ← β₁Ī + (1-β₁)I``, ``Ū ← β₂Ū + (1-β₂)|I - Ī|``, score ``Ī·Ū``. Directions are indexed in σ order at each
@@ -41,11 +42,10 @@ def gradient_updates(model: torch.nn.Module) -> list[tuple[LowRankUpdate, torch.
     """``(update, ∂L/∂A, ∂L/∂B)`` of every adapted module (fused modules split into their slices) whose factors
     hold gradients now; call it between ``backward`` and the optimizer step."""
     out = []
-    for name, layer, adapter in lora_layers(model):
+    for name, layer, adapter, spec in lora_layers(model):
         A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         if A.grad is None or B.grad is None:
             continue
-        spec = getattr(layer, "slice_specs", {}).get(adapter)
         scaling = float(layer.scaling[adapter])
         weights = split_update(name, A.detach(), B.detach(), scaling, None, None, spec)
         grads = split_update(name, A.grad, B.grad, scaling, None, None, spec)
@@ -77,11 +77,9 @@ class SensitivityTracker:
         for update, grad_A, grad_B in pairs:
             name = update.name
             value = direction_sensitivity(update, grad_A, grad_B)
-            mean = self._mean.get(name, torch.zeros_like(value))
-            mean = self.beta1 * mean + (1 - self.beta1) * value
-            previous = self._uncertainty.get(name, torch.zeros_like(value))
-            self._uncertainty[name] = self.beta2 * previous + (1 - self.beta2) * (value - mean).abs()
-            self._mean[name] = mean
+            mean = self.beta1 * self._mean.get(name, 0.0) + (1 - self.beta1) * value
+            uncertainty = self.beta2 * self._uncertainty.get(name, 0.0) + (1 - self.beta2) * (value - mean).abs()
+            self._mean[name], self._uncertainty[name] = mean, uncertainty
 
     def scores(self) -> dict[str, list[float]]:
         return {name: (mean * self._uncertainty[name]).tolist() for name, mean in self._mean.items()}

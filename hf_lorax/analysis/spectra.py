@@ -7,8 +7,6 @@ so the singular values of ``ΔW`` are those of the r×r core ``s·R_B R_Aᵀ``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -26,9 +24,7 @@ def effective_rank(singular_values: torch.Tensor) -> float:
     total = s.sum()
     if total <= 0:
         return 0.0
-    p = s / total
-    p = p[p > 0]
-    return float(torch.exp(-(p * p.log()).sum()))
+    return float(torch.exp(torch.special.entr(s / total).sum()))  # entr(p) = -p·log p, 0 at p = 0
 
 
 def stable_rank(singular_values: torch.Tensor) -> float:
@@ -63,8 +59,7 @@ def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor, i: int | None = None
     ``‖U_{A₁}^{i}ᵀ U_{A₂}^{j}‖_F² / min(i, j)`` with ``U^{i}`` the top-i right-singular vectors of ``A``
     (rows of ``A`` are (r, in)). 1 when the subspaces coincide, 0 when they are orthogonal.
     """
-    U1 = torch.linalg.svd(A1.detach().double(), full_matrices=False)[2]
-    U2 = torch.linalg.svd(A2.detach().double(), full_matrices=False)[2]
+    U1, U2 = (torch.linalg.svd(A.detach().double(), full_matrices=False)[2] for A in (A1, A2))
     i = U1.shape[0] if i is None else i
     j = U2.shape[0] if j is None else j
     if not (1 <= i <= U1.shape[0] and 1 <= j <= U2.shape[0]):
@@ -76,7 +71,3 @@ def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor, i: int | None = None
 def subspace_similarity_grid(A1: torch.Tensor, A2: torch.Tensor) -> list[list[float]]:
     """φ(A₁, A₂, i, j) for every i ≤ r₁, j ≤ r₂ (the paper's Figure 3 grid)."""
     return [[subspace_similarity(A1, A2, i, j) for j in range(1, A2.shape[0] + 1)] for i in range(1, A1.shape[0] + 1)]
-
-
-def next_power_of_two(k: int) -> int:
-    return 1 if k <= 1 else 2 ** math.ceil(math.log2(k))
