@@ -100,14 +100,14 @@ class LoRAConfig(LoraConfig):
         CONFIG_CLASSES[cls.__name__] = cls
 
     def __post_init__(self):
-        _check_positive_int("r", self.r)
-        _check_positive_number("lora_alpha", self.lora_alpha)
+        _check_positive("r", self.r, int)
+        _check_positive("lora_alpha", self.lora_alpha)
         if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, Real):
             raise TypeError(f"lora_dropout must be a float in [0, 1), got {self.lora_dropout!r}.")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout={self.lora_dropout} is outside [0, 1).")
         if self.num_labels is not None:
-            _check_positive_int("num_labels", self.num_labels)
+            _check_positive("num_labels", self.num_labels, int)
         self.rank_map = load_module_map(self.rank_map, what="rank_map")
         self.alpha_map = load_module_map(self.alpha_map, what="alpha_map")
         parse_fused_slices(self.fused_slices)  # validates
@@ -171,10 +171,6 @@ class LoRAConfig(LoraConfig):
 
     # -- saving -------------------------------------------------------------------------------------------
 
-    def sliced_modules(self) -> dict[str, int]:
-        """``{module: number of adapted slices}`` of a resolved config (empty for a description)."""
-        return dict((self.resolved_from or {}).get("sliced_modules") or {})
-
     def to_dict(self) -> dict:
         """The standard peft config dict: what ``adapter_config.json`` holds (hf_lorax's own fields left out;
         they go to ``hf_lorax.json``). For a resolved config it is exactly the state peft builds layers from."""
@@ -194,7 +190,7 @@ class LoRAConfig(LoraConfig):
             "config_class": type(self).__name__,
             "method": self.method,
             **data,
-            "sliced_modules": self.sliced_modules(),
+            "sliced_modules": dict(source.get("sliced_modules") or {}),
             "slice_layouts": dict(source.get("slice_layouts") or {}),
         }
 
@@ -329,15 +325,8 @@ class QLoRAConfig(LoRAConfig):
         return data
 
 
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a positive integer, got {value!r}.")
-    if value <= 0:
-        raise ValueError(f"{name}={value} must be > 0.")
-
-
-def _check_positive_number(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a positive number, got {value!r}.")
+def _check_positive(name: str, value, kind: type = Real) -> None:
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"{name} must be a positive {'integer' if kind is int else 'number'}, got {value!r}.")
     if value <= 0:
         raise ValueError(f"{name}={value} must be > 0.")
