@@ -5,7 +5,7 @@ sidecar, and optionally ``README.md`` (the model card), ``results.json`` and the
 
 * :func:`read_sidecar` / :func:`read_adapter_folder`: the sidecar with its format check, and the folder
   parsed into per-module rows (rank and alpha per slice, scaling, method, parameters);
-* :func:`check_adapter_dir` / :func:`check_weights_file`: a broken file fails with its name, not deep in torch;
+* :func:`check_adapter_dir`: a broken config or weights file fails with its name, not deep in torch;
 * :func:`atomic_directory_write`, :func:`write_json`, :func:`write_text`: the only writers. A save goes to a
   temporary sibling directory on the same filesystem, every file is fsync'ed, and the directory then takes
   the target's place: with Linux ``renameat2(RENAME_EXCHANGE)`` in one atomic step, elsewhere with two
@@ -16,6 +16,7 @@ sidecar, and optionally ``README.md`` (the model card), ``results.json`` and the
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
@@ -29,7 +30,6 @@ from peft import PeftConfig
 
 from .base_init import base_changing_init
 from .config import SIDECAR_FORMAT, SIDECAR_NAME
-from .describe import AdaptedModule
 from .integrations.peft_api import pattern_value
 from .slices import SliceSpec, lora_scaling, parse_fused_slices, slice_alpha, slice_rank, spec_for
 
@@ -65,14 +65,13 @@ def read_sidecar(directory: str) -> dict | None:
 
 @dataclass
 class SavedModule:
-    """One adapted module of a saved adapter. ``r`` / ``alpha`` are per slice; ``fused_*`` as stored."""
+    """One adapted module of a saved adapter. ``r`` / ``alpha`` are per slice; ``module_r`` as stored."""
 
     name: str
     key: str  # the state-dict prefix, e.g. "base_model.model.h.0.attn.c_attn"
     r: int
     alpha: float
     module_r: int
-    module_alpha: float
     scaling: float
     method: str
     params: int
@@ -88,7 +87,6 @@ class AdapterFolder:
     sidecar: dict
     shapes: dict[str, list[int]] = field(default_factory=dict)
     modules: list[SavedModule] = field(default_factory=list)
-    other_params: int = 0  # task heads (modules_to_save) and other non-LoRA tensors
 
     @property
     def weights_path(self) -> str:
@@ -106,7 +104,7 @@ class AdapterFolder:
     @property
     def adapter_params(self) -> int:
         """Trainable parameters the adapter holds: LoRA factors (per slice), DoRA magnitudes, task heads."""
-        return sum(m.params for m in self.modules) + self.other_params
+        return sum(m.params for m in self.modules) + sum(math.prod(s) for k, s in self.shapes.items() if "lora_" not in k)
 
     @property
     def heads(self) -> list[str]:
@@ -114,12 +112,6 @@ class AdapterFolder:
         names = [k.removeprefix("base_model.model.") for k in self.shapes if "lora_" not in k]
         listed = sorted(set(self.config.get("modules_to_save") or []))
         return [h for h in listed if any(f".{h}." in f".{n}" for n in names)]
-
-    def rows(self) -> list[AdaptedModule]:
-        """The modules as :func:`hf_lorax.describe` rows (the layer type is unknown in a saved folder)."""
-        return [AdaptedModule(module=m.name, layer="", method=m.method, r=m.r, alpha=m.alpha, scaling=m.scaling,
-                              params=m.params, slices=",".join(m.slices.adapt) if m.slices else "")
-                for m in self.modules]
 
     def load_tensors(self) -> dict:
         from safetensors.torch import load_file
@@ -129,8 +121,6 @@ class AdapterFolder:
 
 def read_adapter_folder(path: str) -> AdapterFolder:
     """Check and parse a saved adapter folder (safetensors weights)."""
-    from safetensors import safe_open
-
     if not os.path.isdir(path):
         raise FileNotFoundError(f"Adapter folder {path!r} does not exist.")
     if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
@@ -139,62 +129,64 @@ def read_adapter_folder(path: str) -> AdapterFolder:
     config = read_json(os.path.join(path, CONFIG_FILE))
     for key in PEFT_DEFAULTED_KEYS:  # a key the file leaves out has peft's default, as when peft loads it
         config.setdefault(key, getattr(peft_config, key, None))
-    folder = AdapterFolder(path=path, config=config, sidecar=read_sidecar(path) or {})
-    with safe_open(folder.weights_path, framework="pt") as f:
-        folder.shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    folder = AdapterFolder(path=path, config=config, sidecar=read_sidecar(path) or {},
+                           shapes=_tensor_shapes(os.path.join(path, SAFETENSORS_FILE)))
     sliced = folder.sidecar.get("sliced_modules") or {}
     specs = parse_fused_slices(folder.sidecar.get("slice_layouts") or folder.sidecar.get("fused_slices"))
     rslora = bool(config.get("use_rslora"))
-    for key, a_shape in sorted(folder.shapes.items()):
-        if not key.endswith(".lora_A.weight"):
-            if "lora_" not in key:
-                folder.other_params += math.prod(a_shape)
-            continue
-        prefix = key.removesuffix(".lora_A.weight")
+    for prefix, (a_shape, b_shape, magnitude) in check_factor_shapes(folder.weights_path, folder.shapes).items():
         name = prefix.removeprefix("base_model.model.")
-        b_shape = folder.shapes[f"{prefix}.lora_B.weight"]
         module_r = a_shape[0]
         configured_r = pattern_value(config.get("rank_pattern") or {}, name, config["r"])
         if module_r != configured_r:  # peft would build rank configured_r and refuse (or mis-scale) these tensors
-            raise ValueError(f"{folder.weights_path}: {key} has rank {module_r}, but {CONFIG_FILE} gives {name} "
-                             f"rank {configured_r} (r / rank_pattern); the config and the weights do not belong together.")
+            raise ValueError(f"{folder.weights_path}: {prefix}.lora_A.weight has rank {module_r}, but {CONFIG_FILE} "
+                             f"gives {name} rank {configured_r} (r / rank_pattern); the config and the weights do not "
+                             "belong together.")
         module_alpha = pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
         spec = spec_for(name, specs) if name in sliced else None
         n = sliced.get(name, 1) if spec else 1
         b_params = sum(map(len, spec.rows(b_shape[0], name))) * slice_rank(module_r, n) if spec else math.prod(b_shape)
-        magnitude = folder.shapes.get(f"{prefix}.lora_magnitude_vector")
         folder.modules.append(SavedModule(
             name=name, key=prefix, r=slice_rank(module_r, n), alpha=slice_alpha(module_alpha, n, rslora),
-            module_r=module_r, module_alpha=module_alpha, scaling=lora_scaling(module_alpha, module_r, rslora),
-            method="dora" if magnitude else "lora", params=math.prod(a_shape) + b_params + (math.prod(magnitude) if magnitude else 0),
-            slices=spec,
-        ))
+            module_r=module_r, scaling=lora_scaling(module_alpha, module_r, rslora), slices=spec,
+            method="dora" if magnitude else "lora", params=math.prod(a_shape) + b_params + math.prod(magnitude or [0])))
     return folder
 
 
-def check_factor_shapes(weights: str, shapes: dict[str, list[int]]) -> None:
+def _tensor_shapes(weights: str) -> dict[str, list[int]]:
+    """Every tensor's shape, from the safetensors header (no tensor is read)."""
+    from safetensors import safe_open
+
+    with safe_open(weights, framework="pt") as f:
+        return {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+
+
+def check_factor_shapes(weights: str, shapes: dict[str, list[int]]) -> dict[str, tuple]:
     """Every ``lora_A`` has its ``lora_B`` (and back), both are matrices, and their ranks agree; a DoRA
-    magnitude has one entry per output row. Errors name the tensor, its shape and the file."""
-    for key, shape in shapes.items():
-        for part, other in ((".lora_A.weight", ".lora_B.weight"), (".lora_B.weight", ".lora_A.weight")):
-            if not key.endswith(part):
-                continue
-            partner = key.removesuffix(part) + other
-            if partner not in shapes:
-                raise ValueError(f"{weights} holds {key} but not {partner}: the file is incomplete; save the adapter again.")
-            if len(shape) != 2:
-                raise ValueError(f"{weights}: {key} has shape {shape}; a LoRA factor is a matrix.")
-    for key, shape in shapes.items():  # every factor is a matrix now, whichever of A and B came first
-        if key.endswith(".lora_A.weight"):
-            prefix = key.removesuffix(".lora_A.weight")
-            b_shape = shapes[f"{prefix}.lora_B.weight"]
-            if shape[0] != b_shape[1]:
-                raise ValueError(f"{weights}: {key} has rank {shape[0]} (shape {shape}) but {prefix}.lora_B.weight has "
-                                 f"rank {b_shape[1]} (shape {b_shape}); the factors must share one rank.")
-            magnitude = shapes.get(f"{prefix}.lora_magnitude_vector")
-            if magnitude is not None and magnitude != [b_shape[0]]:
-                raise ValueError(f"{weights}: {prefix}.lora_magnitude_vector has shape {magnitude}; the module has "
-                                 f"{b_shape[0]} output rows.")
+    magnitude has one entry per output row. Errors name the tensor, its shape and the file.
+
+    Returns ``{prefix: (A shape, B shape, magnitude shape or None)}`` per adapted module, in the order of the
+    ``lora_A`` keys (``prefix``: the state-dict prefix, e.g. ``"base_model.model.h.0.attn.c_attn"``)."""
+    endings, factors = (".lora_A.weight", ".lora_B.weight"), {}
+    for prefix in dict.fromkeys(k.removesuffix(e) for k in sorted(shapes) for e in endings if k.endswith(e)):
+        a_key, b_key = prefix + endings[0], prefix + endings[1]
+        if a_key not in shapes or b_key not in shapes:
+            held, missing = (a_key, b_key) if a_key in shapes else (b_key, a_key)
+            raise ValueError(f"{weights} holds {held} but not {missing}: the file is incomplete; save the adapter "
+                             "again.")
+        for key in (a_key, b_key):
+            if len(shapes[key]) != 2:
+                raise ValueError(f"{weights}: {key} has shape {shapes[key]}; a LoRA factor is a matrix.")
+        a_shape, b_shape = shapes[a_key], shapes[b_key]
+        if a_shape[0] != b_shape[1]:
+            raise ValueError(f"{weights}: {a_key} has rank {a_shape[0]} (shape {a_shape}) but {b_key} has "
+                             f"rank {b_shape[1]} (shape {b_shape}); the factors must share one rank.")
+        magnitude = shapes.get(f"{prefix}.lora_magnitude_vector")
+        if magnitude is not None and magnitude != [b_shape[0]]:
+            raise ValueError(f"{weights}: {prefix}.lora_magnitude_vector has shape {magnitude}; the module has "
+                             f"{b_shape[0]} output rows.")
+        factors[prefix] = (a_shape, b_shape, magnitude)
+    return factors
 
 
 # -- checking --------------------------------------------------------------------------------------------
@@ -216,29 +208,21 @@ def check_adapter_dir(path: str, allow_pickle: bool = False) -> PeftConfig:
         config = PeftConfig.from_pretrained(path)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{config_path} holds invalid values: {exc}") from exc
-    check_weights_file(path, allow_pickle)
-    return config
-
-
-def check_weights_file(path: str, allow_pickle: bool = False) -> None:
     weights = os.path.join(path, SAFETENSORS_FILE)
     if not os.path.isfile(weights):
         if os.path.isfile(os.path.join(path, PICKLE_FILE)):
             if not allow_pickle:
-                raise ValueError(
-                    f"{path!r} holds only a pickle {PICKLE_FILE}, which can execute code when loaded. Convert it to "
-                    f"safetensors, or pass allow_pickle=True to load it with torch.load(weights_only=True)."
-                )
-            return
+                raise ValueError(f"{path!r} holds only a pickle {PICKLE_FILE}, which can execute code when loaded. "
+                                 "Convert it to safetensors, or pass allow_pickle=True to load it with "
+                                 "torch.load(weights_only=True).")
+            return config
         raise FileNotFoundError(f"{path!r} has {CONFIG_FILE} but no {SAFETENSORS_FILE}.")
-    from safetensors import safe_open
-
     try:
-        with safe_open(weights, framework="pt") as f:
-            shapes = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+        shapes = _tensor_shapes(weights)
     except Exception as exc:  # SafetensorError for every kind of damage, a file shorter or longer than its header too
         raise ValueError(f"{weights} is truncated or corrupt ({exc}); save the adapter again.") from exc
     check_factor_shapes(weights, shapes)  # a missing lora_B would otherwise load as zeros: an adapter doing nothing
+    return config
 
 
 # -- writing ---------------------------------------------------------------------------------------------
@@ -314,25 +298,21 @@ def _link_missing(source: str, dest: str) -> None:
 def _fsync_tree(root: str) -> None:
     for folder, _, files in os.walk(root):
         for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(os.path.join(folder, name))
         _fsync_dir(folder)
 
 
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
     finally:
         os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    with contextlib.suppress(OSError):  # some filesystems refuse to open or fsync a directory
+        _fsync(path)
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -349,9 +329,7 @@ def _remove_stale_temps(parent: str, name: str) -> None:
     """Delete temporary directories that killed saves of ``name`` left behind."""
     prefix = f".{name}{_TMP_MARK}"
     for entry in os.scandir(parent):
-        if not entry.name.startswith(prefix):
-            continue
-        pid = entry.name[len(prefix):].split("-", 1)[0]
+        pid = entry.name.removeprefix(prefix).split("-", 1)[0] if entry.name.startswith(prefix) else ""
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(entry.path, ignore_errors=True)
 
@@ -361,6 +339,6 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # another user's process
+        pass
     return True

@@ -11,7 +11,6 @@ from __future__ import annotations
 CHANGES = {"pissa": "W − s·B0A0, the top singular directions moved into the adapter",
            "olora": "W − s·B0A0, from a QR decomposition of W", "corda": "W − s·B0A0, from context-oriented SVD",
            "lora_ga": "W − s·B0A0, from gradient SVD", "loftq": "a quantized Q(W) chosen together with B0A0"}
-BASE_CHANGING_INITS = tuple(CHANGES)
 CONVERTIBLE_INITS = ("pissa", "olora", "corda", "lora_ga")
 # peft runs these again when it loads the adapter onto the original base (deterministic: no sampling, no data),
 # which rebuilds the changed base; the others (pissa_niter_*, corda, lora_ga, loftq) it cannot rebuild
@@ -20,7 +19,7 @@ PEFT_REBUILT_INITS = ("pissa", "olora")
 
 def base_changing_init(init) -> str | None:
     """``init`` (an ``init_lora_weights`` value) if that initialisation changed the base, else None."""
-    return init if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS) else None
+    return init if isinstance(init, str) and init.lower().startswith(tuple(CHANGES)) else None
 
 
 def check_loadable(init, path: str) -> None:
@@ -33,8 +32,9 @@ def check_loadable(init, path: str) -> None:
     fix = ("convert it with `python -m hf_lorax.export SRC OUT --engine peft --initial_adapter INIT_DIR` (INIT_DIR: "
            "the adapter saved right after initialisation) and load the result" if family in CONVERTIBLE_INITS
            else "load it onto the quantized base it was trained with")
-    raise ValueError(f"{path!r} was trained with init_lora_weights={init!r}, which changed the base ({CHANGES[family]}); "
-                     f"loading runs that initialisation again and does not rebuild the same base. Instead, {fix}.")
+    raise ValueError(f"{path!r} was trained with init_lora_weights={init!r}, which changed the base "
+                     f"({CHANGES[family]}); loading runs that initialisation again and does not rebuild the same "
+                     f"base. Instead, {fix}.")
 
 
 def init_family(init: str) -> str:

@@ -45,18 +45,8 @@ class AdapterReport:
 
     def _table(self) -> tuple[list[str], list[list[str]]]:
         head = ["module", "layer", "method", "r", "alpha", "scaling", "params"]
-        body = [
-            [
-                r.module,
-                r.layer,
-                r.method + (f"[{r.slices}]" if r.slices else ""),
-                str(r.r),
-                f"{r.alpha:g}",
-                f"{r.scaling:.4g}",
-                f"{r.params:,}",
-            ]
-            for r in self.rows
-        ]
+        body = [[r.module, r.layer, r.method + (f"[{r.slices}]" if r.slices else ""), str(r.r), f"{r.alpha:g}",
+                 f"{r.scaling:.4g}", f"{r.params:,}"] for r in self.rows]
         return head, body
 
     def summary(self) -> str:
@@ -68,13 +58,11 @@ class AdapterReport:
             pct = 100 * self.adapter_params / max(self.total_params, 1)
             text += (f" ({pct:.4f}% of {self.total_params:,}); inference mode (frozen): nothing trainable, "
                      "load with is_trainable=True to train it")
-        if self.heads:
-            text += "\ntrained in full besides the adapters: " + ", ".join(
-                f"{name} ({n:,} params)" for name, n in self.heads.items())
-        if self.targets:
-            text += f"\ntargets: {self.targets}"
-        if self.loss:
-            text += f"\nloss: {self.loss}"
+        heads = ", ".join(f"{name} ({n:,} params)" for name, n in self.heads.items())
+        for label, value in (("trained in full besides the adapters", heads), ("targets", self.targets),
+                             ("loss", self.loss)):
+            if value:
+                text += f"\n{label}: {value}"
         if self.base_bytes_per_param is not None:
             text += f"\nbase: {self.base_bytes_per_param:.3f} bytes/param"
         if self.quantized_bytes_per_param is not None:
@@ -84,10 +72,11 @@ class AdapterReport:
     def __str__(self) -> str:
         head, body = self._table()
         widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
-        right = {3, 4, 5, 6}
-        fmt = lambda row: "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
-        lines = [fmt(head), "  ".join("-" * w for w in widths), *map(fmt, body), "", self.summary()]
-        return "\n".join(lines)
+
+        def fmt(row: list[str]) -> str:  # the numbers (r, alpha, scaling, params) right-aligned
+            return "  ".join(c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+        return "\n".join([fmt(head), "  ".join("-" * w for w in widths), *map(fmt, body), "", self.summary()])
 
     def to_markdown(self) -> str:
         head, body = self._table()
@@ -121,23 +110,19 @@ def describe(model: nn.Module, adapter: str | None = None) -> AdapterReport:
             continue
         spec = getattr(module, "slice_specs", {}).get(adapter)
         n = len(spec.adapt) if spec else 1
-        items = [c[adapter] for attr in module.adapter_layer_names if adapter in (c := getattr(module, attr, None) or {})]
-        params = sum(item.numel() if isinstance(item, nn.Parameter) else trained_numel(item)  # a sliced B: its blocks
-                     for item in items)
-        report.rows.append(
-            AdaptedModule(
-                module=_strip_prefix(name),
-                layer=type(module.get_base_layer()).__name__,
-                method="dora" if adapter in module.lora_magnitude_vector else "lora",
-                r=slice_rank(module.r[adapter], n),
-                alpha=slice_alpha(module.lora_alpha[adapter], n, module.use_rslora.get(adapter)),
-                scaling=float(module.scaling[adapter]),
-                params=params,
-                slices=",".join(spec.adapt) if spec else "",
-            )
-        )
+        containers = [getattr(module, attr, None) or {} for attr in module.adapter_layer_names]
+        items = [c[adapter] for c in containers if adapter in c]
+        # a sliced B counts its trained blocks only
+        params = sum(p.numel() if isinstance(p, nn.Parameter) else trained_numel(p) for p in items)
+        report.rows.append(AdaptedModule(
+            module=name.removeprefix("base_model.model."), layer=type(module.get_base_layer()).__name__,
+            method="dora" if adapter in module.lora_magnitude_vector else "lora", r=slice_rank(module.r[adapter], n),
+            alpha=slice_alpha(module.lora_alpha[adapter], n, module.use_rslora.get(adapter)),
+            scaling=float(module.scaling[adapter]), params=params, slices=",".join(spec.adapt) if spec else ""))
         report.adapter_params += params
-    report.heads = _heads(model, adapter)
+    report.heads = {  # modules_to_save: trained in full
+        name.removeprefix("base_model.model."): sum(p.numel() for p in head.modules_to_save[adapter].parameters())
+        for name, head in model.named_modules() if is_wrapped_head(head) and adapter in head.modules_to_save}
     report.targets = _targets(model, adapter)
     report.loss = _loss(model)
     report.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -146,25 +131,14 @@ def describe(model: nn.Module, adapter: str | None = None) -> AdapterReport:
     return report
 
 
-def _heads(model: nn.Module, adapter: str) -> dict[str, int]:
-    """Modules peft trains in full for ``adapter`` (``modules_to_save``: the task head), with their parameter count."""
-    heads = {}
-    for name, module in model.named_modules():
-        if is_wrapped_head(module) and adapter in module.modules_to_save:
-            heads[_strip_prefix(name)] = sum(p.numel() for p in module.modules_to_save[adapter].parameters())
-    return heads
-
-
 def _targets(model: nn.Module, adapter: str) -> str:
     config = getattr(model, "peft_config", {}).get(adapter)
     if config is None:
         return ""
     targets = config.target_modules
-    shown = repr(sorted(targets)) if isinstance(targets, (set, list, tuple)) else repr(targets)
-    plan = getattr(config, "resolved_plan", None)
-    if plan is not None and plan.default_targets_for is not None:
-        shown += f" (peft's default for model_type {plan.default_targets_for!r})"
-    return shown
+    shown = repr(sorted(targets) if isinstance(targets, (set, list, tuple)) else targets)
+    default_for = getattr(getattr(config, "resolved_plan", None), "default_targets_for", None)  # hf_lorax's plan
+    return shown + (f" (peft's default for model_type {default_for!r})" if default_for is not None else "")
 
 
 def _loss(model: nn.Module) -> str:
@@ -186,14 +160,10 @@ def _base_storage(model: nn.Module) -> tuple[float | None, float | None]:
         q = quantized_bytes_per_param(model)
     except ImportError:  # bitsandbytes missing
         return None, None
-    params = nbytes = 0
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            if p.requires_grad:
-                continue
-            state = getattr(p, "quant_state", None)
-            params += int(torch.Size(state.shape).numel()) if state is not None else p.numel()
-            nbytes += p.numel() * p.element_size()
+    frozen = [p for module in model.modules() for p in module.parameters(recurse=False) if not p.requires_grad]
+    params = sum(int(torch.Size(p.quant_state.shape).numel()) if getattr(p, "quant_state", None) is not None
+                 else p.numel() for p in frozen)
+    nbytes = sum(p.numel() * p.element_size() for p in frozen)
     return (nbytes / params if params else None), q
 
 
@@ -203,6 +173,3 @@ def _active_adapter(model: nn.Module) -> str:
         active = active[0]
     return active or "default"
 
-
-def _strip_prefix(name: str) -> str:
-    return name.removeprefix("base_model.model.")

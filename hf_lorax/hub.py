@@ -17,19 +17,17 @@ from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi
 
-from .adapter_files import read_adapter_folder
+from .adapter_files import read_adapter_folder, read_sidecar
 from .card import CARD_NAME, write_model_card
+from .config import SIDECAR_NAME
 from .serving import check_serving
 
 logger = logging.getLogger(__name__)
 
-UPLOADABLE = (
-    "adapter_config.json", "adapter_model.safetensors", "hf_lorax.json", "README.md", "results.json",
-    "rank_utilization.png", "rank_utilization.json", "suggested_rank_map.json", "training_curve.png",
-)
-BASE_WEIGHT_PATTERN = re.compile(
-    r"^(model|pytorch_model|tf_model|flax_model)(-\d+-of-\d+)?\.(safetensors|bin|h5|msgpack)(\.index\.json)?$"
-)
+UPLOADABLE = ("adapter_config.json", "adapter_model.safetensors", "hf_lorax.json", "README.md", "results.json",
+              "rank_utilization.png", "rank_utilization.json", "suggested_rank_map.json", "training_curve.png")
+BASE_WEIGHT_PATTERN = re.compile(r"^(model|pytorch_model|tf_model|flax_model)(-\d+-of-\d+)?\."
+                                 r"(safetensors|bin|h5|msgpack)(\.index\.json)?$")
 MAX_WEIGHTS_BYTES = 4 * 1024**3  # an adapter of 4 GiB would be a mistake long before a LoRA gets there
 MAX_SIDE_FILE_BYTES = 32 * 1024**2
 
@@ -60,64 +58,43 @@ def plan_upload(folder: str, repo_id: str, results: str | None = None) -> Upload
     names = sorted(os.listdir(folder))
     base_weights = [n for n in names if BASE_WEIGHT_PATTERN.match(n)]
     if base_weights:
-        raise ValueError(
-            f"{folder!r} holds base-model weights ({', '.join(base_weights)}); push_adapter uploads adapters only. "
-            "Save the adapter with model.save_pretrained(...) into its own folder."
-        )
+        raise ValueError(f"{folder!r} holds base-model weights ({', '.join(base_weights)}); push_adapter uploads "
+                         "adapters only. Save the adapter with model.save_pretrained(...) into its own folder.")
     if "adapter_model.safetensors" not in names:
-        raise FileNotFoundError(
-            f"{folder!r} has no adapter_model.safetensors (pickle .bin adapters are not uploaded); "
-            "save with safe_serialization=True."
-        )
+        raise FileNotFoundError(f"{folder!r} has no adapter_model.safetensors (pickle .bin adapters are not uploaded); "
+                                "save with safe_serialization=True.")
     saved = read_adapter_folder(folder)  # config, weights and their factors checked
     heads = saved.config["modules_to_save"] or []
     foreign = [k for k in saved.shapes if "lora_" not in k and not any(f".{h}." in f".{k}" for h in heads)]
     if foreign:
-        raise ValueError(
-            f"adapter_model.safetensors in {folder!r} holds non-adapter tensors such as {foreign[:3]}; "
-            "refusing to upload what may be base-model weights."
-        )
-    plan = UploadPlan(repo_id=repo_id, folder=folder)
-    for name in names:
-        path = os.path.join(folder, name)
-        if name not in UPLOADABLE or not os.path.isfile(path):
-            plan.skipped.append(name)
-            continue
-        if name == "results.json" and results:
-            continue  # the explicit results file wins
-        plan.files.append((name, path, _checked_size(path, name)))
+        raise ValueError(f"adapter_model.safetensors in {folder!r} holds non-adapter tensors such as {foreign[:3]}; "
+                         "refusing to upload what may be base-model weights.")
+    paths = {n: os.path.join(folder, n) for n in names if n in UPLOADABLE and os.path.isfile(os.path.join(folder, n))}
     if results:
         if not os.path.isfile(results):
             raise FileNotFoundError(f"results file {results!r} does not exist.")
-        plan.files.append(("results.json", results, _checked_size(results, "results.json")))
-    return plan
+        paths.pop("results.json", None)  # the explicit results file wins
+        paths["results.json"] = results
+    return UploadPlan(repo_id=repo_id, folder=folder, files=[(n, p, _checked_size(p, n)) for n, p in paths.items()],
+                      skipped=[n for n in names if n not in paths])
 
 
 def _checked_size(path: str, name: str) -> int:
     size = os.path.getsize(path)
     bound = MAX_WEIGHTS_BYTES if name.endswith(".safetensors") else MAX_SIDE_FILE_BYTES
     if size > bound:
-        raise ValueError(f"{path} is {size:,} bytes, over the {bound:,}-byte bound for {name}; it is not an adapter file.")
+        raise ValueError(f"{path} is {size:,} bytes, over the {bound:,}-byte bound for {name}; it is not an adapter "
+                         "file.")
     return size
 
 
 # -- push -------------------------------------------------------------------------------------------------
 
 
-def push_adapter(
-    folder: str,
-    repo_id: str,
-    results: str | None = None,
-    private: bool | None = None,
-    token: str | None = None,
-    license: str | None = None,
-    commit_message: str | None = None,
-    revision: str | None = None,
-    dry_run: bool = False,
-    api: Any = None,
-    serving_engines: list[str] | tuple[str, ...] = (),
-    force: bool = False,
-) -> UploadPlan:
+def push_adapter(folder: str, repo_id: str, results: str | None = None, private: bool | None = None,
+                 token: str | None = None, license: str | None = None, commit_message: str | None = None,
+                 revision: str | None = None, dry_run: bool = False, api: Any = None,
+                 serving_engines: list[str] | tuple[str, ...] = (), force: bool = False) -> UploadPlan:
     """Upload an adapter folder (adapter files only) with a rendered model card.
 
     Example::
@@ -136,12 +113,11 @@ def push_adapter(
     for engine in serving_engines:
         report = check_serving(folder, engine)
         if not report.servable_as_is and not force:
-            first = (report.wrong + report.refused)[0]
             raise ValueError(
                 f"{report.engine} would not serve {folder!r} as trained ({len(report.wrong)} modules served wrong, "
-                f"{len(report.refused)} refused; first: {first}). Export it with `python -m hf_lorax.export {folder} "
-                f"OUT --engine {engine}` and push OUT, or pass force=True (--force)."
-            )
+                f"{len(report.refused)} refused; first: {(report.wrong + report.refused)[0]}). Export it with "
+                f"`python -m hf_lorax.export {folder} OUT --engine {engine}` and push OUT, or pass force=True "
+                "(--force).")
     write_model_card(folder, repo_id, results=results, license=license)
     if CARD_NAME not in [name for name, _, _ in plan.files]:
         plan.files.append((CARD_NAME, os.path.join(folder, CARD_NAME), 0))
@@ -176,9 +152,6 @@ def fetch_sidecar(repo_id: str, subfolder: str | None = None, **hub_kwargs: Any)
     """
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    from .adapter_files import read_sidecar
-    from .config import SIDECAR_NAME
 
     kwargs = {k: v for k, v in hub_kwargs.items() if k in HUB_DOWNLOAD_KWARGS and v is not None}
     try:

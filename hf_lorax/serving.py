@@ -45,12 +45,12 @@ class EngineSpec:
 
     name: str
     label: str
-    reads_patterns: bool  # rank_pattern / alpha_pattern honoured (else one scaling for all modules)
     # DoRA magnitudes, task heads (modules_to_save) and trained biases (every engine treats the three alike):
     # "supported", "refused" or "ignored" (silently dropped)
     extras: str
-    uniform_rank: bool  # needs every module at one rank
-    max_rank: int | None
+    reads_patterns: bool = False  # rank_pattern / alpha_pattern honoured (else one scaling for all modules)
+    uniform_rank: bool = False  # needs every module at one rank
+    max_rank: int | None = None
     fast_rank: int | None = None  # above this, slower kernels
     rank_values: tuple[int, ...] | None = None  # accepted max-rank settings
     unsupported_model_types: frozenset = field(default_factory=frozenset)
@@ -59,28 +59,17 @@ class EngineSpec:
 
 
 ENGINES: dict[str, EngineSpec] = {
-    "vllm": EngineSpec(
-        name="vllm", label="vLLM", reads_patterns=False, extras="refused",
-        uniform_rank=False, max_rank=max(VLLM_MAX_LORA_RANKS), rank_values=VLLM_MAX_LORA_RANKS,
-        unsupported_model_types=frozenset({"gpt2"}),
-        serve_hint="vllm serve BASE --enable-lora --max-lora-rank {rank} --lora-modules NAME=DIR",
-        required_keys=("r", "lora_alpha", "target_modules"),
-    ),
-    "lorax": EngineSpec(
-        name="lorax", label="LoRAX", reads_patterns=False, extras="ignored",
-        uniform_rank=True, max_rank=None, fast_rank=128,
-        serve_hint="lorax-launcher --model-id BASE, then request with adapter_id=DIR (adapter_source local)",
-    ),
-    "tgi": EngineSpec(
-        name="tgi", label="TGI", reads_patterns=False, extras="ignored",
-        uniform_rank=True, max_rank=None, fast_rank=128,
-        serve_hint="text-generation-launcher --model-id BASE --lora-adapters NAME=DIR",
-    ),
-    "peft": EngineSpec(
-        name="peft", label="peft", reads_patterns=True, extras="supported",
-        uniform_rank=False, max_rank=None,
-        serve_hint='PeftModel.from_pretrained(base_model, "DIR")',
-    ),
+    "vllm": EngineSpec("vllm", "vLLM", extras="refused", max_rank=max(VLLM_MAX_LORA_RANKS),
+                       rank_values=VLLM_MAX_LORA_RANKS, unsupported_model_types=frozenset({"gpt2"}),
+                       serve_hint="vllm serve BASE --enable-lora --max-lora-rank {rank} --lora-modules NAME=DIR",
+                       required_keys=("r", "lora_alpha", "target_modules")),
+    "lorax": EngineSpec("lorax", "LoRAX", extras="ignored", uniform_rank=True, fast_rank=128,
+                        serve_hint="lorax-launcher --model-id BASE, then request with adapter_id=DIR "
+                                   "(adapter_source local)"),
+    "tgi": EngineSpec("tgi", "TGI", extras="ignored", uniform_rank=True, fast_rank=128,
+                      serve_hint="text-generation-launcher --model-id BASE --lora-adapters NAME=DIR"),
+    "peft": EngineSpec("peft", "peft", extras="supported", reads_patterns=True,
+                       serve_hint='PeftModel.from_pretrained(base_model, "DIR")'),
 }
 
 
@@ -110,8 +99,7 @@ class Finding:
     code: str = ""
 
     def __str__(self) -> str:
-        where = f"{self.module}: " if self.module else ""
-        return f"[{self.kind}] {where}{self.message}"
+        return f"[{self.kind}] " + (f"{self.module}: " if self.module else "") + self.message
 
 
 @dataclass
@@ -140,10 +128,9 @@ class ServingReport:
         return next((f for f in self.findings if f.code == code and f.kind in kinds), None)
 
     def __str__(self) -> str:
-        label = ENGINES[self.engine].label
-        head = f"{label}: " + ("loads as is" if self.servable_as_is else
-                               f"{len(self.refused)} refused, {len(self.wrong)} served wrong")
-        return "\n".join([head, *(f"  {f}" for f in self.findings)])
+        status = f"{len(self.refused)} refused, {len(self.wrong)} served wrong"
+        status = "loads as is" if self.servable_as_is else status
+        return "\n".join([f"{ENGINES[self.engine].label}: {status}", *(f"  {f}" for f in self.findings)])
 
 
 def engine_spec(engine: str) -> EngineSpec:
@@ -179,8 +166,8 @@ def check_serving(adapter_dir: str | AdapterFolder, engine: str) -> ServingRepor
         for module in folder.modules:
             if abs(module.scaling - uniform) > 1e-12 * max(1.0, abs(uniform)):
                 add(Finding("wrong", module.name, f"scaling {module.scaling:g} would be served as {uniform:g} "
-                            f"({spec.label} ignores rank_pattern/alpha_pattern and uses lora_alpha/r for every module).",
-                            SCALING))
+                            f"({spec.label} ignores rank_pattern/alpha_pattern and uses lora_alpha/r for every "
+                            "module).", SCALING))
     biases = config.get("bias") not in (None, "none") or config.get("lora_bias")
     kind = {"refused": "refused", "ignored": "wrong"}.get(spec.extras)  # "supported": nothing to report
     for code, modules, what, remedy in (
@@ -194,12 +181,11 @@ def check_serving(adapter_dir: str | AdapterFolder, engine: str) -> ServingRepor
         for module in modules if kind else ():
             add(Finding(kind, module, f"{what} are {'refused' if kind == 'refused' else 'not loaded'} by {spec.label}; "
                         f"export with python -m hf_lorax.export {remedy}.", code))
+    for module in folder.modules:
+        if spec.max_rank is not None and module.module_r > spec.max_rank:
+            add(Finding("refused", module.name, f"rank {module.module_r} is above {spec.label}'s limit "
+                        f"{spec.max_rank}.", RANK_LIMIT))
     ranks = sorted({m.module_r for m in folder.modules})
-    if spec.max_rank is not None:
-        for module in folder.modules:
-            if module.module_r > spec.max_rank:
-                add(Finding("refused", module.name, f"rank {module.module_r} is above {spec.label}'s limit "
-                            f"{spec.max_rank}.", RANK_LIMIT))
     if spec.uniform_rank and len(ranks) > 1:
         add(Finding("wrong", "", f"ranks {ranks} differ across modules; {spec.label} stacks A/B across layers at one "
                     "rank (export pads them with zeros).", RANKS_DIFFER))
@@ -231,30 +217,28 @@ def base_model_type(folder: AdapterFolder) -> str | None:
     local = os.path.join(base, "config.json")
     if base and os.path.isfile(local):
         return read_json(local).get("model_type")
-    name = base.rsplit("/", 1)[-1].lower()
-    return "gpt2" if name.startswith(("gpt2", "distilgpt2")) else None
+    return "gpt2" if base.rsplit("/", 1)[-1].lower().startswith(("gpt2", "distilgpt2")) else None
 
 
-def serving_summary(folder: AdapterFolder, name: str = "ADAPTER", engines=("vllm", "tgi", "lorax", "peft")) -> list[dict]:
-    """Rows for the model card's "Serving" section: engine, status, and the command that makes it servable
-    (``name``: how the commands refer to the adapter, e.g. its Hub repo id)."""
+def serving_summary(folder: AdapterFolder, name: str = "ADAPTER",
+                    engines=("vllm", "tgi", "lorax", "peft")) -> list[tuple[str, str, str]]:
+    """Rows of the model card's "Serving" table: engine, status, and the command (in backticks) that makes it
+    servable (``name``: how the commands refer to the adapter, e.g. its Hub repo id)."""
     rows = []
     for engine in engines:
-        report = check_serving(folder, engine)
+        spec, report = ENGINES[engine], check_serving(folder, engine)
         blocked, base_changed = report.first(MODEL_TYPE), report.first(BASE_CHANGED)
+        export = f"python -m hf_lorax.export ADAPTER_DIR OUT --engine {engine}"
         if report.servable_as_is:  # so no module is above the engine's max_rank
-            rank = next_rank_value(max((m.module_r for m in folder.modules), default=1), ENGINES[engine])
-            status, how = "loads as is", ENGINES[engine].serve_hint.format(rank=rank).replace("DIR", name)
+            rank = next_rank_value(max((m.module_r for m in folder.modules), default=1), spec)
+            status, how = "loads as is", spec.serve_hint.format(rank=rank).replace("DIR", name)
         elif blocked:
             status, how = "cannot be served", blocked.message
         elif base_changed and init_family(folder.base_changing_init) not in CONVERTIBLE_INITS:
             status, how = "cannot be served exactly", base_changed.message
         elif base_changed:
-            status = "needs `hf_lorax.export --initial_adapter`"
-            how = f"python -m hf_lorax.export ADAPTER_DIR OUT --engine {engine} --initial_adapter INIT_DIR"
+            status, how = "needs `hf_lorax.export --initial_adapter`", f"{export} --initial_adapter INIT_DIR"
         else:
-            status = "needs `hf_lorax.export`"
-            extra = " --dora merge" if report.first(DORA) else ""
-            how = f"python -m hf_lorax.export ADAPTER_DIR OUT --engine {engine}{extra}"
-        rows.append({"engine": ENGINES[engine].label, "status": status, "how": how})
+            status, how = "needs `hf_lorax.export`", export + (" --dora merge" if report.first(DORA) else "")
+        rows.append((spec.label, status, f"`{how}`"))
     return rows

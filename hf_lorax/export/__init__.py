@@ -43,7 +43,6 @@ from ..config import SIDECAR_FORMAT, SIDECAR_NAME
 from ..serving import (
     BIASES,
     DORA,
-    ENGINES,
     HEADS,
     MODEL_TYPE,
     base_model_type,
@@ -76,8 +75,8 @@ class ExportResult:
         return max(self.module_errors.items(), key=lambda kv: kv[1]) if self.module_errors else None
 
     def summary(self) -> str:
-        label = ENGINES[self.engine].label
-        lines = [f"wrote {self.kind} for {label} to {self.dst}" + (f" (rank {self.rank})" if self.rank else "")]
+        lines = [f"wrote {self.kind} for {engine_spec(self.engine).label} to {self.dst}"
+                 + (f" (rank {self.rank})" if self.rank else "")]
         if self.module_errors:
             lines.append(f"{'module':<60} {'relative error':>14}")
             lines += [f"{name:<60} {err:>14.3e}" for name, err in sorted(self.module_errors.items())]
@@ -111,13 +110,16 @@ def export_adapter(src: str, dst: str, engine: str = "vllm", *, rank: int | None
         raise ValueError(f"heads={heads!r}: choose one of {list(HEAD_MODES)}.")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank={rank!r} must be a positive integer.")
-    _check_destination(src, dst)
+    src_real, dst_real = os.path.realpath(src), os.path.realpath(dst)
+    if os.path.commonpath([src_real, dst_real]) == src_real:
+        raise ValueError(f"destination {dst!r} is inside the source adapter {src!r}; choose a folder outside it.")
+    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+        raise FileExistsError(f"destination {dst!r} exists and is not an empty folder; choose a new one.")
     folder = read_adapter_folder(src)
     embedding = [k for k in folder.shapes if "lora_embedding_" in k]
     if embedding:
         raise ValueError(f"{src!r} adapts embeddings ({embedding[0]}); export handles linear layers only.")
-    if initial_adapter is None and folder.base_changing_init:
-        init = folder.base_changing_init
+    if initial_adapter is None and (init := folder.base_changing_init):
         if engine == "peft" and not merge and init.lower() in PEFT_REBUILT_INITS:
             return _export_for_peft(folder, dst)
         raise ValueError(base_change_reason(init, "a merge" if merge or dora == "merge" else spec.label))
@@ -131,17 +133,10 @@ def export_adapter(src: str, dst: str, engine: str = "vllm", *, rank: int | None
         else:
             result = _export_uniform(folder, dst, spec, rank, dora, heads, base_model)
     if initial_adapter is not None:
-        result.notes.insert(0, f"converted from init_lora_weights={folder.sidecar['converted_from']['init_lora_weights']!r} "
-                               "to a LoRA of the original base (exact: rank 2r, B·A − B0·A0)")
+        init = folder.sidecar["converted_from"]["init_lora_weights"]
+        result.notes.insert(0, f"converted from init_lora_weights={init!r} to a LoRA of the original base (exact: "
+                               "rank 2r, B·A − B0·A0)")
     return result
-
-
-def _check_destination(src: str, dst: str) -> None:
-    src_real, dst_real = os.path.realpath(src), os.path.realpath(dst)
-    if dst_real == src_real or os.path.commonpath([src_real, dst_real]) == src_real:
-        raise ValueError(f"destination {dst!r} is inside the source adapter {src!r}; choose a folder outside it.")
-    if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
-        raise FileExistsError(f"destination {dst!r} exists and is not an empty folder; choose a new one.")
 
 
 def _export_uniform(folder: AdapterFolder, dst: str, spec, rank, dora, heads, base_model) -> ExportResult:
@@ -149,21 +144,21 @@ def _export_uniform(folder: AdapterFolder, dst: str, spec, rank, dora, heads, ba
     # what the engine cannot read comes from the one rule table (hf_lorax.serving); here, what export does about it
     report = check_serving(folder, spec.name)
     if report.first(MODEL_TYPE):
-        raise ValueError(f"{spec.label} has no LoRA support for {base_model_type(folder)} models; export with --merge to "
-                         f"serve the merged model as a base model instead.")
-    dora_modules = [m.name for m in folder.modules if m.method == "dora"]
+        raise ValueError(f"{spec.label} has no LoRA support for {base_model_type(folder)} models; export with --merge "
+                         "to serve the merged model as a base model instead.")
     if report.first(DORA) and dora is None:
-        raise ValueError(f"{folder.path!r} is a DoRA adapter ({dora_modules[0]}, ...), which {spec.label} cannot run; "
-                         "pass --dora merge (exact, a merged model) or --dora svd --rank N (a rank-N LoRA, error reported).")
+        raise ValueError(f"{folder.path!r} is a DoRA adapter ({report.first(DORA).module}, ...), which {spec.label} "
+                         "cannot run; pass --dora merge (exact, a merged model) or --dora svd --rank N (a rank-N LoRA, "
+                         "error reported).")
     if dora == "svd" and rank is None:
         raise ValueError("--dora svd needs --rank N: the rank of the LoRA that approximates each DoRA update.")
     if report.first(BIASES):
-        raise ValueError(f"{folder.path!r} trains biases (bias={config.get('bias')!r}, lora_bias={config.get('lora_bias')}), "
-                         f"which {spec.label} does not load; export with --merge.")
-    head_names = folder.heads
+        raise ValueError(f"{folder.path!r} trains biases (bias={config.get('bias')!r}, lora_bias="
+                         f"{config.get('lora_bias')}), which {spec.label} does not load; export with --merge.")
     if report.first(HEADS) and heads == "refuse":
-        raise ValueError(f"{folder.path!r} trains task heads {head_names} (modules_to_save), which {spec.label} does not "
-                         "load; pass --heads beside to write them to heads.safetensors, or --merge for a full model.")
+        raise ValueError(f"{folder.path!r} trains task heads {folder.heads} (modules_to_save), which {spec.label} "
+                         "does not load; pass --heads beside to write them to heads.safetensors, or --merge for a full "
+                         "model.")
 
     target = rank if rank is not None else max(m.module_r for m in folder.modules)
     for module in folder.modules:
@@ -175,15 +170,15 @@ def _export_uniform(folder: AdapterFolder, dst: str, spec, rank, dora, heads, ba
         raise ValueError(f"module {worst.name} has rank {worst.module_r}, above {spec.label}'s limit {spec.max_rank}.")
 
     tensors = folder.load_tensors()
-    weights = _base_weights(folder, base_model, dora_modules) if dora == "svd" else {}
+    base = _load_base(folder, base_model) if dora == "svd" else None  # DoRA modules reach here with --dora svd only
     out, result = {}, ExportResult(dst=dst, engine=spec.name, kind="adapter", rank=target)
     for module in folder.modules:
         A, B = tensors[f"{module.key}.lora_A.weight"], tensors[f"{module.key}.lora_B.weight"]
         if module.method == "dora":
-            fit = dora_to_lowrank(weights[module.name], A, B, module.scaling,
-                                  tensors[f"{module.key}.lora_magnitude_vector"], target)
-            A, B = fit.lora_A.to(A.dtype), fit.lora_B.to(B.dtype)
-            result.module_errors[module.name] = fit.relative_error
+            magnitude = tensors[f"{module.key}.lora_magnitude_vector"]
+            fit_A, fit_B, result.module_errors[module.name] = dora_to_lowrank(
+                _frozen_weight(base, module.name), A, B, module.scaling, magnitude, target)
+            A, B = fit_A.to(A.dtype), fit_B.to(B.dtype)
         else:
             A, B = bake_and_pad(A, B, module.scaling, target)
         out[f"{module.key}.lora_A.weight"], out[f"{module.key}.lora_B.weight"] = A.contiguous(), B.contiguous()
@@ -195,7 +190,7 @@ def _export_uniform(folder: AdapterFolder, dst: str, spec, rank, dora, heads, ba
     if spec.rank_values:
         result.notes.append(f"serve with --max-lora-rank {rank_value} (or more)")
     if head_tensors:
-        result.notes.append(f"task heads {head_names} written to heads.safetensors: load them into the base model "
+        result.notes.append(f"task heads {folder.heads} written to heads.safetensors: load them into the base model "
                             "yourself; the engine serves the adapter without them")
 
     def write(tmp: str) -> None:
@@ -209,28 +204,30 @@ def _export_uniform(folder: AdapterFolder, dst: str, spec, rank, dora, heads, ba
         _finish(folder, tmp, dst)
 
     atomic_directory_write(dst, write)
-    _verify(dst, spec.name)
+    written = check_serving(dst, spec.name)  # anything but an adapter the engine serves as is: a bug, not a user error
+    if not written.servable_as_is:
+        raise RuntimeError(f"hf_lorax.export wrote an adapter {spec.name} would not serve exactly:\n{written}")
     result.notes.append("serve: " + spec.serve_hint.format(rank=rank_value).replace("DIR", dst))
     return result
 
 
 def _export_for_peft(folder: AdapterFolder, dst: str) -> ExportResult:
     result = ExportResult(dst=dst, engine="peft", kind="adapter",
-                          notes=[f"load: {ENGINES['peft'].serve_hint.replace('DIR', dst)}"])
-    converted = folder.sidecar.get("converted_from")
+                          notes=[f"load: {engine_spec('peft').serve_hint.replace('DIR', dst)}"])
 
     def write(tmp: str) -> None:
         shutil.copy2(folder.weights_path, tmp)
         written = read_json(os.path.join(folder.path, CONFIG_FILE))  # as written, plus the keys vLLM requires
         write_json(os.path.join(tmp, CONFIG_FILE), {**loaded_values(folder), **written})
-        if converted:  # what the card says about the conversion
+        if folder.sidecar.get("converted_from"):  # what the card says about the conversion
             write_json(os.path.join(tmp, SIDECAR_NAME), _exported_sidecar(folder, "peft", None, None, result))
         _finish(folder, tmp, dst)
 
     atomic_directory_write(dst, write)
     if folder.base_changing_init:
-        result.notes.insert(0, f"init_lora_weights={folder.base_changing_init!r}: peft runs the initialisation again "
-                               "on the original base when it loads the adapter (load the base in the dtype it was trained in)")
+        result.notes.insert(0, f"init_lora_weights={folder.base_changing_init!r}: peft runs the initialisation "
+                               "again on the original base when it loads the adapter (load the base in the dtype it "
+                               "was trained in)")
     return result
 
 
@@ -274,13 +271,6 @@ def _exported_sidecar(folder: AdapterFolder, engine: str, rank: int, dora: str |
     }
 
 
-def _verify(dst: str, engine: str) -> None:
-    """The written adapter must be one the engine serves as is; anything else is a bug, not a user error."""
-    report = check_serving(dst, engine)
-    if not report.servable_as_is:
-        raise RuntimeError(f"hf_lorax.export wrote an adapter {engine} would not serve exactly:\n{report}")
-
-
 def _load_base(folder: AdapterFolder, base_model):
     """The base model: given, or loaded from a path with the class its ``config.json`` names (what engines load)."""
     import transformers
@@ -302,14 +292,10 @@ def _load_base(folder: AdapterFolder, base_model):
     return load_base_model(config)
 
 
-def _base_weights(folder: AdapterFolder, base_model, names: list[str]) -> dict[str, torch.Tensor]:
-    """The frozen (out, in) weights of ``names`` from the base model."""
+def _frozen_weight(base, name: str) -> torch.Tensor:
+    """The frozen (out, in) weight of module ``name`` of the base model."""
     from transformers.pytorch_utils import Conv1D
 
-    base = _load_base(folder, base_model)
-    weights = {}
-    for name in names:
-        layer = base.get_submodule(name)
-        layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
-        weights[name] = layer.weight.detach().T if isinstance(layer, Conv1D) else layer.weight.detach()
-    return weights
+    layer = base.get_submodule(name)
+    layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+    return layer.weight.detach().T if isinstance(layer, Conv1D) else layer.weight.detach()

@@ -10,7 +10,6 @@ and exits 1 when the adapter cannot be served exactly as saved. Errors are one l
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from ..cli import OneLineArgumentParser, debug_enabled
@@ -18,7 +17,7 @@ from ..serving import ENGINES, check_serving
 from . import DORA_MODES, HEAD_MODES, export_adapter
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def main(argv=None) -> int:
     parser = OneLineArgumentParser(prog="python -m hf_lorax.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="a saved adapter folder")
     parser.add_argument("dst", nargs="?", help="a new folder for the exported adapter (not with --check)")
@@ -33,11 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--initial_adapter", help="PiSSA/OLoRA/CorDA/LoRA-GA adapters: the folder saved right after "
                         "initialisation; converts SRC to a LoRA of the original base (exact)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    return parser.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         if args.check:
             if args.dst:

@@ -5,12 +5,11 @@ Every function here is exact except :func:`dora_to_lowrank`, which returns its r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 
-def bake_and_pad(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def bake_and_pad(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                 rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A', B')`` of rank ``rank`` with ``B' A' = scaling · B A`` exactly: zero rows of ``A``, zero columns of ``B``.
 
     An engine that applies scaling 1 (``lora_alpha = r``) then computes the module's own update. ``rank`` is at least
@@ -31,28 +30,19 @@ def dora_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     return magnitude.double().view(-1, 1) / combined.norm(dim=1, keepdim=True) * combined
 
 
-@dataclass
-class LowRankFit:
-    """The best rank-``rank`` LoRA ``B A`` of a dense update, and how far from it it is."""
+def dora_to_lowrank(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                    magnitude: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best rank-``rank`` plain LoRA ``(A, B)`` of a DoRA module's update ``ΔW = W' − W`` (``weight`` is
+    (out, in)), in float64, and its relative error ``‖ΔW − B A‖_F / ‖ΔW‖_F``.
 
-    lora_A: torch.Tensor
-    lora_B: torch.Tensor
-    relative_error: float  # ‖ΔW − B A‖_F / ‖ΔW‖_F
-
-
-def best_lowrank(delta: torch.Tensor, rank: int) -> LowRankFit:
-    """Truncated SVD of ``delta`` (out, in): ``B = U_k S_k``, ``A = V_kᵀ`` (Eckart–Young: the best rank-k fit)."""
-    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    A truncated SVD of ``ΔW``: ``B = U_k S_k``, ``A = V_kᵀ`` (Eckart–Young: the best rank-k fit), zero-padded to
+    ``rank`` when ``ΔW`` has fewer singular values.
+    """
+    delta = dora_weight(weight, lora_A, lora_B, scaling, magnitude) - weight.double()
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
     k = min(rank, S.numel())
-    total = float(S.square().sum())
-    residual = float(S[k:].square().sum())
+    total, residual = float(S.square().sum()), float(S[k:].square().sum())
     A = torch.zeros(rank, delta.shape[1], dtype=torch.float64)
     B = torch.zeros(delta.shape[0], rank, dtype=torch.float64)
     A[:k], B[:, :k] = Vh[:k], U[:, :k] * S[:k]
-    return LowRankFit(lora_A=A, lora_B=B, relative_error=(residual / total) ** 0.5 if total > 0 else 0.0)
-
-
-def dora_to_lowrank(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                    magnitude: torch.Tensor, rank: int) -> LowRankFit:
-    """The best rank-``rank`` plain LoRA of a DoRA module's update ``W' − W`` (``weight`` is (out, in))."""
-    return best_lowrank(dora_weight(weight, lora_A, lora_B, scaling, magnitude) - weight.double(), rank)
+    return A, B, (residual / total) ** 0.5 if total > 0 else 0.0

@@ -17,13 +17,7 @@ import shutil
 
 import torch
 
-from ..adapter_files import (
-    CONFIG_FILE,
-    SAFETENSORS_FILE,
-    AdapterFolder,
-    read_adapter_folder,
-    write_json,
-)
+from ..adapter_files import CONFIG_FILE, SAFETENSORS_FILE, AdapterFolder, read_adapter_folder, write_json
 from ..base_init import CONVERTIBLE_INITS, base_change_reason, init_family
 from ..config import SIDECAR_NAME
 
@@ -33,7 +27,8 @@ def convert_to_original_base(folder: AdapterFolder, initial_dir: str, out_dir: s
     init = folder.base_changing_init
     if init is None:
         raise ValueError(f"--initial_adapter is for adapters whose initialisation changed the base; {folder.path!r} "
-                         f"was trained with init_lora_weights={folder.config.get('init_lora_weights')!r}: export it as is.")
+                         f"was trained with init_lora_weights={folder.config.get('init_lora_weights')!r}: export it "
+                         "as is.")
     if init_family(init) not in CONVERTIBLE_INITS:
         raise ValueError(base_change_reason(init, "every engine"))
     if any(m.method == "dora" or m.slices for m in folder.modules):
@@ -44,27 +39,27 @@ def convert_to_original_base(folder: AdapterFolder, initial_dir: str, out_dir: s
     starts = {m.name: m for m in initial.modules}
     out = {k: v for k, v in tensors.items() if "lora_" not in k}
     for module in folder.modules:
+        a_key, b_key = f"{module.key}.lora_A.weight", f"{module.key}.lora_B.weight"
         first = starts.get(module.name)
         if first is None:
-            raise ValueError(f"--initial_adapter {initial_dir!r} has no {module.key}.lora_A.weight; it is not the "
-                             f"initial state of {folder.path!r}.")
-        for part in ("lora_A", "lora_B"):
-            key = f"{module.key}.{part}.weight"
+            raise ValueError(f"--initial_adapter {initial_dir!r} has no {a_key}; it is not the initial state of "
+                             f"{folder.path!r}.")
+        for key in (a_key, b_key):
             if tensors[key].shape != start[key].shape:
                 raise ValueError(f"--initial_adapter {initial_dir!r}: {key} has shape {list(start[key].shape)}, the "
-                                 f"trained adapter's {list(tensors[key].shape)}; it is not this adapter's initial state.")
+                                 f"trained adapter's {list(tensors[key].shape)}; it is not this adapter's initial "
+                                 "state.")
         if not math.isclose(first.scaling, module.scaling, rel_tol=1e-12):
             raise ValueError(f"--initial_adapter {initial_dir!r}: {module.name} has scaling {first.scaling:g}, the "
                              f"trained adapter's {module.scaling:g} (different r or lora_alpha).")
-        A, B = tensors[f"{module.key}.lora_A.weight"], tensors[f"{module.key}.lora_B.weight"]
-        A0, B0 = start[f"{module.key}.lora_A.weight"].to(A.dtype), start[f"{module.key}.lora_B.weight"].to(B.dtype)
-        out[f"{module.key}.lora_A.weight"] = torch.cat([A, A0], dim=0).contiguous()
-        out[f"{module.key}.lora_B.weight"] = torch.cat([B, -B0], dim=1).contiguous()
+        # B·A − B0·A0 = [B | −B0]·[A ; A0]
+        out[a_key] = torch.cat([tensors[a_key], start[a_key].to(tensors[a_key].dtype)], dim=0).contiguous()
+        out[b_key] = torch.cat([tensors[b_key], -start[b_key].to(tensors[b_key].dtype)], dim=1).contiguous()
     _write_converted(folder, out, out_dir)
     converted = read_adapter_folder(out_dir)
     # what the exported sidecar, and so the card, records (the temporary folder itself is not kept)
-    converted.sidecar = {**converted.sidecar, "converted_from": {
-        "init_lora_weights": init, "initial_adapter": os.path.abspath(initial_dir), "adapter": os.path.abspath(folder.path)}}
+    converted.sidecar["converted_from"] = {"init_lora_weights": init, "initial_adapter": os.path.abspath(initial_dir),
+                                           "adapter": os.path.abspath(folder.path)}
     return converted
 
 
@@ -80,6 +75,7 @@ def _write_converted(folder: AdapterFolder, tensors: dict, out_dir: str) -> None
     write_json(os.path.join(out_dir, CONFIG_FILE), converted)
     if folder.sidecar:
         write_json(os.path.join(out_dir, SIDECAR_NAME), {**folder.sidecar, "rank_map": None, "alpha_map": None})
-    for name in os.listdir(folder.path):  # results.json, plots: what the export carries over
-        if name not in (CONFIG_FILE, SAFETENSORS_FILE, SIDECAR_NAME) and os.path.isfile(os.path.join(folder.path, name)):
+    # results.json, plots: what the export carries over
+    for name in set(os.listdir(folder.path)) - {CONFIG_FILE, SAFETENSORS_FILE, SIDECAR_NAME}:
+        if os.path.isfile(os.path.join(folder.path, name)):
             shutil.copy2(os.path.join(folder.path, name), out_dir)
