@@ -21,32 +21,15 @@ def layer_mapping() -> dict[type, type]:
 
     bitsandbytes' linears subclass ``nn.Linear``, so their entries come first.
     """
-    mapping: dict[type, type] = {}
     try:  # 4-bit / 8-bit bases, when bitsandbytes is importable
-        from .bnb import quantized_module_mapping
+        from .bnb import QUANTIZED_LAYERS as quantized
     except ImportError:
-        pass
-    else:
-        mapping.update(quantized_module_mapping())
-    mapping.update({nn.Linear: LoraLinear, Conv1D: LoraLinear, nn.Embedding: LoraEmbedding})
-    return mapping
+        quantized = {}
+    return {**quantized, nn.Linear: LoraLinear, Conv1D: LoraLinear, nn.Embedding: LoraEmbedding}
 
 
 __all__ = [
-    "DoraMagnitude",
-    "FactorizedDoraEmbeddingVariant",
-    "FactorizedDoraLinearVariant",
-    "FusedLoraLinear",
-    "LoraEmbedding",
-    "LoraLinear",
-    "SUPPORTED_LAYER_TYPES",
-    "SlicedLoraB",
-    "dora_row_norm",
-    "fused_lora_linear",
-    "is_dense",
-    "is_quantized_linear",
-    "layer_mapping",
-    "out_features",
-    "set_fused_path",
-    "trained_parameter_count",
+    "DoraMagnitude", "FactorizedDoraEmbeddingVariant", "FactorizedDoraLinearVariant", "FusedLoraLinear",
+    "LoraEmbedding", "LoraLinear", "SUPPORTED_LAYER_TYPES", "SlicedLoraB", "dora_row_norm", "fused_lora_linear",
+    "is_dense", "is_quantized_linear", "layer_mapping", "out_features", "set_fused_path", "trained_parameter_count",
 ]

@@ -30,13 +30,16 @@ from ..integrations.peft_api import (
 from ..quantization import disable_cpu_repacking
 from .dora import FactorizedDoraLinearVariant
 from .fused import LinearForwardMixin
-from .lora import PlannedLayerMixin
+from .lora import PlannedLayerMixin, TunerLayerMixin
 
 peft_bnb = peft_bnb_module()
 
 
-class _QuantizedLora(LinearForwardMixin, PlannedLayerMixin):
-    def _init_quantized(self, base_layer, adapter_name, config, r, lora_alpha, **kwargs) -> None:
+class _QuantizedLora(LinearForwardMixin, PlannedLayerMixin, TunerLayerMixin):
+    """What the 4-bit and 8-bit layers share. Its merge and unmerge replace :class:`TunerLayerMixin`'s: they swap
+    the base layer for a dense copy and back instead of rewriting the weight."""
+
+    def __init__(self, base_layer, adapter_name: str, config, r: int = 0, lora_alpha: float = 1, **kwargs):
         init_lora_state(self, base_layer)
         self.fan_in_fan_out = False
         self._active_adapter = adapter_name
@@ -46,9 +49,7 @@ class _QuantizedLora(LinearForwardMixin, PlannedLayerMixin):
     def _fused_weight(self):
         """A 4-bit weight is dequantised inside the fused node (LLM.int8() keeps its own int8 matmul)."""
         base = self.get_base_layer()
-        if not isinstance(base, bnb.nn.Linear4bit):
-            return None
-        return lambda: dequantize_module_weight(base)
+        return (lambda: dequantize_module_weight(base)) if isinstance(base, bnb.nn.Linear4bit) else None
 
     def resolve_lora_variant(self, *, config, **kwargs):
         if config.use_dora:
@@ -62,16 +63,12 @@ class _QuantizedLora(LinearForwardMixin, PlannedLayerMixin):
             return
         quantized = self.get_base_layer()
         dense = dense_copy(quantized)
-        weight, merged = dense.weight.data.float(), []
-        for name in adapter_names:
-            if name not in self.lora_A:
-                continue
-            delta = self.get_delta_weight(name).float()
+        weight = dense.weight.data.float()
+        merged = [name for name in adapter_names if name in self.lora_A]
+        for name in merged:
+            weight = weight + self.get_delta_weight(name).float()
             if name in self.lora_variant:  # DoRA: the norm comes from the quantized (unmerged) base
-                weight = self.lora_variant[name]._dora_factor(self, name) * (weight + delta)
-            else:
-                weight = weight + delta
-            merged.append(name)
+                weight = self.lora_variant[name]._dora_factor(self, name) * weight
         if safe_merge and not torch.isfinite(weight).all():
             raise ValueError(f"NaNs detected in the merged weights; adapters {merged} seem to be broken.")
         self.merged_adapters.extend(merged)
@@ -83,8 +80,7 @@ class _QuantizedLora(LinearForwardMixin, PlannedLayerMixin):
     def unmerge(self) -> None:
         if not self.merged:
             return
-        self.base_layer = self._quantized_base
-        self._quantized_base = None
+        self.base_layer, self._quantized_base = self._quantized_base, None
         self.merged_adapters = []
         self._caches.clear()
 
@@ -105,22 +101,9 @@ def dense_copy(layer: nn.Module) -> nn.Linear:
 class LoraLinear4bit(_QuantizedLora, peft_bnb.Linear4bit):
     """LoRA / DoRA on ``bnb.nn.Linear4bit`` (NF4 / FP4)."""
 
-    def __init__(self, base_layer, adapter_name: str, config, r: int = 0, lora_alpha: float = 1, **kwargs):
-        self._init_quantized(base_layer, adapter_name, config, r, lora_alpha, **kwargs)
-
-    def __repr__(self) -> str:
-        return "hf_lorax." + super().__repr__()
-
 
 class LoraLinear8bit(_QuantizedLora, peft_bnb.Linear8bitLt):
     """LoRA / DoRA on ``bnb.nn.Linear8bitLt``."""
 
-    def __init__(self, base_layer, adapter_name: str, config, r: int = 0, lora_alpha: float = 1, **kwargs):
-        self._init_quantized(base_layer, adapter_name, config, r, lora_alpha, **kwargs)
 
-    def __repr__(self) -> str:
-        return "hf_lorax." + super().__repr__()
-
-
-def quantized_module_mapping() -> dict[type, type]:
-    return {bnb.nn.Linear4bit: LoraLinear4bit, bnb.nn.Linear8bitLt: LoraLinear8bit}
+QUANTIZED_LAYERS = {bnb.nn.Linear4bit: LoraLinear4bit, bnb.nn.Linear8bitLt: LoraLinear8bit}

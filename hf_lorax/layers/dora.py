@@ -20,8 +20,6 @@ reused. In eval mode (or without dropout) the two are the same function.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -44,9 +42,8 @@ class DoraMagnitude(nn.Module):
         return self.weight / weight_norm.to(self.weight.dtype)
 
 
-def dora_row_norm(
-    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, weight_sq: torch.Tensor
-) -> torch.Tensor:
+def dora_row_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                  weight_sq: torch.Tensor) -> torch.Tensor:
     """Row norms of ``weight + scaling * lora_B @ lora_A`` from the factors, in float32.
 
     ``weight`` is (out, in), ``lora_A`` (r, in), ``lora_B`` (out, r), ``weight_sq`` the (out,) squared
@@ -55,9 +52,8 @@ def dora_row_norm(
     return row_norm_from_products(weight @ lora_A.to(weight.dtype).T, weight_sq, lora_A, lora_B, scaling)
 
 
-def row_norm_from_products(
-    weight_At: torch.Tensor, weight_sq: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
-) -> torch.Tensor:
+def row_norm_from_products(weight_At: torch.Tensor, weight_sq: torch.Tensor, lora_A: torch.Tensor,
+                           lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
     """The same norm given ``W Aᵀ`` (out, r) and ``‖W_i‖²`` (out,): no (out, in) tensor is needed.
 
     ``‖W_i‖² + B_i · (2s·(W Aᵀ)_i + s²·(A Aᵀ) B_iᵀ)``: the bracket is one ``addmm``, the row-wise dot products
@@ -71,22 +67,25 @@ def row_norm_from_products(
     return squared.view(-1).sqrt()
 
 
+def scale_and_shift(combined: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``scale ⊙ combined + bias`` (``bias`` may be None): DoRA's rescaling, in ``combined``'s dtype."""
+    return combined * scale if bias is None else torch.addcmul(bias.to(combined.dtype), combined, scale)
+
+
 class ScaleAndShift(torch.autograd.Function):
-    """``y = n ⊙ c + b`` (DoRA's rescaling) that keeps ``y`` for backward instead of ``c``.
+    """:func:`scale_and_shift` that keeps ``y = n ⊙ c + b`` for backward instead of ``c``.
 
     When the next operation keeps ``y`` for its own backward (RoBERTa's attention keeps the q/k/v projections'
     outputs), saving it costs no activation memory; saving ``c`` would add one (batch, seq, out) tensor per
     layer (docs/benchmarks.md, "DoRA's saved activations"). Backward recovers ``c = (y - b) / n``; ``n`` is a
     ratio of norms, never zero for a trained layer. The subtraction loses precision when ``|b| ≫ |n·c|`` in
-    bf16/fp16, so :func:`scale_and_shift` uses it for float32 only.
+    bf16/fp16, so DoRA's forward uses it for float32 only.
     """
 
     @staticmethod
     def forward(ctx, combined: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = combined * scale if bias is None else torch.addcmul(bias.to(combined.dtype), combined, scale)
-        ctx.has_bias = bias is not None
-        ctx.bias_needs_grad = bias is not None and bias.requires_grad
-        ctx.save_for_backward(out, scale, bias if bias is not None else out.new_empty(0))
+        out = scale_and_shift(combined, scale, bias)
+        ctx.save_for_backward(out, scale, bias)
         return out
 
     @staticmethod
@@ -95,18 +94,11 @@ class ScaleAndShift(torch.autograd.Function):
         grad_combined = grad * scale if ctx.needs_input_grad[0] else None
         grad_scale = grad_bias = None
         if ctx.needs_input_grad[1]:
-            shifted = out - bias.to(out.dtype) if ctx.has_bias else out
+            shifted = out if bias is None else out - bias.to(out.dtype)
             grad_scale = (grad * shifted).reshape(-1, scale.numel()).sum(0) / scale
-        if ctx.bias_needs_grad:
+        if ctx.needs_input_grad[2]:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(bias.dtype)
         return grad_combined, grad_scale, grad_bias
-
-
-def scale_and_shift(combined: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``scale ⊙ combined + bias``, keeping the fewest activations that stay exact in ``combined``'s dtype."""
-    if combined.dtype == torch.float32:
-        return ScaleAndShift.apply(combined, scale, bias)
-    return combined * scale if bias is None else torch.addcmul(bias.to(combined.dtype), combined, scale)
 
 
 class FactorizedDoraLinearVariant(LoraVariant):
@@ -139,8 +131,8 @@ class FactorizedDoraLinearVariant(LoraVariant):
         (1/tokens of the layer's matmul work) without a weight-sized temporary.
         """
         param = module.get_base_layer().weight
+        cached = getattr(module, "_hf_lorax_weight_sq", None)
         if torch.compiler.is_compiling():
-            cached = getattr(module, "_hf_lorax_weight_sq", None)
             if not param.is_floating_point() and cached is not None:
                 return cached[1]  # a quantized weight is never written in place; the norm from init stands
             return cls.base_weight(module).float().pow(2).sum(dim=1)
@@ -148,7 +140,6 @@ class FactorizedDoraLinearVariant(LoraVariant):
         # weight it holds never changes outside merge/unmerge, which drop the cache: key it by its id.
         key = ("zero3", param.ds_id) if is_zero3_param(param) else (param.data_ptr(), param._version, param.dtype,
                                                                     param.device)
-        cached = getattr(module, "_hf_lorax_weight_sq", None)
         if cached is None or cached[0] != key:
             with full_params([param]):
                 cached = (key, cls.base_weight(module).float().pow(2).sum(dim=1))
@@ -183,7 +174,7 @@ class FactorizedDoraLinearVariant(LoraVariant):
         return module.lora_magnitude_vector[adapter](cls.weight_norm(module, adapter))
 
     @classmethod
-    def init(cls, module: LoraLayer, adapter_name: str, **kwargs: Any) -> None:
+    def init(cls, module: LoraLayer, adapter_name: str, **kwargs) -> None:
         if "lora_magnitude_vector" not in module.adapter_layer_names:
             module.adapter_layer_names = module.adapter_layer_names[:] + ("lora_magnitude_vector",)
         A, B = cls.factors(module, adapter_name)
@@ -196,12 +187,14 @@ class FactorizedDoraLinearVariant(LoraVariant):
     @classmethod
     def forward(cls, module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
         lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
-        scaling = module.scaling[active_adapter]
         norm_scale = cls.norm_scale(module, active_adapter).to(result.dtype)
         bias = module.get_base_layer().bias
-        lora = lora_B(lora_A(module.lora_dropout[active_adapter](x)) * scaling)  # scaling on the r-wide A x
+        # the scaling on the r-wide A x, not on the output
+        lora = lora_B(lora_A(module.lora_dropout[active_adapter](x)) * module.scaling[active_adapter])
         combined = result + lora.to(result.dtype) if bias is None else result - bias + lora.to(result.dtype)
-        return scale_and_shift(combined, norm_scale, bias)
+        # ScaleAndShift saves no extra activation, but recovering c from y is exact enough only in float32
+        rescale = ScaleAndShift.apply if combined.dtype == torch.float32 else scale_and_shift
+        return rescale(combined, norm_scale, bias)
 
     @classmethod
     def _dora_factor(cls, module: LoraLayer, adapter: str) -> torch.Tensor:

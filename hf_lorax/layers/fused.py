@@ -27,29 +27,10 @@ from collections.abc import Callable
 import torch
 
 from ..integrations.sharding import is_zero3_param
-from .dora import FactorizedDoraLinearVariant
+from .dora import FactorizedDoraLinearVariant, scale_and_shift
 from .sliced import b_weight
 
 WeightSource = Callable[[], torch.Tensor]  # returns the frozen weight as (out, in) in the base compute dtype
-
-
-def lora_dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(dropout(x), bool mask)`` from ``torch.native_dropout`` (``(x, None)`` when ``p`` is 0): the call
-    ``F.dropout`` makes on CUDA, which on CPU draws the mask ``F.dropout`` draws, so one seed gives the fused node
-    and peft's forward the same mask."""
-    return torch.native_dropout(x, p, True) if p else (x, None)
-
-
-def dropout_p(module: torch.nn.Module) -> float:
-    """The probability a layer's ``lora_dropout[adapter]`` module drops with now (0 for Identity or eval mode)."""
-    return float(module.p) if isinstance(module, torch.nn.Dropout) and module.training else 0.0
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype active for ``device``'s type, or None when autocast is off there."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return None
 
 
 class FusedLoraLinear(torch.autograd.Function):
@@ -69,7 +50,7 @@ class FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, norm_scale,
                 base_dtype: torch.dtype, lora_dtype: torch.dtype, out_dtype: torch.dtype):
-        wide = base_dtype if base_dtype == lora_dtype else torch.promote_types(base_dtype, lora_dtype)
+        wide = torch.promote_types(base_dtype, lora_dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             rows = x.reshape(-1, x.shape[-1])
             x_base = rows.to(base_dtype)
@@ -80,34 +61,24 @@ class FusedLoraLinear(torch.autograd.Function):
                 combined = x_base @ w.to(base_dtype).T
             del w  # a dequantised weight is freed here
             x_lora = x_base if lora_dtype == base_dtype else rows.to(lora_dtype)
-            dropped, mask = lora_dropout(x_lora, dropout_p)
+            # native_dropout is the call F.dropout makes on CUDA, and on CPU it draws F.dropout's mask: one seed gives
+            # the fused node and peft's forward the same mask
+            dropped, mask = torch.native_dropout(x_lora, dropout_p, True) if dropout_p else (x_lora, None)
             h = dropped @ lora_A.to(lora_dtype).T  # (N, r); the scaling is the next GEMM's alpha
-            if lora_dtype == base_dtype:
-                combined.addmm_(h, lora_B.to(lora_dtype).T, alpha=scaling)  # the update lands in the base's buffer
-            else:  # no autocast, mixed dtypes: the sum in the wider one (peft adds a float32 update to the output)
-                combined = combined.to(wide).addmm_(h.to(wide), lora_B.to(wide).T, alpha=scaling)
-            if norm_scale is None:
-                out = combined
-            elif bias is None:
-                out = combined * norm_scale.to(combined.dtype)
-            else:  # combined itself is kept for DoRA's backward, never shifted
-                out = torch.addcmul(bias.to(combined.dtype), combined, norm_scale.to(combined.dtype))
+            # The update lands in the base GEMM's buffer (the casts are no-ops when the dtypes agree). Without autocast
+            # and with mixed dtypes the sum is in the wider one: peft adds a float32 update to the output.
+            combined = combined.to(wide).addmm_(h.to(wide), lora_B.to(wide).T, alpha=scaling)
+            # combined itself is kept for DoRA's backward, never shifted
+            out = combined if norm_scale is None else scale_and_shift(combined, norm_scale.to(combined.dtype), bias)
         ctx.weight_source = weight if callable(weight) else None
         ctx.scaling, ctx.dropout_p = scaling, dropout_p
         ctx.base_dtype, ctx.lora_dtype, ctx.wide = base_dtype, lora_dtype, wide
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        ctx.has_bias, ctx.has_norm_scale, ctx.has_mask = bias is not None, norm_scale is not None, mask is not None
-        empty = h.new_empty(0)
-        ctx.save_for_backward(
-            # x once, not drop(x): inputs that several layers read (q/k/v, gate/up) are then kept once
-            x_lora if lora_dtype == base_dtype else rows,
-            h, lora_A, lora_B,
-            empty if callable(weight) else weight,
-            mask if mask is not None else empty,
-            combined if norm_scale is not None else empty,
-            norm_scale if norm_scale is not None else empty,
-            bias if bias is not None else empty,
-        )
+        # x once, not drop(x): inputs that several layers read (q/k/v, gate/up) are then kept once. None for what
+        # this call lacks (no mask, bias or DoRA scale; a quantized weight is dequantised again instead).
+        ctx.save_for_backward(x_lora if lora_dtype == base_dtype else rows, h, lora_A, lora_B,
+                              None if callable(weight) else weight, mask, None if norm_scale is None else combined,
+                              norm_scale, bias)
         return out.to(out_dtype).reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -115,9 +86,9 @@ class FusedLoraLinear(torch.autograd.Function):
         x_saved, h, lora_A, lora_B, weight, mask, combined, norm_scale, bias = ctx.saved_tensors
         needs, s = ctx.needs_input_grad, ctx.scaling
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_bias = g.sum(0).to(bias.dtype) if ctx.has_bias and needs[2] else None
+        grad_bias = g.sum(0).to(bias.dtype) if needs[2] else None
         grad_norm_scale = None
-        if ctx.has_norm_scale:
+        if norm_scale is not None:
             if needs[7]:  # as autograd's backward of ``combined * n``: per column, the dot product over the rows
                 gc = g.to(combined.dtype)
                 grad_norm_scale = torch.bmm(gc.T.unsqueeze(1), combined.T.unsqueeze(2)).view(-1).to(norm_scale.dtype)
@@ -131,15 +102,15 @@ class FusedLoraLinear(torch.autograd.Function):
             dh = torch.addmm(h, g_lora, B, beta=0, alpha=s)  # (N, r)
             if needs[3]:  # dhᵀ drop(x), with dropout's 1/(1-p) as the GEMM's alpha
                 x_lora = x_saved.to(ctx.lora_dtype)
-                kept = x_lora * mask if ctx.has_mask else x_lora
+                kept = x_lora if mask is None else x_lora * mask
                 grad_A = torch.addmm(lora_A.to(ctx.lora_dtype), dh.T, kept, beta=0,
                                      alpha=1.0 / (1.0 - ctx.dropout_p)).to(lora_A.dtype)
                 del x_lora, kept
             if needs[0]:
-                w = ctx.weight_source() if ctx.weight_source is not None else weight
+                w = ctx.weight_source() if weight is None else weight
                 grad_x = (g.to(ctx.base_dtype) @ w.to(ctx.base_dtype)).to(ctx.wide)
                 del w
-                if ctx.has_mask:  # dropout's backward: the mask and 1/(1-p) in one pass
+                if mask is not None:  # dropout's backward: the mask and 1/(1-p) in one pass
                     grad_x.addcmul_((dh @ lora_A.to(ctx.lora_dtype)).to(grad_x.dtype), mask,
                                     value=1.0 / (1.0 - ctx.dropout_p))
                 else:
@@ -160,7 +131,7 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor | WeightSource, bias
     """
     if torch.is_tensor(weight) and weight.requires_grad:
         raise ValueError("fused_lora_linear computes no gradient for the base weight, which requires one here.")
-    cast = autocast_dtype(x.device)
+    cast = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
     if torch.is_tensor(weight):
         base = out = cast or weight.dtype
     else:
@@ -207,10 +178,10 @@ class LinearForwardMixin:
             return super().forward(x, *args, **kwargs)
         variant = self.lora_variant.get(adapter)
         norm_scale = None if variant is None else variant.norm_scale(self, adapter)
-        base = self.get_base_layer()
+        base, dropout = self.get_base_layer(), self.lora_dropout[adapter]
+        p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0  # 0: Identity or eval
         return fused_lora_linear(x, weight, base.bias, self.lora_A[adapter].weight, b_weight(self.lora_B[adapter]),
-                                 self.scaling[adapter], dropout_p(self.lora_dropout[adapter]), norm_scale,
-                                 getattr(base, "compute_dtype", None))
+                                 self.scaling[adapter], p, norm_scale, getattr(base, "compute_dtype", None))
 
 
 def set_fused_path(model: torch.nn.Module, enabled: bool) -> int:

@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 from ..integrations.peft_api import init_lora_state, peft_lora
 from .dora import FactorizedDoraEmbeddingVariant, FactorizedDoraLinearVariant
 from .fused import LinearForwardMixin
-from .sliced import SlicedLoraB, block_mask
+from .sliced import SlicedLoraB
 
 
 class PlannedLayerMixin:
@@ -29,13 +29,29 @@ class PlannedLayerMixin:
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config, **kwargs) -> None:
         target = kwargs.get("target_name", "")
-        entry = module_plan(config, target)
+        # A config with rank/alpha maps or fused slices that reaches a layer unresolved would be built wrong, so it
+        # raises instead (this happens only when hf_lorax's peft hook is disabled, see hf_lorax.integrations).
+        plan = getattr(config, "resolved_plan", None)
+        if plan is None and any(getattr(config, name, None) for name in ("rank_map", "alpha_map", "fused_slices")):
+            raise RuntimeError(
+                f"{type(config).__name__} with rank_map/alpha_map/fused_slices reached peft unresolved "
+                f"(module {target}). Build the model with hf_lorax.get_model(config, model=...), which resolves the "
+                "config itself."
+            )
+        entry = None if plan is None else plan.modules.get(target)  # the module's ModulePlan (None: not planned)
+        sliced = entry is not None and entry.slices is not None
         if entry is not None:  # the plan's values are the ones peft read from rank_pattern / alpha_pattern
             r, lora_alpha = entry.module_r, entry.module_alpha
-            if entry.slices is not None:
-                _check_slice_options(config, target)
+        init = config.init_lora_weights
+        if sliced and not (init is True or init is False or init == "gaussian"):
+            raise ValueError(
+                f"init_lora_weights={init!r} cannot be used with fused_slices on {target}: it derives A and B from "
+                "the full weight. Use True or 'gaussian', or drop fused_slices for this module."
+            )
+        if sliced and config.lora_bias:
+            raise ValueError(f"lora_bias=True is not supported with fused_slices (module {target}).")
         super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
-        if entry is not None and entry.slices is not None:
+        if sliced:
             self._use_slices(adapter_name, entry, config)
         elif adapter_name in getattr(self, "slice_specs", {}):  # a plain adapter re-created under this name
             self.slice_specs = {k: v for k, v in self.slice_specs.items() if k != adapter_name}
@@ -44,15 +60,15 @@ class PlannedLayerMixin:
         """Swap peft's dense ``B`` for a :class:`SlicedLoraB` with the same values off-block-zeroed."""
         dense = self.lora_B[adapter].weight
         rows = entry.slices.rows(self.out_features, entry.name)
-        # on the base weight's device: under low_cpu_mem_usage peft builds the adapter on meta and assigns the
-        # weights later, but the mask is no saved state and must be real from the start
-        mask = block_mask(self.out_features, rows, entry.r, device=self.get_base_layer().weight.device)
-        sliced = SlicedLoraB(mask, adapted_entries=sum(map(len, rows)) * entry.r).to(dtype=dense.dtype)
+        # the mask on the base weight's device: under low_cpu_mem_usage peft builds the adapter on meta and assigns
+        # the weights later, but the mask is no saved state and must be real from the start
+        sliced = SlicedLoraB(self.out_features, rows, entry.r, device=self.get_base_layer().weight.device)
+        sliced = sliced.to(dtype=dense.dtype)
         if dense.is_meta:  # low_cpu_mem_usage: peft assigns the loaded weight later
-            sliced.weight = nn.Parameter(torch.empty_like(dense), requires_grad=dense.requires_grad)
+            sliced.weight = nn.Parameter(torch.empty_like(dense))
         else:
-            with torch.no_grad():
-                sliced.weight.copy_(dense * mask)  # zero init stays zero; init_lora_weights=False keeps its blocks
+            with torch.no_grad():  # zero init stays zero; init_lora_weights=False keeps its blocks
+                sliced.weight.copy_(dense * sliced.slice_mask)
         sliced.weight.requires_grad_(dense.requires_grad)
         if config.init_lora_weights == "gaussian":  # std 1/r of the per-slice rank, not of n*r
             nn.init.normal_(self.lora_A[adapter].weight, std=1 / entry.r)
@@ -62,8 +78,12 @@ class PlannedLayerMixin:
             self.lora_variant[adapter].init(self, adapter_name=adapter, config=config)
 
 
-class WeightNormCacheMixin:
-    """Drops DoRA's cached ‖W‖² when merging or unmerging rewrites the frozen weight."""
+class TunerLayerMixin:
+    """What every hf_lorax tuner layer adds to peft's: a repr that says hf_lorax, and merge / unmerge that drop
+    DoRA's cached ‖W‖² when they rewrite the frozen weight (the quantized layers merge into a dense copy instead)."""
+
+    def __repr__(self) -> str:
+        return "hf_lorax." + super().__repr__()
 
     def merge(self, safe_merge: bool = False, adapter_names=None) -> None:
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
@@ -74,7 +94,7 @@ class WeightNormCacheMixin:
         self.__dict__.pop("_hf_lorax_weight_sq", None)
 
 
-class LoraLinear(LinearForwardMixin, PlannedLayerMixin, WeightNormCacheMixin, peft_lora.Linear):
+class LoraLinear(LinearForwardMixin, PlannedLayerMixin, TunerLayerMixin, peft_lora.Linear):
     """LoRA / DoRA on ``nn.Linear`` or GPT-2 ``Conv1D``, optionally on slices of a fused projection."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int = 0, lora_alpha: float = 1, **kwargs):
@@ -89,44 +109,10 @@ class LoraLinear(LinearForwardMixin, PlannedLayerMixin, WeightNormCacheMixin, pe
     def lora_variants(self):
         return {(): None, ("use_dora",): FactorizedDoraLinearVariant}
 
-    def __repr__(self) -> str:
-        return "hf_lorax." + super().__repr__()
 
-
-class LoraEmbedding(WeightNormCacheMixin, peft_lora.Embedding):
+class LoraEmbedding(TunerLayerMixin, peft_lora.Embedding):
     """LoRA / DoRA on ``nn.Embedding`` (peft's layer with hf_lorax's factorized DoRA)."""
 
     @property
     def lora_variants(self):
         return {(): None, ("use_dora",): FactorizedDoraEmbeddingVariant}
-
-    def __repr__(self) -> str:
-        return "hf_lorax." + super().__repr__()
-
-
-def module_plan(config, target: str):
-    """The :class:`~hf_lorax.plan.ModulePlan` of ``target`` in ``config``'s resolved plan (None: not planned).
-
-    A config with rank/alpha maps or fused slices that reaches a layer unresolved would be built wrong, so it
-    raises instead (this happens only when hf_lorax's peft hook is disabled, see hf_lorax.integrations).
-    """
-    plan = getattr(config, "resolved_plan", None)
-    if plan is not None:
-        return plan.modules.get(target)
-    if getattr(config, "rank_map", None) or getattr(config, "alpha_map", None) or getattr(config, "fused_slices", None):
-        raise RuntimeError(
-            f"{type(config).__name__} with rank_map/alpha_map/fused_slices reached peft unresolved (module {target}). "
-            "Build the model with hf_lorax.get_model(config, model=...), which resolves the config itself."
-        )
-    return None
-
-
-def _check_slice_options(config, target: str) -> None:
-    init = config.init_lora_weights
-    if not (init is True or init is False or init == "gaussian"):
-        raise ValueError(
-            f"init_lora_weights={init!r} cannot be used with fused_slices on {target}: it derives A and B from "
-            "the full weight. Use True or 'gaussian', or drop fused_slices for this module."
-        )
-    if config.lora_bias:
-        raise ValueError(f"lora_bias=True is not supported with fused_slices (module {target}).")

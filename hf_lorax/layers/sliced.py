@@ -17,24 +17,22 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def block_mask(out_features: int, rows: list[list[int]], r: int, device=None) -> torch.Tensor:
-    """``(out, n·r)`` boolean mask: slice ``i``'s ``rows[i]`` times columns ``i*r:(i+1)*r``."""
-    mask = torch.zeros(out_features, len(rows) * r, dtype=torch.bool, device=device)
-    for i, idx in enumerate(rows):
-        mask[torch.as_tensor(idx, dtype=torch.long, device=device), i * r : (i + 1) * r] = True
-    return mask
-
-
 class SlicedLoraB(nn.Linear):
-    """A bias-free ``nn.Linear(n·r, out)`` whose entries outside ``slice_mask`` get no gradient."""
+    """A bias-free ``nn.Linear(n·r, out)`` whose entries outside ``slice_mask`` get no gradient.
 
-    def __init__(self, mask: torch.Tensor, adapted_entries: int):
-        super().__init__(mask.shape[1], mask.shape[0], bias=False, device="meta")
+    Slice ``i`` adapts the output rows ``rows[i]`` with columns ``i*r:(i+1)*r``.
+    """
+
+    def __init__(self, out_features: int, rows: list[list[int]], r: int, device=None):
+        super().__init__(len(rows) * r, out_features, bias=False, device="meta")
+        mask = torch.zeros(out_features, len(rows) * r, dtype=torch.bool, device=device)
+        for i, idx in enumerate(rows):
+            mask[torch.as_tensor(idx, dtype=torch.long, device=device), i * r : (i + 1) * r] = True
         # the values come from peft's B (see PlannedLayerMixin._use_slices): no init, so no random numbers drawn and
         # a seeded run draws what plain peft draws
         self.weight = nn.Parameter(torch.empty(mask.shape, device=mask.device))
         self.register_buffer("slice_mask", mask, persistent=False)  # derived from the config, never saved
-        self.adapted_entries = adapted_entries  # the trained entries (counted from the rows: works on meta too)
+        self.adapted_entries = sum(map(len, rows)) * r  # the trained entries (counted from the rows: works on meta too)
 
     def trained_weight(self) -> torch.Tensor:
         """The weight's values, with the gradient flowing only into the adapted blocks."""

@@ -16,15 +16,9 @@ SUPPORTED_LAYER_TYPES = ("torch.nn.Linear", "transformers Conv1D", "torch.nn.Emb
 def is_dense(module: nn.Module) -> bool:
     """An unquantized ``nn.Linear`` / ``Conv1D`` / ``nn.Embedding`` (quantized linears subclass nn.Linear)."""
     weight = getattr(module, "weight", None)
-    return (
-        isinstance(module, (nn.Linear, Conv1D, nn.Embedding))
-        and type(module).__module__.split(".")[0] != "bitsandbytes"
-        and weight is not None
-        and weight.is_floating_point()
-    )
+    return (isinstance(module, (nn.Linear, Conv1D, nn.Embedding)) and weight is not None and weight.is_floating_point()
+            and type(module).__module__.split(".")[0] != "bitsandbytes")
 
 
 def out_features(module: nn.Module) -> int:
-    if isinstance(module, Conv1D):
-        return module.nf
-    return module.out_features
+    return module.nf if isinstance(module, Conv1D) else module.out_features
