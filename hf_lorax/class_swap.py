@@ -13,7 +13,6 @@ import functools
 import importlib
 
 _MIXINS: dict[str, tuple[type, str]] = {}  # prefix: (mixin, the package whose top level names the base classes)
-_CLASSES: dict[tuple[type, type], type] = {}
 
 
 def register_mixin(prefix: str, mixin: type, package: str) -> None:
@@ -28,14 +27,13 @@ def swap_class(obj, mixin: type):
     return obj
 
 
+@functools.cache  # one subclass per (mixin, class), the same at every swap
 def _subclass(mixin: type, cls: type) -> type:
-    if (mixin, cls) not in _CLASSES:
-        prefix = next(p for p, (m, _) in _MIXINS.items() if m is mixin)
-        namespace = {"__module__": __name__, "__qualname__": prefix + cls.__name__}
-        if "forward" in vars(mixin):  # the base's signature and docstring: the Trainer reads its inputs from them
-            namespace["forward"] = functools.wraps(cls.forward)(lambda self, *a, **k: mixin.forward(self, *a, **k))
-        _CLASSES[(mixin, cls)] = type(cls.__name__, (mixin, cls), namespace)
-    return _CLASSES[(mixin, cls)]
+    prefix = next(p for p, (m, _) in _MIXINS.items() if m is mixin)
+    namespace = {"__module__": __name__, "__qualname__": prefix + cls.__name__}
+    if "forward" in vars(mixin):  # the base's signature and docstring: the Trainer reads its inputs from them
+        namespace["forward"] = functools.wraps(cls.forward)(lambda self, *a, **k: mixin.forward(self, *a, **k))
+    return type(cls.__name__, (mixin, cls), namespace)
 
 
 def __getattr__(name: str) -> type:

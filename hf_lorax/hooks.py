@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, load_peft_weights
 
 from .adapter_files import read_sidecar
 from .config import SIDECAR_NAME, LoRAConfig
@@ -42,13 +42,10 @@ from .integrations.peft_api import CONFIG_FROM_PRETRAINED, HOTSWAP_FROM_STATE_DI
 from .integrations.transformers_api import LOAD_ADAPTER
 from .model import injection_config
 
-_INSTALLED = False
-
 
 def install() -> dict[str, bool]:
     """Install every hook whose library version and signature check out (idempotent); ``{hook: installed}``."""
-    global _INSTALLED
-    if _INSTALLED:
+    if installed_hooks():  # each hook is considered once: wrapping twice would run it twice
         return installed_hooks()
     install_hook(INJECT_ADAPTER, _inject_adapter_wrapper,
                  "hf_lorax.get_model(config) and get_model(adapter_dir) work as usual, but peft.get_peft_model and "
@@ -63,7 +60,6 @@ def install() -> dict[str, bool]:
     install_hook(HOTSWAP_FROM_STATE_DICT, _hotswap_wrapper,
                  "peft.utils.hotswap.hotswap_adapter gives every module of an hf_lorax adapter lora_alpha / r (wrong "
                  "with rank or alpha maps): use hf_lorax.hotswap_adapter, same arguments.")
-    _INSTALLED = True
     return installed_hooks()
 
 
@@ -80,33 +76,26 @@ def _inject_adapter_wrapper(original):
 
 
 def _from_pretrained_wrapper(original):
+    """The resolved hf_lorax config of a local folder whose ``hf_lorax.json`` describes the config peft read; else
+    peft's config. Only a plain ``LoraConfig`` read from a local path is looked at (a file-existence check, no
+    request)."""
     def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs):
         config = original(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        return upgrade_config(config, pretrained_model_name_or_path, subfolder)
+        path = pretrained_model_name_or_path
+        if type(config) is not LoraConfig or not isinstance(path, (str, os.PathLike)):
+            return config
+        sidecar = read_sidecar(os.path.join(path, subfolder) if subfolder else os.fspath(path))
+        return config if sidecar is None else LoRAConfig.from_peft_config(config, sidecar)
 
     return from_pretrained
-
-
-def upgrade_config(config, path, subfolder=None):
-    """The resolved hf_lorax config of a local folder whose ``hf_lorax.json`` describes ``config``; else ``config``.
-
-    Only a plain ``LoraConfig`` read from a local directory is looked at (a file-existence check, no request).
-    """
-    if type(config) is not LoraConfig or not isinstance(path, (str, os.PathLike)):
-        return config
-    directory = os.path.join(path, subfolder) if subfolder else os.fspath(path)
-    if not os.path.isdir(directory):
-        return config
-    sidecar = read_sidecar(directory)
-    return config if sidecar is None else LoRAConfig.from_peft_config(config, sidecar)
 
 
 def _load_adapter_wrapper(original):
     def load_adapter(self, peft_model_id=None, adapter_name=None, *args, **kwargs):
         info = original(self, peft_model_id, adapter_name, *args, **kwargs)
         missing = [k for k in getattr(info, "missing_keys", ()) or () if "lora_magnitude_vector" in k]
-        if missing and isinstance(peft_model_id, (str, os.PathLike)) \
-                and os.path.isfile(os.path.join(peft_model_id, SIDECAR_NAME)):
+        if (missing and isinstance(peft_model_id, (str, os.PathLike))
+                and os.path.isfile(os.path.join(peft_model_id, SIDECAR_NAME))):
             restore_dora_magnitudes(self, peft_model_id, adapter_name or "default", kwargs.get("adapter_state_dict"))
             info.missing_keys = {k for k in info.missing_keys if "lora_magnitude_vector" not in k}
         return info
@@ -114,21 +103,14 @@ def _load_adapter_wrapper(original):
     return load_adapter
 
 
-def restore_dora_magnitudes(model, adapter_path, adapter_name: str, state_dict=None) -> int:
-    """Copy saved DoRA magnitudes (``<module>.lora_magnitude_vector``) into ``model``; returns how many."""
-    if state_dict is None:
-        from peft import load_peft_weights
-
-        state_dict = load_peft_weights(adapter_path)
-    restored = 0
+def restore_dora_magnitudes(model, adapter_path, adapter_name: str, state_dict=None) -> None:
+    """Copy saved DoRA magnitudes (``<module>.lora_magnitude_vector``) into ``model``."""
+    state_dict = load_peft_weights(adapter_path) if state_dict is None else state_dict
     with torch.no_grad():
         for key, value in state_dict.items():
-            if not key.endswith(".lora_magnitude_vector"):
-                continue
-            module_name = key.removeprefix("base_model.model.").removesuffix(".lora_magnitude_vector")
-            model.get_submodule(module_name).lora_magnitude_vector[adapter_name].weight.copy_(value)
-            restored += 1
-    return restored
+            if key.endswith(".lora_magnitude_vector"):
+                module_name = key.removeprefix("base_model.model.").removesuffix(".lora_magnitude_vector")
+                model.get_submodule(module_name).lora_magnitude_vector[adapter_name].weight.copy_(value)
 
 
 def _hotswap_wrapper(original):

@@ -36,18 +36,17 @@ def check_hotswappable(config, source: str = "this adapter") -> None:
     head parameter, so refuse such an adapter by name first."""
     if config.modules_to_save:
         raise ValueError(
-            f"{source} trains modules in full ({sorted(set(config.modules_to_save))}, e.g. a task head); peft's hotswap "
-            "swaps LoRA weights only. Load it with PeftModel.from_pretrained / model.load_adapter instead, or hotswap "
-            "adapters saved without modules_to_save."
+            f"{source} trains modules in full ({sorted(set(config.modules_to_save))}, e.g. a task head); peft's "
+            "hotswap swaps LoRA weights only. Load it with PeftModel.from_pretrained / model.load_adapter instead, or "
+            "hotswap adapters saved without modules_to_save."
         )
 
 
 def set_module_scalings(model: nn.Module, config, adapter_name: str) -> None:
     """Set every LoRA layer's scaling of ``adapter_name`` from ``config``'s patterns by module name."""
     for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer) or adapter_name not in module.scaling:
-            continue
-        key = name.removeprefix("_orig_mod.").removeprefix("base_model.model.")
-        r = pattern_value(config.rank_pattern or {}, key, config.r)
-        alpha = pattern_value(config.alpha_pattern or {}, key, config.lora_alpha)
-        set_scaling(module, adapter_name, lora_scaling(alpha, r, config.use_rslora))
+        if isinstance(module, LoraLayer) and adapter_name in module.scaling:
+            key = name.removeprefix("_orig_mod.").removeprefix("base_model.model.")
+            r = pattern_value(config.rank_pattern or {}, key, config.r)
+            alpha = pattern_value(config.alpha_pattern or {}, key, config.lora_alpha)
+            set_scaling(module, adapter_name, lora_scaling(alpha, r, config.use_rslora))

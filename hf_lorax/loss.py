@@ -125,16 +125,45 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     Row chunks through the head; each chunk's loss and its gradients for ``hidden``, ``weight`` and ``bias`` at once
     (Liger-Kernel's scheme in plain PyTorch, for CPU and CUDA; its Triton kernel is CUDA only and unmeasured here),
-    so backward only scales them. ``safe_targets`` (n × 1) index the vocabulary on every row; ``row_weights`` (n,)
+    so backward only scales them. ``safe`` targets (n × 1) index the vocabulary on every row; the row ``weights`` (n,)
     are 0 where there is no label (:func:`_targets` makes both).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, safe_targets, row_weights, label_smoothing: float):
+    def forward(ctx, hidden, weight, bias, safe, weights, eps: float):
         matmul_dtype = LinearCrossEntropy.matmul_dtype(hidden, weight)  # reads the caller's autocast state
         with torch.autocast(device_type=hidden.device.type, enabled=False):
-            return LinearCrossEntropy._forward(ctx, hidden, weight, bias, safe_targets, row_weights, label_smoothing,
-                                               matmul_dtype)
+            n, vocab = hidden.shape[0], weight.shape[0]
+            dtype = _wider(matmul_dtype, torch.float32)
+            new = {"dtype": dtype, "device": hidden.device}
+            weight_mm, hidden_mm = weight.to(matmul_dtype), hidden.to(matmul_dtype)
+            weights = weights.to(dtype)
+            lse, target_logits = torch.empty(n, **new), torch.empty(n, **new)
+            mean = torch.empty(n, **new) if eps else None
+            grad_hidden = torch.empty(hidden.shape, **new) if ctx.needs_input_grad[0] else None
+            grad_weight = torch.empty(weight.shape, **new) if ctx.needs_input_grad[1] else None
+            grad_bias = torch.zeros(vocab, **new) if bias is not None and ctx.needs_input_grad[2] else None
+            for i, rows in enumerate(_row_chunks(n, vocab)):
+                h = hidden_mm[rows]
+                logits = (torch.mm(h, weight_mm.T) if bias is None
+                          else torch.addmm(bias.to(matmul_dtype), h, weight_mm.T))
+                logits = logits.to(dtype)
+                torch.logsumexp(logits, dim=-1, out=lse[rows])
+                torch.gather(logits, 1, safe[rows], out=target_logits[rows, None])
+                if mean is not None:
+                    torch.mean(logits, dim=-1, out=mean[rows])
+                grad = logits.sub_(lse[rows, None]).exp_()  # softmax, in the logits' buffer
+                _softmax_minus_targets(grad, safe[rows], eps, vocab).mul_(weights[rows, None])
+                if grad_bias is not None:
+                    grad_bias.add_(grad.sum(dim=0))
+                grad = grad.to(matmul_dtype)
+                if grad_hidden is not None:
+                    torch.mm(grad, weight_mm, out=grad_hidden[rows])
+                if grad_weight is not None:
+                    torch.mm(grad.T, h, out=grad_weight) if i == 0 else grad_weight.addmm_(grad.T, h)
+            ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)  # None where no gradient is needed
+            ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
+            return torch.dot(_row_loss(lse, target_logits, mean, eps), weights)
 
     @staticmethod
     def matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -147,46 +176,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         return _wider(dtype, torch.float32)
 
     @staticmethod
-    def _forward(ctx, hidden, weight, bias, safe, weights, eps: float, matmul_dtype):
-        n, vocab = hidden.shape[0], weight.shape[0]
-        dtype = _wider(matmul_dtype, torch.float32)
-        new = {"dtype": dtype, "device": hidden.device}
-        weight_mm, hidden_mm = weight.to(matmul_dtype), hidden.to(matmul_dtype)
-        weights = weights.to(dtype)
-        lse, target_logits = torch.empty(n, **new), torch.empty(n, **new)
-        mean = torch.empty(n, **new) if eps else None
-        grad_hidden = torch.empty(hidden.shape, **new) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.empty(weight.shape, **new) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros(vocab, **new) if bias is not None and ctx.needs_input_grad[2] else None
-        for i, rows in enumerate(_row_chunks(n, vocab)):
-            h = hidden_mm[rows]
-            logits = (torch.mm(h, weight_mm.T) if bias is None else torch.addmm(bias.to(matmul_dtype), h, weight_mm.T))
-            logits = logits.to(dtype)
-            torch.logsumexp(logits, dim=-1, out=lse[rows])
-            torch.gather(logits, 1, safe[rows], out=target_logits[rows, None])
-            if mean is not None:
-                torch.mean(logits, dim=-1, out=mean[rows])
-            grad = logits.sub_(lse[rows, None]).exp_()  # softmax, in the logits' buffer
-            _softmax_minus_targets(grad, safe[rows], eps, vocab).mul_(weights[rows, None])
-            if grad_bias is not None:
-                grad_bias.add_(grad.sum(dim=0))
-            grad = grad.to(matmul_dtype)
-            if grad_hidden is not None:
-                torch.mm(grad, weight_mm, out=grad_hidden[rows])
-            if grad_weight is not None:
-                torch.mm(grad.T, h, out=grad_weight) if i == 0 else grad_weight.addmm_(grad.T, h)
-        loss = torch.dot(_row_loss(lse, target_logits, mean, eps), weights)
-        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None))
-        ctx.present = (grad_hidden is not None, grad_weight is not None, grad_bias is not None)
-        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
-        return loss
-
-    @staticmethod
     def backward(ctx, grad_loss):
-        saved = iter(ctx.saved_tensors)
-        grads = [next(saved) if present else None for present in ctx.present]
-        grads = [None if g is None else (g * grad_loss).to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
-        return grads[0], grads[1], grads[2], None, None, None
+        grads = [None if g is None else (g * grad_loss).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+        return *grads, None, None, None
 
 
 def causal_lm_loss_from_hidden(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
@@ -201,21 +193,14 @@ def causal_lm_loss_from_hidden(hidden: torch.Tensor, head: nn.Linear, labels: to
         rows = weights.nonzero().squeeze(1)
         if rows.numel():  # with no labelled row, every row goes through with weight 0 (the gradients are zeros)
             # rebinding ``hidden`` frees the full hidden states when the caller kept no reference to them
-            hidden, safe, weights = hidden.index_select(0, rows), safe.index_select(0, rows), weights.index_select(0, rows)
+            hidden, safe, weights = (t.index_select(0, rows) for t in (hidden, safe, weights))
     total = LinearCrossEntropy.apply(hidden, head.weight, head.bias, safe, weights, eps)
     return per_item(total, labelled, num_items_in_batch)
 
 
-def causal_lm_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    vocab_size: int,
-    num_items_in_batch: torch.Tensor | int | None = None,
-    ignore_index: int = IGNORE_INDEX,
-    shift_labels: torch.Tensor | None = None,
-    label_smoothing: float = 0.0,
-    **kwargs,
-) -> torch.Tensor:
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                   num_items_in_batch: torch.Tensor | int | None = None, ignore_index: int = IGNORE_INDEX,
+                   shift_labels: torch.Tensor | None = None, label_smoothing: float = 0.0, **kwargs) -> torch.Tensor:
     """``transformers.loss.loss_utils.ForCausalLMLoss`` with :class:`CrossEntropyFromLogits` inside.
 
     Same signature and semantics: labels are shifted left by one (or ``shift_labels`` is used as given), the
@@ -255,6 +240,7 @@ def per_item(total: torch.Tensor, n_labelled, num_items_in_batch: torch.Tensor |
 _LOGIT_TRANSFORM = re.compile(r"(logit|lm_head).*(scal|cap|multiplier)|(scal|cap|multiplier).*(logit|lm_head)")
 _NEUTRAL = (None, False, 1, 1.0)
 _SMOOTHING = "_hf_lorax_label_smoothing"
+_WARNED = "_hf_lorax_warned_no_labels"
 
 
 def logits_free_unsupported_reason(model: nn.Module) -> str | None:
@@ -331,8 +317,7 @@ def training_loss(model: nn.Module) -> str:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if isinstance(inner, LogitsFreeCausalLM):
         return "logits-free (LM head and cross-entropy in row chunks from the hidden states)"
-    reason = logits_free_unsupported_reason(inner)
-    return f"the model's own ({reason})" if reason else "the model's own (logits_free_loss=False)"
+    return f"the model's own ({logits_free_unsupported_reason(inner) or 'logits_free_loss=False'})"
 
 
 class LogitsFreeCausalLM:
@@ -342,8 +327,12 @@ class LogitsFreeCausalLM:
 
     def forward(self, *args, labels=None, **kwargs):
         head = self.get_output_embeddings()
-        if labels is None and self.training and torch.is_grad_enabled():
-            _warn_no_labels(self)
+        if labels is None and self.training and torch.is_grad_enabled() and not getattr(self, _WARNED, False):
+            setattr(self, _WARNED, True)  # once per model
+            warnings.warn("hf_lorax: a training forward without labels forms the full logits. If a Trainer with "
+                          "label_smoothing_factor > 0 removed them, set label_smoothing_factor=0 and call "
+                          "hf_lorax.loss.set_label_smoothing(model, epsilon) (or use hf_lorax.TargetedLossTrainer) "
+                          "to keep the loss logits-free.", UserWarning, stacklevel=2)
         if (labels is None or args or not self.training or not torch.is_grad_enabled()
                 or kwargs.get("logits_to_keep", 0) != 0 or kwargs.get("shift_labels") is not None
                 or kwargs.get("return_dict") is False
@@ -370,22 +359,16 @@ def set_label_smoothing(model: nn.Module, epsilon: float) -> None:
     with it (and ``label_smoothing_factor=0``) the loss equals the ``Trainer``'s label-smoothed one, without logits."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not isinstance(inner, LogitsFreeCausalLM):
-        raise ValueError(f"{type(inner).__name__} does not compute a logits-free loss (see logits_free_unsupported_reason)"
-                         "; use the Trainer's label_smoothing_factor instead (it forms the logits).")
+        raise ValueError(f"{type(inner).__name__} does not compute a logits-free loss (see "
+                         "logits_free_unsupported_reason); use the Trainer's label_smoothing_factor instead (it forms "
+                         "the logits).")
     setattr(inner, _SMOOTHING, check_label_smoothing(epsilon))
 
 
-def _warn_no_labels(model: nn.Module) -> None:
-    if not getattr(model, "_hf_lorax_warned_no_labels", False):
-        model._hf_lorax_warned_no_labels = True
-        warnings.warn("hf_lorax: a training forward without labels forms the full logits. If a Trainer with "
-                      "label_smoothing_factor > 0 removed them, set label_smoothing_factor=0 and call "
-                      "hf_lorax.loss.set_label_smoothing(model, epsilon) (or use hf_lorax.TargetedLossTrainer) "
-                      "to keep the loss logits-free.", UserWarning, stacklevel=3)
-
-
-@functools.cache
-def _targeted_loss_trainer() -> type:
+@functools.cache  # one class, made on first use
+def __getattr__(name: str) -> type:
+    if name != "TargetedLossTrainer":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from transformers import Trainer  # seconds to import: only when the class is first used
 
     class TargetedLossTrainer(Trainer):
@@ -404,19 +387,12 @@ def _targeted_loss_trainer() -> type:
                 set_label_smoothing(inner, self.args.label_smoothing_factor)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if not (self.logits_free and model.training and self.label_smoother is not None):
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            smoother, self.label_smoother = self.label_smoother, None  # the labels stay: the model smooths its loss
+            smoother = self.label_smoother
+            if self.logits_free and model.training:
+                self.label_smoother = None  # the labels stay: the model smooths its loss
             try:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             finally:
                 self.label_smoother = smoother
 
-    TargetedLossTrainer.__module__ = __name__
     return TargetedLossTrainer
-
-
-def __getattr__(name: str):
-    if name == "TargetedLossTrainer":
-        return _targeted_loss_trainer()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -60,8 +60,9 @@ def get_model(
         allow_pickle: load an adapter saved only as a pickle ``adapter_model.bin`` (refused by default, as
             unpickling can run code; loaded with ``torch.load(weights_only=True)``).
         logits_free_loss: for causal LMs whose loss is a plain shifted cross-entropy, training forwards with
-            ``labels`` compute the loss from the hidden states in row chunks and never form the logits (:mod:`hf_lorax.loss`;
-            ``outputs.logits`` is then ``None`` in training). ``False`` keeps the model's own forward.
+            ``labels`` compute the loss from the hidden states in row chunks and never form the logits
+            (:mod:`hf_lorax.loss`; ``outputs.logits`` is then ``None`` in training). ``False`` keeps the model's own
+            forward.
         adapter_kwargs: for an adapter on the Hub, the download options of the adapter repo (``token``,
             ``revision``, ``cache_dir``, ``subfolder``, ``force_download``, ...), as transformers' ``adapter_kwargs``;
             ``token`` and ``cache_dir`` default to those in ``from_pretrained_kwargs``.
@@ -162,11 +163,10 @@ def load_base_model(config: PeftConfig, **from_pretrained_kwargs: Any) -> nn.Mod
 def check_sharding_support(config: LoRAConfig) -> None:
     """Refuse what DeepSpeed ZeRO-3 cannot shard, before anything loads (else DeepSpeed fails mid-setup with an
     ``AttributeError`` about ``ds_id``): ZeRO-3 partitions floating-point tensors only."""
-    storage = getattr(config, "quant_storage", None)
-    if storage is not None and not getattr(config, "load_in_8bit", False) and storage == "uint8" \
-            and zero3_enabled():
+    packed = getattr(config, "quant_storage", None) == "uint8" and not getattr(config, "load_in_8bit", False)
+    if packed and zero3_enabled():
         raise ValueError(
-            f"QLoRAConfig(quant_storage={storage!r}) under DeepSpeed ZeRO-3: ZeRO-3 partitions floating-point tensors "
+            f"QLoRAConfig(quant_storage={config.quant_storage!r}) under DeepSpeed ZeRO-3: ZeRO-3 partitions floating-point tensors "
             f"only. Set quant_storage to the compute dtype ({config.compute_dtype!r}; the scripts' --quant_storage)."
         )
 
@@ -180,13 +180,12 @@ def _load_adapter(path: str, model: nn.Module | None, is_trainable: bool, allow_
     hub = {k: kwargs[k] for k in ("token", "cache_dir") if kwargs.get(k) is not None}
     hub.update(adapter_kwargs or {})
     if os.path.isdir(path):
+        hub = {}  # a local folder: nothing to download
         if not os.path.isfile(os.path.join(path, "adapter_config.json")):
             raise FileNotFoundError(f"{path!r} has no adapter_config.json; it is not a saved adapter directory.")
         config = check_adapter_dir(path, allow_pickle)
-        check_loadable(config.init_lora_weights, path)  # the base it was trained on must be rebuildable
         sidecar = read_sidecar(path)  # a malformed sidecar fails here with its own message
-        if sidecar is not None and not isinstance(config, LoRAConfig):  # the peft hook is off
-            config = LoRAConfig.from_peft_config(config, sidecar)
+        check_loadable(config.init_lora_weights, path)  # the base it was trained on must be rebuildable
     elif _looks_like_path(path) or path.count("/") != 1:
         raise FileNotFoundError(f"Adapter directory {path!r} does not exist (and it is not a Hub repo id).")
     else:  # a Hub repo id: peft downloads the adapter, hf_lorax its hf_lorax.json, both with the user's options
@@ -194,18 +193,18 @@ def _load_adapter(path: str, model: nn.Module | None, is_trainable: bool, allow_
 
         config = PeftConfig.from_pretrained(path, **hub)
         sidecar = fetch_sidecar(path, **hub)
-        if sidecar is not None and type(config) is LoraConfig:
-            config = LoRAConfig.from_peft_config(config, sidecar)
+    if sidecar is not None and type(config) is LoraConfig:  # a Hub adapter, or a local one with the peft hook off
+        config = LoRAConfig.from_peft_config(config, sidecar)
     base = model if model is not None else load_base_model(config, **kwargs)
     if isinstance(config, LoRAConfig):
         config = prepare(config, base, logits_free_loss)
     try:
-        loaded = PeftModel.from_pretrained(base, path, config=config, is_trainable=is_trainable,
-                                           **({} if os.path.isdir(path) else hub))
+        loaded = PeftModel.from_pretrained(base, path, config=config, is_trainable=is_trainable, **hub)
     except RuntimeError as exc:
-        if "size mismatch" not in str(exc):
+        mismatches = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        if not mismatches:
             raise
-        raise ValueError(f"The adapter in {path!r} does not fit this base model: {_first_mismatch(exc)}") from exc
+        raise ValueError(f"The adapter in {path!r} does not fit this base model: {mismatches[0]}") from exc
     if os.path.isfile(os.path.join(path, "adapter_model.safetensors")):
         _check_every_weight_loaded(loaded, path)
     return swap_class(loaded, HfLoraxSaving)
@@ -226,11 +225,6 @@ def _check_every_weight_loaded(model: PeftModel, path: str) -> None:
             f"e.g. {unplaced[0]!r} ({len(unplaced)} in all): the base model class or architecture differs from the "
             "one it was trained on (check task_type and base_model_name_or_path)."
         )
-
-
-def _first_mismatch(exc: Exception) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
-    return lines[0] if lines else str(exc)
 
 
 # -- saving ---------------------------------------------------------------------------------------------
@@ -255,14 +249,12 @@ class HfLoraxSaving:
         name = os.path.basename(os.path.abspath(save_directory))
         # a Trainer's periodic checkpoint keeps peft's short card: rendering hf_lorax's re-reads the folder and
         # checks four serving engines, at every save_steps; Trainer.save_model() and push_adapter render it
-        card = not is_trainer_checkpoint_dir(save_directory)
+        card_adapters = ([] if is_trainer_checkpoint_dir(save_directory)
+                         else kwargs.get("selected_adapters") or list(self.peft_config))
 
         def write(tmp: str) -> None:
             parent.save_pretrained(tmp, *args, **kwargs)
-            if not card:
-                return
-            selected = kwargs.get("selected_adapters") or list(self.peft_config)
-            for adapter in selected:  # peft puts adapters other than "default" in subfolders
+            for adapter in card_adapters:  # peft puts adapters other than "default" in subfolders
                 folder = tmp if adapter == "default" else os.path.join(tmp, adapter)
                 if os.path.isfile(os.path.join(folder, "adapter_model.safetensors")):
                     write_model_card(folder, repo_id=name)

@@ -16,42 +16,34 @@ from torch import nn
 _B_MARKERS = (".lora_B.", ".lora_embedding_B.")
 
 
-def loraplus_param_groups(
-    model: nn.Module, lr: float, loraplus_lr_ratio: float = 16.0, weight_decay: float = 0.0
-) -> list[dict[str, Any]]:
+def loraplus_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float = 16.0,
+                          weight_decay: float = 0.0) -> list[dict[str, Any]]:
     """Optimizer parameter groups for LoRA+: B factors at ``lr * loraplus_lr_ratio``, the rest at ``lr``.
 
     Weight decay applies to matrices only (not to biases, norms or DoRA magnitudes).
     """
     if not loraplus_lr_ratio >= 1 or math.isinf(loraplus_lr_ratio):  # ``not >=`` catches NaN
-        raise ValueError(f"loraplus_lr_ratio={loraplus_lr_ratio} must be a finite number >= 1 (LoRA+ trains B faster than A).")
+        raise ValueError(f"loraplus_lr_ratio={loraplus_lr_ratio} must be a finite number >= 1 "
+                         "(LoRA+ trains B faster than A).")
     if not 0 < lr < math.inf:
         raise ValueError(f"lr={lr} must be a finite number > 0.")
     if not 0 <= weight_decay < math.inf:
         raise ValueError(f"weight_decay={weight_decay} must be a finite number >= 0.")
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        is_b = any(marker in f".{name}." for marker in _B_MARKERS)
-        decays = param.ndim >= 2 and "magnitude" not in name
-        groups.setdefault((is_b, decays), []).append(param)
+        if param.requires_grad:
+            is_b = any(marker in f".{name}." for marker in _B_MARKERS)
+            decays = param.ndim >= 2 and "magnitude" not in name
+            groups.setdefault((is_b, decays), []).append(param)
     if not groups:
         raise ValueError("The model has no trainable parameters; build it with hf_lorax.get_model first.")
-    return [
-        {"params": params, "lr": lr * (loraplus_lr_ratio if is_b else 1.0), "weight_decay": weight_decay if decays else 0.0}
-        for (is_b, decays), params in sorted(groups.items())
-    ]
+    return [{"params": params, "lr": lr * (loraplus_lr_ratio if is_b else 1.0),
+             "weight_decay": weight_decay if decays else 0.0} for (is_b, decays), params in sorted(groups.items())]
 
 
-def create_loraplus_optimizer(
-    model: nn.Module,
-    lr: float,
-    loraplus_lr_ratio: float = 16.0,
-    weight_decay: float = 0.0,
-    optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
-    **optimizer_kwargs: Any,
-) -> torch.optim.Optimizer:
+def create_loraplus_optimizer(model: nn.Module, lr: float, loraplus_lr_ratio: float = 16.0, weight_decay: float = 0.0,
+                              optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+                              **optimizer_kwargs: Any) -> torch.optim.Optimizer:
     """Build a LoRA+ optimizer; pass it to ``Trainer(optimizers=(optimizer, None))``.
 
     Example::
@@ -61,5 +53,4 @@ def create_loraplus_optimizer(
 
     On CUDA, ``optimizer_cls=bitsandbytes.optim.PagedAdamW8bit`` gives a paged 8-bit optimizer.
     """
-    groups = loraplus_param_groups(model, lr, loraplus_lr_ratio, weight_decay)
-    return optimizer_cls(groups, lr=lr, **optimizer_kwargs)
+    return optimizer_cls(loraplus_param_groups(model, lr, loraplus_lr_ratio, weight_decay), lr=lr, **optimizer_kwargs)

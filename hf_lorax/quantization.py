@@ -24,7 +24,7 @@ def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
     ``gradient_checkpointing_enable`` turns them on when checkpointing is on; a hook installed here
     unconditionally would break ``torch.compile`` graphs for every run.
     """
-    if not is_quantized(model):
+    if not any(is_quantized_linear(m) for m in model.modules()):
         raise ValueError(
             "The base model has no bitsandbytes-quantized linear layers to train on: QLoRA needs a model loaded "
             "with a BitsAndBytesConfig (get_model does this from a QLoRAConfig), and one with nn.Linear layers."
@@ -52,11 +52,6 @@ def is_quantized_linear(module: nn.Module) -> bool:
     return type(module).__module__.split(".")[0] == "bitsandbytes" and type(module).__name__ in QUANTIZED_LINEAR_NAMES
 
 
-def is_quantized(model: nn.Module) -> bool:
-    """Whether ``model`` has bitsandbytes 4-bit or 8-bit linear layers."""
-    return any(is_quantized_linear(m) for m in model.modules())
-
-
 def quantized_bytes_per_param(model: nn.Module) -> float | None:
     """Storage bytes per parameter of the 4-bit linears (packed weights + quantization constants)."""
     import bitsandbytes as bnb
@@ -65,19 +60,13 @@ def quantized_bytes_per_param(model: nn.Module) -> float | None:
     for module in model.modules():
         if not isinstance(module, bnb.nn.Linear4bit):
             continue
-        weight = module.weight
-        state = weight.quant_state
-        params += int(torch.Size(state.shape).numel()) if state is not None else weight.numel() * 2
-        nbytes += weight.numel() * weight.element_size()
-        if state is not None:
-            nbytes += _tensor_bytes(state.absmax) + _tensor_bytes(state.code)
-            if state.nested:
-                nbytes += _tensor_bytes(state.state2.absmax) + _tensor_bytes(state.state2.code) + _tensor_bytes(state.offset)
+        weight, state = module.weight, module.weight.quant_state
+        stored = [weight] if state is None else [weight, state.absmax, state.code]
+        if state is not None and state.nested:  # double quantization: the constants' own constants
+            stored += [state.state2.absmax, state.state2.code, state.offset]
+        params += weight.numel() * 2 if state is None else int(torch.Size(state.shape).numel())  # packed: 2 a byte
+        nbytes += sum(t.numel() * t.element_size() for t in stored if isinstance(t, torch.Tensor))
     return nbytes / params if params else None
-
-
-def _tensor_bytes(t) -> int:
-    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
 def merge_and_unload(model, requantize: bool = False):
