@@ -52,22 +52,19 @@ def quiet_imports() -> Iterator[None]:
     """
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
-    held = tempfile.TemporaryFile()
-    saved = _hold_fds(held)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    with tempfile.TemporaryFile() as held, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        saved = _hold_fds(held)
+        try:
             yield
-    except BaseException:
-        _restore_fds(saved)
-        held.seek(0)
-        sys.stderr.write(held.read().decode(errors="replace"))
-        raise
-    else:
-        _restore_fds(saved)
-    finally:
-        held.close()
-        logging.disable(previous)
+        except BaseException:
+            _restore_fds(saved)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            _restore_fds(saved)  # on an exception: restored already, this only flushes
+            logging.disable(previous)
 
 
 def _hold_fds(held) -> list[tuple[int, int]]:
@@ -77,11 +74,10 @@ def _hold_fds(held) -> list[tuple[int, int]]:
         if stream is not None:
             stream.flush()
         try:
-            copy = os.dup(fd)
-        except OSError:
+            saved.append((fd, os.dup(fd)))
+        except OSError:  # not open: nothing to hold back
             continue
         os.dup2(held.fileno(), fd)
-        saved.append((fd, copy))
     return saved
 
 
@@ -99,10 +95,8 @@ def main_module(orig_argv: list[str] | None = None) -> str | None:
     """The module a ``python -m MODULE`` process runs (from ``sys.orig_argv``), or None for scripts and ``-c``."""
     args = iter((orig_argv if orig_argv is not None else getattr(sys, "orig_argv", []))[1:])
     for token in args:
-        if token == "-m":
-            return next(args, None)
-        if token.startswith("-m"):
-            return token[2:]
+        if token.startswith("-m"):  # "-m MODULE" or "-mMODULE"
+            return token[2:] or next(args, None)
         if token in ("-c", "-") or not token.startswith("-"):
             return None
         if token in ("-X", "-W"):
@@ -112,11 +106,9 @@ def main_module(orig_argv: list[str] | None = None) -> str | None:
 
 def is_command_line() -> bool:
     """Whether this process was started as an hf_lorax command (``python -m hf_lorax.export``, a task script)."""
-    main = sys.modules.get("__main__")
-    if getattr(main, COMMAND_MARK, False):
+    if getattr(sys.modules.get("__main__"), COMMAND_MARK, False):
         return True
-    module = main_module()
-    return module is not None and module.split(".")[0] in COMMAND_PACKAGES
+    return (main_module() or "").split(".")[0] in COMMAND_PACKAGES
 
 
 def quiet_startup() -> None:
@@ -125,10 +117,9 @@ def quiet_startup() -> None:
         return
     with quiet_imports():
         for name in HEAVY_MODULES:
-            try:
+            # optional ones (bitsandbytes) may be missing; a required one fails again, loudly, where it is used
+            with contextlib.suppress(ImportError):
                 importlib.import_module(name)
-            except ImportError:  # optional ones (bitsandbytes); a required one fails again, loudly, where it is used
-                pass
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

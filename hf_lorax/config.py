@@ -68,27 +68,17 @@ class LoRAConfig(LoraConfig):
         model = get_model(config)
     """
 
-    rank_map: Optional[Union[dict[str, int], str]] = field(
-        default=None,
-        metadata={
-            "help": "Rank per module: {pattern: r}. Patterns match a suffix of the module name, support "
-            "{a-b} layer ranges and * wildcards; first match wins; every key must match an adapted module. "
-            "A path to a JSON file (e.g. suggested_rank_map.json) is accepted too."
-        },
-    )
-    alpha_map: Optional[Union[dict[str, float], str]] = field(
-        default=None, metadata={"help": "lora_alpha per module, same key syntax as rank_map."}
-    )
-    num_labels: Optional[int] = field(
-        default=None, metadata={"help": "Number of labels for SEQ_CLS / TOKEN_CLS heads built by get_model."}
-    )
-    fused_slices: Optional[dict[str, Any]] = field(
-        default=None,
-        metadata={
-            "help": "Adapt slices of fused projections, e.g. {'c_attn': ['q', 'v']} for GPT-2; saved as an "
-            "equivalent block-structured standard LoRA."
-        },
-    )
+    rank_map: Optional[Union[dict[str, int], str]] = field(default=None, metadata={
+        "help": "Rank per module: {pattern: r}. Patterns match a suffix of the module name, support {a-b} layer "
+                "ranges and * wildcards; first match wins; every key must match an adapted module. A path to a "
+                "JSON file (e.g. suggested_rank_map.json) is accepted too."})
+    alpha_map: Optional[Union[dict[str, float], str]] = field(default=None, metadata={
+        "help": "lora_alpha per module, same key syntax as rank_map."})
+    num_labels: Optional[int] = field(default=None, metadata={
+        "help": "Number of labels for SEQ_CLS / TOKEN_CLS heads built by get_model."})
+    fused_slices: Optional[dict[str, Any]] = field(default=None, metadata={
+        "help": "Adapt slices of fused projections, e.g. {'c_attn': ['q', 'v']} for GPT-2; saved as an "
+                "equivalent block-structured standard LoRA."})
 
     # hf_lorax's own fields: saved to hf_lorax.json, never to adapter_config.json
     extra_fields: ClassVar[tuple[str, ...]] = ("rank_map", "alpha_map", "num_labels", "fused_slices")
@@ -138,8 +128,7 @@ class LoRAConfig(LoraConfig):
         resolved config came from, limited to its sliced modules with their saved row structure)."""
         if not self.is_resolved:
             return parse_fused_slices(self.fused_slices)
-        layouts = self.resolved_from.get("slice_layouts") or {}
-        if layouts:
+        if layouts := self.resolved_from.get("slice_layouts"):
             return parse_fused_slices(layouts)
         sliced = self.resolved_from.get("sliced_modules") or {}
         described = parse_fused_slices(self.resolved_from.get("fused_slices"))
@@ -155,7 +144,7 @@ class LoRAConfig(LoraConfig):
         This is what peft holds; ``self`` is left as it was.
         """
         resolved = copy.deepcopy(self)
-        source = dict(self.resolved_from) if self.is_resolved else {k: getattr(self, k) for k in self.description_fields}
+        source = _recorded(self.resolved_from or vars(self))
         source["sliced_modules"] = dict(plan.sliced_modules)
         source["slice_layouts"] = {name: m.slices.as_dict() for name, m in plan.modules.items() if m.slices is not None}
         for name in self.description_fields:
@@ -174,24 +163,16 @@ class LoRAConfig(LoraConfig):
     def to_dict(self) -> dict:
         """The standard peft config dict: what ``adapter_config.json`` holds (hf_lorax's own fields left out;
         they go to ``hf_lorax.json``). For a resolved config it is exactly the state peft builds layers from."""
-        out = super().to_dict()
-        for name in (*self.extra_fields, "resolved_plan", "resolved_from"):
-            out.pop(name, None)
-        return out
+        hidden = (*self.extra_fields, "resolved_plan", "resolved_from")
+        return {name: value for name, value in super().to_dict().items() if name not in hidden}
 
     def sidecar(self) -> dict:
         """What ``hf_lorax.json`` holds."""
-        source = self.resolved_from or {}
-        data = {name: source.get(name) if name in self.description_fields and self.is_resolved else getattr(self, name)
-                for name in self.extra_fields}
         return {
-            "format_version": SIDECAR_FORMAT,
-            "hf_lorax_version": __version__,
-            "config_class": type(self).__name__,
-            "method": self.method,
-            **data,
-            "sliced_modules": dict(source.get("sliced_modules") or {}),
-            "slice_layouts": dict(source.get("slice_layouts") or {}),
+            "format_version": SIDECAR_FORMAT, "hf_lorax_version": __version__,
+            "config_class": type(self).__name__, "method": self.method,
+            **{name: getattr(self, name) for name in self.extra_fields},
+            **_recorded(self.resolved_from or vars(self)),  # a resolved config's description fields replace its Nones
         }
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
@@ -212,13 +193,19 @@ class LoRAConfig(LoraConfig):
                        if extra in sidecar and extra not in target.description_fields})
         out = target(**kwargs)
         out.target_modules = config.target_modules  # as peft read it (a set), not re-normalised
-        out.resolved_from = {**{k: sidecar.get(k) for k in target.description_fields},
-                             "sliced_modules": dict(sidecar.get("sliced_modules") or {}),
-                             "slice_layouts": dict(sidecar.get("slice_layouts") or {})}
+        out.resolved_from = _recorded(sidecar)
         return out
 
 
 CONFIG_CLASSES["LoRAConfig"] = LoRAConfig
+
+
+def _recorded(source: dict) -> dict:
+    """What :attr:`LoRAConfig.resolved_from` and ``hf_lorax.json`` record of a description, read from ``source``:
+    a saved ``hf_lorax.json``, a resolved config's ``resolved_from``, or a description's own attributes (``vars``)."""
+    return {**{name: source.get(name) for name in LoRAConfig.description_fields},
+            "sliced_modules": dict(source.get("sliced_modules") or {}),
+            "slice_layouts": dict(source.get("slice_layouts") or {})}
 
 
 @dataclass
@@ -316,13 +303,10 @@ class QLoRAConfig(LoRAConfig):
         return {"quantization_config": self.bnb_config(), "dtype": self.torch_compute_dtype}
 
     def sidecar(self) -> dict:
-        data = super().sidecar()
-        data["quantization"] = (
-            "bitsandbytes LLM.int8()" if self.load_in_8bit else
+        quantization = "bitsandbytes LLM.int8()" if self.load_in_8bit else (
             f"bitsandbytes {self.quant_type.upper()}{', double quantization' if self.double_quant else ''}, "
-            f"compute dtype {self.compute_dtype}"
-        )
-        return data
+            f"compute dtype {self.compute_dtype}")
+        return {**super().sidecar(), "quantization": quantization}
 
 
 def _check_positive(name: str, value, kind: type = Real) -> None:

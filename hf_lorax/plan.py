@@ -102,11 +102,10 @@ def resolve(config, model: nn.Module) -> AdapterPlan:
     """Validate ``config`` against ``model`` and resolve its maps, slices and task head."""
     modules = dict(plain_modules(model))
     _check_quantized_base(config, model, modules)
-    modules_to_save = list(config.modules_to_save or []) or None
-    found_heads = task_name(config.task_type) in HEAD_TASK_TYPES and not modules_to_save
+    heads = tuple(config.modules_to_save or ())
+    found_heads = task_name(config.task_type) in HEAD_TASK_TYPES and not heads
     if found_heads:
-        modules_to_save = find_task_heads(model) or None
-    heads = tuple(modules_to_save or ())
+        heads = tuple(find_task_heads(model))
     body = [name for name in modules if not (name in heads or name.startswith(tuple(f"{h}." for h in heads)))]
     target_modules, default_for, targeted = peft_targets(config, model, body)
     # the values peft picks from the config's own rank_pattern / alpha_pattern (rank_map / alpha_map override them)
@@ -115,7 +114,7 @@ def resolve(config, model: nn.Module) -> AdapterPlan:
 
     specs = config.slice_specs
     _check_target_names(model, target_modules, targeted, modules, default_for)
-    check_modules_to_save(list(modules), modules_to_save or [], targeted, task_name(config.task_type), found_heads)
+    check_modules_to_save(list(modules), list(heads), targeted, task_name(config.task_type), found_heads)
     _check_layer_types(config, targeted, modules, specs)
     ranks = resolve_module_map(config.rank_map, targeted, all_modules=list(modules), what="rank_map")
     alphas = resolve_module_map(config.alpha_map, targeted, all_modules=list(modules), what="alpha_map")
@@ -146,7 +145,7 @@ def resolve(config, model: nn.Module) -> AdapterPlan:
     rank_pattern = {**exact_r, **{k: v for k, v in rank_pattern.items() if k not in exact_r}}
     alpha_pattern = {**exact_alpha, **{k: v for k, v in alpha_pattern.items() if k not in exact_alpha}}
     expanded = target_modules if target_modules != config.target_modules else None
-    return AdapterPlan(modules=ReadOnlyDict(plans), modules_to_save=tuple(modules_to_save) if modules_to_save else None,
+    return AdapterPlan(modules=ReadOnlyDict(plans), modules_to_save=heads or None,
                        rank_pattern=ReadOnlyDict(rank_pattern), alpha_pattern=ReadOnlyDict(alpha_pattern),
                        target_modules=expanded, default_targets_for=default_for,
                        fan_in_fan_out=any(isinstance(modules[name], Conv1D) for name in targeted))
@@ -154,16 +153,12 @@ def resolve(config, model: nn.Module) -> AdapterPlan:
 
 def plain_modules(model: nn.Module):
     """``(name, module)`` of the model as the user built it: adapter wrappers stand for their base layer."""
-    skip: list[str] = []
+    inside: tuple[str, ...] = ()  # the wrappers' own children (peft's layers, the head's copies) are left out
     for name, module in model.named_modules():
-        if not name or any(name.startswith(prefix) for prefix in skip):
-            continue
-        if is_tuner_layer(module) or is_wrapped_head(module):
-            skip.append(name + ".")
+        if name and not name.startswith(inside):
+            if is_tuner_layer(module) or is_wrapped_head(module):
+                inside += (name + ".",)
             yield name, module.get_base_layer() if is_tuner_layer(module) else module
-            continue
-        yield name, module
-
 
 
 def find_task_heads(model: nn.Module) -> list[str]:
@@ -174,28 +169,23 @@ def find_task_heads(model: nn.Module) -> list[str]:
     child transformers names ``base_model_prefix``; a task class without one (T5's question answering keeps
     ``shared``, ``encoder`` and ``decoder`` on itself) has as body the children of the architecture's bare model.
     """
-    body = _body_names(model)
-    if body is None:
-        return []
-    return [name for name, child in model.named_children()
-            if name not in body and next(child.parameters(), None) is not None]
-
-
-def _body_names(model: nn.Module) -> set[str] | None:
     prefix = getattr(model, "base_model_prefix", None)
     if not prefix:
-        return None
+        return []
     if isinstance(getattr(model, prefix, None), nn.Module):
-        return {prefix}
-    try:  # the bare model's children, built on the meta device (no memory, no weights)
-        import torch
-        from transformers import AutoModel
+        body = {prefix}
+    else:
+        try:  # the bare model's children, built on the meta device (no memory, no weights)
+            import torch
+            from transformers import AutoModel
 
-        with torch.device("meta"):
-            bare = AutoModel.from_config(model.config)
-    except Exception:  # noqa: BLE001 - no bare counterpart (not a transformers model): no head is known
-        return None
-    return {name for name, _ in bare.named_children()}
+            with torch.device("meta"):
+                bare = AutoModel.from_config(model.config)
+        except Exception:  # noqa: BLE001 - no bare counterpart (not a transformers model): no head is known
+            return []
+        body = {name for name, _ in bare.named_children()}
+    return [name for name, child in model.named_children()
+            if name not in body and next(child.parameters(), None) is not None]
 
 
 def check_modules_to_save(names: list[str], entries: list[str], targeted: list[str], task: str | None,
@@ -210,8 +200,7 @@ def check_modules_to_save(names: list[str], entries: list[str], targeted: list[s
     """
     internals = adapter_child_names()
     keys = [*names, *(f"{t}.{child}" for t in targeted for child in internals)]
-    prefixed = {f"base_model.model.{k}": k for k in keys}
-    prefixed.update({"base_model": "base_model", "base_model.model": "base_model.model"})
+    prefixed = {f"base_model.model.{k}": k for k in keys} | {p: p for p in ("base_model", "base_model.model")}
     heads = set(entries)
     found = found and bool(heads)  # no head found (not a transformers task model): nothing more is known
     for entry in [*entries, *PEFT_ADDED_HEADS.get(task, ())]:
@@ -222,19 +211,10 @@ def check_modules_to_save(names: list[str], entries: list[str], targeted: list[s
         wrong = [h for h in hits if (h not in heads if found else h.rsplit(".", 1)[-1] in internals)]
         if wrong:
             what = "task head" if found else "modules_to_save"
-            raise ValueError(
-                f"{what} entry {entry!r} would also train {wrong[:3]}: peft matches modules_to_save by name suffix "
-                f"(a module is wrapped when its name ends with the entry). Name the module by a longer, unique "
-                f"dotted name, or set modules_to_save explicitly; intended: {sorted(heads)}."
-            )
-
-
-def adaptable_suffixes(names: list[str]) -> list[str]:
-    """Distinct last components of module names, e.g. ['query', 'value', 'dense', ...]."""
-    seen: dict[str, None] = {}
-    for name in names:
-        seen.setdefault(name.split(".")[-1], None)
-    return [s for s in seen if not s.isdigit()]
+            raise ValueError(f"{what} entry {entry!r} would also train {wrong[:3]}: peft matches modules_to_save "
+                             f"by name suffix (a module is wrapped when its name ends with the entry). Name the "
+                             f"module by a longer, unique dotted name, or set modules_to_save explicitly; intended: "
+                             f"{sorted(heads)}.")
 
 
 def _check_quantized_base(config, model: nn.Module, modules: dict[str, nn.Module]) -> None:
@@ -247,12 +227,11 @@ def _check_quantized_base(config, model: nn.Module, modules: dict[str, nn.Module
     """
     quantized = any(is_quantized_linear(m) for m in modules.values())
     if isinstance(config, QLoRAConfig) and not config.is_resolved and not quantized:
-        raise ValueError(
-            f"QLoRAConfig needs a quantized base, but this {type(model).__name__} has no bitsandbytes-quantized linear "
-            "layers (4-bit or 8-bit), so its quant_type/compute_dtype would be ignored. Load the base with "
-            "quantization_config=config.bnb_config() (for TRL: model_init_kwargs={'quantization_config': ...}), or "
-            "let hf_lorax.get_model(config) load it; for an unquantized base use LoRAConfig / DoRAConfig."
-        )
+        raise ValueError(f"QLoRAConfig needs a quantized base, but this {type(model).__name__} has no "
+                         "bitsandbytes-quantized linear layers (4-bit or 8-bit), so its quant_type/compute_dtype "
+                         "would be ignored. Load the base with quantization_config=config.bnb_config() (for TRL: "
+                         "model_init_kwargs={'quantization_config': ...}), or let hf_lorax.get_model(config) load "
+                         "it; for an unquantized base use LoRAConfig / DoRAConfig.")
 
 
 def _supported(modules: dict[str, nn.Module]) -> list[str]:
@@ -263,49 +242,36 @@ def _supported(modules: dict[str, nn.Module]) -> list[str]:
 def _check_target_names(model: nn.Module, target_modules, targeted: list[str], modules: dict[str, nn.Module],
                         default_for: str | None) -> None:
     """``target_modules`` as peft completed them (:func:`~hf_lorax.integrations.peft_api.peft_targets`)."""
-    candidates = adaptable_suffixes(_supported(modules) or list(modules))
+    # the distinct last components of the module names (a dict keeps them in order): ['query', 'value', ...]
+    suffixes = dict.fromkeys(name.split(".")[-1] for name in _supported(modules) or modules)
+    candidates = [s for s in suffixes if not s.isdigit()]
     if default_for is not None and target_modules is None:
-        raise ValueError(
-            f"target_modules is not set and peft has no default LoRA targets for model_type {default_for!r} "
-            f"({type(model).__name__}). Set target_modules to some of its linear layers, e.g. {candidates[:12]}, "
-            "or to 'all-linear'."
-        )
-    shown = f"target_modules={_show(target_modules)}"
-    if default_for is not None:
-        shown += f" (peft's default for model_type {default_for!r})"
+        raise ValueError(f"target_modules is not set and peft has no default LoRA targets for model_type "
+                         f"{default_for!r} ({type(model).__name__}). Set target_modules to some of its linear "
+                         f"layers, e.g. {candidates[:12]}, or to 'all-linear'.")
+    shown = "target_modules=" + repr(sorted(target_modules) if isinstance(target_modules, set) else target_modules)
+    shown += f" (peft's default for model_type {default_for!r})" if default_for is not None else ""
     if not targeted:
-        raise ValueError(
-            f"{shown} matched no module of the model. Layer names it could target (by suffix): {candidates[:12]}."
-        )
+        raise ValueError(f"{shown} matched no module of the model. Layer names it could target (by suffix): "
+                         f"{candidates[:12]}.")
     if isinstance(target_modules, str):
         return  # a regex; peft matches it as a whole
     for entry in sorted(target_modules):
         if not any(name == entry or name.endswith("." + entry) for name in targeted):
-            raise ValueError(
-                f"target_modules entry {entry!r} matches no module of the model ({shown}). Closest layer names: "
-                f"{closest_names(entry, candidates)}."
-            )
+            raise ValueError(f"target_modules entry {entry!r} matches no module of the model ({shown}). "
+                             f"Closest layer names: {closest_names(entry, candidates)}.")
 
 
 def _check_layer_types(config, targeted: list[str], modules: dict[str, nn.Module], specs: dict) -> None:
     """Each slice key names an adapted module; DoRA and slices adapt only the layer types hf_lorax supports."""
-    sliced = set()
-    for key in specs:  # matched as spec_for matches: the name or a ``.``-boundary suffix of it
-        hits = {name for name in targeted if name == key or name.endswith("." + key)}
-        if not hits:
-            raise ValueError(
-                f"fused_slices key {key!r} matches no adapted module. Add it to target_modules; adapted modules "
-                f"look like {closest_names(key, targeted)}."
-            )
-        sliced |= hits
+    # a key selects a module as spec_for does: the name or a ``.``-boundary suffix of it
+    sliced = {name for name in targeted if any(name == key or name.endswith("." + key) for key in specs)}
+    for key in specs:
+        if not any(name == key or name.endswith("." + key) for name in targeted):
+            raise ValueError(f"fused_slices key {key!r} matches no adapted module. Add it to target_modules; "
+                             f"adapted modules look like {closest_names(key, targeted)}.")
     supported = set(_supported(modules))
     for name in targeted:
         if name not in supported and (config.use_dora or name in sliced):
-            raise ValueError(
-                f"{config.method.upper()} cannot adapt {name} ({type(modules[name]).__name__}): hf_lorax supports "
-                f"{', '.join(SUPPORTED_LAYER_TYPES)}. Remove it from target_modules."
-            )
-
-
-def _show(target_modules) -> str:
-    return repr(sorted(target_modules) if isinstance(target_modules, set) else target_modules)
+            raise ValueError(f"{config.method.upper()} cannot adapt {name} ({type(modules[name]).__name__}): "
+                             f"hf_lorax supports {', '.join(SUPPORTED_LAYER_TYPES)}. Remove it from target_modules.")

@@ -93,13 +93,8 @@ def closest_names(query: str, names: Iterable[str], n: int = 3) -> list[str]:
     return [tails[h] for h in hits] or names[:n]
 
 
-def resolve_module_map(
-    module_map: Mapping[str, float] | None,
-    targeted: list[str],
-    *,
-    all_modules: Iterable[str] = (),
-    what: str = "rank_map",
-) -> dict[str, float]:
+def resolve_module_map(module_map: Mapping[str, float] | None, targeted: list[str], *,
+                       all_modules: Iterable[str] = (), what: str = "rank_map") -> dict[str, float]:
     """Resolve ``module_map`` against the adapted module names into ``{exact module name: value}``.
 
     Raises ``ValueError`` for a key that matches no adapted module, or only modules an earlier key already
@@ -107,33 +102,25 @@ def resolve_module_map(
     """
     if not module_map:
         return {}
-    resolved: dict[str, float] = {}
-    claimed_by: dict[str, str] = {}
+    claimed_by: dict[str, str] = {}  # adapted module -> the first key that matches it, the one that sets it
     for name in targeted:
-        for key, value in module_map.items():
-            if key_matches(key, name):
-                resolved[name] = value
-                claimed_by[name] = key
-                break
+        key = next((k for k in module_map if key_matches(k, name)), None)
+        if key is not None:
+            claimed_by[name] = key
     for key in module_map:
         if key in claimed_by.values():
             continue
         shadowed = [n for n in targeted if key_matches(key, n)]
         if shadowed:
             winners = sorted({claimed_by[n] for n in shadowed})
-            raise ValueError(
-                f"{what} key {key!r} only matches modules that earlier keys {winners} already set "
-                f"(first match wins), so it has no effect. Reorder the keys or remove {key!r}."
-            )
+            raise ValueError(f"{what} key {key!r} only matches modules that earlier keys {winners} already set "
+                             f"(first match wins), so it has no effect. Reorder the keys or remove {key!r}.")
         untargeted = [n for n in all_modules if key_matches(key, n)]
         if untargeted:
-            raise ValueError(
-                f"{what} key {key!r} matches {untargeted[:3]}, which {'is' if len(untargeted) == 1 else 'are'} "
-                "not adapted. Add them to target_modules or fix the key."
-            )
-        raise ValueError(
-            f"{what} key {key!r} matches no adapted module. Closest adapted modules: "
-            f"{closest_names(key, targeted)}. Keys match a suffix of the module name; "
-            "use {a-b} for layer ranges and * as a wildcard."
-        )
-    return resolved
+            raise ValueError(f"{what} key {key!r} matches {untargeted[:3]}, which "
+                             f"{'is' if len(untargeted) == 1 else 'are'} not adapted. Add them to target_modules "
+                             "or fix the key.")
+        raise ValueError(f"{what} key {key!r} matches no adapted module. Closest adapted modules: "
+                         f"{closest_names(key, targeted)}. Keys match a suffix of the module name; "
+                         "use {a-b} for layer ranges and * as a wildcard.")
+    return {name: module_map[key] for name, key in claimed_by.items()}

@@ -52,16 +52,12 @@ class SliceSpec:
             parts = (f"{len(self.layout)} equal slices {list(self.layout)}" if self.widths is None else
                      f"the slices {list(self.layout)} in proportion {list(widths)}")
             groups = f" in each of {self.groups} groups" if self.groups > 1 else ""
-            raise ValueError(
-                f"fused_slices: {module_name} has {out_features} outputs, which do not split into {parts}{groups}. "
-                "It is not a fused projection with that layout."
-            )
+            raise ValueError(f"fused_slices: {module_name} has {out_features} outputs, which do not split into "
+                             f"{parts}{groups}. It is not a fused projection with that layout.")
         group = unit * sum(widths)
         starts = [unit * sum(widths[:i]) for i in range(len(widths))]
-        return [
-            [g * group + starts[i] + t for g in range(self.groups) for t in range(unit * widths[i])]
-            for i, name in enumerate(self.layout) if name in self.adapt
-        ]
+        return [[g * group + starts[i] + t for g in range(self.groups) for t in range(unit * widths[i])]
+                for i, name in enumerate(self.layout) if name in self.adapt]
 
     def as_dict(self) -> dict:
         return {"layout": list(self.layout), "adapt": list(self.adapt), "widths": list(self.widths or ()) or None,
@@ -81,18 +77,16 @@ def layout_for_model(spec: SliceSpec, module_name: str, model_config) -> SliceSp
     model_type = get("model_type")
     heads = get("num_attention_heads") or get("n_head")
     kv_heads = get("num_key_value_heads") or get("num_kv_heads") or heads
+    # (widths, groups) of a multi-query layout: [q | k | v] with one k/v head; without multi_query, per head
+    multi_query = ((heads, 1, 1), 1) if get("multi_query", True) else (None, heads)
     widths, groups = None, 1
     if model_type in ("gpt_neox", "bloom") and suffix == "query_key_value":
         groups = heads  # the output viewed as (heads, 3 * head_dim): q, k, v of each head in turn
     elif model_type == "falcon" and suffix == "query_key_value":
-        if get("new_decoder_architecture"):  # (kv_heads, heads/kv_heads + 2, head_dim): the queries, then k and v
-            groups, widths = kv_heads, (heads // kv_heads, 1, 1)
-        elif get("multi_query", True):
-            widths = (heads, 1, 1)
-        else:
-            groups = heads
-    elif model_type == "gpt_bigcode" and suffix == "c_attn":  # multi-query: [q | k | v] with one k/v head
-        widths, groups = ((heads, 1, 1), 1) if get("multi_query", True) else (None, heads)
+        # the new decoder architecture: (kv_heads, heads/kv_heads + 2, head_dim), the queries, then k and v
+        widths, groups = ((heads // kv_heads, 1, 1), kv_heads) if get("new_decoder_architecture") else multi_query
+    elif model_type == "gpt_bigcode" and suffix == "c_attn":
+        widths, groups = multi_query
     elif model_type == "phi3" and suffix == "qkv_proj":
         widths = (heads, kv_heads, kv_heads)
     elif model_type == "codegen" and suffix == "qkv_proj":  # CodeGenAttention: 4 groups (mp_num) of [q | v | k]
@@ -114,25 +108,21 @@ def parse_fused_slices(value: Mapping | None) -> dict[str, SliceSpec]:
         raise TypeError(f"fused_slices must be a dict of module name -> slice names, got {type(value).__name__}.")
     specs = {}
     for module, entry in value.items():
-        if isinstance(entry, Mapping):
-            unknown = set(entry) - {"layout", "adapt", "widths", "groups"}
-            if unknown or "layout" not in entry or "adapt" not in entry:
-                raise ValueError(
-                    f"fused_slices[{module!r}] must be a list of slice names or a dict with the keys 'layout' and "
-                    f"'adapt' (and optionally 'widths', 'groups'), got keys {sorted(entry)}."
-                )
-            layout, adapt = tuple(entry["layout"]), tuple(entry["adapt"])
-            widths, groups = _structure(module, entry, len(layout))
-        else:
+        if not isinstance(entry, Mapping):  # slice names of a known fused projection: spelled out with its layout
             suffix = module.split(".")[-1]
             if suffix not in KNOWN_FUSED_LAYOUTS:
-                raise ValueError(
-                    f"fused_slices: {module!r} is not a known fused projection (known: "
-                    f"{sorted(KNOWN_FUSED_LAYOUTS)}). For another fused module pass "
-                    f'{{"layout": [...slice names in output order...], "adapt": [...]}}.'
-                )
-            layout, adapt = KNOWN_FUSED_LAYOUTS[suffix], tuple(_as_names(entry, module))
-            widths, groups = None, 1
+                raise ValueError(f"fused_slices: {module!r} is not a known fused projection (known: "
+                                 f"{sorted(KNOWN_FUSED_LAYOUTS)}). For another fused module pass "
+                                 f'{{"layout": [...slice names in output order...], "adapt": [...]}}.')
+            if isinstance(entry, str) or not isinstance(entry, Sequence):
+                raise TypeError(f"fused_slices[{module!r}] must be a list of slice names such as ['q', 'v'], "
+                                f"got {entry!r}.")
+            entry = {"layout": KNOWN_FUSED_LAYOUTS[suffix], "adapt": entry}
+        if set(entry) - {"layout", "adapt", "widths", "groups"} or "layout" not in entry or "adapt" not in entry:
+            raise ValueError(f"fused_slices[{module!r}] must be a list of slice names or a dict with the keys "
+                             f"'layout' and 'adapt' (and optionally 'widths', 'groups'), got keys {sorted(entry)}.")
+        layout, adapt = tuple(entry["layout"]), tuple(entry["adapt"])
+        widths, groups = _structure(module, entry, len(layout))
         _check_names(module, layout, adapt)
         specs[str(module)] = SliceSpec(layout=layout, adapt=tuple(n for n in layout if n in adapt), widths=widths,
                                        groups=groups)
@@ -152,31 +142,20 @@ def _structure(module: str, entry: Mapping, n_parts: int) -> tuple[tuple[int, ..
     return widths, groups
 
 
-def _as_names(entry, module: str) -> Sequence[str]:
-    if isinstance(entry, str) or not isinstance(entry, Sequence):
-        raise TypeError(f"fused_slices[{module!r}] must be a list of slice names such as ['q', 'v'], got {entry!r}.")
-    return entry
-
-
 def _check_names(module: str, layout: tuple, adapt: tuple) -> None:
     if len(set(layout)) != len(layout) or len(layout) < 2:
         raise ValueError(f"fused_slices[{module!r}]: layout {list(layout)} needs at least two distinct names.")
     bad = [n for n in adapt if n not in layout]
     if bad or not adapt:
-        raise ValueError(
-            f"fused_slices[{module!r}]: slice names {bad or adapt!r} are not valid; choose a non-empty subset "
-            f"of {list(layout)}."
-        )
+        raise ValueError(f"fused_slices[{module!r}]: slice names {bad or adapt!r} are not valid; choose a "
+                         f"non-empty subset of {list(layout)}.")
     if len(set(adapt)) != len(adapt):
         raise ValueError(f"fused_slices[{module!r}]: slice names {list(adapt)} repeat a name.")
 
 
 def spec_for(module_name: str, specs: Mapping[str, SliceSpec]) -> SliceSpec | None:
     """The spec whose key is ``module_name`` or a ``.``-boundary suffix of it."""
-    for key, spec in specs.items():
-        if module_name == key or module_name.endswith("." + key):
-            return spec
-    return None
+    return next((spec for key, spec in specs.items() if module_name == key or module_name.endswith("." + key)), None)
 
 
 # -- the fused-slice rule -----------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import inspect
@@ -31,10 +32,7 @@ class InternalAPI:
 
     def resolve(self, path: str = ""):
         module_name, _, qualname = (path or self.path).partition(":")
-        obj = importlib.import_module(module_name)
-        for part in filter(None, qualname.split(".")):
-            obj = getattr(obj, part)
-        return obj
+        return functools.reduce(getattr, filter(None, qualname.split(".")), importlib.import_module(module_name))
 
     def problem(self) -> str | None:
         """Why this internal cannot be used as verified (version or signature), or None when it can."""

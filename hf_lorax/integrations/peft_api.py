@@ -11,11 +11,7 @@ import copy
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.lora import layer as peft_lora
 from peft.tuners.lora.layer import LoraVariant
-from peft.tuners.tuners_utils import (
-    BaseTunerLayer,
-    _maybe_include_all_linear_layers,
-    check_adapters_to_merge,
-)
+from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers, check_adapters_to_merge
 from peft.tuners.tuners_utils import _ExcludedModule as ExcludedModule
 from peft.utils import ModulesToSaveWrapper
 from peft.utils.integrations import dequantize_module_weight
@@ -27,15 +23,15 @@ from .guard import InternalAPI, require_signatures
 PEFT_RANGE = ("0.21.0", "0.22.0")  # 0.22 reorganises LoRA layer construction (upstream changelog)
 
 
-def _api(path: str, params: tuple[str, ...], reason: str) -> InternalAPI:
-    return InternalAPI(path=path, params=params, library="peft", verified=PEFT_RANGE, reason=reason)
+def _api(path: str, params: tuple[str, ...], reason: str, hooked_on: str = "") -> InternalAPI:
+    return InternalAPI(path=path, params=params, library="peft", verified=PEFT_RANGE, reason=reason,
+                       hooked_on=hooked_on)
 
 
-INJECT_ADAPTER = InternalAPI(
-    path="peft.tuners.tuners_utils:BaseTuner.inject_adapter", params=("self", "model", "adapter_name"), library="peft",
-    verified=PEFT_RANGE, hooked_on="peft.tuners.lora:LoraModel",  # set on LoraModel only
-    reason="hand peft a resolved copy of an hf_lorax config before it injects layers (it reads "
-           "self.peft_config[adapter_name] first thing)")
+# hooked on LoraModel only, not on BaseTuner (every peft tuner)
+INJECT_ADAPTER = _api("peft.tuners.tuners_utils:BaseTuner.inject_adapter", ("self", "model", "adapter_name"),
+                      "hand peft a resolved copy of an hf_lorax config before it injects layers (it reads "
+                      "self.peft_config[adapter_name] first thing)", hooked_on="peft.tuners.lora:LoraModel")
 CONFIG_FROM_PRETRAINED = _api("peft.config:PeftConfigMixin.from_pretrained",
                               ("cls", "pretrained_model_name_or_path", "subfolder"),
                               "read hf_lorax.json beside adapter_config.json")
@@ -100,8 +96,7 @@ def peft_targets(config, model: nn.Module, names: list[str]) -> tuple[object, st
 
 def pattern_value(pattern, name: str, default):
     """The value peft picks for ``name`` from a ``rank_pattern`` / ``alpha_pattern`` (first regex match)."""
-    key = get_pattern_key(list(pattern), name)
-    return pattern.get(key, default)
+    return pattern.get(get_pattern_key(list(pattern), name), default)
 
 
 def peft_hotswap_adapter(model, model_name_or_path, adapter_name: str, torch_device=None, **kwargs) -> None:

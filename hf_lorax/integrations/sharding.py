@@ -24,14 +24,12 @@ from .guard import InternalAPI, require_signatures
 GATHERED_PARAMETERS = InternalAPI(
     path="deepspeed.runtime.zero.partition_parameters:GatheredParameters.__init__",
     params=("self", "params", "modifier_rank"), library="deepspeed", verified=("0.15.0", "0.20.0"),
-    reason="gather ZeRO-3 partitioned weights for DoRA's norm, the rank analysis and saving",
-)
+    reason="gather ZeRO-3 partitioned weights for DoRA's norm, the rank analysis and saving")
 DEFAULT_STORE = InternalAPI(
     path="torch.distributed.distributed_c10d:_get_default_store", params=(), library="torch",
     verified=("2.13.0", "2.14.0"),
     reason="every process checks in on the process group's store before a save gathers, so a save called on "
-           "one process only fails with an error instead of waiting forever in the gather",
-)
+           "one process only fails with an error instead of waiting forever in the gather")
 SAVE_TIMEOUT_ENV = "HF_LORAX_SAVE_TIMEOUT"
 _SAVES = [0]  # this process's completed check-ins: the n-th save of every rank is one gather
 
@@ -79,6 +77,7 @@ def full_params(params: Iterable[torch.Tensor]):
 @contextmanager
 def _gathered(params: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
     zero3 = [p for p in params if is_zero3_param(p)]
+    gather = nullcontext()
     if zero3:
         require_signatures([GATHERED_PARAMETERS], "gather ZeRO-3 parameters")
         import deepspeed
@@ -88,8 +87,6 @@ def _gathered(params: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
         # would release them under its feet on exit
         missing = [p for p in zero3 if p.ds_status != ZeroParamStatus.AVAILABLE]
         gather = deepspeed.zero.GatheredParameters(missing, modifier_rank=None)
-    else:
-        gather = nullcontext()
     with gather:
         yield [p.full_tensor() if is_dtensor(p) else p for p in params]
 
@@ -138,10 +135,9 @@ def check_every_process_saves() -> None:
     except RuntimeError:  # DistStoreError: the wait timed out
         missing = [r for r, key in enumerate(keys) if not store.check([key])]
         store.delete_key(keys[rank])  # withdrawn: the next save called on every process pairs up again
-        raise RuntimeError(
-            f"save_pretrained was called on process {rank} but not on process(es) {missing} (waited {seconds:g} s, "
-            f"{SAVE_TIMEOUT_ENV} sets it). The adapter is sharded (DeepSpeed ZeRO-3 / FSDP): saving gathers it, a "
-            "collective every process must join. Call model.save_pretrained(dir, is_main_process=...) on every "
-            "process (the main one writes), or use trainer.save_model(dir). Nothing was written."
-        ) from None
+        raise RuntimeError(f"save_pretrained was called on process {rank} but not on process(es) {missing} "
+                           f"(waited {seconds:g} s, {SAVE_TIMEOUT_ENV} sets it). The adapter is sharded (DeepSpeed "
+                           "ZeRO-3 / FSDP): saving gathers it, a collective every process must join. Call "
+                           "model.save_pretrained(dir, is_main_process=...) on every process (the main one "
+                           "writes), or use trainer.save_model(dir). Nothing was written.") from None
     _SAVES[0] += 1

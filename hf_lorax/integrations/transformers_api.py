@@ -12,33 +12,30 @@ TRANSFORMERS_RANGE = ("5.0.0", "5.24.0")
 LOAD_ADAPTER = InternalAPI(
     path="transformers.integrations.peft:PeftAdapterMixin.load_adapter",
     params=("self", "peft_model_id", "adapter_name"), library="transformers", verified=TRANSFORMERS_RANGE,
-    reason="transformers 5.x keeps freshly initialised DoRA magnitudes instead of the saved ones",
-)
+    reason="transformers 5.x keeps freshly initialised DoRA magnitudes instead of the saved ones")
 LOSS_MAPPING_API = InternalAPI(
     path="transformers.loss.loss_utils:ForCausalLMLoss",
     params=("logits", "labels", "vocab_size", "num_items_in_batch", "ignore_index", "shift_labels"),
     library="transformers", verified=TRANSFORMERS_RANGE,
-    reason="hf_lorax's causal-LM loss replaces this one only where a model uses it unchanged",
-)
+    reason="hf_lorax's causal-LM loss replaces this one only where a model uses it unchanged")
+
+# checked once: the installed transformers does not change while the process runs
+_loss_mapping_problem = functools.cache(LOSS_MAPPING_API.problem)
 
 
 def uses_stock_causal_lm_loss(model: nn.Module) -> bool:
     """Whether ``model`` computes transformers' stock ``ForCausalLMLoss`` (not a loss the user or a subclass set)."""
     from transformers.loss.loss_utils import LOSS_MAPPING
 
-    if getattr(model, "_loss_function", None) is not None or not hasattr(type(model), "loss_function"):
-        return False  # a custom loss the user set, or not a transformers model
-    if _loss_mapping_problem():  # outside the verified range: the model keeps its own loss
+    # a custom loss the user set, not a transformers model, or transformers outside the verified range (there the
+    # model keeps its own loss)
+    if (getattr(model, "_loss_function", None) is not None or not hasattr(type(model), "loss_function")
+            or _loss_mapping_problem()):
         return False
     try:
         return model.loss_function is LOSS_MAPPING["ForCausalLM"]
     except (AttributeError, KeyError):
         return False
-
-
-@functools.cache
-def _loss_mapping_problem() -> str | None:
-    return LOSS_MAPPING_API.problem()
 
 
 def is_trainer_checkpoint_dir(path: str) -> bool:
