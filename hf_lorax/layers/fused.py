@@ -50,7 +50,8 @@ class FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, norm_scale,
                 base_dtype: torch.dtype, lora_dtype: torch.dtype, out_dtype: torch.dtype):
-        wide = torch.promote_types(base_dtype, lora_dtype)
+        # promote_types is a dispatched call: skipped in the common case of one dtype
+        wide = base_dtype if base_dtype == lora_dtype else torch.promote_types(base_dtype, lora_dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             rows = x.reshape(-1, x.shape[-1])
             x_base = rows.to(base_dtype)
