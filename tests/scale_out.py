@@ -1,9 +1,15 @@
-"""Shared by the scale-out tests: run ``scripts/scale_job.py`` in one or two processes and compare what it wrote."""
+"""Shared by the scale-out tests: run ``tests/scripts/scale_job.py`` in one or two processes and compare what it
+wrote. A torchrun launch trains several engines one after the other (one process group, one start-up of torch and
+transformers per process): :data:`TORCH` for tests/test_scale_out_torch.py, :data:`ZERO` for
+tests/test_scale_out_deepspeed.py. One process trains the references every engine is compared with
+(:data:`ONE_PROCESS`), once per test session, shared by the xdist workers (:func:`one_process_run`)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +20,10 @@ from safetensors.torch import load_file
 TESTS = Path(__file__).resolve().parent
 JOB = TESTS / "scripts" / "scale_job.py"
 METHODS = ("lora", "dora", "qlora")
+# engine -> methods, in the order they run (gpt2: LoRA on a logits-free GPT-2 causal LM, under fully_shard only)
+ONE_PROCESS = {"single": METHODS, "loop": (*METHODS, "gpt2")}
+TORCH = {"ddp": METHODS, "fsdp2": (*METHODS, "gpt2")}
+ZERO = {"zero2": METHODS, "zero3": METHODS}
 
 
 def job_env() -> dict:
@@ -22,19 +32,52 @@ def job_env() -> dict:
     return env
 
 
-def run_job(out: Path, engine: str, port: int | None = None, methods=METHODS) -> str:
-    """``scale_job.py`` in one process (``port`` None) or two under torchrun; fails the test on any error.
-    Returns the job's stderr (it names the engine the Trainer really ran)."""
-    launcher = [sys.executable] if port is None else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    proc = subprocess.run([*launcher, str(JOB), str(out), engine, *methods], env=job_env(), capture_output=True,
-                          text=True, timeout=600)
+def free_port() -> int:
+    """A TCP port free right now, for a launch's rendezvous (a fixed one collides with another run of the suite)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_job(out: Path, jobs: dict[str, tuple[str, ...]], distributed: bool = False) -> str:
+    """``scale_job.py`` in one process, or in two under torchrun (``distributed``), training each engine's methods in
+    turn into ``out/ENGINE/METHOD``; fails the test on any error. Returns the job's stderr (it names the engine the
+    Trainer really ran)."""
+    launcher = [sys.executable] if not distributed else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    specs = [f"{engine}:{','.join(methods)}" for engine, methods in jobs.items()]
+    proc = subprocess.run([*launcher, str(JOB), str(out), *specs], env=job_env(), capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    for method in methods:
-        assert f"rank 0 {engine} {method} done" in proc.stderr, proc.stderr[-3000:]
-        if port is not None:
-            assert f"rank 1 {engine} {method} done" in proc.stderr, proc.stderr[-3000:]
+    for engine, methods in jobs.items():
+        for method in methods:
+            assert f"rank 0 {engine} {method} done" in proc.stderr, proc.stderr[-3000:]
+            if distributed:
+                assert f"rank 1 {engine} {method} done" in proc.stderr, proc.stderr[-3000:]
     return proc.stderr
+
+
+def one_process_run(tmp_path_factory) -> Path:
+    """The one-process references (:data:`ONE_PROCESS`: the Trainer's ``single`` and the plain ``loop``), run once per
+    session: under xdist the first worker to ask runs them into the session's shared temporary root, under a file
+    lock, and the other worker waits for them (a few seconds) and reads the same folder."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this session
+    out = root / "scale_out_one_process"
+    with FileLock(str(out) + ".lock"):
+        if not (out / "done").is_file():
+            shutil.rmtree(out, ignore_errors=True)  # a failed earlier try
+            run_job(out, ONE_PROCESS)
+            (out / "done").touch()
+    return out
+
+
+def assert_only_rank_zero_wrote(run_dir: Path) -> None:
+    """Each process gave the rank-utilization callback its own folder: only rank 0's may exist."""
+    assert (run_dir / "rank_util").is_dir() and not (run_dir / "rank_util_from_rank1").exists()
 
 
 def assert_same_adapter(expected_dir: Path, actual_dir: Path) -> None:

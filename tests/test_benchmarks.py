@@ -1,23 +1,45 @@
-"""The benchmark scripts run end to end (smoke runs with tiny settings; times are not asserted)."""
+"""The benchmark scripts run end to end (smoke runs with tiny settings; times are not asserted).
 
+Each script's ``main`` runs in this process (a new one would start torch, transformers and peft again just to
+start the measuring processes); the configurations it measures still run in their own processes, as the script
+starts them (``--worker``), on one thread each. tests/test_issue33_bench_flags.py runs a script as a real
+process."""
+
+import importlib
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(script: str, *args: str, tmp_path: Path) -> dict:
-    out = tmp_path / f"{script}.json"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args, "--json", str(out)], check=True,
-                   capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    return json.loads(out.read_text())
+@pytest.fixture
+def run_main(tmp_path, monkeypatch):
+    """``run_main(script, *args)``: ``scripts/<script>.py``'s ``main([*args, "--json", out])`` in this process, from
+    ``tmp_path``, with the processes it starts on one thread (``OMP_NUM_THREADS=1``) and this process's thread count
+    restored afterwards (some scripts set it); returns the JSON it wrote."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+
+    def run(script: str, *args: str) -> dict:
+        out = tmp_path / f"{script}.json"
+        try:
+            importlib.import_module(script).main([*args, "--json", str(out)])
+        finally:
+            torch.set_num_threads(threads)
+        return json.loads(out.read_text())
+
+    return run
 
 
-def test_bench_train_measures_step_time_and_allocator_peak(tmp_path):
-    result = _run("bench_train.py", "--quick", "--models", "roberta", "--configs", "peft_dora", "hf_lorax_dora",
-                  "--steps", "1", "--warmup", "1", tmp_path=tmp_path)
+def test_bench_train_measures_step_time_and_allocator_peak(run_main):
+    result = run_main("bench_train", "--quick", "--models", "roberta", "--configs", "peft_dora", "hf_lorax_dora",
+                      "--steps", "1", "--warmup", "1", "--threads", "1")
     rows = {r["config"]: r for r in result["rows"]}
     assert set(rows) == {"peft_dora", "hf_lorax_dora"}
     for row in rows.values():
@@ -26,15 +48,14 @@ def test_bench_train_measures_step_time_and_allocator_peak(tmp_path):
     assert result["ratios"]["roberta"]["dora_peak_mem_hf_lorax_over_peft"] < 1.0
 
 
-def test_bench_infer_reports_merged_over_base(tmp_path):
-    result = _run("bench_infer.py", "--quick", "--repeats", "1", "--seq", "16", tmp_path=tmp_path)
+def test_bench_infer_reports_merged_over_base(run_main):
+    result = run_main("bench_infer", "--quick", "--repeats", "1", "--seq", "4", "--threads", "1")
     assert [r["batch"] for r in result["rows"]] == [1, 32]
     assert all(r["merged_over_base"] > 0 for r in result["rows"])
 
 
-def test_bench_gpu_suite_runs_its_rows_and_counts_flops(tmp_path):
-    result = _run("bench_gpu.py", "--quick", "--cpu", "--shapes", "quick-llama", "--configs", "full",
-                  "hf_lorax_lora", tmp_path=tmp_path)
+def test_bench_gpu_suite_runs_its_rows_and_counts_flops(run_main):
+    result = run_main("bench_gpu", "--quick", "--cpu", "--shapes", "quick-llama", "--configs", "full", "hf_lorax_lora")
     rows = {r["config"]: r for r in result["rows"]}
     assert set(rows) == {"full", "hf_lorax_lora"} and all(r["median_ms"] > 0 for r in rows.values())
     # full fine-tuning counts 6N per token, a LoRA step 4N + adapter: the same base, so full > LoRA
@@ -43,9 +64,8 @@ def test_bench_gpu_suite_runs_its_rows_and_counts_flops(tmp_path):
     assert "lora_step_hf_lorax_over_full" in result["ratios"]["quick-llama/eager"]
 
 
-def test_bench_counts_counts_kernels_nodes_and_syncs(tmp_path):
-    result = _run("bench_counts.py", "--quick", "--configs", "full", "peft_lora", "hf_lorax_lora", "--dropouts", "0.1",
-                  tmp_path=tmp_path)
+def test_bench_counts_counts_kernels_nodes_and_syncs(run_main):
+    result = run_main("bench_counts", "--quick", "--configs", "full", "peft_lora", "hf_lorax_lora", "--dropouts", "0.1")
     rows = {r["config"]: r for r in result["rows"]}
     assert set(rows) == {"full", "peft_lora", "hf_lorax_lora"} and result["dropout_route"] == "cuda"
     for row in rows.values():
@@ -59,8 +79,6 @@ def test_bench_counts_counts_kernels_nodes_and_syncs(tmp_path):
 
 def test_op_counter_sees_syncs_by_source_and_skips_views():
     import importlib.util
-
-    import torch
 
     spec = importlib.util.spec_from_file_location("bench_counts", ROOT / "scripts" / "bench_counts.py")
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -78,7 +96,7 @@ def test_op_counter_sees_syncs_by_source_and_skips_views():
     assert any(key.startswith("index @ tests/test_benchmarks.py") for key in summary["sync_sources"])
 
 
-def test_bench_rank_allocation_report_joins_runs_and_judges_the_goals_on_paired_seeds(tmp_path):
+def test_bench_rank_allocation_report_joins_runs_and_judges_the_goals_on_paired_seeds(run_main, tmp_path):
     """--report_only joins per-task JSON files and states each goal from paired seeds (no training, no data)."""
     def row(task, method, budget_r, seed, score, **extra):
         return {"task": task, "metric": "accuracy", "method": method, "budget_r": budget_r, "seed": seed,
@@ -94,8 +112,8 @@ def test_bench_rank_allocation_report_joins_runs_and_judges_the_goals_on_paired_
     }
     for name, rows in runs.items():
         (tmp_path / name).write_text(json.dumps({"rows": rows}))
-    result = _run("bench_rank_allocation.py", "--model_dir", "unused", "--report_only", "--inputs",
-                  str(tmp_path / "a.json"), str(tmp_path / "b.json"), tmp_path=tmp_path)
+    result = run_main("bench_rank_allocation", "--model_dir", "unused", "--report_only", "--inputs",
+                      str(tmp_path / "a.json"), str(tmp_path / "b.json"))
     assert len(result["rows"]) == 15
     verdicts = {v["comparison"]: v for v in result["verdicts"]}
     beats = verdicts["energy map @r=2 - uniform r=2"]

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 from conftest import roberta_config
-from scale_out import TESTS, assert_same_adapter
+from scale_out import TESTS, assert_same_adapter, free_port
 from test_glue import _args, run, write_glue
 from transformers import RobertaForSequenceClassification
 
@@ -42,7 +42,7 @@ def test_shipped_fsdp_config_trains_what_one_process_trains(base, tmp_path):
     run(_args(base, glue, tmp_path / "single", "sst2", per_device_train_batch_size=8, **options))
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "examples" / "accelerate" / "fsdp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
-           "--main_process_port", "29653", str(ROOT / "scripts" / "run_glue.py"),
+           "--main_process_port", str(free_port()), str(ROOT / "scripts" / "run_glue.py"),
            *_args(base, glue, tmp_path / "fsdp", "sst2", per_device_train_batch_size=4, **options)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(TESTS / "scripts" / "forced_fsdp"), str(ROOT)])}

@@ -155,15 +155,34 @@ def test_every_buildable_cell_is_in_a_test_file():
     assert len(built) >= 30
 
 
-def test_mixtral_with_explicit_targets_matches_plain_peft(tmp_path):
+MIXTRAL = [pytest.param(CELLS[f"mixtral-{task}"], method) for task in ("SEQ_CLS", "CAUSAL_LM")
+           for method in ("lora", "dora")]
+
+
+@pytest.fixture(scope="module")
+def reloaded(tmp_path_factory):
+    """The Mixtral cells with explicit targets, and a llama adapter saved with its ``lora_B`` zeroed afterwards,
+    reloaded by plain peft in ONE process (``zoo_run.run_matrix``; it starts torch, transformers and peft once)."""
+    from safetensors.torch import load_file, save_file
+
+    workdir = tmp_path_factory.mktemp("heads_matrix")
+    try:
+        zeroed = zoo_run.run_cell(CELLS["llama-SEQ_CLS"], "lora", workdir)
+    except Exception as exc:  # re-raised by the test that uses it
+        return {"zeroed": exc, **zoo_run.run_matrix(MIXTRAL, workdir, explicit_targets=True)}
+    weights_file = Path(zeroed["adapter"]) / "adapter_model.safetensors"
+    weights = load_file(weights_file)
+    save_file({k: v.zero_() if "lora_B" in k else v for k, v in weights.items()}, weights_file)
+    zeroed["id"] += "-zeroed"
+    return {"zeroed": zeroed, **zoo_run.run_matrix(MIXTRAL, workdir, explicit_targets=True, extra=[zeroed])}
+
+
+def test_mixtral_with_explicit_targets_matches_plain_peft(reloaded):
     """Mixtral's matrix cells are xfail: plain peft drops its default targets. With them given explicitly, the
     same checks (plain peft, one step, save, both reloads) run on Mixtral."""
-    params = [pytest.param(CELLS[f"mixtral-{task}"], method) for task in ("SEQ_CLS", "CAUSAL_LM")
-              for method in ("lora", "dora")]
-    results = zoo_run.run_matrix(params, tmp_path, explicit_targets=True)
-    for param in params:
-        zoo_run.check_case(results, *param.values)
-    assert results["mixtral-CAUSAL_LM-lora"]["logits_free"]
+    for param in MIXTRAL:
+        zoo_run.check_case(reloaded, *param.values)
+    assert reloaded["mixtral-CAUSAL_LM-lora"]["logits_free"]
 
 
 def test_readme_table_is_current():
@@ -171,15 +190,11 @@ def test_readme_table_is_current():
     assert zoo.readme_table() in readme, "regenerate the README's zoo table: python tests/zoo.py"
 
 
-def test_a_zeroed_lora_b_fails_the_plain_peft_reload_check(tmp_path):
+def test_a_zeroed_lora_b_fails_the_plain_peft_reload_check(reloaded):
     """The matrix's reload check has teeth: the same saved adapter with lora_B zeroed is caught."""
-    from safetensors.torch import load_file, save_file
-
-    entry = zoo_run.run_cell(CELLS["llama-SEQ_CLS"], "lora", tmp_path)
-    weights_file = Path(entry["adapter"]) / "adapter_model.safetensors"
-    weights = load_file(weights_file)
-    save_file({k: v.zero_() if "lora_B" in k else v for k, v in weights.items()}, weights_file)
-    result = zoo_run.peft_reload([entry], tmp_path)[entry["id"]]
+    if isinstance(reloaded["zeroed"], Exception):
+        raise reloaded["zeroed"]
+    result = reloaded["zeroed"]["peft"]
     assert result["max_diff"] > zoo.EFFECT > zoo.TOL
 
 

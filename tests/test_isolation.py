@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 from conftest import gpt2_config, randomize_adapters
+from test_cli import CHATTER, SITECUSTOMIZE
 from transformers import GPT2LMHeadModel
 
 import hf_lorax
@@ -67,12 +68,6 @@ PLAIN_WORKFLOW = textwrap.dedent("""
 """)
 
 
-def test_plain_peft_and_trainer_run_bit_identically_with_hf_lorax_imported(tmp_path):
-    runs = {which: json.loads(_run(PLAIN_WORKFLOW, which, str(tmp_path / which))) for which in ("without", "with")}
-    assert runs["with"] == runs["without"]
-    assert runs["with"]["peft_config"] == "LoraConfig"
-
-
 SNAPSHOT = textwrap.dedent("""
     import importlib, inspect, json
     MODULES = ["peft", "peft.config", "peft.peft_model", "peft.mapping", "peft.tuners.tuners_utils",
@@ -96,8 +91,41 @@ SNAPSHOT = textwrap.dedent("""
 """)
 
 
-def test_import_patches_only_the_guarded_methods():
-    changed = json.loads(_run(SNAPSHOT))
+@pytest.fixture(scope="module")
+def plain_runs(tmp_path_factory):
+    """The plain peft workflow in a process without hf_lorax and in one that imports it first, both with the
+    simulated third-party import chatter of tests/test_cli.py on. The process without hf_lorax then takes the
+    snapshot of :data:`SNAPSHOT` around ``import hf_lorax``, its first (was a process of its own: one start-up of
+    torch, transformers and peft fewer). Returns ``{which: CompletedProcess}``."""
+    tmp_path = tmp_path_factory.mktemp("plain_runs")
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), ENV["PYTHONPATH"]])}
+    env.pop("HF_LORAX_DEBUG", None)
+    scripts = {"without": PLAIN_WORKFLOW + SNAPSHOT, "with": PLAIN_WORKFLOW}
+    return {which: subprocess.run([sys.executable, "-c", script, which, str(tmp_path / which)], capture_output=True,
+                                  text=True, timeout=300, env=env) for which, script in scripts.items()}
+
+
+def test_plain_peft_and_trainer_run_bit_identically_with_hf_lorax_imported(plain_runs):
+    """A user's program that imports hf_lorax first still shows what its libraries print at import (was the control
+    tests/test_cli.py::test_the_simulated_chatter_shows_when_a_program_imports_hf_lorax, a process of its own)."""
+    for proc in plain_runs.values():
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {which: json.loads(next(line for line in proc.stdout.splitlines() if line.startswith('{"digest"')))
+            for which, proc in plain_runs.items()}
+    assert runs["with"] == runs["without"]
+    assert runs["with"]["peft_config"] == "LoraConfig"
+    out = plain_runs["with"].stderr + plain_runs["with"].stdout
+    assert all(line in out for line in CHATTER), plain_runs["with"].stderr[-3000:]
+
+
+def test_import_patches_only_the_guarded_methods(plain_runs):
+    """Everything ``import hf_lorax`` changes in peft and transformers, in the process that ran the plain workflow
+    without it (the snapshot is its last line)."""
+    proc = plain_runs["without"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    changed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert changed == [
         "peft.config.PeftConfigMixin.from_pretrained",  # reads hf_lorax.json of local hf_lorax folders only
         "peft.tuners.lora.model.LoraModel.inject_adapter",  # resolves hf_lorax configs only (LoRA tuners only)
@@ -248,28 +276,37 @@ def test_sidecar_fetch_propagates_auth_errors_and_treats_missing_as_plain(monkey
 # -- case 8 ---------------------------------------------------------------------------------------------------
 
 LOAD_PICKLED = textwrap.dedent("""
-    import sys, torch
-    model = torch.load(sys.argv[1], weights_only=False)
-    ids, expected = torch.load(sys.argv[2])
-    model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, expected, atol=0, rtol=0)
-    print(type(model).__qualname__, type(model.get_base_model()).__qualname__)
+    import json, sys, torch
+    names = []
+    for model_path, io_path in zip(sys.argv[1::2], sys.argv[2::2]):
+        model = torch.load(model_path, weights_only=False)
+        ids, expected = torch.load(io_path)
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, expected, atol=0, rtol=0)
+        names.append(f"{type(model).__qualname__} {type(model.get_base_model()).__qualname__}")
+    print(json.dumps(names))
 """)
+PICKLED = {
+    "slices": LoRAConfig(task_type="CAUSAL_LM", r=2, target_modules=["c_attn"], fused_slices={"c_attn": ["q", "v"]}),
+    "dora-maps": DoRAConfig(task_type="CAUSAL_LM", r=2, target_modules=["c_attn", "c_proj"], rank_map={"h.1.*": 4}),
+}
 
 
-@pytest.mark.parametrize("config", [
-    LoRAConfig(task_type="CAUSAL_LM", r=2, target_modules=["c_attn"], fused_slices={"c_attn": ["q", "v"]}),
-    DoRAConfig(task_type="CAUSAL_LM", r=2, target_modules=["c_attn", "c_proj"], rank_map={"h.1.*": 4}),
-], ids=["slices", "dora-maps"])
-def test_models_pickle_into_a_fresh_process(config, tmp_path, input_ids):
-    torch.manual_seed(0)
-    model = get_model(config, model=GPT2LMHeadModel(gpt2_config()))
-    randomize_adapters(model)
-    model.eval()
-    with torch.no_grad():
-        expected = model(input_ids).logits
-    torch.save(model, tmp_path / "model.pt")
-    torch.save((input_ids, expected), tmp_path / "io.pt")
-    names = _run(LOAD_PICKLED, str(tmp_path / "model.pt"), str(tmp_path / "io.pt"))
-    assert names == "HfLoraxPeftModelForCausalLM LogitsFreeGPT2LMHeadModel"
+def test_models_pickle_into_a_fresh_process(tmp_path, input_ids):
+    """Each model (fused slices; DoRA with a rank map) pickled here and loaded, with equal logits, in one new process
+    that has not imported hf_lorax (the first load rebuilds hf_lorax's model classes from their names; was one
+    process per model, parametrized ``slices`` and ``dora-maps``)."""
+    paths = []
+    for name, config in PICKLED.items():
+        torch.manual_seed(0)
+        model = get_model(config, model=GPT2LMHeadModel(gpt2_config()))
+        randomize_adapters(model)
+        model.eval()
+        with torch.no_grad():
+            expected = model(input_ids).logits
+        torch.save(model, tmp_path / f"{name}.pt")
+        torch.save((input_ids, expected), tmp_path / f"{name}-io.pt")
+        paths += [str(tmp_path / f"{name}.pt"), str(tmp_path / f"{name}-io.pt")]
+    names = json.loads(_run(LOAD_PICKLED, *paths))
+    assert names == ["HfLoraxPeftModelForCausalLM LogitsFreeGPT2LMHeadModel"] * len(PICKLED)

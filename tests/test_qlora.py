@@ -43,12 +43,38 @@ def _data(arch, n=32, seq=10):
     return Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels})
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "roberta"])
-@pytest.mark.parametrize("dora", [False, True], ids=["qlora", "qdora"])
-def test_train_with_eval_save_and_plain_peft_reload(arch, dora, bases, tmp_path, input_ids):
+ARCHS, DORA = ("gpt2", "roberta"), (False, True)
+# the plain-peft reload of every trained case, in one process that never imports hf_lorax (argv: a JSON list of
+# [base, adapter, AutoModel class, ids file, output file]); a case that fails writes its error instead of its output
+PLAIN_PEFT_RELOAD = textwrap.dedent("""
+    import json, os, sys, traceback
+    sys.modules["hf_lorax"] = None
+    import torch, transformers
+    from peft import PeftModel
+    for base_dir, adapter, auto, ids, out in json.loads(sys.argv[1]):
+        try:
+            q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32,
+                                                llm_int8_skip_modules=["classifier", "lm_head"])
+            base = getattr(transformers, auto).from_pretrained(base_dir, quantization_config=q, dtype=torch.float32)
+            model = PeftModel.from_pretrained(base, adapter).eval()
+            # Same kernel as the trained model: bitsandbytes' AVX512-BF16 repacked path rounds differently (~1e-3).
+            for m in model.modules():
+                if hasattr(m, "support_avx512bf16_for_cpu"):
+                    m.support_avx512bf16_for_cpu = False
+            with torch.no_grad():
+                torch.save(model(torch.load(ids)).logits, out)
+        except Exception:
+            with open(out + ".error", "w") as f:
+                f.write(traceback.format_exc())
+    os._exit(0)  # all written; the interpreter's teardown of torch and transformers takes seconds
+""")
+
+
+def _train_with_eval_and_save(arch, dora, bases, folder, input_ids):
     model = get_model(_config(bases, arch, dora))
     assert any(isinstance(m, LoraLinear4bit) for m in model.modules())
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=6, eval_strategy="steps", eval_steps=2,
+    args = TrainingArguments(output_dir=str(folder / "run"), max_steps=6, eval_strategy="steps", eval_steps=2,
                              per_device_train_batch_size=8, learning_rate=1e-2, report_to=[], use_cpu=True,
                              disable_tqdm=True, save_strategy="no", logging_steps=2)
     trainer = Trainer(model=model, args=args, train_dataset=_data(arch), eval_dataset=_data(arch, n=16))
@@ -56,30 +82,45 @@ def test_train_with_eval_save_and_plain_peft_reload(arch, dora, bases, tmp_path,
     assert sum("eval_loss" in e for e in trainer.state.log_history) == 3
     model.eval()
     with torch.no_grad():
-        expected = model(input_ids).logits
-    model.save_pretrained(tmp_path / "adapter")
-    torch.save(input_ids, tmp_path / "ids.pt")
+        torch.save(model(input_ids).logits, folder / "expected.pt")
+    model.save_pretrained(folder / "adapter")
+    torch.save(input_ids, folder / "ids.pt")
     auto = "AutoModelForCausalLM" if arch == "gpt2" else "AutoModelForSequenceClassification"
-    script = textwrap.dedent(f"""
-        import sys
-        sys.modules["hf_lorax"] = None
-        import torch, transformers
-        from peft import PeftModel
-        q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32,
-                                            llm_int8_skip_modules=["classifier", "lm_head"])
-        base = transformers.{auto}.from_pretrained({bases[arch]!r}, quantization_config=q, dtype=torch.float32)
-        model = PeftModel.from_pretrained(base, {str(tmp_path / "adapter")!r}).eval()
-        # Same kernel as the trained model: bitsandbytes' AVX512-BF16 repacked path rounds differently (~1e-3).
-        for m in model.modules():
-            if hasattr(m, "support_avx512bf16_for_cpu"):
-                m.support_avx512bf16_for_cpu = False
-        with torch.no_grad():
-            torch.save(model(torch.load({str(tmp_path / "ids.pt")!r})).logits, {str(tmp_path / "out.pt")!r})
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    return [bases[arch], str(folder / "adapter"), auto, str(folder / "ids.pt"), str(folder / "out.pt")]
+
+
+@pytest.fixture(scope="module")
+def trained(bases, tmp_path_factory):
+    """Every (arch, dora) case trained here (what failed: its exception, raised by the case's test), then all the
+    saved adapters reloaded by plain peft in ONE new process (it starts torch, transformers and peft once)."""
+    results, reloads = {}, []
+    for arch in ARCHS:
+        for dora in DORA:
+            folder = tmp_path_factory.mktemp(f"{arch}-{dora}")
+            torch.manual_seed(1)  # the input_ids fixture's
+            input_ids = torch.randint(3, 96, (2, 12))
+            try:
+                reloads.append(_train_with_eval_and_save(arch, dora, bases, folder, input_ids))
+                results[arch, dora] = folder
+            except Exception as exc:  # re-raised by the case's test
+                results[arch, dora] = exc
+    if reloads:
+        proc = subprocess.run([sys.executable, "-c", PLAIN_PEFT_RELOAD, json.dumps(reloads)], capture_output=True,
+                              text=True, timeout=300)
+        results["process"] = proc
+    return results
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dora", DORA, ids=["qlora", "qdora"])
+def test_train_with_eval_save_and_plain_peft_reload(arch, dora, trained):
+    folder = trained[arch, dora]
+    if isinstance(folder, Exception):
+        raise folder
+    proc = trained["process"]
     assert proc.returncode == 0, proc.stderr[-3000:]
-    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=1e-4, rtol=1e-4)
+    assert not (folder / "out.pt.error").exists(), (folder / "out.pt.error").read_text()[-3000:]
+    torch.testing.assert_close(torch.load(folder / "out.pt"), torch.load(folder / "expected.pt"), atol=1e-4, rtol=1e-4)
 
 
 def test_nf4_double_quant_storage_per_param(tmp_path):

@@ -3,7 +3,7 @@
 A *cell* is one (model type, task) pair: the transformers class for the task is looked up in transformers'
 ``MODEL_FOR_*_MAPPING_NAMES`` and built tiny from its config (``tiny_config``). ``tests/zoo_run.py`` runs the
 cells (one optimizer step next to plain peft, save, reload through hf_lorax and through plain peft in one
-subprocess per test file); ``python tests/zoo.py`` prints the README's table of tested cells.
+subprocess per test class); ``python tests/zoo.py`` prints the README's table of tested cells.
 
 The cell list is generated, not written by hand: :func:`all_cells` is every pair transformers has, and the
 groups below only say which test file runs it (``test_every_buildable_cell_is_in_a_group`` checks that none

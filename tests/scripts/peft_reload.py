@@ -5,6 +5,7 @@ results.json beside it: per cell the largest output difference, or the error.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,3 +43,6 @@ def main(manifest: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # results.json is written; the interpreter's teardown of torch and transformers takes seconds
