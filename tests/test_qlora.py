@@ -1,6 +1,7 @@
 """QLoRA / QDoRA on a bitsandbytes 4-bit base, on CPU (CUDA-only checks are marked and skipped here)."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -106,7 +107,7 @@ def trained(bases, tmp_path_factory):
                 results[arch, dora] = exc
     if reloads:
         proc = subprocess.run([sys.executable, "-c", PLAIN_PEFT_RELOAD, json.dumps(reloads)], capture_output=True,
-                              text=True, timeout=300)
+                              text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
         results["process"] = proc
     return results
 

@@ -45,7 +45,7 @@ def peft_reload(entries: list[dict], workdir: Path) -> dict[str, dict]:
     """Reload every saved cell with plain peft in one subprocess that never imports hf_lorax."""
     manifest = workdir / "manifest.json"
     manifest.write_text(json.dumps(entries))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # tiny models: one thread, as each test worker
     script = Path(__file__).parent / "scripts" / "peft_reload.py"
     proc = subprocess.run([sys.executable, str(script), str(manifest)], env=env, capture_output=True, text=True,
                           timeout=600)
