@@ -2,8 +2,9 @@
 
 peft's ``LoraLayer.update_layer`` runs these ``init_lora_weights`` on the base layer: PiSSA, OLoRA, CorDA and
 LoRA-GA subtract ``s·B0A0`` from ``W``, LoftQ replaces ``W`` with a quantized ``Q(W)``. The adapter is then
-trained against the changed base, and ``s·BA`` added to the original ``W`` is not the trained model.
-:mod:`hf_lorax.export.initial` converts the first four to a LoRA of the original base.
+trained against the changed base, and ``s·BA`` added to the original ``W`` is not the trained model. peft converts
+the first four to a LoRA of the original base when it saves them (:data:`CONVERSION`); hf_lorax says so where it
+refuses one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ CHANGES = {"pissa": "W − s·B0A0, the top singular directions moved into the a
            "olora": "W − s·B0A0, from a QR decomposition of W", "corda": "W − s·B0A0, from context-oriented SVD",
            "lora_ga": "W − s·B0A0, from gradient SVD", "loftq": "a quantized Q(W) chosen together with B0A0"}
 CONVERTIBLE_INITS = ("pissa", "olora", "corda", "lora_ga")
+# peft's exact conversion, ΔW = s·(BA − B0A0) at rank 2r, from the adapter saved right after initialisation (peft's
+# PiSSA / OLoRA / CorDA examples save it with init_lora_weights=True); plain LoRA modules only
+CONVERSION = ("save the trained model with model.save_pretrained(OUT, path_initial_model_for_weight_conversion="
+              "INIT_DIR) (peft's exact conversion to a LoRA of the original base, rank 2r; INIT_DIR: the adapter saved "
+              "right after initialisation)")
 # peft runs these again when it loads the adapter onto the original base (deterministic: no sampling, no data),
 # which rebuilds the changed base; the others (pissa_niter_*, corda, lora_ga, loftq) it cannot rebuild
 PEFT_REBUILT_INITS = ("pissa", "olora")
@@ -29,9 +35,7 @@ def check_loadable(init, path: str) -> None:
     if init is None or init.lower() in PEFT_REBUILT_INITS:
         return
     family = init_family(init)
-    fix = ("convert it with `python -m hf_lorax.export SRC OUT --engine peft --initial_adapter INIT_DIR` (INIT_DIR: "
-           "the adapter saved right after initialisation) and load the result" if family in CONVERTIBLE_INITS
-           else "load it onto the quantized base it was trained with")
+    fix = f"{CONVERSION} and load OUT" if family in CONVERTIBLE_INITS else "load it onto the quantized base it was trained with"
     raise ValueError(f"{path!r} was trained with init_lora_weights={init!r}, which changed the base "
                      f"({CHANGES[family]}); loading runs that initialisation again and does not rebuild the same "
                      f"base. Instead, {fix}.")
@@ -48,6 +52,5 @@ def base_change_reason(init: str, engine_label: str) -> str:
     head = (f"init_lora_weights={init!r} trained this adapter against a changed base ({CHANGES[family]}); "
             f"{engine_label} adds it to the original weights.")
     if family in CONVERTIBLE_INITS:
-        return head + (" Export with --initial_adapter INIT_DIR (the adapter saved right after initialisation, "
-                       "before training) to convert it exactly to a LoRA of the original base.")
+        return head + f" To serve it, {CONVERSION}, and export or serve OUT."
     return head + " No LoRA of the original base reproduces it: serve it on the LoftQ base it was trained with."

@@ -85,14 +85,7 @@ def write_model_card(folder: str, repo_id: str | None = None, results: dict | st
 
 
 def _base_note(saved) -> str:
-    """What the card says, below the serving table, about an initialisation that changed the base: converted
-    (exactly), or how to serve it."""
-    converted = (saved.sidecar.get("exported") or {}).get("converted_from")
-    if converted:
-        return ("\n\nConverted exactly from an adapter trained with "
-                f"`init_lora_weights=\"{converted['init_lora_weights']}\"` (which changes the base weights) to a plain "
-                "LoRA of the original base: ΔW = s·(B·A − B0·A0), rank 2r, with the factors saved right after "
-                "initialisation.")
+    """What the card says, below the serving table, about an initialisation that changed the base: how to serve it."""
     init = saved.base_changing_init
     if not init:
         return ""

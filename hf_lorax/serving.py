@@ -237,7 +237,7 @@ def serving_summary(folder: AdapterFolder, name: str = "ADAPTER",
         elif base_changed and init_family(folder.base_changing_init) not in CONVERTIBLE_INITS:
             status, how = "cannot be served exactly", base_changed.message
         elif base_changed:
-            status, how = "needs `hf_lorax.export --initial_adapter`", f"{export} --initial_adapter INIT_DIR"
+            status, how = "needs peft's conversion", "model.save_pretrained(OUT, path_initial_model_for_weight_conversion=INIT_DIR)"
         else:
             status, how = "needs `hf_lorax.export`", export + (" --dora merge" if report.first(DORA) else "")
         rows.append((spec.label, status, f"`{how}`"))

@@ -1,8 +1,9 @@
-"""Adapters whose initialisation changed the base (PiSSA, OLoRA, ...): flagged, converted exactly, or refused.
+"""Adapters whose initialisation changed the base (PiSSA, OLoRA, ...): flagged, refused with the way out, and served
+exactly once peft's own conversion (``save_pretrained(path_initial_model_for_weight_conversion=...)``) has run on the
+model ``get_model`` returned.
 
-The reference for "exact" is independent of hf_lorax: the trained peft model itself (on its residual base),
-vLLM's arithmetic on the *original* base (tests/engine_reference.py), and peft's own conversion
-(``save_pretrained(path_initial_model_for_weight_conversion=...)``).
+The reference for "exact" is independent of hf_lorax: the trained model itself (on its residual base) and vLLM's
+arithmetic on the *original* base (tests/engine_reference.py).
 """
 
 import copy
@@ -14,17 +15,23 @@ from engine_reference import serve, served_deltas
 from peft import LoraConfig, PeftModel, get_peft_model
 from test_export import IDS, logits, tiny_llama
 
-from hf_lorax import check_serving, export_adapter, write_model_card
+from hf_lorax import LoRAConfig, check_serving, export_adapter, get_model, write_model_card
 from hf_lorax.export.__main__ import main as export_main
 
 TARGETS = ["q_proj", "v_proj"]
+CONVERSION = "path_initial_model_for_weight_conversion=INIT_DIR"
 
 
-def pissa_like(base, init, folder, **kwargs):
-    """A peft adapter with ``init_lora_weights=init``: its initial state saved to ``folder/init`` (as peft's docs
-    do), then "trained" (factors moved) and saved to ``folder/a``; returns the trained model."""
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
-                                                           init_lora_weights=init, **kwargs))
+def pissa_like(base, init, folder, plain_peft=False, **kwargs):
+    """An adapter with ``init_lora_weights=init`` (hf_lorax's, or plain peft's): its initial state saved to
+    ``folder/init`` (as peft's docs do), then "trained" (factors moved) and saved to ``folder/a``; returns the
+    trained model."""
+    if plain_peft:
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                               init_lora_weights=init, **kwargs))
+    else:
+        model = get_model(LoRAConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init,
+                                     task_type="CAUSAL_LM", **kwargs), copy.deepcopy(base))
     model.peft_config["default"].init_lora_weights = True
     model.save_pretrained(folder / "init")
     model.peft_config["default"].init_lora_weights = init
@@ -37,102 +44,92 @@ def pissa_like(base, init, folder, **kwargs):
     return model
 
 
+def convert(model, folder):
+    """peft's conversion to a LoRA of the original base, saved to ``folder/converted``."""
+    model.save_pretrained(folder / "converted", path_initial_model_for_weight_conversion=str(folder / "init"))
+    return folder / "converted"
+
+
 @pytest.mark.parametrize("init", ["pissa", "olora", "pissa_niter_2"])
-def test_flagged_as_saved_and_served_exactly_after_conversion(init, tmp_path):
+def test_flagged_as_saved_and_served_exactly_after_peft_conversion(init, tmp_path):
     base = tiny_llama()
-    ours = logits(pissa_like(base, init, tmp_path), IDS)
+    model = pissa_like(base, init, tmp_path, rank_map={"layers.0.self_attn.q_proj": 2})
+    ours = logits(model, IDS)
     # the bug: vLLM adds s·BA to the original weights
-    assert (logits(serve(base, tmp_path / "a", "vllm"), IDS) - ours).abs().max() > 0.1
+    assert (logits(serve(base, tmp_path / "a", "vllm"), IDS) - ours).abs().max() > 0.01  # exact is < 1e-4
     report = check_serving(str(tmp_path / "a"), "vllm")
-    assert not report.servable_as_is and f"init_lora_weights={init!r}" in str(report) and "--initial_adapter" in str(report)
-    with pytest.raises(ValueError, match=f"init_lora_weights={init!r}.*--initial_adapter INIT_DIR"):
+    assert not report.servable_as_is and f"init_lora_weights={init!r}" in str(report) and CONVERSION in str(report)
+    with pytest.raises(ValueError, match=f"init_lora_weights={init!r}.*{CONVERSION}"):
         export_adapter(str(tmp_path / "a"), str(tmp_path / "refused"), "vllm")
     assert not (tmp_path / "refused").exists()
 
-    result = export_adapter(str(tmp_path / "a"), str(tmp_path / "out"), "vllm", initial_adapter=str(tmp_path / "init"))
-    assert result.rank == 8 and "converted from init_lora_weights" in result.summary()
+    converted = convert(model, tmp_path)
+    config = json.loads((converted / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 16, True)
+    result = export_adapter(str(converted), str(tmp_path / "out"), "vllm")
+    assert result.rank == 8
     assert (logits(serve(base, tmp_path / "out", "vllm"), IDS) - ours).abs().max() < 1e-4
     assert check_serving(str(tmp_path / "out"), "vllm").servable_as_is
-    card = (tmp_path / "out" / "README.md").read_text()
-    assert f'Converted exactly from an adapter trained with `init_lora_weights="{init}"`' in card
-    # the same adapter as peft's own conversion
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a")
-    if init != "pissa_niter_2":  # peft rebuilds a deterministic initialisation when it loads
-        assert (logits(peft_model, IDS) - ours).abs().max() < 1e-4
+    assert "The base weights changed in training" not in (converted / "README.md").read_text()
+    # the converted adapter loads exactly on the original base, in get_model and in plain peft
+    for loaded in (get_model(str(converted), model=copy.deepcopy(base), is_trainable=False),
+                   PeftModel.from_pretrained(copy.deepcopy(base), converted)):
+        assert (logits(loaded, IDS) - ours).abs().max() < 1e-4
 
 
-def test_conversion_equals_peft_conversion_and_loads_in_plain_peft(tmp_path):
+def test_hf_lorax_models_convert_as_plain_peft_models_do(tmp_path):
     base = tiny_llama()
-    model = pissa_like(base, "pissa", tmp_path)
-    ours = logits(model, IDS)
-    model.save_pretrained(tmp_path / "peft_converted", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
-    export_adapter(str(tmp_path / "a"), str(tmp_path / "out"), "peft", initial_adapter=str(tmp_path / "init"))
-    theirs, mine = served_deltas(tmp_path / "peft_converted", "vllm"), served_deltas(tmp_path / "out", "vllm")
+    torch.manual_seed(0)
+    ours = convert(pissa_like(base, "pissa", tmp_path / "h"), tmp_path / "h")
+    torch.manual_seed(0)
+    theirs = convert(pissa_like(base, "pissa", tmp_path / "p", plain_peft=True), tmp_path / "p")
+    theirs, mine = served_deltas(theirs, "vllm"), served_deltas(ours, "vllm")
     assert theirs.keys() == mine.keys()
     assert max((theirs[k] - mine[k]).abs().max().item() for k in theirs) < 1e-6
-    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
-    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 16, True)
-    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out")
-    assert (logits(loaded, IDS) - ours).abs().max() < 1e-4
-    assert check_serving(str(tmp_path / "out"), "peft").servable_as_is
 
 
 def test_card_of_an_unconverted_adapter_says_how_to_serve_it(tmp_path):
     base = tiny_llama()
-    pissa_like(base, "pissa_niter_2", tmp_path)
+    pissa_like(base, "pissa_niter_2", tmp_path, plain_peft=True)
     write_model_card(str(tmp_path / "a"))
     card = (tmp_path / "a" / "README.md").read_text()
-    assert "**The base weights changed in training.**" in card
-    assert "| vLLM | needs `hf_lorax.export --initial_adapter` |" in card and "| peft | needs" in card
+    assert "**The base weights changed in training.**" in card and CONVERSION in card
+    assert "| vLLM | needs peft's conversion |" in card and "| peft | needs" in card
     # peft rebuilds PiSSA itself: loads as is there, with the reason in the report
-    pissa_like(base, "pissa", tmp_path / "p")
+    pissa_like(base, "pissa", tmp_path / "p", plain_peft=True)
     report = check_serving(str(tmp_path / "p" / "a"), "peft")
     assert report.servable_as_is and "runs that initialisation again" in str(report)
     out = export_adapter(str(tmp_path / "p" / "a"), str(tmp_path / "p_peft"), "peft")
     assert "runs the initialisation again" in out.summary()
 
 
-def test_loftq_and_wrong_initial_adapters_are_refused_with_the_reason(tmp_path):
-    base = tiny_llama()
-    pissa_like(base, "pissa", tmp_path)
+def test_loftq_is_refused_with_the_reason(tmp_path):
+    pissa_like(tiny_llama(), "pissa", tmp_path, plain_peft=True)
     config_path = tmp_path / "a" / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4, "loftq_iter": 1}}))
     report = check_serving(str(tmp_path / "a"), "peft")
     assert not report.servable_as_is and "No LoRA of the original base reproduces it" in str(report)
     with pytest.raises(ValueError, match="init_lora_weights='loftq'.*No LoRA of the original base"):
-        export_adapter(str(tmp_path / "a"), str(tmp_path / "o1"), "vllm", initial_adapter=str(tmp_path / "init"))
+        export_adapter(str(tmp_path / "a"), str(tmp_path / "o1"), "vllm")
     write_model_card(str(tmp_path / "a"))
     assert "| vLLM | cannot be served exactly |" in (tmp_path / "a" / "README.md").read_text()
-    config_path.write_text(json.dumps(config))
-
-    other = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS))
-    other.save_pretrained(tmp_path / "r2")
-    with pytest.raises(ValueError, match=r"q_proj.lora_A.weight has shape \[2, 32\], the trained adapter's \[4, 32\]"):
-        export_adapter(str(tmp_path / "a"), str(tmp_path / "o2"), "vllm", initial_adapter=str(tmp_path / "r2"))
-    with pytest.raises(ValueError, match="--initial_adapter is for adapters whose initialisation changed the base"):
-        export_adapter(str(tmp_path / "r2"), str(tmp_path / "o3"), "vllm", initial_adapter=str(tmp_path / "init"))
-    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3"))
+    assert not (tmp_path / "o1").exists()
 
 
-def test_cli_refuses_in_one_line_and_converts_with_initial_adapter(tmp_path, capsys):
-    pissa_like(tiny_llama(), "pissa", tmp_path)
+def test_cli_refuses_in_one_line_with_the_conversion(tmp_path, capsys):
+    pissa_like(tiny_llama(), "pissa", tmp_path, plain_peft=True)
     assert export_main([str(tmp_path / "a"), str(tmp_path / "out"), "--engine", "vllm"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: init_lora_weights='pissa'")
-    assert export_main([str(tmp_path / "a"), str(tmp_path / "out"), "--engine", "vllm",
-                        "--initial_adapter", str(tmp_path / "init")]) == 0
-    assert "converted from init_lora_weights='pissa'" in capsys.readouterr().out
+    assert err.count("\n") == 1 and err.startswith("error: init_lora_weights='pissa'") and CONVERSION in err
 
 
 def test_get_model_loads_what_peft_rebuilds_and_refuses_the_rest(tmp_path):
-    from hf_lorax import get_model
-
     base = tiny_llama()
-    ours = logits(pissa_like(base, "pissa", tmp_path / "p"), IDS)
+    ours = logits(pissa_like(base, "pissa", tmp_path / "p", plain_peft=True), IDS)
     assert (logits(get_model(str(tmp_path / "p" / "a"), model=copy.deepcopy(base), is_trainable=False), IDS) - ours).abs().max() < 1e-4
-    pissa_like(base, "pissa_niter_2", tmp_path / "n")
-    with pytest.raises(ValueError, match=r"init_lora_weights='pissa_niter_2'.*does not rebuild the same base.*--initial_adapter"):
+    pissa_like(base, "pissa_niter_2", tmp_path / "n", plain_peft=True)
+    with pytest.raises(ValueError, match=rf"init_lora_weights='pissa_niter_2'.*does not rebuild the same base.*{CONVERSION}"):
         get_model(str(tmp_path / "n" / "a"), model=copy.deepcopy(base))
 
 
@@ -140,11 +137,11 @@ def test_merged_export_of_a_converted_adapter_is_the_trained_model(tmp_path):
     from transformers import LlamaForCausalLM
 
     base = tiny_llama()
-    ours = logits(pissa_like(base, "pissa_niter_2", tmp_path), IDS)
+    model = pissa_like(base, "pissa_niter_2", tmp_path)
+    ours = logits(model, IDS)
     with pytest.raises(ValueError, match="a merge adds it to the original weights"):
         export_adapter(str(tmp_path / "a"), str(tmp_path / "m0"), "vllm", merge=True, base_model=copy.deepcopy(base))
-    export_adapter(str(tmp_path / "a"), str(tmp_path / "m"), "vllm", merge=True, base_model=copy.deepcopy(base),
-                   initial_adapter=str(tmp_path / "init"))
+    export_adapter(str(convert(model, tmp_path)), str(tmp_path / "m"), "vllm", merge=True, base_model=copy.deepcopy(base))
     assert (logits(LlamaForCausalLM.from_pretrained(tmp_path / "m").eval(), IDS) - ours).abs().max() < 1e-4
 
 

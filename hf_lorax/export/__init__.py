@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 
 import torch
+from safetensors.torch import save_file
 
 from .._version import __version__
 from ..adapter_files import (
@@ -40,6 +40,7 @@ from ..adapter_files import (
 from ..base_init import PEFT_REBUILT_INITS, base_change_reason
 from ..card import write_model_card
 from ..config import SIDECAR_FORMAT, SIDECAR_NAME
+from ..model import get_model, load_base_model
 from ..serving import (
     BIASES,
     DORA,
@@ -52,7 +53,6 @@ from ..serving import (
     next_rank_value,
 )
 from .convert import bake_and_pad, dora_to_lowrank
-from .initial import convert_to_original_base
 
 DORA_MODES = ("merge", "svd")
 HEAD_MODES = ("refuse", "beside")
@@ -87,8 +87,7 @@ class ExportResult:
 
 
 def export_adapter(src: str, dst: str, engine: str = "vllm", *, rank: int | None = None, dora: str | None = None,
-                   merge: bool = False, heads: str = "refuse", base_model=None,
-                   initial_adapter: str | None = None) -> ExportResult:
+                   merge: bool = False, heads: str = "refuse", base_model=None) -> ExportResult:
     """Export the adapter saved in ``src`` to ``dst`` for ``engine`` ("vllm", "tgi", "lorax" or "peft").
 
     Example::
@@ -99,44 +98,31 @@ def export_adapter(src: str, dst: str, engine: str = "vllm", *, rank: int | None
 
     ``base_model`` (an ``nn.Module`` or a path) is needed for ``merge`` and ``dora`` exports; by default the
     adapter's ``base_model_name_or_path`` is loaded. An adapter whose initialisation changed the base (PiSSA,
-    OLoRA, CorDA, LoRA-GA: :mod:`hf_lorax.export.initial`) is first converted to a LoRA of the original base
-    with ``initial_adapter``, the folder saved right after initialisation; without it the export is refused
-    with the reason (peft rebuilds a PiSSA / OLoRA base itself, so ``engine="peft"`` copies those as they are).
+    OLoRA, CorDA, LoRA-GA, LoftQ: :mod:`hf_lorax.base_init`) is refused with the reason and peft's conversion
+    (peft rebuilds a PiSSA / OLoRA base itself, so ``engine="peft"`` copies those as they are).
     """
     spec = engine_spec(engine)
-    if dora is not None and dora not in DORA_MODES:
-        raise ValueError(f"dora={dora!r}: choose one of {list(DORA_MODES)}.")
-    if heads not in HEAD_MODES:
-        raise ValueError(f"heads={heads!r}: choose one of {list(HEAD_MODES)}.")
+    for name, value, modes in (("dora", dora, (None, *DORA_MODES)), ("heads", heads, HEAD_MODES)):
+        if value not in modes:
+            raise ValueError(f"{name}={value!r}: choose one of {[m for m in modes if m]}.")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank={rank!r} must be a positive integer.")
-    src_real, dst_real = os.path.realpath(src), os.path.realpath(dst)
-    if os.path.commonpath([src_real, dst_real]) == src_real:
+    if os.path.commonpath([os.path.realpath(src), os.path.realpath(dst)]) == os.path.realpath(src):
         raise ValueError(f"destination {dst!r} is inside the source adapter {src!r}; choose a folder outside it.")
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
         raise FileExistsError(f"destination {dst!r} exists and is not an empty folder; choose a new one.")
     folder = read_adapter_folder(src)
-    embedding = [k for k in folder.shapes if "lora_embedding_" in k]
-    if embedding:
+    if embedding := [k for k in folder.shapes if "lora_embedding_" in k]:
         raise ValueError(f"{src!r} adapts embeddings ({embedding[0]}); export handles linear layers only.")
-    if initial_adapter is None and (init := folder.base_changing_init):
+    if init := folder.base_changing_init:
         if engine == "peft" and not merge and init.lower() in PEFT_REBUILT_INITS:
             return _export_for_peft(folder, dst)
         raise ValueError(base_change_reason(init, "a merge" if merge or dora == "merge" else spec.label))
-    with tempfile.TemporaryDirectory(prefix="hf_lorax-converted-") as tmp:
-        if initial_adapter is not None:
-            folder = convert_to_original_base(folder, initial_adapter, tmp)
-        if merge or dora == "merge":
-            result = _export_merged(folder, dst, engine, base_model)
-        elif engine == "peft":
-            result = _export_for_peft(folder, dst)
-        else:
-            result = _export_uniform(folder, dst, spec, rank, dora, heads, base_model)
-    if initial_adapter is not None:
-        init = folder.sidecar["converted_from"]["init_lora_weights"]
-        result.notes.insert(0, f"converted from init_lora_weights={init!r} to a LoRA of the original base (exact: "
-                               "rank 2r, B·A − B0·A0)")
-    return result
+    if merge or dora == "merge":
+        return _export_merged(folder, dst, engine, base_model)
+    if engine == "peft":
+        return _export_for_peft(folder, dst)
+    return _export_uniform(folder, dst, spec, rank, dora, heads, base_model)
 
 
 def _export_uniform(folder: AdapterFolder, dst: str, spec, rank, dora, heads, base_model) -> ExportResult:
@@ -194,8 +180,6 @@ def _export_uniform(folder: AdapterFolder, dst: str, spec, rank, dora, heads, ba
                             "yourself; the engine serves the adapter without them")
 
     def write(tmp: str) -> None:
-        from safetensors.torch import save_file
-
         save_file(out, os.path.join(tmp, SAFETENSORS_FILE), metadata={"format": "pt"})
         if head_tensors:
             save_file(head_tensors, os.path.join(tmp, "heads.safetensors"), metadata={"format": "pt"})
@@ -219,8 +203,6 @@ def _export_for_peft(folder: AdapterFolder, dst: str) -> ExportResult:
         shutil.copy2(folder.weights_path, tmp)
         written = read_json(os.path.join(folder.path, CONFIG_FILE))  # as written, plus the keys vLLM requires
         write_json(os.path.join(tmp, CONFIG_FILE), {**loaded_values(folder), **written})
-        if folder.sidecar.get("converted_from"):  # what the card says about the conversion
-            write_json(os.path.join(tmp, SIDECAR_NAME), _exported_sidecar(folder, "peft", None, None, result))
         _finish(folder, tmp, dst)
 
     atomic_directory_write(dst, write)
@@ -232,8 +214,6 @@ def _export_for_peft(folder: AdapterFolder, dst: str) -> ExportResult:
 
 
 def _export_merged(folder: AdapterFolder, dst: str, engine: str, base_model) -> ExportResult:
-    from ..model import get_model
-
     base = _load_base(folder, base_model)
     merged = get_model(folder.path, model=base, is_trainable=False).merge_and_unload()
 
@@ -266,8 +246,7 @@ def _exported_sidecar(folder: AdapterFolder, engine: str, rank: int, dora: str |
         "method": "lora", "rank_map": None, "alpha_map": None, "fused_slices": None, "sliced_modules": {},
         "num_labels": folder.sidecar.get("num_labels"),
         "exported": {"engine": engine, "from_method": folder.method, "rank": rank, "dora": dora,
-                     "max_relative_error": result.worst_error[1] if result.worst_error else 0.0,
-                     "converted_from": folder.sidecar.get("converted_from")},
+                     "max_relative_error": result.worst_error[1] if result.worst_error else 0.0},
     }
 
 
@@ -276,16 +255,13 @@ def _load_base(folder: AdapterFolder, base_model):
     import transformers
     from peft import PeftConfig
 
-    from ..model import load_base_model
-
     if base_model is not None and not isinstance(base_model, (str, os.PathLike)):
         return base_model
     config = PeftConfig.from_pretrained(folder.path)
     path = os.fspath(base_model) if base_model is not None else config.base_model_name_or_path
     if not path:
         raise ValueError(f"{folder.path!r} names no base model (base_model_name_or_path is empty); pass --base_model.")
-    local = os.path.join(path, "config.json")
-    architectures = read_json(local).get("architectures") if os.path.isfile(local) else None
+    architectures = read_json(local).get("architectures") if os.path.isfile(local := os.path.join(path, "config.json")) else None
     if architectures and hasattr(transformers, architectures[0]):
         return getattr(transformers, architectures[0]).from_pretrained(path)
     config.base_model_name_or_path = path
@@ -297,5 +273,5 @@ def _frozen_weight(base, name: str) -> torch.Tensor:
     from transformers.pytorch_utils import Conv1D
 
     layer = base.get_submodule(name)
-    layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+    layer = getattr(layer, "get_base_layer", lambda: layer)()
     return layer.weight.detach().T if isinstance(layer, Conv1D) else layer.weight.detach()

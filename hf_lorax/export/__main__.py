@@ -1,7 +1,6 @@
 """``python -m hf_lorax.export``: export an adapter for a serving engine, or check how one would serve it.
 
     python -m hf_lorax.export SRC DST --engine vllm [--rank N] [--dora merge|svd] [--merge] [--heads beside]
-        [--initial_adapter INIT_DIR]
     python -m hf_lorax.export --check SRC [--engine vllm]
 
 ``--check`` prints, per engine (all four without ``--engine``), what the engine would refuse or silently change,
@@ -29,8 +28,6 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", choices=HEAD_MODES, default="refuse",
                         help="task heads: refuse (default) or write them beside the adapter")
     parser.add_argument("--base_model", help="base model folder for --merge / --dora (default: the adapter's)")
-    parser.add_argument("--initial_adapter", help="PiSSA/OLoRA/CorDA/LoRA-GA adapters: the folder saved right after "
-                        "initialisation; converts SRC to a LoRA of the original base (exact)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     try:
@@ -43,7 +40,7 @@ def main(argv=None) -> int:
         if not args.dst or not args.engine:
             raise ValueError("pass SRC DST --engine ENGINE (or --check SRC).")
         result = export_adapter(args.src, args.dst, args.engine, rank=args.rank, dora=args.dora, merge=args.merge,
-                                heads=args.heads, base_model=args.base_model, initial_adapter=args.initial_adapter)
+                                heads=args.heads, base_model=args.base_model)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
         if args.debug or debug_enabled():
             raise

@@ -86,8 +86,8 @@ class GluePlugin(TaskPlugin):
             init = read_adapter_folder(data.init_adapter).base_changing_init  # a broken folder fails here, named
             if init:  # its factors belong to a changed base, not to the fresh model's
                 raise ValueError(f"--init_adapter {data.init_adapter!r} was trained with init_lora_weights={init!r}, "
-                                 "which changed its base; convert it first: python -m hf_lorax.export SRC OUT "
-                                 "--engine peft --initial_adapter INIT_DIR.")
+                                 "which changed its base; convert it first: "
+                                 "model.save_pretrained(OUT, path_initial_model_for_weight_conversion=INIT_DIR).")
         if data.data_dir:
             return load_local(data.data_dir, task, method.max_train_samples, method.max_eval_samples)
         return load_hub(task, method.max_train_samples, method.max_eval_samples)
