@@ -47,12 +47,10 @@ from .serving import check_serving
 
 _install_hooks()
 
-__all__ = [
-    "AdapterPlan", "AdapterReport", "DoRAConfig", "LoRAConfig", "QLoRAConfig", "RankUtilizationCallback",
-    "TargetedLossTrainer", "__version__", "check_serving", "create_loraplus_optimizer", "describe", "export_adapter",
-    "get_model", "hotswap_adapter", "load_base_model", "loraplus_param_groups", "merge_and_unload", "push_adapter",
-    "read_adapter_folder", "resolve", "write_model_card",
-]
+__all__ = ["AdapterPlan", "AdapterReport", "DoRAConfig", "LoRAConfig", "QLoRAConfig", "RankUtilizationCallback",
+           "TargetedLossTrainer", "__version__", "check_serving", "create_loraplus_optimizer", "describe",
+           "export_adapter", "get_model", "hotswap_adapter", "load_base_model", "loraplus_param_groups",
+           "merge_and_unload", "push_adapter", "read_adapter_folder", "resolve", "write_model_card"]
 
 
 def __getattr__(name: str):

@@ -54,41 +54,28 @@ def quiet_imports() -> Iterator[None]:
     logging.disable(logging.WARNING)
     with tempfile.TemporaryFile() as held, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        saved = _hold_fds(held)
+        saved = []  # (fd, saved copy) pairs: none where an fd is not open
+        for stream, fd in ((sys.stdout, 1), (sys.stderr, 2)):
+            if stream is not None:
+                stream.flush()
+            with contextlib.suppress(OSError):  # not open: nothing to hold back
+                saved.append((fd, os.dup(fd)))
+                os.dup2(held.fileno(), fd)
+        succeeded = False
         try:
             yield
-        except BaseException:
-            _restore_fds(saved)
-            held.seek(0)
-            sys.stderr.write(held.read().decode(errors="replace"))
-            raise
+            succeeded = True
         finally:
-            _restore_fds(saved)  # on an exception: restored already, this only flushes
+            for stream in (sys.stdout, sys.stderr):  # what the block wrote stays held back
+                if stream is not None:
+                    stream.flush()
+            for fd, copy in reversed(saved):
+                os.dup2(copy, fd)
+                os.close(copy)
             logging.disable(previous)
-
-
-def _hold_fds(held) -> list[tuple[int, int]]:
-    """Point fds 1 and 2 at ``held``; returns ``(fd, saved copy)`` pairs (none where an fd is not open)."""
-    saved = []
-    for stream, fd in ((sys.stdout, 1), (sys.stderr, 2)):
-        if stream is not None:
-            stream.flush()
-        try:
-            saved.append((fd, os.dup(fd)))
-        except OSError:  # not open: nothing to hold back
-            continue
-        os.dup2(held.fileno(), fd)
-    return saved
-
-
-def _restore_fds(saved: list[tuple[int, int]]) -> None:
-    for stream in (sys.stdout, sys.stderr):  # what the block wrote stays held back
-        if stream is not None:
-            stream.flush()
-    while saved:
-        fd, copy = saved.pop()
-        os.dup2(copy, fd)
-        os.close(copy)
+            if not succeeded:  # a failing import keeps its explanation
+                held.seek(0)
+                sys.stderr.write(held.read().decode(errors="replace"))
 
 
 def main_module(orig_argv: list[str] | None = None) -> str | None:
@@ -106,9 +93,8 @@ def main_module(orig_argv: list[str] | None = None) -> str | None:
 
 def is_command_line() -> bool:
     """Whether this process was started as an hf_lorax command (``python -m hf_lorax.export``, a task script)."""
-    if getattr(sys.modules.get("__main__"), COMMAND_MARK, False):
-        return True
-    return (main_module() or "").split(".")[0] in COMMAND_PACKAGES
+    marked = getattr(sys.modules.get("__main__"), COMMAND_MARK, False)
+    return bool(marked) or (main_module() or "").split(".")[0] in COMMAND_PACKAGES
 
 
 def quiet_startup() -> None:
@@ -126,5 +112,4 @@ class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse with its mistakes reported as one ``error:`` line (naming the flag) and exit code 2."""
 
     def error(self, message: str):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        self.exit(2, f"error: {message}\n")

@@ -149,11 +149,9 @@ class LoRAConfig(LoraConfig):
         source["slice_layouts"] = {name: m.slices.as_dict() for name, m in plan.modules.items() if m.slices is not None}
         for name in self.description_fields:
             setattr(resolved, name, None)
-        resolved.rank_pattern = dict(plan.rank_pattern)
-        resolved.alpha_pattern = dict(plan.alpha_pattern)
+        resolved.rank_pattern, resolved.alpha_pattern = dict(plan.rank_pattern), dict(plan.alpha_pattern)
         resolved.modules_to_save = list(plan.modules_to_save) if plan.modules_to_save else None
-        if plan.target_modules is not None:
-            resolved.target_modules = plan.target_modules
+        resolved.target_modules = resolved.target_modules if plan.target_modules is None else plan.target_modules
         resolved.fan_in_fan_out = resolved.fan_in_fan_out or plan.fan_in_fan_out
         resolved.resolved_from, resolved.resolved_plan = source, plan
         return resolved
@@ -168,12 +166,11 @@ class LoRAConfig(LoraConfig):
 
     def sidecar(self) -> dict:
         """What ``hf_lorax.json`` holds."""
-        return {
-            "format_version": SIDECAR_FORMAT, "hf_lorax_version": __version__,
-            "config_class": type(self).__name__, "method": self.method,
-            **{name: getattr(self, name) for name in self.extra_fields},
-            **_recorded(self.resolved_from or vars(self)),  # a resolved config's description fields replace its Nones
-        }
+        # (a resolved config's description fields, from ``resolved_from``, replace its Nones)
+        return {"format_version": SIDECAR_FORMAT, "hf_lorax_version": __version__,
+                "config_class": type(self).__name__, "method": self.method,
+                **{name: getattr(self, name) for name in self.extra_fields},
+                **_recorded(self.resolved_from or vars(self))}
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         super().save_pretrained(save_directory, **kwargs)
@@ -189,9 +186,8 @@ class LoRAConfig(LoraConfig):
             raise ValueError(f"hf_lorax.json names config class {name!r}; known: {sorted(CONFIG_CLASSES)}.")
         target = CONFIG_CLASSES[name]
         kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoraConfig) if f.init}
-        kwargs.update({extra: sidecar[extra] for extra in target.extra_fields
-                       if extra in sidecar and extra not in target.description_fields})
-        out = target(**kwargs)
+        out = target(**kwargs, **{extra: sidecar[extra] for extra in target.extra_fields  # not peft fields
+                                  if extra in sidecar and extra not in target.description_fields})
         out.target_modules = config.target_modules  # as peft read it (a set), not re-normalised
         out.resolved_from = _recorded(sidecar)
         return out
@@ -204,8 +200,7 @@ def _recorded(source: dict) -> dict:
     """What :attr:`LoRAConfig.resolved_from` and ``hf_lorax.json`` record of a description, read from ``source``:
     a saved ``hf_lorax.json``, a resolved config's ``resolved_from``, or a description's own attributes (``vars``)."""
     return {**{name: source.get(name) for name in LoRAConfig.description_fields},
-            "sliced_modules": dict(source.get("sliced_modules") or {}),
-            "slice_layouts": dict(source.get("slice_layouts") or {})}
+            **{name: dict(source.get(name) or {}) for name in ("sliced_modules", "slice_layouts")}}
 
 
 @dataclass
@@ -262,9 +257,8 @@ class QLoRAConfig(LoRAConfig):
     quant_storage: str = field(default="uint8", metadata={"help": "Storage dtype of packed 4-bit weights."})
     load_in_8bit: bool = field(default=False, metadata={"help": "LLM.int8() base instead of 4-bit."})
 
-    extra_fields: ClassVar[tuple[str, ...]] = LoRAConfig.extra_fields + (
-        "quant_type", "double_quant", "compute_dtype", "quant_storage", "load_in_8bit",
-    )
+    extra_fields: ClassVar[tuple[str, ...]] = (
+        *LoRAConfig.extra_fields, "quant_type", "double_quant", "compute_dtype", "quant_storage", "load_in_8bit")
 
     def __post_init__(self):
         if self.quant_type not in ("nf4", "fp4"):
@@ -279,15 +273,8 @@ class QLoRAConfig(LoRAConfig):
     def method(self) -> str:
         return "qdora" if self.use_dora else "qlora"
 
-    @property
-    def torch_compute_dtype(self):
-        import torch
-
-        return getattr(torch, self.compute_dtype)
-
     def bnb_config(self):
-        """The transformers ``BitsAndBytesConfig`` for the base."""
-        import torch
+        """The transformers ``BitsAndBytesConfig`` for the base (it turns the dtype names into torch dtypes)."""
         from transformers import BitsAndBytesConfig
 
         skip = sorted(set(UNQUANTIZED_HEADS) | set(self.modules_to_save or []))
@@ -295,12 +282,13 @@ class QLoRAConfig(LoRAConfig):
             return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
         return BitsAndBytesConfig(
             load_in_4bit=True, llm_int8_skip_modules=skip, bnb_4bit_quant_type=self.quant_type,
-            bnb_4bit_use_double_quant=self.double_quant, bnb_4bit_compute_dtype=self.torch_compute_dtype,
-            bnb_4bit_quant_storage=getattr(torch, self.quant_storage),
-        )
+            bnb_4bit_use_double_quant=self.double_quant, bnb_4bit_compute_dtype=self.compute_dtype,
+            bnb_4bit_quant_storage=self.quant_storage)
 
     def base_model_kwargs(self) -> dict:
-        return {"quantization_config": self.bnb_config(), "dtype": self.torch_compute_dtype}
+        import torch
+
+        return {"quantization_config": self.bnb_config(), "dtype": getattr(torch, self.compute_dtype)}
 
     def sidecar(self) -> dict:
         quantization = "bitsandbytes LLM.int8()" if self.load_in_8bit else (

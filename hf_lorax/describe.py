@@ -41,7 +41,7 @@ class AdapterReport:
     loss: str = ""  # causal LMs: the logits-free loss, or the model's own and why
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "rows": [asdict(r) for r in self.rows]}
+        return asdict(self)
 
     def _table(self) -> tuple[list[str], list[list[str]]]:
         head = ["module", "layer", "method", "r", "alpha", "scaling", "params"]
@@ -51,11 +51,10 @@ class AdapterReport:
 
     def summary(self) -> str:
         text = f"adapter {self.adapter!r}: {len(self.rows)} modules, {self.adapter_params:,} adapter params"
+        pct = 100 * (self.trainable_params or self.adapter_params) / max(self.total_params, 1)
         if self.trainable_params:
-            pct = 100 * self.trainable_params / max(self.total_params, 1)
             text += f"; trainable {self.trainable_params:,} of {self.total_params:,} ({pct:.4f}%)"
         else:  # a reloaded adapter (is_trainable=False): say so, not "trainable 0 of N (0.0000%)"
-            pct = 100 * self.adapter_params / max(self.total_params, 1)
             text += (f" ({pct:.4f}% of {self.total_params:,}); inference mode (frozen): nothing trainable, "
                      "load with is_trainable=True to train it")
         heads = ", ".join(f"{name} ({n:,} params)" for name, n in self.heads.items())
@@ -71,7 +70,7 @@ class AdapterReport:
 
     def __str__(self) -> str:
         head, body = self._table()
-        widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+        widths = [max(map(len, column)) for column in zip(head, *body)]
 
         def fmt(row: list[str]) -> str:  # the numbers (r, alpha, scaling, params) right-aligned
             return "  ".join(c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
@@ -104,7 +103,7 @@ def describe(model: nn.Module, adapter: str | None = None) -> AdapterReport:
         ...
     """
     adapter = adapter or _active_adapter(model)
-    report = AdapterReport(adapter=adapter)
+    rows = []
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer) or adapter not in module.r:
             continue
@@ -112,23 +111,21 @@ def describe(model: nn.Module, adapter: str | None = None) -> AdapterReport:
         n = len(spec.adapt) if spec else 1
         containers = [getattr(module, attr, None) or {} for attr in module.adapter_layer_names]
         items = [c[adapter] for c in containers if adapter in c]
-        # a sliced B counts its trained blocks only
-        params = sum(p.numel() if isinstance(p, nn.Parameter) else trained_numel(p) for p in items)
-        report.rows.append(AdaptedModule(
+        rows.append(AdaptedModule(
             module=name.removeprefix("base_model.model."), layer=type(module.get_base_layer()).__name__,
             method="dora" if adapter in module.lora_magnitude_vector else "lora", r=slice_rank(module.r[adapter], n),
             alpha=slice_alpha(module.lora_alpha[adapter], n, module.use_rslora.get(adapter)),
-            scaling=float(module.scaling[adapter]), params=params, slices=",".join(spec.adapt) if spec else ""))
-        report.adapter_params += params
-    report.heads = {  # modules_to_save: trained in full
+            scaling=float(module.scaling[adapter]), slices=",".join(spec.adapt) if spec else "",
+            # a sliced B counts its trained blocks only
+            params=sum(p.numel() if isinstance(p, nn.Parameter) else trained_numel(p) for p in items)))
+    heads = {  # modules_to_save: trained in full
         name.removeprefix("base_model.model."): sum(p.numel() for p in head.modules_to_save[adapter].parameters())
         for name, head in model.named_modules() if is_wrapped_head(head) and adapter in head.modules_to_save}
-    report.targets = _targets(model, adapter)
-    report.loss = _loss(model)
-    report.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    report.total_params = sum(p.numel() for p in model.parameters())
-    report.base_bytes_per_param, report.quantized_bytes_per_param = _base_storage(model)
-    return report
+    base_bytes, quantized_bytes = _base_storage(model)
+    return AdapterReport(adapter=adapter, rows=rows, adapter_params=sum(row.params for row in rows), heads=heads,
+                         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                         total_params=sum(p.numel() for p in model.parameters()), base_bytes_per_param=base_bytes,
+                         quantized_bytes_per_param=quantized_bytes, targets=_targets(model, adapter), loss=_loss(model))
 
 
 def _targets(model: nn.Module, adapter: str) -> str:

@@ -45,21 +45,20 @@ from .model import injection_config
 
 def install() -> dict[str, bool]:
     """Install every hook whose library version and signature check out (idempotent); ``{hook: installed}``."""
-    if installed_hooks():  # each hook is considered once: wrapping twice would run it twice
-        return installed_hooks()
-    install_hook(INJECT_ADAPTER, _inject_adapter_wrapper,
-                 "hf_lorax.get_model(config) and get_model(adapter_dir) work as usual, but peft.get_peft_model and "
-                 "PeftModel.from_pretrained given an hf_lorax config now build peft's own layers: rank_map, alpha_map "
-                 "and fused_slices are NOT applied there. Use hf_lorax.get_model.")
-    install_hook(CONFIG_FROM_PRETRAINED, _from_pretrained_wrapper,
-                 "Adapters load as plain peft LoRA (numerically the same; fused slices train as dense LoRA); "
-                 "hf_lorax.get_model(path) still reads hf_lorax.json.")
-    install_hook(LOAD_ADAPTER, _load_adapter_wrapper,
-                 "hf_lorax DoRA adapters loaded with model.load_adapter may keep fresh magnitudes; load them with "
-                 "hf_lorax.get_model or PeftModel.from_pretrained.")
-    install_hook(HOTSWAP_FROM_STATE_DICT, _hotswap_wrapper,
-                 "peft.utils.hotswap.hotswap_adapter gives every module of an hf_lorax adapter lora_alpha / r (wrong "
-                 "with rank or alpha maps): use hf_lorax.hotswap_adapter, same arguments.")
+    if not installed_hooks():  # each hook is considered once: wrapping twice would run it twice
+        install_hook(INJECT_ADAPTER, _inject_adapter_wrapper,
+                     "hf_lorax.get_model(config) and get_model(adapter_dir) work as usual, but peft.get_peft_model "
+                     "and PeftModel.from_pretrained given an hf_lorax config now build peft's own layers: rank_map, "
+                     "alpha_map and fused_slices are NOT applied there. Use hf_lorax.get_model.")
+        install_hook(CONFIG_FROM_PRETRAINED, _from_pretrained_wrapper,
+                     "Adapters load as plain peft LoRA (numerically the same; fused slices train as dense LoRA); "
+                     "hf_lorax.get_model(path) still reads hf_lorax.json.")
+        install_hook(LOAD_ADAPTER, _load_adapter_wrapper,
+                     "hf_lorax DoRA adapters loaded with model.load_adapter may keep fresh magnitudes; load them "
+                     "with hf_lorax.get_model or PeftModel.from_pretrained.")
+        install_hook(HOTSWAP_FROM_STATE_DICT, _hotswap_wrapper,
+                     "peft.utils.hotswap.hotswap_adapter gives every module of an hf_lorax adapter lora_alpha / r "
+                     "(wrong with rank or alpha maps): use hf_lorax.hotswap_adapter, same arguments.")
     return installed_hooks()
 
 
@@ -96,21 +95,17 @@ def _load_adapter_wrapper(original):
         missing = [k for k in getattr(info, "missing_keys", ()) or () if "lora_magnitude_vector" in k]
         if (missing and isinstance(peft_model_id, (str, os.PathLike))
                 and os.path.isfile(os.path.join(peft_model_id, SIDECAR_NAME))):
-            restore_dora_magnitudes(self, peft_model_id, adapter_name or "default", kwargs.get("adapter_state_dict"))
+            # copy the saved DoRA magnitudes (``<module>.lora_magnitude_vector``) in
+            state_dict, adapter = kwargs.get("adapter_state_dict"), adapter_name or "default"
+            with torch.no_grad():
+                for key, value in (load_peft_weights(peft_model_id) if state_dict is None else state_dict).items():
+                    if key.endswith(".lora_magnitude_vector"):
+                        module = key.removeprefix("base_model.model.").removesuffix(".lora_magnitude_vector")
+                        self.get_submodule(module).lora_magnitude_vector[adapter].weight.copy_(value)
             info.missing_keys = {k for k in info.missing_keys if "lora_magnitude_vector" not in k}
         return info
 
     return load_adapter
-
-
-def restore_dora_magnitudes(model, adapter_path, adapter_name: str, state_dict=None) -> None:
-    """Copy saved DoRA magnitudes (``<module>.lora_magnitude_vector``) into ``model``."""
-    state_dict = load_peft_weights(adapter_path) if state_dict is None else state_dict
-    with torch.no_grad():
-        for key, value in state_dict.items():
-            if key.endswith(".lora_magnitude_vector"):
-                module_name = key.removeprefix("base_model.model.").removesuffix(".lora_magnitude_vector")
-                model.get_submodule(module_name).lora_magnitude_vector[adapter_name].weight.copy_(value)
 
 
 def _hotswap_wrapper(original):

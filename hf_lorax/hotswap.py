@@ -35,11 +35,9 @@ def check_hotswappable(config, source: str = "this adapter") -> None:
     """peft 0.21's hotswap swaps LoRA weights only: with ``modules_to_save`` it fails on a bare ``KeyError`` naming a
     head parameter, so refuse such an adapter by name first."""
     if config.modules_to_save:
-        raise ValueError(
-            f"{source} trains modules in full ({sorted(set(config.modules_to_save))}, e.g. a task head); peft's "
-            "hotswap swaps LoRA weights only. Load it with PeftModel.from_pretrained / model.load_adapter instead, or "
-            "hotswap adapters saved without modules_to_save."
-        )
+        raise ValueError(f"{source} trains modules in full ({sorted(set(config.modules_to_save))}, e.g. a task "
+                         "head); peft's hotswap swaps LoRA weights only. Load it with PeftModel.from_pretrained / "
+                         "model.load_adapter instead, or hotswap adapters saved without modules_to_save.")
 
 
 def set_module_scalings(model: nn.Module, config, adapter_name: str) -> None:

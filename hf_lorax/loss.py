@@ -131,8 +131,15 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, safe, weights, eps: float):
-        matmul_dtype = LinearCrossEntropy.matmul_dtype(hidden, weight)  # reads the caller's autocast state
-        with torch.autocast(device_type=hidden.device.type, enabled=False):
+        # the head GEMMs' dtype (softmax and loss: at least float32): on GPUs the caller's autocast dtype, as the
+        # stock head's ``F.linear``, else the inputs'; on CPUs at least float32 (without bf16 units a bf16 GEMM is
+        # the slower)
+        device, matmul_dtype = hidden.device.type, _wider(hidden.dtype, weight.dtype)
+        if device not in HALF_PRECISION_GEMM_DEVICES:
+            matmul_dtype = _wider(matmul_dtype, torch.float32)
+        elif torch.is_autocast_enabled(device):
+            matmul_dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device_type=device, enabled=False):
             n, vocab = hidden.shape[0], weight.shape[0]
             dtype = _wider(matmul_dtype, torch.float32)
             new = {"dtype": dtype, "device": hidden.device}
@@ -164,16 +171,6 @@ class LinearCrossEntropy(torch.autograd.Function):
             ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)  # None where no gradient is needed
             ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype if bias is not None else None)
             return torch.dot(_row_loss(lse, target_logits, mean, eps), weights)
-
-    @staticmethod
-    def matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-        """The head GEMMs' dtype (softmax and loss: at least float32): on GPUs the autocast dtype, as the stock head's
-        ``F.linear``, else the inputs'; on CPUs at least float32 (without bf16 units a bf16 GEMM is the slower)."""
-        device = hidden.device.type
-        dtype = _wider(hidden.dtype, weight.dtype)
-        if device in HALF_PRECISION_GEMM_DEVICES:
-            return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
-        return _wider(dtype, torch.float32)
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -251,7 +248,11 @@ def logits_free_unsupported_reason(model: nn.Module) -> str | None:
     # hf_lorax's own one-buffer loss (installed after this check by get_model) is the stock loss, computed leaner
     if getattr(model, "loss_function", None) is not causal_lm_loss and not uses_stock_causal_lm_loss(model):
         return "the model does not compute transformers' stock causal-LM loss (a custom loss_function is set)"
-    if not _forward_calls_loss_function(type(model)):
+    try:  # whether forward computes its loss with ``self.loss_function`` (BART's causal LM does not)
+        calls_loss_function = "self.loss_function(" in inspect.getsource(type(model).forward)
+    except (OSError, TypeError):  # no source to read: not known to use the stock loss
+        calls_loss_function = False
+    if not calls_loss_function:
         return f"{type(model).__name__}.forward computes its loss itself, not with transformers' loss_function"
     if getattr(config, "output_router_logits", False):
         return "the model adds a router auxiliary loss (output_router_logits=True)"
@@ -267,34 +268,21 @@ def logits_free_unsupported_reason(model: nn.Module) -> str | None:
     if head not in children.values():
         return "its LM head applies a transform before the output projection"
     others = sorted(name for name, child in children.items() if child is not body and child is not head)
-    if others:
-        return f"its forward uses {others} besides the decoder stack and the LM head"
-    return None
+    return f"its forward uses {others} besides the decoder stack and the LM head" if others else None
 
 
-def _forward_calls_loss_function(cls: type) -> bool:
-    """Whether ``cls.forward`` computes its loss with ``self.loss_function`` (BART's causal LM does not)."""
-    try:
-        return "self.loss_function(" in inspect.getsource(cls.forward)
-    except (OSError, TypeError):  # no source to read: not known to use the stock loss
-        return False
+def prepare_loss(model: nn.Module, task: str | None, logits_free: bool = True) -> None:
+    """The one decision, made once per model instance by :func:`hf_lorax.get_model` (which has already declared a
+    trained task head's loss a plain mean, :func:`declare_mean_loss`).
 
-
-def prepare_loss(model: nn.Module, task: str | None, trains_heads: bool, logits_free: bool = True) -> None:
-    """The one decision, made once per model instance by :func:`hf_lorax.get_model`.
-
-    A model whose task head trains (``trains_heads``) declares its loss a plain mean (:func:`declare_mean_loss`). For
-    a causal LM (``task`` ``"CAUSAL_LM"``), a supported model's training forward becomes logits-free
+    For a causal LM (``task`` ``"CAUSAL_LM"``), a supported model's training forward becomes logits-free
     (:class:`LogitsFreeCausalLM`), and any model on the stock loss gets :func:`causal_lm_loss` wherever it still
     forms logits (evaluation, generation, unsupported models).
     """
-    if trains_heads:
-        declare_mean_loss(model)
     if task != "CAUSAL_LM":
         return
-    reason = logits_free_unsupported_reason(model) if logits_free else "logits_free_loss=False"  # reads the stock loss
-    stock = uses_stock_causal_lm_loss(model)
-    if reason is None:
+    stock = uses_stock_causal_lm_loss(model)  # read before the class swap and the loss below change the model
+    if logits_free and logits_free_unsupported_reason(model) is None:  # it reads the stock loss too
         swap_class(model, LogitsFreeCausalLM)
     if stock:
         model.loss_function = causal_lm_loss  # transformers' public setter for a model's loss
@@ -333,10 +321,10 @@ class LogitsFreeCausalLM:
                           "label_smoothing_factor > 0 removed them, set label_smoothing_factor=0 and call "
                           "hf_lorax.loss.set_label_smoothing(model, epsilon) (or use hf_lorax.TargetedLossTrainer) "
                           "to keep the loss logits-free.", UserWarning, stacklevel=2)
+        # (``_hf_hook``: an accelerate-dispatched head)
         if (labels is None or args or not self.training or not torch.is_grad_enabled()
                 or kwargs.get("logits_to_keep", 0) != 0 or kwargs.get("shift_labels") is not None
-                or kwargs.get("return_dict") is False
-                or type(head) is not nn.Linear or hasattr(head, "_hf_hook")):  # accelerate-dispatched head
+                or kwargs.get("return_dict") is False or type(head) is not nn.Linear or hasattr(head, "_hf_hook")):
             return super().forward(*args, labels=labels, **kwargs)
         kwargs.pop("logits_to_keep", None)
         outputs = dict(self.base_model(**kwargs))

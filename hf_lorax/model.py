@@ -19,7 +19,7 @@ import logging
 import os
 from typing import Any
 
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from torch import nn
 
 from .adapter_files import atomic_directory_write, check_adapter_dir, read_sidecar
@@ -39,16 +39,9 @@ from .task_types import AUTO_CLASSES, LABELLED_TASK_TYPES, task_name
 logger = logging.getLogger(__name__)
 
 
-def get_model(
-    config: LoRAConfig | str | os.PathLike,
-    model: nn.Module | None = None,
-    *,
-    is_trainable: bool = True,
-    allow_pickle: bool = False,
-    logits_free_loss: bool = True,
-    adapter_kwargs: dict | None = None,
-    **from_pretrained_kwargs: Any,
-) -> PeftModel:
+def get_model(config: LoRAConfig | str | os.PathLike, model: nn.Module | None = None, *, is_trainable: bool = True,
+              allow_pickle: bool = False, logits_free_loss: bool = True, adapter_kwargs: dict | None = None,
+              **from_pretrained_kwargs: Any) -> PeftModel:
     """Build (or load) a ``PeftModel`` with hf_lorax adapters.
 
     Args:
@@ -83,33 +76,34 @@ def get_model(
         return _load_adapter(os.fspath(config), model, is_trainable, allow_pickle, logits_free_loss,
                              from_pretrained_kwargs, adapter_kwargs)
     if not isinstance(config, LoRAConfig):
-        raise TypeError(
-            f"get_model takes an hf_lorax config (LoRAConfig, DoRAConfig, QLoRAConfig) or an adapter directory, "
-            f"got {type(config).__name__}."
-        )
-    check_sharding_support(config)
+        raise TypeError(f"get_model takes an hf_lorax config (LoRAConfig, DoRAConfig, QLoRAConfig) or an adapter "
+                        f"directory, got {type(config).__name__}.")
+    # DeepSpeed ZeRO-3 partitions floating-point tensors only: packed 4-bit storage is refused before anything
+    # loads (else DeepSpeed fails mid-setup with an ``AttributeError`` about ``ds_id``)
+    packed = getattr(config, "quant_storage", None) == "uint8" and not getattr(config, "load_in_8bit", False)
+    if packed and zero3_enabled():
+        raise ValueError(f"QLoRAConfig(quant_storage={config.quant_storage!r}) under DeepSpeed ZeRO-3: ZeRO-3 "
+                         f"partitions floating-point tensors only. Set quant_storage to the compute dtype "
+                         f"({config.compute_dtype!r}; the scripts' --quant_storage).")
     base = model if model is not None else load_base_model(config, **from_pretrained_kwargs)
-    peft_model = get_peft_model(base, prepare(config, base, logits_free_loss))
-    return swap_class(peft_model, HfLoraxSaving)
+    return swap_class(get_peft_model(base, prepare(config, base, logits_free_loss)), HfLoraxSaving)
 
 
 def prepare(config: LoRAConfig, model: nn.Module, logits_free_loss: bool = True) -> LoRAConfig:
     """Check ``config`` against ``model``, change ``model`` as training needs, return the resolved config peft injects.
 
     First every check that can reject the config for this model (the head's label count, then the plan: targets,
-    maps, slices, heads, a quantized base for QLoRA), so nothing is changed before a typo is reported; then every
-    change (a pad token for GPT-2-style classification heads, k-bit preparation, the Trainer's loss normalisation and
-    the causal-LM loss); last, hf_lorax's layers are registered on the resolved copy peft receives. The user's config
-    is never changed. Runs once per model.
+    maps, slices, heads, a quantized base for QLoRA), so nothing is changed before a typo is reported; then
+    :func:`injection_config` (the Trainer's loss normalisation for a trained head, hf_lorax's layers registered on
+    the resolved copy peft receives) and every other change (a pad token for GPT-2-style classification heads,
+    k-bit preparation, the causal-LM loss). The user's config is never changed. Runs once per model.
     """
     task, model_config = task_name(config.task_type), getattr(model, "config", None)
     labels = getattr(model_config, "num_labels", None)
     if config.num_labels and task in LABELLED_TASK_TYPES and labels not in (None, config.num_labels):
-        raise ValueError(
-            f"config.num_labels={config.num_labels} but the model's head has {labels} labels. "
-            "Load the model with the same num_labels, or let get_model load it."
-        )
-    plan = config.resolved_plan or resolve(config, model)
+        raise ValueError(f"config.num_labels={config.num_labels} but the model's head has {labels} labels. "
+                         "Load the model with the same num_labels, or let get_model load it.")
+    resolved = injection_config(config, model)
     eos = getattr(model_config, "eos_token_id", None)
     if task == "SEQ_CLS" and eos is not None and getattr(model_config, "pad_token_id", None) is None:
         # GPT-2-style heads need a pad id to find the last token of each row
@@ -117,9 +111,7 @@ def prepare(config: LoRAConfig, model: nn.Module, logits_free_loss: bool = True)
         logger.info("pad_token_id was unset; using eos_token_id=%s for the classification head.", eos)
     if isinstance(config, QLoRAConfig):
         prepare_for_kbit_training(model)
-    resolved = config if config.resolved_plan is not None else config.with_plan(plan)
-    prepare_loss(model, task, bool(plan.modules_to_save), logits_free_loss)
-    register_layers(resolved, layer_mapping())
+    prepare_loss(model, task, logits_free_loss)
     return resolved
 
 
@@ -145,13 +137,11 @@ def load_base_model(config: PeftConfig, **from_pretrained_kwargs: Any) -> nn.Mod
         raise FileNotFoundError(f"Base model directory {name!r} does not exist.")
     task = task_name(config.task_type)
     auto = getattr(transformers, AUTO_CLASSES[task])
-    kwargs = dict(from_pretrained_kwargs)
+    # an hf_lorax config's own (a QLoRA config's quantization), then the caller's
+    kwargs = {**getattr(config, "base_model_kwargs", dict)(), **from_pretrained_kwargs}
     if task in LABELLED_TASK_TYPES and getattr(config, "num_labels", None):
-        kwargs.setdefault("num_labels", config.num_labels)
         # a checkpoint whose head has another label count: the head is re-initialised and trained anyway
-        kwargs.setdefault("ignore_mismatched_sizes", True)
-    if hasattr(config, "base_model_kwargs"):
-        kwargs = {**config.base_model_kwargs(), **kwargs}
+        kwargs = {"num_labels": config.num_labels, "ignore_mismatched_sizes": True, **kwargs}
     try:
         return auto.from_pretrained(name, **kwargs)
     except OSError as exc:
@@ -160,25 +150,13 @@ def load_base_model(config: PeftConfig, **from_pretrained_kwargs: Any) -> nn.Mod
         raise OSError(f"Could not load base model {name!r} with {auto.__name__}: {exc}.{hint}") from exc
 
 
-def check_sharding_support(config: LoRAConfig) -> None:
-    """Refuse what DeepSpeed ZeRO-3 cannot shard, before anything loads (else DeepSpeed fails mid-setup with an
-    ``AttributeError`` about ``ds_id``): ZeRO-3 partitions floating-point tensors only."""
-    packed = getattr(config, "quant_storage", None) == "uint8" and not getattr(config, "load_in_8bit", False)
-    if packed and zero3_enabled():
-        raise ValueError(
-            f"QLoRAConfig(quant_storage={config.quant_storage!r}) under DeepSpeed ZeRO-3: ZeRO-3 partitions floating-point tensors "
-            f"only. Set quant_storage to the compute dtype ({config.compute_dtype!r}; the scripts' --quant_storage)."
-        )
-
-
 def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or os.path.exists(name)
 
 
 def _load_adapter(path: str, model: nn.Module | None, is_trainable: bool, allow_pickle: bool, logits_free_loss: bool,
                   kwargs: dict, adapter_kwargs: dict | None = None) -> PeftModel:
-    hub = {k: kwargs[k] for k in ("token", "cache_dir") if kwargs.get(k) is not None}
-    hub.update(adapter_kwargs or {})
+    hub = {**{k: kwargs[k] for k in ("token", "cache_dir") if kwargs.get(k) is not None}, **(adapter_kwargs or {})}
     if os.path.isdir(path):
         hub = {}  # a local folder: nothing to download
         if not os.path.isfile(os.path.join(path, "adapter_config.json")):
@@ -213,18 +191,15 @@ def _load_adapter(path: str, model: nn.Module | None, is_trainable: bool, allow_
 def _check_every_weight_loaded(model: PeftModel, path: str) -> None:
     """peft only warns when saved adapter weights have no place in the model (then they keep their initial
     values, and the adapter silently does nothing); here that is an error naming a key."""
-    from peft import get_peft_model_state_dict
     from safetensors import safe_open
 
-    expected = set(get_peft_model_state_dict(model))
     with safe_open(os.path.join(path, "adapter_model.safetensors"), framework="pt") as weights:
-        unplaced = sorted(k for k in weights.keys() if k not in expected)
+        unplaced = sorted(set(weights.keys()) - set(get_peft_model_state_dict(model)))
     if unplaced:
-        raise ValueError(
-            f"The adapter in {path!r} holds weights this {type(model.get_base_model()).__name__} has no place for, "
-            f"e.g. {unplaced[0]!r} ({len(unplaced)} in all): the base model class or architecture differs from the "
-            "one it was trained on (check task_type and base_model_name_or_path)."
-        )
+        raise ValueError(f"The adapter in {path!r} holds weights this {type(model.get_base_model()).__name__} has "
+                         f"no place for, e.g. {unplaced[0]!r} ({len(unplaced)} in all): the base model class or "
+                         "architecture differs from the one it was trained on (check task_type and "
+                         "base_model_name_or_path).")
 
 
 # -- saving ---------------------------------------------------------------------------------------------

@@ -13,8 +13,6 @@ from typing import Any
 import torch
 from torch import nn
 
-_B_MARKERS = (".lora_B.", ".lora_embedding_B.")
-
 
 def loraplus_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float = 16.0,
                           weight_decay: float = 0.0) -> list[dict[str, Any]]:
@@ -32,7 +30,7 @@ def loraplus_param_groups(model: nn.Module, lr: float, loraplus_lr_ratio: float 
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            is_b = any(marker in f".{name}." for marker in _B_MARKERS)
+            is_b = any(marker in f".{name}." for marker in (".lora_B.", ".lora_embedding_B."))
             decays = param.ndim >= 2 and "magnitude" not in name
             groups.setdefault((is_b, decays), []).append(param)
     if not groups:

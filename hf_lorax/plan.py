@@ -29,16 +29,7 @@ from .integrations.peft_api import (
 )
 from .layers.types import SUPPORTED_LAYER_TYPES, is_dense, is_quantized_linear, out_features
 from .rank_map import closest_names, resolve_module_map
-from .slices import (
-    SliceSpec,
-    layout_for_model,
-    lora_scaling,
-    module_alpha,
-    module_rank,
-    slice_alpha,
-    slice_rank,
-    spec_for,
-)
+from .slices import SliceSpec, layout_for_model, lora_scaling, module_alpha, slice_alpha, slice_rank, spec_for
 from .task_types import HEAD_TASK_TYPES, PEFT_ADDED_HEADS, task_name
 
 
@@ -73,7 +64,7 @@ class ModulePlan:
     @property
     def module_r(self) -> int:
         """Rank of the full-module LoRA the module is (``n·r`` for a fused-slice module): what peft builds."""
-        return module_rank(self.r, self.n_slices)
+        return self.n_slices * self.r
 
     @property
     def module_alpha(self) -> float:
@@ -121,34 +112,36 @@ def resolve(config, model: nn.Module) -> AdapterPlan:
     if (ranks or alphas) and config.use_rslora and config.init_lora_weights in ("pissa", "olora"):
         raise ValueError("rank_map/alpha_map cannot be combined with use_rslora and PiSSA/OLoRA initialisation.")
 
-    # a resolved config (a copy peft held, a saved folder's) states every rank and alpha as peft reads them:
-    # fused-slice modules with their full-module values, which are turned back into per-slice ones below
-    peft_state = getattr(config, "is_resolved", False)
-    plans, exact_r, exact_alpha = {}, {}, {}
+    plans = {}
     for name in targeted:
         r, alpha = ranks.get(name, peft_r[name]), alphas.get(name, peft_alpha[name])
         spec = spec_for(name, specs)
         if spec is not None:
             spec = layout_for_model(spec, name, getattr(model, "config", None))
             spec.rows(out_features(modules[name]), name)  # raises if the output does not split into the layout
-            n = len(spec.adapt)
-            if peft_state:
+            # a resolved config (a copy peft held, a saved folder's) states every rank and alpha as peft reads
+            # them: fused-slice modules with their full-module values, turned back into per-slice ones here
+            if getattr(config, "is_resolved", False):
+                n = len(spec.adapt)
                 r, alpha = slice_rank(r, n), slice_alpha(alpha, n, config.use_rslora)
-            # exact entries of the full-module LoRA peft builds (and plain peft loads)
-            exact_r[name], exact_alpha[name] = module_rank(r, n), module_alpha(alpha, n, config.use_rslora)
         plans[name] = ModulePlan(name=name, r=r, alpha=alpha, scaling=lora_scaling(alpha, r, config.use_rslora),
                                  method="dora" if config.use_dora else "lora", slices=spec,
                                  use_rslora=bool(config.use_rslora))
-    rank_pattern = {**ranks, **{k: v for k, v in (config.rank_pattern or {}).items() if k not in ranks}}
-    alpha_pattern = {**alphas, **{k: v for k, v in (config.alpha_pattern or {}).items() if k not in alphas}}
-    # peft takes the first matching key: the exact full-module entries go before any pattern
-    rank_pattern = {**exact_r, **{k: v for k, v in rank_pattern.items() if k not in exact_r}}
-    alpha_pattern = {**exact_alpha, **{k: v for k, v in alpha_pattern.items() if k not in exact_alpha}}
-    expanded = target_modules if target_modules != config.target_modules else None
-    return AdapterPlan(modules=ReadOnlyDict(plans), modules_to_save=heads or None,
-                       rank_pattern=ReadOnlyDict(rank_pattern), alpha_pattern=ReadOnlyDict(alpha_pattern),
-                       target_modules=expanded, default_targets_for=default_for,
+    # peft takes the first matching key: the exact entries of the full-module LoRA each fused-slice module is (what
+    # peft builds and plain peft loads) go first, then the maps' entries, then the config's own patterns
+    sliced = [m for m in plans.values() if m.slices is not None]
+    return AdapterPlan(modules=ReadOnlyDict(plans), modules_to_save=heads or None, default_targets_for=default_for,
+                       rank_pattern=_first_wins({m.name: m.module_r for m in sliced}, ranks, config.rank_pattern),
+                       alpha_pattern=_first_wins({m.name: m.module_alpha for m in sliced}, alphas,
+                                                 config.alpha_pattern),
+                       target_modules=target_modules if target_modules != config.target_modules else None,
                        fan_in_fan_out=any(isinstance(modules[name], Conv1D) for name in targeted))
+
+
+def _first_wins(*patterns) -> ReadOnlyDict:
+    """``patterns`` merged: each key where it first appears, with its first value (peft reads the first match)."""
+    keys = dict.fromkeys(key for pattern in patterns for key in pattern or {})
+    return ReadOnlyDict({key: next(p[key] for p in patterns if p and key in p) for key in keys})
 
 
 def plain_modules(model: nn.Module):
@@ -210,11 +203,10 @@ def check_modules_to_save(names: list[str], entries: list[str], targeted: list[s
                              f"{sorted({n.split('.')[0] for n in names})}.")
         wrong = [h for h in hits if (h not in heads if found else h.rsplit(".", 1)[-1] in internals)]
         if wrong:
-            what = "task head" if found else "modules_to_save"
-            raise ValueError(f"{what} entry {entry!r} would also train {wrong[:3]}: peft matches modules_to_save "
-                             f"by name suffix (a module is wrapped when its name ends with the entry). Name the "
-                             f"module by a longer, unique dotted name, or set modules_to_save explicitly; intended: "
-                             f"{sorted(heads)}.")
+            raise ValueError(f"{'task head' if found else 'modules_to_save'} entry {entry!r} would also train "
+                             f"{wrong[:3]}: peft matches modules_to_save by name suffix (a module is wrapped when its "
+                             f"name ends with the entry). Name the module by a longer, unique dotted name, or set "
+                             f"modules_to_save explicitly; intended: {sorted(heads)}.")
 
 
 def _check_quantized_base(config, model: nn.Module, modules: dict[str, nn.Module]) -> None:
@@ -264,14 +256,12 @@ def _check_target_names(model: nn.Module, target_modules, targeted: list[str], m
 
 def _check_layer_types(config, targeted: list[str], modules: dict[str, nn.Module], specs: dict) -> None:
     """Each slice key names an adapted module; DoRA and slices adapt only the layer types hf_lorax supports."""
-    # a key selects a module as spec_for does: the name or a ``.``-boundary suffix of it
-    sliced = {name for name in targeted if any(name == key or name.endswith("." + key) for key in specs)}
-    for key in specs:
+    for key in specs:  # a key selects a module as spec_for does: the name or a ``.``-boundary suffix of it
         if not any(name == key or name.endswith("." + key) for name in targeted):
             raise ValueError(f"fused_slices key {key!r} matches no adapted module. Add it to target_modules; "
                              f"adapted modules look like {closest_names(key, targeted)}.")
     supported = set(_supported(modules))
     for name in targeted:
-        if name not in supported and (config.use_dora or name in sliced):
+        if name not in supported and (config.use_dora or spec_for(name, specs) is not None):
             raise ValueError(f"{config.method.upper()} cannot adapt {name} ({type(modules[name]).__name__}): "
                              f"hf_lorax supports {', '.join(SUPPORTED_LAYER_TYPES)}. Remove it from target_modules.")

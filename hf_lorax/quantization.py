@@ -25,12 +25,10 @@ def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
     unconditionally would break ``torch.compile`` graphs for every run.
     """
     if not any(is_quantized_linear(m) for m in model.modules()):
-        raise ValueError(
-            "The base model has no bitsandbytes-quantized linear layers to train on: QLoRA needs a model loaded "
-            "with a BitsAndBytesConfig (get_model does this from a QLoRAConfig), and one with nn.Linear layers."
-        )
-    for param in model.parameters():
-        param.requires_grad_(False)
+        raise ValueError("The base model has no bitsandbytes-quantized linear layers to train on: QLoRA needs a "
+                         "model loaded with a BitsAndBytesConfig (get_model does this from a QLoRAConfig), and one "
+                         "with nn.Linear layers.")
+    model.requires_grad_(False)
     disable_cpu_repacking(model)
     return model
 
@@ -57,10 +55,8 @@ def quantized_bytes_per_param(model: nn.Module) -> float | None:
     import bitsandbytes as bnb
 
     params = nbytes = 0
-    for module in model.modules():
-        if not isinstance(module, bnb.nn.Linear4bit):
-            continue
-        weight, state = module.weight, module.weight.quant_state
+    for weight in (module.weight for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)):
+        state = weight.quant_state
         stored = [weight] if state is None else [weight, state.absmax, state.code]
         if state is not None and state.nested:  # double quantization: the constants' own constants
             stored += [state.state2.absmax, state.state2.code, state.offset]
@@ -77,20 +73,14 @@ def merge_and_unload(model, requantize: bool = False):
     rounding error on top of the adapter (peft#2321) and is warned about.
     """
     merged = model.merge_and_unload()
-    if requantize:
-        warnings.warn(
-            "Re-quantizing merged weights is lossy: the merged update is rounded to the 4-bit grid, so outputs "
-            "differ from the unmerged QLoRA model (peft#2321). Prefer saving the dense merged model.",
-            UserWarning, stacklevel=2,
-        )
-        _requantize_linears(merged)
-    return merged
-
-
-def _requantize_linears(model: nn.Module) -> None:
+    if not requantize:
+        return merged
+    warnings.warn("Re-quantizing merged weights is lossy: the merged update is rounded to the 4-bit grid, so "
+                  "outputs differ from the unmerged QLoRA model (peft#2321). Prefer saving the dense merged model.",
+                  UserWarning, stacklevel=2)
     import bitsandbytes as bnb
 
-    for module in list(model.modules()):
+    for module in list(merged.modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear and getattr(child, "_hf_lorax_merged", False):
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
@@ -99,3 +89,4 @@ def _requantize_linears(model: nn.Module) -> None:
                 if child.bias is not None:
                     q.bias = nn.Parameter(child.bias.data, requires_grad=False)
                 setattr(module, child_name, q.to(child.weight.device))
+    return merged

@@ -24,7 +24,8 @@ from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from numbers import Real
 
-_TOKEN = re.compile(r"\{(\d+)-(\d+)\}|\{(\d+(?:,\d+)+)\}|\*")
+# The key syntax's tokens as ``re.escape`` writes them: ``{a-b}``, ``{a,b,c}`` and ``*``.
+_TOKEN = re.compile(r"\\\{(\d+)\\-(\d+)\\\}|\\\{(\d+(?:,\d+)+)\\\}|\\\*")
 
 
 @lru_cache(maxsize=512)
@@ -32,21 +33,17 @@ def key_to_regex(key: str) -> re.Pattern:
     """Compile a map key into a regex matching full module names (suffix match on a ``.`` boundary)."""
     if not isinstance(key, str) or not key.strip():
         raise ValueError(f"Rank/alpha map keys must be non-empty strings, got {key!r}.")
-    parts, pos = [], 0
-    for m in _TOKEN.finditer(key):
-        parts.append(re.escape(key[pos : m.start()]))
-        if m.group(0) == "*":
-            parts.append(".*")
-        elif m.group(1) is not None:
-            lo, hi = int(m.group(1)), int(m.group(2))
-            if lo > hi:
-                raise ValueError(f"Rank/alpha map key {key!r}: range {{{lo}-{hi}}} is empty (use {{{hi}-{lo}}}).")
-            parts.append("(?:" + "|".join(str(i) for i in range(lo, hi + 1)) + ")")
-        else:
-            parts.append("(?:" + "|".join(m.group(3).split(",")) + ")")
-        pos = m.end()
-    parts.append(re.escape(key[pos:]))
-    return re.compile(r"(?:.*\.)?(?:" + "".join(parts) + r")")
+
+    def token(m: re.Match) -> str:
+        if m.group(1) is None:  # a list, or "*"
+            return "(?:" + "|".join(m.group(3).split(",")) + ")" if m.group(3) else ".*"
+        lo, hi = int(m.group(1)), int(m.group(2))
+        if lo > hi:
+            raise ValueError(f"Rank/alpha map key {key!r}: range {{{lo}-{hi}}} is empty (use {{{hi}-{lo}}}).")
+        return "(?:" + "|".join(str(i) for i in range(lo, hi + 1)) + ")"
+
+    # the key escaped as a literal, then its (escaped) tokens replaced left to right
+    return re.compile(r"(?:.*\.)?(?:" + _TOKEN.sub(token, re.escape(key)) + r")")
 
 
 def key_matches(key: str, module_name: str) -> bool:
@@ -86,11 +83,9 @@ def load_module_map(value: Mapping | str | os.PathLike | None, *, what: str) -> 
 def closest_names(query: str, names: Iterable[str], n: int = 3) -> list[str]:
     """The module names that look most like ``query`` (compared on the trailing components too)."""
     names = list(names)
-    depth = query.count(".") + 1
-    tails = {".".join(name.split(".")[-depth:]): name for name in names}
+    tails = {".".join(name.split(".")[-(query.count(".") + 1):]): name for name in names}  # as deep as the query
     plain = re.sub(r"\{[^}]*\}", "0", query).replace("*", "")
-    hits = difflib.get_close_matches(plain, list(tails), n=n, cutoff=0.4)
-    return [tails[h] for h in hits] or names[:n]
+    return [tails[h] for h in difflib.get_close_matches(plain, list(tails), n=n, cutoff=0.4)] or names[:n]
 
 
 def resolve_module_map(module_map: Mapping[str, float] | None, targeted: list[str], *,
@@ -102,19 +97,15 @@ def resolve_module_map(module_map: Mapping[str, float] | None, targeted: list[st
     """
     if not module_map:
         return {}
-    claimed_by: dict[str, str] = {}  # adapted module -> the first key that matches it, the one that sets it
-    for name in targeted:
-        key = next((k for k in module_map if key_matches(k, name)), None)
-        if key is not None:
-            claimed_by[name] = key
-    for key in module_map:
-        if key in claimed_by.values():
-            continue
+    # adapted module -> the first key that matches it, the one that sets it (a matching key is a non-empty string)
+    claimed_by = {name: key for name in targeted
+                  if (key := next((k for k in module_map if key_matches(k, name)), ""))}
+    for key in (k for k in module_map if k not in claimed_by.values()):  # a key that sets no module: an error
         shadowed = [n for n in targeted if key_matches(key, n)]
         if shadowed:
-            winners = sorted({claimed_by[n] for n in shadowed})
-            raise ValueError(f"{what} key {key!r} only matches modules that earlier keys {winners} already set "
-                             f"(first match wins), so it has no effect. Reorder the keys or remove {key!r}.")
+            raise ValueError(f"{what} key {key!r} only matches modules that earlier keys "
+                             f"{sorted({claimed_by[n] for n in shadowed})} already set (first match wins), so it "
+                             f"has no effect. Reorder the keys or remove {key!r}.")
         untargeted = [n for n in all_modules if key_matches(key, n)]
         if untargeted:
             raise ValueError(f"{what} key {key!r} matches {untargeted[:3]}, which "

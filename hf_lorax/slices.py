@@ -18,15 +18,13 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-# Fused projections by module-name suffix: the slice names in output order. Which rows each slice owns can depend
-# on the architecture (interleaved per head, multi-query widths): :func:`layout_for_model` computes that.
+# Fused projections by module-name suffix: the slice names in output order. ``c_attn``: GPT-2 (contiguous),
+# GPT-BigCode (multi-query widths); ``query_key_value``: GPT-NeoX / Bloom (interleaved per head), Falcon (grouped);
+# ``qkv_proj``: Phi-3 (grouped-query widths); ``gate_up_proj``: Phi-3; ``Wqkv``: MPT. Which rows each slice owns can
+# depend on the architecture (interleaved per head, multi-query widths): :func:`layout_for_model` computes that.
 KNOWN_FUSED_LAYOUTS: dict[str, tuple[str, ...]] = {
-    "c_attn": ("q", "k", "v"),  # GPT-2 (contiguous), GPT-BigCode (multi-query widths)
-    "query_key_value": ("q", "k", "v"),  # GPT-NeoX / Bloom (interleaved per head), Falcon (grouped)
-    "qkv_proj": ("q", "k", "v"),  # Phi-3 (grouped-query widths)
-    "gate_up_proj": ("gate", "up"),  # Phi-3
-    "Wqkv": ("q", "k", "v"),  # MPT
-}
+    "c_attn": ("q", "k", "v"), "query_key_value": ("q", "k", "v"), "qkv_proj": ("q", "k", "v"),
+    "gate_up_proj": ("gate", "up"), "Wqkv": ("q", "k", "v")}
 
 
 @dataclass(frozen=True)
@@ -122,35 +120,26 @@ def parse_fused_slices(value: Mapping | None) -> dict[str, SliceSpec]:
             raise ValueError(f"fused_slices[{module!r}] must be a list of slice names or a dict with the keys "
                              f"'layout' and 'adapt' (and optionally 'widths', 'groups'), got keys {sorted(entry)}.")
         layout, adapt = tuple(entry["layout"]), tuple(entry["adapt"])
-        widths, groups = _structure(module, entry, len(layout))
-        _check_names(module, layout, adapt)
+        widths, groups = entry.get("widths"), entry.get("groups", 1)
+        if widths is not None:
+            if (isinstance(widths, str) or not isinstance(widths, Sequence) or len(widths) != len(layout)
+                    or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths)):
+                raise ValueError(f"fused_slices[{module!r}]['widths'] must be {len(layout)} positive integers "
+                                 f"(one per layout part), got {widths!r}.")
+            widths = tuple(widths)
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"fused_slices[{module!r}]['groups'] must be a positive integer, got {groups!r}.")
+        if len(set(layout)) != len(layout) or len(layout) < 2:
+            raise ValueError(f"fused_slices[{module!r}]: layout {list(layout)} needs at least two distinct names.")
+        bad = [n for n in adapt if n not in layout]
+        if bad or not adapt:
+            raise ValueError(f"fused_slices[{module!r}]: slice names {bad or adapt!r} are not valid; choose a "
+                             f"non-empty subset of {list(layout)}.")
+        if len(set(adapt)) != len(adapt):
+            raise ValueError(f"fused_slices[{module!r}]: slice names {list(adapt)} repeat a name.")
         specs[str(module)] = SliceSpec(layout=layout, adapt=tuple(n for n in layout if n in adapt), widths=widths,
                                        groups=groups)
     return specs
-
-
-def _structure(module: str, entry: Mapping, n_parts: int) -> tuple[tuple[int, ...] | None, int]:
-    widths, groups = entry.get("widths"), entry.get("groups", 1)
-    if widths is not None:
-        if (isinstance(widths, str) or not isinstance(widths, Sequence) or len(widths) != n_parts
-                or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths)):
-            raise ValueError(f"fused_slices[{module!r}]['widths'] must be {n_parts} positive integers (one per "
-                             f"layout part), got {widths!r}.")
-        widths = tuple(widths)
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"fused_slices[{module!r}]['groups'] must be a positive integer, got {groups!r}.")
-    return widths, groups
-
-
-def _check_names(module: str, layout: tuple, adapt: tuple) -> None:
-    if len(set(layout)) != len(layout) or len(layout) < 2:
-        raise ValueError(f"fused_slices[{module!r}]: layout {list(layout)} needs at least two distinct names.")
-    bad = [n for n in adapt if n not in layout]
-    if bad or not adapt:
-        raise ValueError(f"fused_slices[{module!r}]: slice names {bad or adapt!r} are not valid; choose a "
-                         f"non-empty subset of {list(layout)}.")
-    if len(set(adapt)) != len(adapt):
-        raise ValueError(f"fused_slices[{module!r}]: slice names {list(adapt)} repeat a name.")
 
 
 def spec_for(module_name: str, specs: Mapping[str, SliceSpec]) -> SliceSpec | None:
@@ -161,12 +150,8 @@ def spec_for(module_name: str, specs: Mapping[str, SliceSpec]) -> SliceSpec | No
 # -- the fused-slice rule -----------------------------------------------------------------------------------
 # A module adapted on n slices of rank r each is, exactly, a full-module LoRA of rank n*r whose B is
 # block-structured. Keeping the per-slice scaling alpha/r (or alpha/sqrt(r) with rsLoRA) on that rank-n*r
-# LoRA needs alpha*n (or alpha*sqrt(n)). Every place that converts between the two forms calls these.
-
-
-def module_rank(r: int, n_slices: int) -> int:
-    """Rank of the full-module LoRA equivalent to ``n_slices`` slices of rank ``r``."""
-    return n_slices * r
+# LoRA needs alpha*n (or alpha*sqrt(n)). Every place that converts between the two forms calls these (the rank
+# ``n*r`` of the full-module LoRA is :attr:`hf_lorax.plan.ModulePlan.module_r`).
 
 
 def module_alpha(alpha: float, n_slices: int, use_rslora: bool) -> float:
@@ -175,7 +160,7 @@ def module_alpha(alpha: float, n_slices: int, use_rslora: bool) -> float:
 
 
 def slice_rank(module_r: int, n_slices: int) -> int:
-    """Per-slice rank of a full-module rank ``module_r`` (the inverse of :func:`module_rank`)."""
+    """Per-slice rank of a full-module rank ``module_r`` (``module_r = n_slices * r``)."""
     return module_r // n_slices
 
 

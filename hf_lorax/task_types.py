@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 # Auto class for each peft task type (None: the bare model).
-AUTO_CLASSES = {
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "FEATURE_EXTRACTION": "AutoModel",
-    None: "AutoModel",
-}
+AUTO_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
+                "QUESTION_ANS": "AutoModelForQuestionAnswering", "CAUSAL_LM": "AutoModelForCausalLM",
+                "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "FEATURE_EXTRACTION": "AutoModel", None: "AutoModel"}
 # The Hub's pipeline tag for each task type.
-PIPELINE_TAGS = {
-    "SEQ_CLS": "text-classification", "CAUSAL_LM": "text-generation", "TOKEN_CLS": "token-classification",
-    "QUESTION_ANS": "question-answering", "SEQ_2_SEQ_LM": "text2text-generation",
-    "FEATURE_EXTRACTION": "feature-extraction",
-}
+PIPELINE_TAGS = {"SEQ_CLS": "text-classification", "CAUSAL_LM": "text-generation",
+                 "TOKEN_CLS": "token-classification", "QUESTION_ANS": "question-answering",
+                 "SEQ_2_SEQ_LM": "text2text-generation", "FEATURE_EXTRACTION": "feature-extraction"}
 # Task types whose head sits outside the transformer body and trains with the adapter.
 HEAD_TASK_TYPES = frozenset({"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"})
 # Task types whose head is built with ``num_labels``.

@@ -89,15 +89,13 @@ def main(argv=None) -> int:
 
 def _report(args) -> int:
     updates = updates_from_adapter_dir(args.adapter_dir, _base_weights(args.base_model) if args.base_model else None)
-    stats = analyze(updates)
+    report = RankUtilizationCallback(threshold=args.threshold)  # the training run's writer
+    report.latest = analyze(updates)
     print(f"{'module':<48} {'r':>3} {'eff.rank':>8} {'util':>6} {'r90':>4} {'r99':>4} {'stable':>7} {'|dW|/|W|':>9}")
-    for s in stats:
+    for s in report.latest:
         rel = f"{s.relative_norm:.4f}" if s.relative_norm is not None else "-"
         print(f"{s.name:<48} {s.r:>3} {s.effective_rank:>8.2f} {s.utilization:>6.2f} {s.rank_90:>4} {s.rank_99:>4} "
               f"{s.stable_rank:>7.2f} {rel:>9}")
-
-    report = RankUtilizationCallback(threshold=args.threshold)
-    report.latest = stats
     paths = report.write(args.output_dir)
 
     if args.against:
@@ -125,8 +123,7 @@ def _allocate(args) -> int:
     lora_alpha = float(read_adapter_folder(args.adapter_dir).config.get("lora_alpha") or 8)
     plan = allocate(spectra, budget, lora_alpha=lora_alpha, alpha_policy=args.alpha_policy, signal=args.signal)
     for module, rank in plan.rank_map.items():
-        alpha = f"  alpha {plan.alpha_map[module]:g}" if plan.alpha_map else ""
-        print(f"{module:<56} r {rank:>3}{alpha}")
+        print(f"{module:<56} r {rank:>3}" + (f"  alpha {plan.alpha_map[module]:g}" if plan.alpha_map else ""))
     os.makedirs(args.output_dir, exist_ok=True)
     path = write_json(os.path.join(args.output_dir, SUGGESTION_NAME), plan.to_json())
     print(f"\n{plan.params:,} LoRA parameters (budget {plan.budget:,}); wrote {path}")

@@ -57,23 +57,21 @@ class ModuleSpectrum:
     sensitivity: tuple[tuple[float, ...], ...] | None = None  # per slice, the score of each direction (σ order)
 
     def values(self, signal: str) -> list[float]:
-        """Value of directions k = 1..probe_rank under ``signal``, descending."""
+        """Value of directions k = 1..probe_rank under ``signal``, descending: under ``"energy"`` the mean over
+        slices of ``σ_k² / Σσ²`` (0 for a zero update), under ``"sensitivity"`` the sum over slices of the k-th
+        largest score."""
         if signal == "energy":
-            return self.shares()
+            shares = [0.0] * self.probe_rank
+            for sv in self.singular_values:
+                total = sum(s * s for s in sv)
+                for k, s in enumerate(sv[: self.probe_rank]):
+                    shares[k] += (s * s / total if total > 0 else 0.0) / len(self.singular_values)
+            return shares
         if self.sensitivity is None:
             raise ValueError(f"{self.module}: no loss sensitivity was recorded for this module; gather it with "
                              "RankUtilizationCallback during the probe run, or use signal 'energy'.")
         ranked = [sorted(scores, reverse=True)[: self.probe_rank] for scores in self.sensitivity]
         return [sum(scores[k] for scores in ranked if k < len(scores)) for k in range(self.probe_rank)]
-
-    def shares(self) -> list[float]:
-        """Value of directions k = 1..probe_rank: the mean over slices of ``σ_k² / Σσ²`` (0 for a zero update)."""
-        out = [0.0] * self.probe_rank
-        for sv in self.singular_values:
-            total = sum(s * s for s in sv)
-            for k, s in enumerate(sv[: self.probe_rank]):
-                out[k] += (s * s / total if total > 0 else 0.0) / len(self.singular_values)
-        return out
 
 
 @dataclass(frozen=True)
@@ -102,12 +100,11 @@ def spectra_from_updates(updates: Iterable[LowRankUpdate],
         grouped.setdefault(u.module, []).append(u)
     spectra = []
     for module, parts in grouped.items():
-        names = [u.name for u in parts]
-        recorded = sensitivity is not None and all(n in sensitivity for n in names)  # every slice, or none
+        recorded = sensitivity is not None and all(u.name in sensitivity for u in parts)  # every slice, or none
         spectra.append(ModuleSpectrum(
             module, tuple(tuple(factor_singular_values(u.lora_A, u.lora_B, u.scaling).tolist()) for u in parts),
             cost_per_rank=sum(u.lora_A.shape[1] + u.lora_B.shape[0] for u in parts), probe_rank=parts[0].r,
-            scaling=parts[0].scaling, sensitivity=tuple(tuple(sensitivity[n]) for n in names) if recorded else None,
+            scaling=parts[0].scaling, sensitivity=tuple(tuple(sensitivity[u.name]) for u in parts) if recorded else None,
         ))
     return spectra
 
@@ -162,8 +159,7 @@ def allocate(spectra: Sequence[ModuleSpectrum], budget: int, lora_alpha: float,
     """The rank map for ``budget`` LoRA parameters under ``signal``, its alpha map and its size."""
     check_alpha_policy(alpha_policy)
     ranks = allocate_ranks(spectra, budget, signal)
-    return Allocation(rank_map=ranks, alpha_map=alpha_map(spectra, ranks, lora_alpha, alpha_policy),
-                      params=adapter_params(spectra, ranks), budget=budget,
+    return Allocation(rank_map=ranks, alpha_map=alpha_map(spectra, ranks, lora_alpha, alpha_policy), params=adapter_params(spectra, ranks), budget=budget,
                       min_params=sum(s.cost_per_rank for s in spectra), alpha_policy=alpha_policy, signal=signal)
 
 

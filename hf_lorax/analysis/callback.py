@@ -156,8 +156,7 @@ class RankUtilizationCallback(TrainerCallback):
         elif self.sensitivity is not None and self.history:  # e.g. DeepSpeed ZeRO-1/2 keeps gradients to itself
             logger.warning("RankUtilizationCallback: no adapter gradients were visible before the optimizer steps, so "
                            "no loss sensitivity was recorded; rank maps from this run can use signal 'energy' only.")
-        suggestion = {"rank_map": suggest_rank_map(self.latest, self.threshold), "threshold": self.threshold,
-                      "step": step}
+        suggestion = {"rank_map": suggest_rank_map(self.latest, self.threshold), "threshold": self.threshold, "step": step}
         paths = {"json": write_json(os.path.join(directory, JSON_NAME), report),
                  "suggestion": write_json(os.path.join(directory, SUGGESTION_NAME), suggestion)}
         if self.plot and self.latest:
@@ -176,13 +175,11 @@ class ConsoleSummary(TrainerCallback):
         self.held: dict = {} if held is None else held
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None:
-            return control
-        if self.restores:
+        if logs is not None and self.restores:
             logs.pop(LOWEST_KEY, None)
             logs.update(self.held)
             self.held.clear()
-        else:
+        elif logs is not None:
             detail = [k for k in logs if k.startswith("rank_utilization/") and k not in CONSOLE_KEYS]
             self.held.update({k: logs.pop(k) for k in detail})
             if detail and self.owner.latest:

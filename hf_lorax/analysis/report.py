@@ -112,12 +112,13 @@ def updates_from_model(model: torch.nn.Module, adapter: str | None = None) -> li
 def updates_from_adapter_dir(path: str, base_weights: dict[str, torch.Tensor] | None = None) -> list[LowRankUpdate]:
     """The updates of a saved adapter folder; ``base_weights`` ({module: (out, in) weight}) adds ‖W‖ figures."""
     folder = read_adapter_folder(path)
-    state = folder.load_tensors()
-    updates = []
+    state, weights, updates = folder.load_tensors(), base_weights or {}, []
     for module in folder.modules:
         A, B = state[f"{module.key}.lora_A.weight"], state[f"{module.key}.lora_B.weight"]
         magnitude = state.get(f"{module.key}.lora_magnitude_vector")
-        W = _find_weight(base_weights or {}, module.name)
+        # the base weight, tolerating a task-model prefix on either side (``transformer.h.0`` vs ``h.0``)
+        W = weights[module.name] if module.name in weights else next(
+            (w for k, w in weights.items() if module.name.endswith("." + k) or k.endswith("." + module.name)), None)
         if base_weights and W is None:  # else its ‖ΔW‖/‖W‖ would silently read "-"
             raise ValueError(f"the base weights hold no weight for {module.name}; the adapter was not trained on "
                              "this base model.")
@@ -155,13 +156,6 @@ def split_update(module, A, B, scaling, W, magnitude, spec) -> list[LowRankUpdat
             for i, (part, idx) in enumerate(zip(spec.adapt, rows))]
 
 
-def _find_weight(weights: dict, module: str):
-    """``weights[module]``, tolerating a task-model prefix on either side (``transformer.h.0`` vs ``h.0``)."""
-    if module in weights:
-        return weights[module]
-    return next((w for k, w in weights.items() if module.endswith("." + k) or k.endswith("." + module)), None)
-
-
 # -- summaries -----------------------------------------------------------------------------------------
 
 
@@ -177,10 +171,9 @@ def module_type(stats: ModuleStats) -> str:
 def summarize(stats: list[ModuleStats], prefix: str = "rank_utilization") -> dict[str, float]:
     """Mean/min utilization overall, per module type and per layer, as flat metric names for a logger."""
     groups = {"": [s.utilization for s in stats]} if stats else {}
-    for kind in sorted({module_type(s) for s in stats}):
-        groups[f"type/{kind}/"] = [s.utilization for s in stats if module_type(s) == kind]
-    for layer in sorted({i for s in stats if (i := layer_index(s.module)) is not None}):
-        groups[f"layer/{layer}/"] = [s.utilization for s in stats if layer_index(s.module) == layer]
+    for what, key in (("type", module_type), ("layer", lambda s: layer_index(s.module))):
+        for value in sorted({key(s) for s in stats} - {None}):  # modules outside any layer are in no layer group
+            groups[f"{what}/{value}/"] = [s.utilization for s in stats if key(s) == value]
     return {f"{prefix}/{name}{stat}": value for name, values in groups.items()
             for stat, value in (("mean", sum(values) / len(values)), ("min", min(values)))}
 
@@ -193,9 +186,7 @@ def suggest_rank_map(stats: list[ModuleStats], threshold: float = 0.9, max_rank:
     """
     suggestion: dict[str, int] = {}
     for s in stats:
-        rank = max(energy_rank(torch.tensor(s.singular_values), threshold), 1)
-        rank = 1 << (rank - 1).bit_length()  # the next power of two
-        if max_rank is not None:
-            rank = min(rank, max_rank)
+        rank = 1 << (max(energy_rank(torch.tensor(s.singular_values), threshold), 1) - 1).bit_length()  # next 2^k
+        rank = min(rank, max_rank) if max_rank is not None else rank
         suggestion[s.module] = max(suggestion.get(s.module, 1), rank)
     return suggestion

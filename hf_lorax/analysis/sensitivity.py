@@ -46,9 +46,8 @@ def gradient_updates(model: torch.nn.Module) -> list[tuple[LowRankUpdate, torch.
         A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
         if A.grad is None or B.grad is None:
             continue
-        scaling = float(layer.scaling[adapter])
-        weights = split_update(name, A.detach(), B.detach(), scaling, None, None, spec)
-        grads = split_update(name, A.grad, B.grad, scaling, None, None, spec)
+        weights = split_update(name, A.detach(), B.detach(), float(layer.scaling[adapter]), None, None, spec)
+        grads = split_update(name, A.grad, B.grad, 1.0, None, None, spec)  # only their factors are read
         out += [(w, g.lora_A, g.lora_B) for w, g in zip(weights, grads)]
     return out
 
@@ -75,8 +74,7 @@ class SensitivityTracker:
             return
         self.steps += 1
         for update, grad_A, grad_B in pairs:
-            name = update.name
-            value = direction_sensitivity(update, grad_A, grad_B)
+            name, value = update.name, direction_sensitivity(update, grad_A, grad_B)
             mean = self.beta1 * self._mean.get(name, 0.0) + (1 - self.beta1) * value
             uncertainty = self.beta2 * self._uncertainty.get(name, 0.0) + (1 - self.beta2) * (value - mean).abs()
             self._mean[name], self._uncertainty[name] = mean, uncertainty

@@ -21,10 +21,8 @@ def factor_singular_values(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: 
 def effective_rank(singular_values: torch.Tensor) -> float:
     """``exp`` of the entropy of the L1-normalised spectrum (Roy & Vetterli 2007); 0 for a zero update."""
     s = singular_values.double().clamp_min(0)
-    total = s.sum()
-    if total <= 0:
-        return 0.0
-    return float(torch.exp(torch.special.entr(s / total).sum()))  # entr(p) = -p·log p, 0 at p = 0
+    total = s.sum()  # entr(p) = -p·log p, 0 at p = 0
+    return 0.0 if total <= 0 else float(torch.exp(torch.special.entr(s / total).sum()))
 
 
 def stable_rank(singular_values: torch.Tensor) -> float:
@@ -38,9 +36,7 @@ def energy(singular_values: torch.Tensor) -> list[float]:
     """Cumulative energy: fraction of ``‖ΔW‖_F²`` captured by the top-k singular values, k = 1..r."""
     sq = singular_values.double() ** 2
     total = float(sq.sum())
-    if total <= 0:
-        return [0.0] * sq.numel()
-    return (sq.cumsum(0) / total).tolist()
+    return [0.0] * sq.numel() if total <= 0 else (sq.cumsum(0) / total).tolist()
 
 
 def energy_rank(singular_values: torch.Tensor, threshold: float = 0.9) -> int:
@@ -64,8 +60,7 @@ def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor, i: int | None = None
     j = U2.shape[0] if j is None else j
     if not (1 <= i <= U1.shape[0] and 1 <= j <= U2.shape[0]):
         raise ValueError(f"i={i}, j={j} must be within 1..{U1.shape[0]} and 1..{U2.shape[0]}.")
-    overlap = U1[:i] @ U2[:j].T
-    return float((overlap**2).sum() / min(i, j))
+    return float(((U1[:i] @ U2[:j].T) ** 2).sum() / min(i, j))
 
 
 def subspace_similarity_grid(A1: torch.Tensor, A2: torch.Tensor) -> list[list[float]]:

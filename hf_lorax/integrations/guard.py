@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import importlib.metadata
 import inspect
+import pkgutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,10 +30,6 @@ class InternalAPI:
     reason: str
     hooked_on: str = ""
 
-    def resolve(self, path: str = ""):
-        module_name, _, qualname = (path or self.path).partition(":")
-        return functools.reduce(getattr, filter(None, qualname.split(".")), importlib.import_module(module_name))
-
     def problem(self) -> str | None:
         """Why this internal cannot be used as verified (version or signature), or None when it can."""
         version = Version(importlib.metadata.version(self.library))
@@ -45,11 +41,11 @@ class InternalAPI:
     def signature_problem(self) -> str | None:
         """Why this internal's signature no longer matches, or None when it does (any version)."""
         try:
-            target = self.resolve()
-            target = inspect.unwrap(getattr(target, "__func__", target))  # classmethods: their function, with cls
+            target = pkgutil.resolve_name(self.path)
         except (ImportError, AttributeError) as exc:
             return f"{self.path} is gone ({exc})"
-        params = tuple(inspect.signature(target).parameters)
+        # classmethods: their function, with cls; a hooked one: the original (signature follows __wrapped__)
+        params = tuple(inspect.signature(getattr(target, "__func__", target)).parameters)
         if params[: len(self.params)] != self.params:
             return f"{self.path} has the signature {params}, expected {self.params}"
         return None
@@ -58,17 +54,16 @@ class InternalAPI:
 _HOOKS: dict[str, bool] = {}
 
 
-def install_hook(api: InternalAPI, make: Callable, fallback: str) -> bool:
+def install_hook(api: InternalAPI, make: Callable, fallback: str) -> None:
     """Replace ``api``'s internal with ``make(original)`` if it checks out; else warn with ``fallback`` (what still
     works) and leave it. The original stays reachable as the wrapper's ``__wrapped__``."""
     problem = api.problem()
     if problem is None:
         module_name, _, qualname = api.path.partition(":")
         parent, _, name = qualname.rpartition(".")
-        owner = api.resolve(api.hooked_on or f"{module_name}:{parent}")
+        owner = pkgutil.resolve_name(api.hooked_on or f"{module_name}:{parent}")
         is_classmethod = isinstance(inspect.getattr_static(owner, name), classmethod)
-        original = getattr(owner, name)
-        original = original.__func__ if is_classmethod else original
+        original = getattr(owner, name).__func__ if is_classmethod else getattr(owner, name)
         wrapper = make(original)
         wrapper.__wrapped__ = original
         setattr(owner, name, classmethod(wrapper) if is_classmethod else wrapper)
@@ -76,7 +71,6 @@ def install_hook(api: InternalAPI, make: Callable, fallback: str) -> bool:
         warnings.warn(f"hf_lorax: not hooking {api.path} ({api.reason}): {problem}. {fallback}", UserWarning,
                       stacklevel=3)
     _HOOKS[api.path] = problem is None
-    return problem is None
 
 
 def installed_hooks() -> dict[str, bool]:
@@ -84,16 +78,13 @@ def installed_hooks() -> dict[str, bool]:
     return dict(_HOOKS)
 
 
+# checked once per internal: the installed libraries do not change while the process runs
+_signature_problem = functools.cache(InternalAPI.signature_problem)
+
+
 def require_signatures(apis: list[InternalAPI], what: str) -> None:
     """Raise a ``RuntimeError`` naming every internal in ``apis`` whose signature changed (checked once)."""
-    key = tuple(api.path for api in apis)
-    if key in _CHECKED:
-        return
-    problems = [p for api in apis if (p := api.signature_problem()) is not None]
+    problems = [p for api in apis if (p := _signature_problem(api)) is not None]
     if problems:
         raise RuntimeError(f"hf_lorax cannot {what} with this library version: " + "; ".join(problems) +
                            ". Install a version in the verified range (see hf_lorax.integrations).")
-    _CHECKED.add(key)
-
-
-_CHECKED: set[tuple[str, ...]] = set()

@@ -13,7 +13,8 @@ from peft.tuners.lora import layer as peft_lora
 from peft.tuners.lora.layer import LoraVariant
 from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers, check_adapters_to_merge
 from peft.tuners.tuners_utils import _ExcludedModule as ExcludedModule
-from peft.utils import ModulesToSaveWrapper
+from peft.utils import ModulesToSaveWrapper, hotswap
+from peft.utils.hotswap import hotswap_adapter as peft_hotswap_adapter  # peft's public hotswap_adapter
 from peft.utils.integrations import dequantize_module_weight
 from peft.utils.other import get_pattern_key
 from torch import nn
@@ -24,8 +25,7 @@ PEFT_RANGE = ("0.21.0", "0.22.0")  # 0.22 reorganises LoRA layer construction (u
 
 
 def _api(path: str, params: tuple[str, ...], reason: str, hooked_on: str = "") -> InternalAPI:
-    return InternalAPI(path=path, params=params, library="peft", verified=PEFT_RANGE, reason=reason,
-                       hooked_on=hooked_on)
+    return InternalAPI(path, params, "peft", PEFT_RANGE, reason, hooked_on)
 
 
 # hooked on LoraModel only, not on BaseTuner (every peft tuner)
@@ -99,19 +99,10 @@ def pattern_value(pattern, name: str, default):
     return pattern.get(get_pattern_key(list(pattern), name), default)
 
 
-def peft_hotswap_adapter(model, model_name_or_path, adapter_name: str, torch_device=None, **kwargs) -> None:
-    """peft's public ``peft.utils.hotswap.hotswap_adapter`` (its checks, weight copies, compiled-model handling)."""
-    from peft.utils.hotswap import hotswap_adapter
-
-    hotswap_adapter(model, model_name_or_path, adapter_name=adapter_name, torch_device=torch_device, **kwargs)
-
-
 def set_scaling(module: nn.Module, adapter_name: str, scaling: float) -> None:
     """Set a LoRA layer's scaling in place as peft's hotswap does (a tensor scaling keeps its identity)."""
-    from peft.utils.hotswap import _update_scaling
-
     require_signatures([HOTSWAP_UPDATE_SCALING], "hotswap adapters")
-    _update_scaling(module, adapter_name=adapter_name, scaling=scaling)
+    hotswap._update_scaling(module, adapter_name=adapter_name, scaling=scaling)
 
 
 def is_tuner_layer(module: nn.Module) -> bool:

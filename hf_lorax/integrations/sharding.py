@@ -7,6 +7,9 @@ rank-utilization analysis, saving — goes through :func:`full_params`.
 
 Gathering is a collective: every process must enter it, in the same order. Callers that compute on one process
 only (a report, a file) gather on all and compute on one.
+
+``zero3_enabled()`` (transformers' ``is_deepspeed_zero3_enabled``): whether a DeepSpeed ZeRO-3 config is active
+(transformers then loads models partitioned).
 """
 
 from __future__ import annotations
@@ -18,8 +21,14 @@ from datetime import timedelta
 
 import torch
 from torch import nn
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled as zero3_enabled  # noqa: F401
 
 from .guard import InternalAPI, require_signatures
+
+try:  # an FSDP2 / tensor-parallel ``DTensor``: this process holds a shard
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support: nothing is a DTensor
+    DTensor = ()
 
 GATHERED_PARAMETERS = InternalAPI(
     path="deepspeed.runtime.zero.partition_parameters:GatheredParameters.__init__",
@@ -39,25 +48,9 @@ def is_zero3_param(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
-def is_dtensor(param: torch.Tensor) -> bool:
-    """Whether ``param`` is an FSDP2 / tensor-parallel ``DTensor`` (this process holds a shard)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed support
-        return False
-    return isinstance(param, DTensor)
-
-
-def zero3_enabled() -> bool:
-    """Whether a DeepSpeed ZeRO-3 config is active (transformers then loads models partitioned)."""
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    return is_deepspeed_zero3_enabled()
-
-
 def is_sharded(model: nn.Module) -> bool:
     """Whether any parameter of ``model`` is a ZeRO-3 partition or a ``DTensor``."""
-    return any(is_zero3_param(p) or is_dtensor(p) for p in model.parameters())
+    return any(is_zero3_param(p) or isinstance(p, DTensor) for p in model.parameters())
 
 
 def full_params(params: Iterable[torch.Tensor]):
@@ -69,7 +62,7 @@ def full_params(params: Iterable[torch.Tensor]):
     sharded: every process must call it with the same parameters.
     """
     params = list(params)
-    if not any(is_zero3_param(p) or is_dtensor(p) for p in params):
+    if not any(is_zero3_param(p) or isinstance(p, DTensor) for p in params):
         return nullcontext(params)
     return _gathered(params)
 
@@ -88,7 +81,7 @@ def _gathered(params: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
         missing = [p for p in zero3 if p.ds_status != ZeroParamStatus.AVAILABLE]
         gather = deepspeed.zero.GatheredParameters(missing, modifier_rank=None)
     with gather:
-        yield [p.full_tensor() if is_dtensor(p) else p for p in params]
+        yield [p.full_tensor() if isinstance(p, DTensor) else p for p in params]
 
 
 def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -100,12 +93,11 @@ def gathered_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     if is_sharded(model):
         check_every_process_saves()
-    wanted = [(name, p) for name, p in model.named_parameters()
-              if p.requires_grad or "lora_" in name or ".modules_to_save." in name]
     state = {}
-    for name, param in wanted:  # one at a time: at most one full tensor is held beyond the result
-        with full_params([param]) as (full,):
-            state[name] = full.detach().to("cpu", copy=True)
+    for name, param in model.named_parameters():  # one at a time: at most one full tensor is held beyond the result
+        if param.requires_grad or "lora_" in name or ".modules_to_save." in name:
+            with full_params([param]) as (full,):
+                state[name] = full.detach().to("cpu", copy=True)
     return state
 
 

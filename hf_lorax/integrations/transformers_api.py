@@ -14,9 +14,8 @@ LOAD_ADAPTER = InternalAPI(
     params=("self", "peft_model_id", "adapter_name"), library="transformers", verified=TRANSFORMERS_RANGE,
     reason="transformers 5.x keeps freshly initialised DoRA magnitudes instead of the saved ones")
 LOSS_MAPPING_API = InternalAPI(
-    path="transformers.loss.loss_utils:ForCausalLMLoss",
+    path="transformers.loss.loss_utils:ForCausalLMLoss", library="transformers", verified=TRANSFORMERS_RANGE,
     params=("logits", "labels", "vocab_size", "num_items_in_batch", "ignore_index", "shift_labels"),
-    library="transformers", verified=TRANSFORMERS_RANGE,
     reason="hf_lorax's causal-LM loss replaces this one only where a model uses it unchanged")
 
 # checked once: the installed transformers does not change while the process runs

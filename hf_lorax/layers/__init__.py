@@ -28,8 +28,7 @@ def layer_mapping() -> dict[type, type]:
     return {**quantized, nn.Linear: LoraLinear, Conv1D: LoraLinear, nn.Embedding: LoraEmbedding}
 
 
-__all__ = [
-    "DoraMagnitude", "FactorizedDoraEmbeddingVariant", "FactorizedDoraLinearVariant", "FusedLoraLinear",
-    "LoraEmbedding", "LoraLinear", "SUPPORTED_LAYER_TYPES", "SlicedLoraB", "dora_row_norm", "fused_lora_linear",
-    "is_dense", "is_quantized_linear", "layer_mapping", "out_features", "set_fused_path", "trained_parameter_count",
-]
+__all__ = ["DoraMagnitude", "FactorizedDoraEmbeddingVariant", "FactorizedDoraLinearVariant", "FusedLoraLinear",
+           "LoraEmbedding", "LoraLinear", "SUPPORTED_LAYER_TYPES", "SlicedLoraB", "dora_row_norm",
+           "fused_lora_linear", "is_dense", "is_quantized_linear", "layer_mapping", "out_features",
+           "set_fused_path", "trained_parameter_count"]

@@ -21,13 +21,7 @@ import bitsandbytes as bnb
 import torch
 from torch import nn
 
-from ..integrations.peft_api import (
-    check_adapters_to_merge,
-    dequantize_module_weight,
-    init_lora_state,
-    peft_bnb_module,
-)
-from ..quantization import disable_cpu_repacking
+from ..integrations.peft_api import check_adapters_to_merge, dequantize_module_weight, peft_bnb_module
 from .dora import FactorizedDoraLinearVariant
 from .fused import LinearForwardMixin
 from .lora import PlannedLayerMixin, TunerLayerMixin
@@ -36,15 +30,9 @@ peft_bnb = peft_bnb_module()
 
 
 class _QuantizedLora(LinearForwardMixin, PlannedLayerMixin, TunerLayerMixin):
-    """What the 4-bit and 8-bit layers share. Its merge and unmerge replace :class:`TunerLayerMixin`'s: they swap
-    the base layer for a dense copy and back instead of rewriting the weight."""
-
-    def __init__(self, base_layer, adapter_name: str, config, r: int = 0, lora_alpha: float = 1, **kwargs):
-        init_lora_state(self, base_layer)
-        self.fan_in_fan_out = False
-        self._active_adapter = adapter_name
-        disable_cpu_repacking(self.get_base_layer())
-        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+    """What the 4-bit and 8-bit layers share (``__init__`` is :class:`PlannedLayerMixin`'s). Its merge and unmerge
+    replace :class:`TunerLayerMixin`'s: they swap the base layer for a dense copy and back instead of rewriting the
+    weight."""
 
     def _fused_weight(self):
         """A 4-bit weight is dequantised inside the fused node (LLM.int8() keeps its own int8 matmul)."""
@@ -61,9 +49,15 @@ class _QuantizedLora(LinearForwardMixin, PlannedLayerMixin, TunerLayerMixin):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
+        # a dense nn.Linear in the compute dtype with the de-quantized weight and bias
         quantized = self.get_base_layer()
-        dense = dense_copy(quantized)
-        weight = dense.weight.data.float()
+        weight = dequantize_module_weight(quantized)
+        dtype = getattr(quantized, "compute_dtype", None) or torch.float32
+        dense = nn.Linear(weight.shape[1], weight.shape[0], bias=quantized.bias is not None, device=weight.device,
+                          dtype=dtype).requires_grad_(False)
+        if quantized.bias is not None:
+            dense.bias.data.copy_(quantized.bias.to(dtype))
+        weight = weight.to(dtype).float()
         merged = [name for name in adapter_names if name in self.lora_A]
         for name in merged:
             weight = weight + self.get_delta_weight(name).float()
@@ -83,19 +77,6 @@ class _QuantizedLora(LinearForwardMixin, PlannedLayerMixin, TunerLayerMixin):
         self.base_layer, self._quantized_base = self._quantized_base, None
         self.merged_adapters = []
         self._caches.clear()
-
-
-def dense_copy(layer: nn.Module) -> nn.Linear:
-    """A dense ``nn.Linear`` in the layer's compute dtype with its de-quantized weight and bias."""
-    weight = dequantize_module_weight(layer)
-    dtype = getattr(layer, "compute_dtype", None) or torch.float32
-    dense = nn.Linear(weight.shape[1], weight.shape[0], bias=layer.bias is not None, device=weight.device, dtype=dtype)
-    with torch.no_grad():
-        dense.weight.copy_(weight.to(dtype))
-        if layer.bias is not None:
-            dense.bias.copy_(layer.bias.to(dtype))
-    dense.requires_grad_(False)
-    return dense
 
 
 class LoraLinear4bit(_QuantizedLora, peft_bnb.Linear4bit):

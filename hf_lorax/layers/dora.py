@@ -63,8 +63,7 @@ def row_norm_from_products(weight_At: torch.Tensor, weight_sq: torch.Tensor, lor
     """
     A32, B32 = lora_A.float(), lora_B.float()
     mixed = torch.addmm(weight_At.float(), B32, A32 @ A32.T, beta=2 * scaling, alpha=scaling * scaling)
-    squared = torch.baddbmm(weight_sq.view(-1, 1, 1), mixed.unsqueeze(1), B32.unsqueeze(2))
-    return squared.view(-1).sqrt()
+    return torch.baddbmm(weight_sq.view(-1, 1, 1), mixed.unsqueeze(1), B32.unsqueeze(2)).view(-1).sqrt()
 
 
 def scale_and_shift(combined: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -92,12 +91,11 @@ class ScaleAndShift(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         out, scale, bias = ctx.saved_tensors
         grad_combined = grad * scale if ctx.needs_input_grad[0] else None
-        grad_scale = grad_bias = None
+        grad_scale = None
         if ctx.needs_input_grad[1]:
             shifted = out if bias is None else out - bias.to(out.dtype)
             grad_scale = (grad * shifted).reshape(-1, scale.numel()).sum(0) / scale
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(bias.dtype)
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(bias.dtype) if ctx.needs_input_grad[2] else None
         return grad_combined, grad_scale, grad_bias
 
 
@@ -154,11 +152,9 @@ class FactorizedDoraLinearVariant(LoraVariant):
             with full_params([base.weight]):  # ZeRO-3: the base layer's own forward has released its weight
                 weight = cls.base_weight(module)
                 return weight @ lora_A.to(weight.dtype).T
-        rows = lora_A.to(getattr(base, "compute_dtype", None) or lora_A.dtype)
-        out = base(rows)
-        if getattr(base, "bias", None) is not None:
-            out = out - base.bias.to(out.dtype)
-        return out.T
+        out = base(lora_A.to(getattr(base, "compute_dtype", None) or lora_A.dtype))
+        bias = getattr(base, "bias", None)
+        return (out if bias is None else out - bias.to(out.dtype)).T
 
     @classmethod
     def weight_norm(cls, module: LoraLayer, adapter: str, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -175,20 +171,18 @@ class FactorizedDoraLinearVariant(LoraVariant):
 
     @classmethod
     def init(cls, module: LoraLayer, adapter_name: str, **kwargs) -> None:
-        if "lora_magnitude_vector" not in module.adapter_layer_names:
-            module.adapter_layer_names = module.adapter_layer_names[:] + ("lora_magnitude_vector",)
+        # peft's LoraLayer.adapter_layer_names already lists lora_magnitude_vector: it trains and saves as peft's
         A, B = cls.factors(module, adapter_name)
-        if A.is_meta or B.is_meta:  # low_cpu_mem_usage: the saved magnitude is assigned when the weights load
-            magnitude = torch.empty(B.shape[0], dtype=A.dtype, device="meta")
-        else:
+        # low_cpu_mem_usage (meta factors): the saved magnitude is assigned when the weights load
+        magnitude = torch.empty(B.shape[0], dtype=A.dtype, device="meta")
+        if not (A.is_meta or B.is_meta):
             magnitude = cls.weight_norm(module, adapter_name).to(A.dtype)
         module.lora_magnitude_vector[adapter_name] = DoraMagnitude(magnitude)
 
     @classmethod
     def forward(cls, module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
         lora_A, lora_B = module.lora_A[active_adapter], module.lora_B[active_adapter]
-        norm_scale = cls.norm_scale(module, active_adapter).to(result.dtype)
-        bias = module.get_base_layer().bias
+        norm_scale, bias = cls.norm_scale(module, active_adapter).to(result.dtype), module.get_base_layer().bias
         # the scaling on the r-wide A x, not on the output
         lora = lora_B(lora_A(module.lora_dropout[active_adapter](x)) * module.scaling[active_adapter])
         combined = result + lora.to(result.dtype) if bias is None else result - bias + lora.to(result.dtype)
@@ -197,23 +191,21 @@ class FactorizedDoraLinearVariant(LoraVariant):
         return rescale(combined, norm_scale, bias)
 
     @classmethod
-    def _dora_factor(cls, module: LoraLayer, adapter: str) -> torch.Tensor:
-        # The norm must come from the weight without other merged adapters, as forward sees it.
-        with module._unmerged_base_weight() as base_weight:
-            norm = cls.weight_norm(module, adapter, base_weight.T if cls.stored_transposed(module) else base_weight)
-        module._cache_store(f"{adapter}-weight_norm", norm)
-        return cls._stored_factor(module, adapter, norm)
+    def _dora_factor(cls, module: LoraLayer, adapter: str, norm: torch.Tensor | None = None) -> torch.Tensor:
+        """``m / norm`` shaped to scale the stored weight's output rows (columns when it is stored transposed).
 
-    @classmethod
-    def _stored_factor(cls, module: LoraLayer, adapter: str, norm: torch.Tensor) -> torch.Tensor:
-        """``m / norm`` shaped to scale the stored weight's output rows (columns when it is stored transposed)."""
+        Without ``norm`` (merging) the norm is computed and cached for unmerge: from the weight without other merged
+        adapters, as forward sees it."""
+        if norm is None:
+            with module._unmerged_base_weight() as weight:
+                norm = cls.weight_norm(module, adapter, weight.T if cls.stored_transposed(module) else weight)
+            module._cache_store(f"{adapter}-weight_norm", norm)
         factor = module.lora_magnitude_vector[adapter].weight.float() / norm
         return factor.view(1, -1) if cls.stored_transposed(module) else factor.view(-1, 1)
 
     @classmethod
     def merge_safe(cls, module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        factor = cls._dora_factor(module, active_adapter)
-        delta = module.get_delta_weight(active_adapter)
+        factor, delta = cls._dora_factor(module, active_adapter), module.get_delta_weight(active_adapter)
         current = dequantize_module_weight(module.get_base_layer())
         return (factor * (current.float() + delta.float())).to(orig_weight.dtype)
 
@@ -223,7 +215,7 @@ class FactorizedDoraLinearVariant(LoraVariant):
 
     @classmethod
     def unmerge(cls, module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        factor = cls._stored_factor(module, active_adapter, module._cache_pop(f"{active_adapter}-weight_norm"))
+        factor = cls._dora_factor(module, active_adapter, module._cache_pop(f"{active_adapter}-weight_norm"))
         delta = module.get_delta_weight(active_adapter)
         return (orig_weight.data.float() / factor - delta.float()).to(orig_weight.dtype)
 

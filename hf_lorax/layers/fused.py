@@ -55,11 +55,9 @@ class FusedLoraLinear(torch.autograd.Function):
         with torch.autocast(device_type=x.device.type, enabled=False):
             rows = x.reshape(-1, x.shape[-1])
             x_base = rows.to(base_dtype)
-            w = weight() if callable(weight) else weight
-            if bias is not None and norm_scale is None:  # the bias in the base GEMM's epilogue
-                combined = torch.addmm(bias.to(base_dtype), x_base, w.to(base_dtype).T)
-            else:
-                combined = x_base @ w.to(base_dtype).T
+            w = (weight() if callable(weight) else weight).to(base_dtype).T
+            in_epilogue = bias is not None and norm_scale is None  # the bias in the base GEMM's epilogue
+            combined = torch.addmm(bias.to(base_dtype), x_base, w) if in_epilogue else x_base @ w
             del w  # a dequantised weight is freed here
             x_lora = x_base if lora_dtype == base_dtype else rows.to(lora_dtype)
             # native_dropout is the call F.dropout makes on CUDA, and on CPU it draws F.dropout's mask: one seed gives
@@ -72,9 +70,8 @@ class FusedLoraLinear(torch.autograd.Function):
             # combined itself is kept for DoRA's backward, never shifted
             out = combined if norm_scale is None else scale_and_shift(combined, norm_scale.to(combined.dtype), bias)
         ctx.weight_source = weight if callable(weight) else None
-        ctx.scaling, ctx.dropout_p = scaling, dropout_p
-        ctx.base_dtype, ctx.lora_dtype, ctx.wide = base_dtype, lora_dtype, wide
-        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.scaling, ctx.dropout_p, ctx.wide, ctx.x_shape, ctx.x_dtype = scaling, dropout_p, wide, x.shape, x.dtype
+        ctx.base_dtype, ctx.lora_dtype = base_dtype, lora_dtype
         # x once, not drop(x): inputs that several layers read (q/k/v, gate/up) are then kept once. None for what
         # this call lacks (no mask, bias or DoRA scale; a quantized weight is dequantised again instead).
         ctx.save_for_backward(x_lora if lora_dtype == base_dtype else rows, h, lora_A, lora_B,
@@ -130,15 +127,13 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor | WeightSource, bias
     ``x``'s dtype (as bitsandbytes' ``Linear4bit`` returns it). The low-rank GEMMs run in the autocast dtype,
     else ``lora_A``'s.
     """
-    if torch.is_tensor(weight) and weight.requires_grad:
+    dense = torch.is_tensor(weight)
+    if dense and weight.requires_grad:
         raise ValueError("fused_lora_linear computes no gradient for the base weight, which requires one here.")
     cast = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-    if torch.is_tensor(weight):
-        base = out = cast or weight.dtype
-    else:
-        base, out = cast or compute_dtype or x.dtype, x.dtype
+    base = cast or (weight.dtype if dense else compute_dtype or x.dtype)
     return FusedLoraLinear.apply(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), norm_scale,
-                                 base, cast or lora_A.dtype, out)
+                                 base, cast or lora_A.dtype, base if dense else x.dtype)
 
 
 class LinearForwardMixin:
@@ -177,9 +172,8 @@ class LinearForwardMixin:
         weight = self._fused_weight() if adapter is not None else None
         if weight is None:
             return super().forward(x, *args, **kwargs)
-        variant = self.lora_variant.get(adapter)
+        variant, base, dropout = self.lora_variant.get(adapter), self.get_base_layer(), self.lora_dropout[adapter]
         norm_scale = None if variant is None else variant.norm_scale(self, adapter)
-        base, dropout = self.get_base_layer(), self.lora_dropout[adapter]
         p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0  # 0: Identity or eval
         return fused_lora_linear(x, weight, base.bias, self.lora_A[adapter].weight, b_weight(self.lora_B[adapter]),
                                  self.scaling[adapter], p, norm_scale, getattr(base, "compute_dtype", None))

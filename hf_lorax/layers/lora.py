@@ -19,13 +19,24 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..integrations.peft_api import init_lora_state, peft_lora
+from ..quantization import disable_cpu_repacking
 from .dora import FactorizedDoraEmbeddingVariant, FactorizedDoraLinearVariant
 from .fused import LinearForwardMixin
 from .sliced import SlicedLoraB
 
 
 class PlannedLayerMixin:
-    """``update_layer`` that takes the module's rank, alpha and slices from the config's resolved plan."""
+    """``__init__`` and ``update_layer`` of hf_lorax's linear layers, dense and quantized: the module's rank, alpha
+    and slices come from the config's resolved plan."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int = 0, lora_alpha: float = 1, **kwargs):
+        init_lora_state(self, base_layer, **kwargs)
+        # Conv1D stores its weight as (in, out); decide from the layer, not the config flag (the plan set
+        # config.fan_in_fan_out, as peft would)
+        self.fan_in_fan_out = self.is_target_conv_1d_layer = isinstance(self.get_base_layer(), Conv1D)
+        self._active_adapter = adapter_name
+        disable_cpu_repacking(self.get_base_layer())  # a bitsandbytes base: see hf_lorax.layers.bnb
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config, **kwargs) -> None:
         target = kwargs.get("target_name", "")
@@ -33,21 +44,18 @@ class PlannedLayerMixin:
         # raises instead (this happens only when hf_lorax's peft hook is disabled, see hf_lorax.integrations).
         plan = getattr(config, "resolved_plan", None)
         if plan is None and any(getattr(config, name, None) for name in ("rank_map", "alpha_map", "fused_slices")):
-            raise RuntimeError(
-                f"{type(config).__name__} with rank_map/alpha_map/fused_slices reached peft unresolved "
-                f"(module {target}). Build the model with hf_lorax.get_model(config, model=...), which resolves the "
-                "config itself."
-            )
+            raise RuntimeError(f"{type(config).__name__} with rank_map/alpha_map/fused_slices reached peft "
+                               f"unresolved (module {target}). Build the model with hf_lorax.get_model(config, "
+                               "model=...), which resolves the config itself.")
         entry = None if plan is None else plan.modules.get(target)  # the module's ModulePlan (None: not planned)
         sliced = entry is not None and entry.slices is not None
         if entry is not None:  # the plan's values are the ones peft read from rank_pattern / alpha_pattern
             r, lora_alpha = entry.module_r, entry.module_alpha
         init = config.init_lora_weights
         if sliced and not (init is True or init is False or init == "gaussian"):
-            raise ValueError(
-                f"init_lora_weights={init!r} cannot be used with fused_slices on {target}: it derives A and B from "
-                "the full weight. Use True or 'gaussian', or drop fused_slices for this module."
-            )
+            raise ValueError(f"init_lora_weights={init!r} cannot be used with fused_slices on {target}: it "
+                             "derives A and B from the full weight. Use True or 'gaussian', or drop fused_slices "
+                             "for this module.")
         if sliced and config.lora_bias:
             raise ValueError(f"lora_bias=True is not supported with fused_slices (module {target}).")
         super().update_layer(adapter_name, r, lora_alpha, config=config, **kwargs)
@@ -63,13 +71,10 @@ class PlannedLayerMixin:
         # the mask on the base weight's device: under low_cpu_mem_usage peft builds the adapter on meta and assigns
         # the weights later, but the mask is no saved state and must be real from the start
         sliced = SlicedLoraB(self.out_features, rows, entry.r, device=self.get_base_layer().weight.device)
-        sliced = sliced.to(dtype=dense.dtype)
-        if dense.is_meta:  # low_cpu_mem_usage: peft assigns the loaded weight later
-            sliced.weight = nn.Parameter(torch.empty_like(dense))
-        else:
-            with torch.no_grad():  # zero init stays zero; init_lora_weights=False keeps its blocks
-                sliced.weight.copy_(dense * sliced.slice_mask)
-        sliced.weight.requires_grad_(dense.requires_grad)
+        # zero init stays zero; init_lora_weights=False keeps its blocks. low_cpu_mem_usage (meta): peft assigns the
+        # loaded weight later
+        values = torch.empty_like(dense) if dense.is_meta else dense.detach() * sliced.slice_mask
+        sliced.weight = nn.Parameter(values, requires_grad=dense.requires_grad)
         if config.init_lora_weights == "gaussian":  # std 1/r of the per-slice rank, not of n*r
             nn.init.normal_(self.lora_A[adapter].weight, std=1 / entry.r)
         self.lora_B[adapter] = sliced
@@ -97,22 +102,10 @@ class TunerLayerMixin:
 class LoraLinear(LinearForwardMixin, PlannedLayerMixin, TunerLayerMixin, peft_lora.Linear):
     """LoRA / DoRA on ``nn.Linear`` or GPT-2 ``Conv1D``, optionally on slices of a fused projection."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config, r: int = 0, lora_alpha: float = 1, **kwargs):
-        init_lora_state(self, base_layer, **kwargs)
-        # Conv1D stores its weight as (in, out); decide from the layer, not the config flag.
-        self.fan_in_fan_out = isinstance(self.get_base_layer(), Conv1D)
-        self.is_target_conv_1d_layer = self.fan_in_fan_out  # the plan set config.fan_in_fan_out, as peft would
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
-
-    @property
-    def lora_variants(self):
-        return {(): None, ("use_dora",): FactorizedDoraLinearVariant}
+    lora_variants = {(): None, ("use_dora",): FactorizedDoraLinearVariant}  # peft's property, read-only there
 
 
 class LoraEmbedding(TunerLayerMixin, peft_lora.Embedding):
     """LoRA / DoRA on ``nn.Embedding`` (peft's layer with hf_lorax's factorized DoRA)."""
 
-    @property
-    def lora_variants(self):
-        return {(): None, ("use_dora",): FactorizedDoraEmbeddingVariant}
+    lora_variants = {(): None, ("use_dora",): FactorizedDoraEmbeddingVariant}

@@ -45,12 +45,10 @@ class SlicedLoraB(nn.Linear):
                               error_msgs):
         dense = state_dict.get(prefix + "weight")
         if dense is not None and tuple(dense.shape) == tuple(self.slice_mask.shape) and not dense.is_meta:
-            off_block = dense.masked_fill(self.slice_mask.to(dense.device), 0)
-            if off_block.abs().max() > 0:
-                error_msgs.append(
-                    f"{prefix}weight has non-zero entries outside the adapted slices, so it is not a fused-slice "
-                    "adapter of this layout; load it without fused_slices (as a plain LoRA on the whole module)."
-                )
+            if dense.masked_fill(self.slice_mask.to(dense.device), 0).abs().max() > 0:  # non-zero off the blocks
+                error_msgs.append(f"{prefix}weight has non-zero entries outside the adapted slices, so it is "
+                                  "not a fused-slice adapter of this layout; load it without fused_slices (as a "
+                                  "plain LoRA on the whole module).")
                 return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
@@ -61,9 +59,7 @@ class SlicedLoraB(nn.Linear):
 
 def trained_numel(module: nn.Module) -> int:
     """Trainable entries of an adapter submodule: a sliced ``B`` counts only its blocks."""
-    if isinstance(module, SlicedLoraB):
-        return module.adapted_entries
-    return sum(p.numel() for p in module.parameters())
+    return module.adapted_entries if isinstance(module, SlicedLoraB) else sum(map(torch.numel, module.parameters()))
 
 
 def trained_parameter_count(model: nn.Module) -> int:
