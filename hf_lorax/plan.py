@@ -127,21 +127,16 @@ def resolve(config, model: nn.Module) -> AdapterPlan:
         plans[name] = ModulePlan(name=name, r=r, alpha=alpha, scaling=lora_scaling(alpha, r, config.use_rslora),
                                  method="dora" if config.use_dora else "lora", slices=spec,
                                  use_rslora=bool(config.use_rslora))
-    # peft takes the first matching key: the exact entries of the full-module LoRA each fused-slice module is (what
-    # peft builds and plain peft loads) go first, then the maps' entries, then the config's own patterns
-    sliced = [m for m in plans.values() if m.slices is not None]
+    # peft takes the first key that matches, and writes adapter_config.json with its keys sorted: a short key the
+    # user wrote ("c_attn") would then come before an exact one and win on reload. So the patterns peft receives
+    # name each module whose value differs from r / lora_alpha exactly (for a fused-slice module: the full-module
+    # LoRA peft builds and plain peft loads), and nothing else.
     return AdapterPlan(modules=ReadOnlyDict(plans), modules_to_save=heads or None, default_targets_for=default_for,
-                       rank_pattern=_first_wins({m.name: m.module_r for m in sliced}, ranks, config.rank_pattern),
-                       alpha_pattern=_first_wins({m.name: m.module_alpha for m in sliced}, alphas,
-                                                 config.alpha_pattern),
+                       rank_pattern=ReadOnlyDict({n: m.module_r for n, m in plans.items() if m.module_r != config.r}),
+                       alpha_pattern=ReadOnlyDict({n: m.module_alpha for n, m in plans.items()
+                                                   if m.module_alpha != config.lora_alpha}),
                        target_modules=target_modules if target_modules != config.target_modules else None,
                        fan_in_fan_out=any(isinstance(modules[name], Conv1D) for name in targeted))
-
-
-def _first_wins(*patterns) -> ReadOnlyDict:
-    """``patterns`` merged: each key where it first appears, with its first value (peft reads the first match)."""
-    keys = dict.fromkeys(key for pattern in patterns for key in pattern or {})
-    return ReadOnlyDict({key: next(p[key] for p in patterns if p and key in p) for key in keys})
 
 
 def plain_modules(model: nn.Module):

@@ -92,8 +92,29 @@ def test_rank_map_applies_per_slice(tiny_gpt2):
     rows = {r.module: r for r in describe(model).rows}
     assert rows["transformer.h.0.attn.c_attn"].r == 4 and rows["transformer.h.1.attn.c_attn"].r == 2
     assert rows["transformer.h.1.attn.c_attn"].params == 2 * (2 * 32 + 32 * 2)
-    assert model.peft_config["default"].to_dict()["rank_pattern"]["transformer.h.1.attn.c_attn"] == 4
+    saved = model.peft_config["default"].to_dict()  # the full-module ranks peft builds and reloads: 2 x 4, 2 x 2
+    assert {k: saved["rank_pattern"].get(k, saved["r"]) for k in rows} == {"transformer.h.0.attn.c_attn": 8,
+                                                                          "transformer.h.1.attn.c_attn": 4}
     assert config.rank_pattern == {} and config.rank_map == {"h.1.attn.c_attn": 2}  # the user's config: untouched
+
+
+def test_a_short_rank_pattern_key_beside_sliced_modules_saves_and_reloads(tiny_gpt2, input_ids, tmp_path):
+    """peft writes adapter_config.json with sorted keys and takes the first key that matches: a short user key
+    ("c_attn") would come before the exact entry of the sliced module and give it the wrong rank on reload."""
+    from hf_lorax import get_model
+
+    config = LoRAConfig(r=4, lora_alpha=8, target_modules=["c_attn"], rank_pattern={"c_attn": 2},
+                        fused_slices={"h.0.attn.c_attn": ["q", "v"]}, task_type="CAUSAL_LM")
+    model = get_model(config, copy.deepcopy(tiny_gpt2))
+    randomize_adapters(model)
+    model.eval().save_pretrained(tmp_path / "a")
+    expected = model(input_ids).logits
+    for loaded in (get_model(str(tmp_path / "a"), copy.deepcopy(tiny_gpt2), is_trainable=False),
+                   PeftModel.from_pretrained(copy.deepcopy(tiny_gpt2), tmp_path / "a")):
+        ranks = {n.removeprefix("base_model.model."): m.r["default"] for n, m in loaded.named_modules()
+                 if n.endswith("attn.c_attn") and hasattr(m, "r")}
+        assert ranks == {"transformer.h.0.attn.c_attn": 4, "transformer.h.1.attn.c_attn": 2}  # q, v at 2 each
+        assert torch.allclose(loaded(input_ids).logits, expected, atol=1e-6)
 
 
 def test_explicit_layout_for_other_fused_modules(tiny_gpt2):
