@@ -76,8 +76,7 @@ def write_model_card(folder: str, repo_id: str | None = None, results: dict | st
         allocation_part=_allocation_part(results.get("rank_allocation")),
         has_plot=os.path.isfile(os.path.join(folder, "rank_utilization.png")),
         has_curve=os.path.isfile(os.path.join(folder, "training_curve.png")),
-        auto_class=AUTO_CLASSES.get(task_type, "AutoModel"), num_labels=sidecar.get("num_labels"),
-        load_kwargs=_load_kwargs(sidecar),
+        auto_class=AUTO_CLASSES.get(task_type, "AutoModel"), load_kwargs=_load_kwargs(sidecar),
     )
     template = resources.files("hf_lorax.model_cards").joinpath("adapter_card.md").read_text(encoding="utf-8")
     card = ModelCard.from_template(card_data, template_str=template, **context)

@@ -161,8 +161,7 @@ class LoRAConfig(LoraConfig):
     def to_dict(self) -> dict:
         """The standard peft config dict: what ``adapter_config.json`` holds (hf_lorax's own fields left out;
         they go to ``hf_lorax.json``). For a resolved config it is exactly the state peft builds layers from."""
-        hidden = (*self.extra_fields, "resolved_plan", "resolved_from")
-        return {name: value for name, value in super().to_dict().items() if name not in hidden}
+        return {name: value for name, value in super().to_dict().items() if name not in self.extra_fields}
 
     def sidecar(self) -> dict:
         """What ``hf_lorax.json`` holds."""

@@ -20,13 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import QLoRAConfig
-from .integrations.peft_api import (
-    adapter_child_names,
-    is_tuner_layer,
-    is_wrapped_head,
-    pattern_value,
-    peft_targets,
-)
+from .integrations.peft_api import ADAPTER_CHILD_NAMES, pattern_value, peft_targets, plain_modules
 from .layers.types import SUPPORTED_LAYER_TYPES, is_dense, is_quantized_linear, out_features
 from .rank_map import closest_names, resolve_module_map
 from .slices import SliceSpec, layout_for_model, lora_scaling, module_alpha, slice_alpha, slice_rank, spec_for
@@ -139,16 +133,6 @@ def resolve(config, model: nn.Module) -> AdapterPlan:
                        fan_in_fan_out=any(isinstance(modules[name], Conv1D) for name in targeted))
 
 
-def plain_modules(model: nn.Module):
-    """``(name, module)`` of the model as the user built it: adapter wrappers stand for their base layer."""
-    inside: tuple[str, ...] = ()  # the wrappers' own children (peft's layers, the head's copies) are left out
-    for name, module in model.named_modules():
-        if name and not name.startswith(inside):
-            if is_tuner_layer(module) or is_wrapped_head(module):
-                inside += (name + ".",)
-            yield name, module.get_base_layer() if is_tuner_layer(module) else module
-
-
 def find_task_heads(model: nn.Module) -> list[str]:
     """The task head: the top-level modules outside the transformer body that hold parameters.
 
@@ -186,8 +170,7 @@ def check_modules_to_save(names: list[str], entries: list[str], targeted: list[s
     internals. peft's task classes add names of their own (``classifier``, ``score``, ``qa_outputs``); they
     are checked the same way.
     """
-    internals = adapter_child_names()
-    keys = [*names, *(f"{t}.{child}" for t in targeted for child in internals)]
+    keys = [*names, *(f"{t}.{child}" for t in targeted for child in ADAPTER_CHILD_NAMES)]
     prefixed = {f"base_model.model.{k}": k for k in keys} | {p: p for p in ("base_model", "base_model.model")}
     heads = set(entries)
     found = found and bool(heads)  # no head found (not a transformers task model): nothing more is known
@@ -196,7 +179,7 @@ def check_modules_to_save(names: list[str], entries: list[str], targeted: list[s
         if entry in entries and not hits and entry not in PEFT_ADDED_HEADS.get(task, ()):  # peft saves its own
             raise ValueError(f"modules_to_save entry {entry!r} matches no module of the model. Top-level modules: "
                              f"{sorted({n.split('.')[0] for n in names})}.")
-        wrong = [h for h in hits if (h not in heads if found else h.rsplit(".", 1)[-1] in internals)]
+        wrong = [h for h in hits if (h not in heads if found else h.rsplit(".", 1)[-1] in ADAPTER_CHILD_NAMES)]
         if wrong:
             raise ValueError(f"{'task head' if found else 'modules_to_save'} entry {entry!r} would also train "
                              f"{wrong[:3]}: peft matches modules_to_save by name suffix (a module is wrapped when its "

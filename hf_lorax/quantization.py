@@ -80,13 +80,12 @@ def merge_and_unload(model, requantize: bool = False):
                   UserWarning, stacklevel=2)
     import bitsandbytes as bnb
 
-    for module in list(merged.modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) is nn.Linear and getattr(child, "_hf_lorax_merged", False):
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=child.weight.dtype, quant_type="nf4")
-                q.weight = bnb.nn.Params4bit(child.weight.data.float().cpu(), requires_grad=False, quant_type="nf4")
-                if child.bias is not None:
-                    q.bias = nn.Parameter(child.bias.data, requires_grad=False)
-                setattr(module, child_name, q.to(child.weight.device))
+    for name, child in list(merged.named_modules(remove_duplicate=False)):
+        if type(child) is nn.Linear and getattr(child, "_hf_lorax_merged", False):
+            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=child.weight.dtype, quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(child.weight.data.float().cpu(), requires_grad=False, quant_type="nf4")
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            merged.set_submodule(name, q.to(child.weight.device))
     return merged

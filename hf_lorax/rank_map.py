@@ -67,7 +67,6 @@ def load_module_map(value: Mapping | str | os.PathLike | None, *, what: str) -> 
             value = value["rank_map"]  # a suggested_rank_map.json written by the analysis tools
     if not isinstance(value, Mapping):
         raise TypeError(f"{what} must be a dict of module-name pattern -> number, got {type(value).__name__}.")
-    out = {}
     for key, number in value.items():
         key_to_regex(key)  # validates the key syntax
         if isinstance(number, bool) or not isinstance(number, Real):
@@ -76,8 +75,7 @@ def load_module_map(value: Mapping | str | os.PathLike | None, *, what: str) -> 
             raise ValueError(f"{what}[{key!r}] = {number}: values must be > 0.")
         if what == "rank_map" and int(number) != number:
             raise ValueError(f"rank_map[{key!r}] = {number}: ranks must be whole numbers.")
-        out[str(key)] = int(number) if what == "rank_map" else number
-    return out
+    return {str(key): int(number) if what == "rank_map" else number for key, number in value.items()}
 
 
 def closest_names(query: str, names: Iterable[str], n: int = 3) -> list[str]:

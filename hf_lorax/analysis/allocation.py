@@ -159,7 +159,8 @@ def allocate(spectra: Sequence[ModuleSpectrum], budget: int, lora_alpha: float,
     """The rank map for ``budget`` LoRA parameters under ``signal``, its alpha map and its size."""
     check_alpha_policy(alpha_policy)
     ranks = allocate_ranks(spectra, budget, signal)
-    return Allocation(rank_map=ranks, alpha_map=alpha_map(spectra, ranks, lora_alpha, alpha_policy), params=adapter_params(spectra, ranks), budget=budget,
+    return Allocation(rank_map=ranks, alpha_map=alpha_map(spectra, ranks, lora_alpha, alpha_policy),
+                      params=adapter_params(spectra, ranks), budget=budget,
                       min_params=sum(s.cost_per_rank for s in spectra), alpha_policy=alpha_policy, signal=signal)
 
 

@@ -85,7 +85,6 @@ class RankUtilizationCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if self.sensitivity is not None and model is not None and state.is_world_process_zero:
             self.sensitivity.update(model)
-        return control
 
     def _measure_once(self, model, state) -> None:
         """Measure on the main process only. Sharded factors (ZeRO-3, FSDP2) are gathered by every process
@@ -124,7 +123,6 @@ class RankUtilizationCallback(TrainerCallback):
             logger.warning("RankUtilizationCallback's metrics reach trainer.state.log_history but not %s: the "
                            "reporters run before it. Use RankUtilizationCallback(...).attach(trainer) instead of "
                            "Trainer(callbacks=[...]).", ", ".join(reporters))
-        return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         """Add the pending metrics to this ``Trainer.log`` call: its ``logs`` (what the callbacks after this one
@@ -134,17 +132,15 @@ class RankUtilizationCallback(TrainerCallback):
             logs.update(pending)
             if state.log_history:
                 state.log_history[-1].update(pending)
-        return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if model is None:
-            return control
+            return
         if self._last_step != state.global_step:  # the same answer on every process
             self._measure_once(model, state)
             self._pending = {}
         if state.is_world_process_zero:
             self.write(self.output_dir or args.output_dir, step=state.global_step)
-        return control
 
     def write(self, directory: str, step: int | None = None) -> dict[str, str]:
         """Write the JSON report, the plot and the suggested rank map; returns their paths."""
@@ -185,4 +181,3 @@ class ConsoleSummary(TrainerCallback):
             if detail and self.owner.latest:
                 lowest = min(self.owner.latest, key=lambda s: s.utilization)
                 logs[LOWEST_KEY] = f"{lowest.name} ({lowest.utilization:.3g})"
-        return control

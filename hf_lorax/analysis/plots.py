@@ -7,7 +7,7 @@ import os
 from .report import ModuleStats, layer_index, module_type
 
 
-def plot_rank_utilization(stats: list[ModuleStats], history: list[dict], path: str, title: str = "") -> str:
+def plot_rank_utilization(stats: list[ModuleStats], history: list[dict], path: str, title: str) -> str:
     """Write a PNG to ``path``: heatmap of the latest utilization, and mean utilization per step."""
     import matplotlib
 
@@ -36,8 +36,7 @@ def plot_rank_utilization(stats: list[ModuleStats], history: list[dict], path: s
             line.plot(steps, [h["summary"].get(key, float("nan")) for h in history], label=kind, lw=1, alpha=0.8)
         line.legend(fontsize=8)
     line.set(xlabel="step", ylabel="utilization", ylim=(0, 1.05), title="over training")
-    if title:
-        fig.suptitle(title)
+    fig.suptitle(title)
     fig.tight_layout()
     tmp = f"{path}.tmp.png"
     fig.savefig(tmp, dpi=110)

@@ -17,11 +17,21 @@ from .spectra import effective_rank, energy, energy_rank, factor_singular_values
 
 
 @dataclass
-class LowRankUpdate:
-    """One low-rank update ``s·B A`` (a module, or one slice of a fused module)."""
+class _ModulePart:
+    """A module, or one slice (``part``) of a fused module; ``part`` is empty for a plain module."""
 
     module: str
     part: str
+
+    @property
+    def name(self) -> str:
+        return module_part_name(self.module, self.part)
+
+
+@dataclass
+class LowRankUpdate(_ModulePart):
+    """One low-rank update ``s·B A`` (a module, or one slice of a fused module)."""
+
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     scaling: float
@@ -33,15 +43,9 @@ class LowRankUpdate:
     def r(self) -> int:
         return self.lora_A.shape[0]
 
-    @property
-    def name(self) -> str:
-        return module_part_name(self.module, self.part)
-
 
 @dataclass
-class ModuleStats:
-    module: str
-    part: str
+class ModuleStats(_ModulePart):
     r: int
     singular_values: list[float]
     effective_rank: float
@@ -52,10 +56,6 @@ class ModuleStats:
     rank_99: int
     relative_norm: float | None = None  # ‖ΔW‖_F / ‖W‖_F (LoRA paper §7.3)
     magnitude: dict | None = None  # DoRA: statistics of m and of its change from ‖W‖
-
-    @property
-    def name(self) -> str:
-        return module_part_name(self.module, self.part)
 
 
 def module_part_name(module: str, part: str) -> str:

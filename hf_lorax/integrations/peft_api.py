@@ -22,6 +22,9 @@ from torch import nn
 from .guard import InternalAPI, require_signatures
 
 PEFT_RANGE = ("0.21.0", "0.22.0")  # 0.22 reorganises LoRA layer construction (upstream changelog)
+# Names of the submodules peft's LoRA layers add under an adapted module (``lora_A``, ``lora_dropout``, ...): peft
+# matches ``modules_to_save`` by name suffix, so an entry must not be a suffix of these.
+ADAPTER_CHILD_NAMES = (*LoraLayer.adapter_layer_names, "lora_dropout", "base_layer")
 
 
 def _api(path: str, params: tuple[str, ...], reason: str, hooked_on: str = "") -> InternalAPI:
@@ -65,12 +68,10 @@ PEFT_INTERNALS = [
     HOTSWAP_UPDATE_SCALING,
 ]
 
-__all__ = [
-    "BaseTunerLayer", "ExcludedModule", "LoraLayer", "LoraModel", "LoraVariant", "PEFT_INTERNALS",
-    "adapter_child_names", "check_adapters_to_merge", "dequantize_module_weight", "init_lora_state", "is_tuner_layer",
-    "is_wrapped_head", "pattern_value", "peft_bnb_module", "peft_hotswap_adapter", "peft_lora", "peft_targets",
-    "register_layers", "set_scaling",
-]
+__all__ = ["ADAPTER_CHILD_NAMES", "BaseTunerLayer", "ExcludedModule", "LoraLayer", "LoraModel", "LoraVariant",
+           "PEFT_INTERNALS", "check_adapters_to_merge", "dequantize_module_weight", "init_lora_state",
+           "is_wrapped_head", "pattern_value", "peft_bnb_module", "peft_hotswap_adapter", "peft_lora", "peft_targets",
+           "plain_modules", "register_layers", "set_scaling"]
 
 
 def peft_targets(config, model: nn.Module, names: list[str]) -> tuple[object, str | None, list[str]]:
@@ -105,12 +106,18 @@ def set_scaling(module: nn.Module, adapter_name: str, scaling: float) -> None:
     hotswap._update_scaling(module, adapter_name=adapter_name, scaling=scaling)
 
 
-def is_tuner_layer(module: nn.Module) -> bool:
-    return isinstance(module, BaseTunerLayer)
-
-
 def is_wrapped_head(module: nn.Module) -> bool:
     return isinstance(module, ModulesToSaveWrapper)
+
+
+def plain_modules(model: nn.Module):
+    """``(name, module)`` of the model as the user built it: adapter wrappers stand for their base layer."""
+    inside: tuple[str, ...] = ()  # the wrappers' own children (peft's layers, the head's copies) are left out
+    for name, module in model.named_modules():
+        if name and not name.startswith(inside):
+            if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+                inside += (name + ".",)
+            yield name, module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
 
 
 def register_layers(config, mapping: dict) -> None:
@@ -138,9 +145,3 @@ def init_lora_state(layer: nn.Module, base_layer: nn.Module, **kwargs) -> None:
     """
     nn.Module.__init__(layer)
     LoraLayer.__init__(layer, base_layer, **kwargs)
-
-
-def adapter_child_names() -> tuple[str, ...]:
-    """Names of the submodules peft's LoRA layers add under an adapted module (``lora_A``, ``lora_dropout``, ...):
-    peft matches ``modules_to_save`` by name suffix, so an entry must not be a suffix of these."""
-    return (*LoraLayer.adapter_layer_names, "lora_dropout", "base_layer")

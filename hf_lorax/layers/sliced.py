@@ -24,13 +24,12 @@ class SlicedLoraB(nn.Linear):
     """
 
     def __init__(self, out_features: int, rows: list[list[int]], r: int, device=None):
+        # the weight stays on meta until PlannedLayerMixin._use_slices sets it to peft's B: no init, so no random
+        # numbers drawn and a seeded run draws what plain peft draws
         super().__init__(len(rows) * r, out_features, bias=False, device="meta")
         mask = torch.zeros(out_features, len(rows) * r, dtype=torch.bool, device=device)
         for i, idx in enumerate(rows):
             mask[torch.as_tensor(idx, dtype=torch.long, device=device), i * r : (i + 1) * r] = True
-        # the values come from peft's B (see PlannedLayerMixin._use_slices): no init, so no random numbers drawn and
-        # a seeded run draws what plain peft draws
-        self.weight = nn.Parameter(torch.empty(mask.shape, device=mask.device))
         self.register_buffer("slice_mask", mask, persistent=False)  # derived from the config, never saved
         self.adapted_entries = sum(map(len, rows)) * r  # the trained entries (counted from the rows: works on meta too)
 
