@@ -18,6 +18,10 @@ CONVERTIBLE_INITS = ("pissa", "olora", "corda", "lora_ga")
 CONVERSION = ("save the trained model with model.save_pretrained(OUT, path_initial_model_for_weight_conversion="
               "INIT_DIR) (peft's exact conversion to a LoRA of the original base, rank 2r; INIT_DIR: the adapter saved "
               "right after initialisation)")
+# DoRA's weight norm was taken on the changed base, so s·(BA − B0A0) is not a DoRA adapter's update (measured: logits
+# 0.27 off on a tiny Llama) and peft converts it without a warning; hf_lorax's save refuses it
+NO_DORA_CONVERSION = ("No LoRA of the original base reproduces it: DoRA's weight norm was taken on the changed base, "
+                      "and peft's conversion (path_initial_model_for_weight_conversion) is exact for plain LoRA only")
 # peft runs these again when it loads the adapter onto the original base (deterministic: no sampling, no data),
 # which rebuilds the changed base; the others (pissa_niter_*, corda, lora_ga, loftq) it cannot rebuild
 PEFT_REBUILT_INITS = ("pissa", "olora")
@@ -28,7 +32,7 @@ def base_changing_init(init) -> str | None:
     return init if isinstance(init, str) and init.lower().startswith(tuple(CHANGES)) else None
 
 
-def check_loadable(init, path: str) -> None:
+def check_loadable(init, path: str, dora: bool = False) -> None:
     """Loading a saved adapter runs its initialisation again on the base (peft ``update_layer``); refuse the
     ones that do not rebuild the base the adapter was trained on (randomized SVD, data-driven, quantized)."""
     init = base_changing_init(init)
@@ -36,6 +40,7 @@ def check_loadable(init, path: str) -> None:
         return
     family = init_family(init)
     fix = f"{CONVERSION} and load OUT" if family in CONVERTIBLE_INITS else "load it onto the quantized base it was trained with"
+    fix = f"retrain it with another initialisation ({NO_DORA_CONVERSION})" if dora and family != "loftq" else fix
     raise ValueError(f"{path!r} was trained with init_lora_weights={init!r}, which changed the base "
                      f"({CHANGES[family]}); loading runs that initialisation again and does not rebuild the same "
                      f"base. Instead, {fix}.")
@@ -46,11 +51,13 @@ def init_family(init: str) -> str:
     return next(name for name in CHANGES if init.lower().startswith(name))
 
 
-def base_change_reason(init: str, engine_label: str) -> str:
+def base_change_reason(init: str, engine_label: str, dora: bool = False) -> str:
     """Why ``engine_label`` would serve an adapter trained with ``init`` wrong, and what fixes it."""
     family = init_family(init)
     head = (f"init_lora_weights={init!r} trained this adapter against a changed base ({CHANGES[family]}); "
             f"{engine_label} adds it to the original weights.")
+    if dora and family in CONVERTIBLE_INITS:
+        return f"{head} {NO_DORA_CONVERSION}."
     if family in CONVERTIBLE_INITS:
         return head + f" To serve it, {CONVERSION}, and export or serve OUT."
     return head + " No LoRA of the original base reproduces it: serve it on the LoftQ base it was trained with."

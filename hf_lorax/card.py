@@ -88,7 +88,7 @@ def _base_note(saved) -> str:
     init = saved.base_changing_init
     if not init:
         return ""
-    reason = base_change_reason(init, "a serving engine (vLLM, TGI, LoRAX)")
+    reason = base_change_reason(init, "a serving engine (vLLM, TGI, LoRAX)", bool(saved.config.get("use_dora")))
     if init.lower() in PEFT_REBUILT_INITS:
         reason += " peft runs the initialisation again when it loads the adapter, which rebuilds the changed base."
     return "\n\n**The base weights changed in training.** " + reason

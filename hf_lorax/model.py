@@ -23,7 +23,7 @@ from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, get_peft_mod
 from torch import nn
 
 from .adapter_files import atomic_directory_write, check_adapter_dir, read_sidecar
-from .base_init import check_loadable
+from .base_init import NO_DORA_CONVERSION, check_loadable
 from .card import write_model_card
 from .class_swap import register_mixin, swap_class
 from .config import LoRAConfig, QLoRAConfig
@@ -163,7 +163,7 @@ def _load_adapter(path: str, model: nn.Module | None, is_trainable: bool, allow_
             raise FileNotFoundError(f"{path!r} has no adapter_config.json; it is not a saved adapter directory.")
         config = check_adapter_dir(path, allow_pickle)
         sidecar = read_sidecar(path)  # a malformed sidecar fails here with its own message
-        check_loadable(config.init_lora_weights, path)  # the base it was trained on must be rebuildable
+        check_loadable(config.init_lora_weights, path, bool(config.use_dora))  # the base it was trained on must be rebuildable
     elif _looks_like_path(path) or path.count("/") != 1:
         raise FileNotFoundError(f"Adapter directory {path!r} does not exist (and it is not a Hub repo id).")
     else:  # a Hub repo id: peft downloads the adapter, hf_lorax its hf_lorax.json, both with the user's options
@@ -215,8 +215,14 @@ class HfLoraxSaving:
         Under DeepSpeed ZeRO-3 or FSDP2 the adapter's parameters are sharded: unless a ``state_dict`` is given,
         they are gathered first, a collective, so every process must call this (as transformers' own
         ``save_pretrained``), with ``is_main_process`` true on the one that writes.
+
+        peft's ``path_initial_model_for_weight_conversion`` (a PiSSA / OLoRA / CorDA / LoRA-GA adapter as a LoRA of
+        the original base) is refused for DoRA adapters, which it would convert wrong without a warning.
         """
         parent = super()
+        if kwargs.get("path_initial_model_for_weight_conversion") and any(c.use_dora for c in self.peft_config.values()):
+            raise ValueError(f"save_pretrained(path_initial_model_for_weight_conversion=...) of a DoRA adapter: "
+                             f"{NO_DORA_CONVERSION}. Nothing was written; save without it.")
         if kwargs.get("state_dict") is None and is_sharded(self):
             kwargs["state_dict"] = gathered_adapter_state(self)
         if not is_main_process:

@@ -160,7 +160,7 @@ def check_serving(adapter_dir: str | AdapterFolder, engine: str) -> ServingRepor
                     "initialisation again on the original base when it loads the adapter, which rebuilds it.",
                     BASE_REBUILT))
     elif init:
-        add(Finding("wrong", "", base_change_reason(init, spec.label), BASE_CHANGED))
+        add(Finding("wrong", "", base_change_reason(init, spec.label, bool(config.get("use_dora"))), BASE_CHANGED))
     if not spec.reads_patterns:
         uniform = lora_scaling(config["lora_alpha"], config["r"], bool(config.get("use_rslora")))
         for module in folder.modules:
@@ -234,7 +234,8 @@ def serving_summary(folder: AdapterFolder, name: str = "ADAPTER",
             status, how = "loads as is", spec.serve_hint.format(rank=rank).replace("DIR", name)
         elif blocked:
             status, how = "cannot be served", blocked.message
-        elif base_changed and init_family(folder.base_changing_init) not in CONVERTIBLE_INITS:
+        elif base_changed and (init_family(folder.base_changing_init) not in CONVERTIBLE_INITS
+                               or folder.config.get("use_dora")):
             status, how = "cannot be served exactly", base_changed.message
         elif base_changed:
             status, how = "needs peft's conversion", "model.save_pretrained(OUT, path_initial_model_for_weight_conversion=INIT_DIR)"

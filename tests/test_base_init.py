@@ -15,14 +15,14 @@ from engine_reference import serve, served_deltas
 from peft import LoraConfig, PeftModel, get_peft_model
 from test_export import IDS, logits, tiny_llama
 
-from hf_lorax import LoRAConfig, check_serving, export_adapter, get_model, write_model_card
+from hf_lorax import DoRAConfig, LoRAConfig, check_serving, export_adapter, get_model, write_model_card
 from hf_lorax.export.__main__ import main as export_main
 
 TARGETS = ["q_proj", "v_proj"]
 CONVERSION = "path_initial_model_for_weight_conversion=INIT_DIR"
 
 
-def pissa_like(base, init, folder, plain_peft=False, **kwargs):
+def pissa_like(base, init, folder, plain_peft=False, config_class=LoRAConfig, **kwargs):
     """An adapter with ``init_lora_weights=init`` (hf_lorax's, or plain peft's): its initial state saved to
     ``folder/init`` (as peft's docs do), then "trained" (factors moved) and saved to ``folder/a``; returns the
     trained model."""
@@ -30,8 +30,8 @@ def pissa_like(base, init, folder, plain_peft=False, **kwargs):
         model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
                                                                init_lora_weights=init, **kwargs))
     else:
-        model = get_model(LoRAConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init,
-                                     task_type="CAUSAL_LM", **kwargs), copy.deepcopy(base))
+        model = get_model(config_class(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init,
+                                       task_type="CAUSAL_LM", **kwargs), copy.deepcopy(base))
     model.peft_config["default"].init_lora_weights = True
     model.save_pretrained(folder / "init")
     model.peft_config["default"].init_lora_weights = init
@@ -86,6 +86,30 @@ def test_hf_lorax_models_convert_as_plain_peft_models_do(tmp_path):
     theirs, mine = served_deltas(theirs, "vllm"), served_deltas(ours, "vllm")
     assert theirs.keys() == mine.keys()
     assert max((theirs[k] - mine[k]).abs().max().item() for k in theirs) < 1e-6
+
+
+def test_dora_on_a_changed_base_is_not_converted_and_says_why(tmp_path):
+    """peft's conversion of a DoRA adapter is not the trained model (its weight norm was taken on the changed base)
+    and peft raises nothing: the save refuses it, and no message recommends it."""
+    base = tiny_llama()
+    model = pissa_like(base, "pissa", tmp_path, config_class=DoRAConfig)
+    # the wrong result the save refuses to write: peft's conversion, loaded on the original base
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a")
+    peft_model.save_pretrained(tmp_path / "peft_converted", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    wrong = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft_converted")
+    assert (logits(wrong, IDS) - logits(model, IDS)).abs().max() > 0.01
+    with pytest.raises(ValueError, match="DoRA adapter: No LoRA of the original base.*exact for plain LoRA only"):
+        convert(model, tmp_path)
+    assert not (tmp_path / "converted").exists()
+    report = check_serving(str(tmp_path / "a"), "vllm")
+    assert "exact for plain LoRA only" in str(report) and CONVERSION not in str(report)
+    with pytest.raises(ValueError, match="No LoRA of the original base reproduces it: DoRA"):
+        export_adapter(str(tmp_path / "a"), str(tmp_path / "out"), "vllm")
+    write_model_card(str(tmp_path / "a"))
+    assert "| vLLM | cannot be served exactly |" in (tmp_path / "a" / "README.md").read_text()
+    pissa_like(base, "pissa_niter_2", tmp_path / "n", config_class=DoRAConfig)
+    with pytest.raises(ValueError, match="does not rebuild the same base. Instead, retrain it with another init"):
+        get_model(str(tmp_path / "n" / "a"), model=copy.deepcopy(base))
 
 
 def test_card_of_an_unconverted_adapter_says_how_to_serve_it(tmp_path):

@@ -117,7 +117,8 @@ def export_adapter(src: str, dst: str, engine: str = "vllm", *, rank: int | None
     if init := folder.base_changing_init:
         if engine == "peft" and not merge and init.lower() in PEFT_REBUILT_INITS:
             return _export_for_peft(folder, dst)
-        raise ValueError(base_change_reason(init, "a merge" if merge or dora == "merge" else spec.label))
+        raise ValueError(base_change_reason(init, "a merge" if merge or dora == "merge" else spec.label,
+                                            bool(folder.config.get("use_dora"))))
     if merge or dora == "merge":
         return _export_merged(folder, dst, engine, base_model)
     if engine == "peft":
