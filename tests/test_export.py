@@ -160,6 +160,21 @@ def test_dora_merge_is_exact_and_svd_reports_the_error_it_makes(tmp_path):
     assert (logits(serve(base, tmp_path / "svd_full", "vllm", max_lora_rank=32), IDS) - logits(model, IDS)).abs().max() < 1e-4
 
 
+def test_merged_classifier_from_a_causal_lm_checkpoint_keeps_its_head(tmp_path):
+    """The base checkpoint names LlamaForCausalLM, the adapter is a 3-label classifier: the merge loads the task's
+    class with the adapter's num_labels (not the checkpoint's class, which has no classifier head)."""
+    from transformers import LlamaForSequenceClassification
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    base = LlamaForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3, pad_token_id=0).eval()
+    model = trained(base, LoRAConfig(base_model_name_or_path=str(tmp_path / "base"), task_type="SEQ_CLS", num_labels=3,
+                                     r=4, target_modules=["q_proj"]), tmp_path / "a")
+    export_adapter(str(tmp_path / "a"), str(tmp_path / "m"), "vllm", merge=True)
+    merged = LlamaForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    assert merged.config.architectures == ["LlamaForSequenceClassification"] and merged.config.num_labels == 3
+    assert (logits(merged, IDS) - logits(model, IDS)).abs().max() < 1e-5
+
+
 def test_bad_input_is_named(tmp_path):
     base = tiny_llama()
     trained(base, LoRAConfig(r=8, target_modules=["q_proj"], rank_map={"layers.0.self_attn.q_proj": 600}), tmp_path / "a")

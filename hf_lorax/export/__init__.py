@@ -252,7 +252,9 @@ def _exported_sidecar(folder: AdapterFolder, engine: str, rank: int, dora: str |
 
 
 def _load_base(folder: AdapterFolder, base_model):
-    """The base model: given, or loaded from a path with the class its ``config.json`` names (what engines load)."""
+    """The base model: given, or loaded from a path with the adapter's task class (a classifier's head, with
+    ``num_labels`` from ``hf_lorax.json``), or for an adapter without a task type the class the base's
+    ``config.json`` names (what engines load)."""
     import transformers
     from peft import PeftConfig
 
@@ -262,10 +264,11 @@ def _load_base(folder: AdapterFolder, base_model):
     path = os.fspath(base_model) if base_model is not None else config.base_model_name_or_path
     if not path:
         raise ValueError(f"{folder.path!r} names no base model (base_model_name_or_path is empty); pass --base_model.")
-    architectures = read_json(local).get("architectures") if os.path.isfile(local := os.path.join(path, "config.json")) else None
-    if architectures and hasattr(transformers, architectures[0]):
+    local = os.path.join(path, "config.json")
+    architectures = read_json(local).get("architectures") if os.path.isfile(local) else None
+    if config.task_type is None and architectures and hasattr(transformers, architectures[0]):
         return getattr(transformers, architectures[0]).from_pretrained(path)
-    config.base_model_name_or_path = path
+    config.base_model_name_or_path, config.num_labels = path, folder.sidecar.get("num_labels")
     return load_base_model(config)
 
 
