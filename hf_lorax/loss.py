@@ -271,18 +271,22 @@ def logits_free_unsupported_reason(model: nn.Module) -> str | None:
     return f"its forward uses {others} besides the decoder stack and the LM head" if others else None
 
 
-def prepare_loss(model: nn.Module, task: str | None, logits_free: bool = True) -> None:
-    """The one decision, made once per model instance by :func:`hf_lorax.get_model` (which has already declared a
-    trained task head's loss a plain mean, :func:`declare_mean_loss`).
+def prepare_loss(model: nn.Module, task: str | None, trains_heads: bool, logits_free: bool = True) -> None:
+    """The one decision, made once per model instance by :func:`hf_lorax.get_model`.
 
-    For a causal LM (``task`` ``"CAUSAL_LM"``), a supported model's training forward becomes logits-free
+    A model whose task head trains (``trains_heads``) declares its loss a plain mean (:func:`declare_mean_loss`). For
+    a causal LM (``task`` ``"CAUSAL_LM"``), a supported model's training forward becomes logits-free
     (:class:`LogitsFreeCausalLM`), and any model on the stock loss gets :func:`causal_lm_loss` wherever it still
     forms logits (evaluation, generation, unsupported models).
     """
+    if trains_heads:
+        declare_mean_loss(model)
     if task != "CAUSAL_LM":
         return
-    stock = uses_stock_causal_lm_loss(model)  # read before the class swap and the loss below change the model
-    if logits_free and logits_free_unsupported_reason(model) is None:  # it reads the stock loss too
+    # both read before the class swap and the loss below change the model
+    unsupported = logits_free_unsupported_reason(model) if logits_free else "logits_free_loss=False"
+    stock = uses_stock_causal_lm_loss(model)
+    if unsupported is None:
         swap_class(model, LogitsFreeCausalLM)
     if stock:
         model.loss_function = causal_lm_loss  # transformers' public setter for a model's loss

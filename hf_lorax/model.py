@@ -86,24 +86,25 @@ def get_model(config: LoRAConfig | str | os.PathLike, model: nn.Module | None = 
                          f"partitions floating-point tensors only. Set quant_storage to the compute dtype "
                          f"({config.compute_dtype!r}; the scripts' --quant_storage).")
     base = model if model is not None else load_base_model(config, **from_pretrained_kwargs)
-    return swap_class(get_peft_model(base, prepare(config, base, logits_free_loss)), HfLoraxSaving)
+    peft_model = get_peft_model(base, prepare(config, base, logits_free_loss))
+    return swap_class(peft_model, HfLoraxSaving)
 
 
 def prepare(config: LoRAConfig, model: nn.Module, logits_free_loss: bool = True) -> LoRAConfig:
     """Check ``config`` against ``model``, change ``model`` as training needs, return the resolved config peft injects.
 
     First every check that can reject the config for this model (the head's label count, then the plan: targets,
-    maps, slices, heads, a quantized base for QLoRA), so nothing is changed before a typo is reported; then
-    :func:`injection_config` (the Trainer's loss normalisation for a trained head, hf_lorax's layers registered on
-    the resolved copy peft receives) and every other change (a pad token for GPT-2-style classification heads,
-    k-bit preparation, the causal-LM loss). The user's config is never changed. Runs once per model.
+    maps, slices, heads, a quantized base for QLoRA), so nothing is changed before a typo is reported; then every
+    change (a pad token for GPT-2-style classification heads, k-bit preparation, the Trainer's loss normalisation and
+    the causal-LM loss); last, hf_lorax's layers are registered on the resolved copy peft receives. The user's config
+    is never changed. Runs once per model.
     """
     task, model_config = task_name(config.task_type), getattr(model, "config", None)
     labels = getattr(model_config, "num_labels", None)
     if config.num_labels and task in LABELLED_TASK_TYPES and labels not in (None, config.num_labels):
         raise ValueError(f"config.num_labels={config.num_labels} but the model's head has {labels} labels. "
                          "Load the model with the same num_labels, or let get_model load it.")
-    resolved = injection_config(config, model)
+    plan = config.resolved_plan or resolve(config, model)
     eos = getattr(model_config, "eos_token_id", None)
     if task == "SEQ_CLS" and eos is not None and getattr(model_config, "pad_token_id", None) is None:
         # GPT-2-style heads need a pad id to find the last token of each row
@@ -111,7 +112,9 @@ def prepare(config: LoRAConfig, model: nn.Module, logits_free_loss: bool = True)
         logger.info("pad_token_id was unset; using eos_token_id=%s for the classification head.", eos)
     if isinstance(config, QLoRAConfig):
         prepare_for_kbit_training(model)
-    prepare_loss(model, task, logits_free_loss)
+    resolved = config if config.resolved_plan is not None else config.with_plan(plan)
+    prepare_loss(model, task, bool(plan.modules_to_save), logits_free_loss)
+    register_layers(resolved, layer_mapping())
     return resolved
 
 

@@ -20,7 +20,13 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import QLoRAConfig
-from .integrations.peft_api import ADAPTER_CHILD_NAMES, pattern_value, peft_targets, plain_modules
+from .integrations.peft_api import (
+    ADAPTER_CHILD_NAMES,
+    BaseTunerLayer,
+    is_wrapped_head,
+    pattern_value,
+    peft_targets,
+)
 from .layers.types import SUPPORTED_LAYER_TYPES, is_dense, is_quantized_linear, out_features
 from .rank_map import closest_names, resolve_module_map
 from .slices import SliceSpec, layout_for_model, lora_scaling, module_alpha, slice_alpha, slice_rank, spec_for
@@ -133,6 +139,16 @@ def resolve(config, model: nn.Module) -> AdapterPlan:
                        fan_in_fan_out=any(isinstance(modules[name], Conv1D) for name in targeted))
 
 
+def plain_modules(model: nn.Module):
+    """``(name, module)`` of the model as the user built it: adapter wrappers stand for their base layer."""
+    inside: tuple[str, ...] = ()  # the wrappers' own children (peft's layers, the head's copies) are left out
+    for name, module in model.named_modules():
+        if name and not name.startswith(inside):
+            if isinstance(module, BaseTunerLayer) or is_wrapped_head(module):
+                inside += (name + ".",)
+            yield name, module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
 def find_task_heads(model: nn.Module) -> list[str]:
     """The task head: the top-level modules outside the transformer body that hold parameters.
 
@@ -234,12 +250,14 @@ def _check_target_names(model: nn.Module, target_modules, targeted: list[str], m
 
 def _check_layer_types(config, targeted: list[str], modules: dict[str, nn.Module], specs: dict) -> None:
     """Each slice key names an adapted module; DoRA and slices adapt only the layer types hf_lorax supports."""
-    for key in specs:  # a key selects a module as spec_for does: the name or a ``.``-boundary suffix of it
+    # a key selects a module as spec_for does: the name or a ``.``-boundary suffix of it
+    sliced = {name for name in targeted if any(name == key or name.endswith("." + key) for key in specs)}
+    for key in specs:
         if not any(name == key or name.endswith("." + key) for name in targeted):
             raise ValueError(f"fused_slices key {key!r} matches no adapted module. Add it to target_modules; "
                              f"adapted modules look like {closest_names(key, targeted)}.")
     supported = set(_supported(modules))
     for name in targeted:
-        if name not in supported and (config.use_dora or spec_for(name, specs) is not None):
+        if name not in supported and (config.use_dora or name in sliced):
             raise ValueError(f"{config.method.upper()} cannot adapt {name} ({type(modules[name]).__name__}): "
                              f"hf_lorax supports {', '.join(SUPPORTED_LAYER_TYPES)}. Remove it from target_modules.")

@@ -71,7 +71,7 @@ PEFT_INTERNALS = [
 __all__ = ["ADAPTER_CHILD_NAMES", "BaseTunerLayer", "ExcludedModule", "LoraLayer", "LoraModel", "LoraVariant",
            "PEFT_INTERNALS", "check_adapters_to_merge", "dequantize_module_weight", "init_lora_state",
            "is_wrapped_head", "pattern_value", "peft_bnb_module", "peft_hotswap_adapter", "peft_lora", "peft_targets",
-           "plain_modules", "register_layers", "set_scaling"]
+           "register_layers", "set_scaling"]
 
 
 def peft_targets(config, model: nn.Module, names: list[str]) -> tuple[object, str | None, list[str]]:
@@ -108,16 +108,6 @@ def set_scaling(module: nn.Module, adapter_name: str, scaling: float) -> None:
 
 def is_wrapped_head(module: nn.Module) -> bool:
     return isinstance(module, ModulesToSaveWrapper)
-
-
-def plain_modules(model: nn.Module):
-    """``(name, module)`` of the model as the user built it: adapter wrappers stand for their base layer."""
-    inside: tuple[str, ...] = ()  # the wrappers' own children (peft's layers, the head's copies) are left out
-    for name, module in model.named_modules():
-        if name and not name.startswith(inside):
-            if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
-                inside += (name + ".",)
-            yield name, module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
 
 
 def register_layers(config, mapping: dict) -> None:
