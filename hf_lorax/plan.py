@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .base_init import CONVERTIBLE_INITS, base_changing_init, init_family
 from .config import QLoRAConfig
 from .integrations.peft_api import (
     ADAPTER_CHILD_NAMES,
@@ -109,8 +110,15 @@ def resolve(config, model: nn.Module) -> AdapterPlan:
     _check_layer_types(config, targeted, modules, specs)
     ranks = resolve_module_map(config.rank_map, targeted, all_modules=list(modules), what="rank_map")
     alphas = resolve_module_map(config.alpha_map, targeted, all_modules=list(modules), what="alpha_map")
-    if (ranks or alphas) and config.use_rslora and config.init_lora_weights in ("pissa", "olora"):
-        raise ValueError("rank_map/alpha_map cannot be combined with use_rslora and PiSSA/OLoRA initialisation.")
+    init = base_changing_init(config.init_lora_weights)
+    per_module = ranks or alphas or config.rank_pattern or config.alpha_pattern
+    if per_module and config.use_rslora and init and init_family(init) in CONVERTIBLE_INITS and not getattr(config, "is_resolved", False):
+        # what serving it needs: peft's conversion refuses rsLoRA with rank_pattern / alpha_pattern
+        raise ValueError(f"init_lora_weights={init!r} with use_rslora and per-module ranks or alphas (rank_map, "
+                         "alpha_map, rank_pattern, alpha_pattern): the adapter trains against a changed base, and "
+                         "peft's conversion to a LoRA of the original base (save_pretrained(path_initial_model_for_"
+                         "weight_conversion=...)), which serving it needs, refuses rsLoRA with per-module ranks or "
+                         "alphas. Drop use_rslora or the maps, or use init_lora_weights=True.")
 
     plans = {}
     for name in targeted:

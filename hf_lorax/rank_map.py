@@ -3,7 +3,7 @@
 A map key names modules the way peft's ``rank_pattern`` does (it matches a suffix of the module name on
 a ``.`` boundary, first matching key wins) with two additions that make layer ranges readable:
 
-* ``{a-b}`` matches any integer from ``a`` to ``b`` inclusive, ``{a,b,c}`` any of the listed integers;
+* ``{a-b}`` matches any integer from ``a`` to ``b`` inclusive, ``{a,b,c}`` any of the listed integers (``{a}``: one);
 * ``*`` matches any run of characters (dots included).
 
 ``"layer.{0-5}.attention.self.query"`` therefore adapts the query projection of layers 0-5, and
@@ -25,7 +25,7 @@ from functools import lru_cache
 from numbers import Real
 
 # The key syntax's tokens as ``re.escape`` writes them: ``{a-b}``, ``{a,b,c}`` and ``*``.
-_TOKEN = re.compile(r"\\\{(\d+)\\-(\d+)\\\}|\\\{(\d+(?:,\d+)+)\\\}|\\\*")
+_TOKEN = re.compile(r"\\\{(\d+)\\-(\d+)\\\}|\\\{(\d+(?:,\d+)*)\\\}|\\\*")
 
 
 @lru_cache(maxsize=512)

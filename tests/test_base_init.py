@@ -112,6 +112,16 @@ def test_dora_on_a_changed_base_is_not_converted_and_says_why(tmp_path):
         get_model(str(tmp_path / "n" / "a"), model=copy.deepcopy(base))
 
 
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora", "corda", "lora_ga"])
+def test_rslora_with_per_module_ranks_is_refused_before_training(init):
+    """peft's conversion, the only way to serve such an adapter, refuses rsLoRA with rank/alpha patterns: refused
+    when the model is built, for every initialisation that needs it (not after training)."""
+    for maps in ({"rank_map": {"layers.0.self_attn.q_proj": 2}}, {"rank_pattern": {"q_proj": 2}}):
+        with pytest.raises(ValueError, match=f"init_lora_weights={init!r} with use_rslora and per-module ranks"):
+            get_model(LoRAConfig(r=4, target_modules=TARGETS, init_lora_weights=init, use_rslora=True,
+                                 task_type="CAUSAL_LM", **maps), tiny_llama())
+
+
 def test_card_of_an_unconverted_adapter_says_how_to_serve_it(tmp_path):
     base = tiny_llama()
     pissa_like(base, "pissa_niter_2", tmp_path, plain_peft=True)

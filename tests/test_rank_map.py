@@ -16,6 +16,8 @@ NAMES = [f"roberta.encoder.layer.{i}.attention.self.{p}" for i in range(12) for 
         ("layer.{6-11}.*", "roberta.encoder.layer.11.attention.self.value", True),
         ("layer.{1,3}.*", "roberta.encoder.layer.3.attention.self.value", True),
         ("layer.{1,3}.*", "roberta.encoder.layer.2.attention.self.value", False),
+        ("layer.{3}.*", "roberta.encoder.layer.3.attention.self.value", True),  # a one-element list
+        ("layer.{3}.*", "roberta.encoder.layer.13.attention.self.value", False),
         ("query", "roberta.encoder.layer.0.attention.self.query", True),
         ("uery", "roberta.encoder.layer.0.attention.self.query", False),  # suffix on a "." boundary only
         ("self.query", "roberta.encoder.layer.0.attention.selfXquery", False),  # dots are literal

@@ -169,7 +169,8 @@ def _export_uniform(folder: AdapterFolder, dst: str, spec, rank, dora, heads, ba
         else:
             A, B = bake_and_pad(A, B, module.scaling, target)
         out[f"{module.key}.lora_A.weight"], out[f"{module.key}.lora_B.weight"] = A.contiguous(), B.contiguous()
-    head_tensors = {k: v for k, v in tensors.items() if "lora_" not in k}
+    # named as in the base model (without peft's "base_model.model." prefix): base.load_state_dict(heads, strict=False)
+    head_tensors = {k.removeprefix("base_model.model."): v for k, v in tensors.items() if "lora_" not in k}
 
     new_config = {**loaded_values(folder), **config, "r": target, "lora_alpha": target, "use_rslora": False,
                   "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "modules_to_save": None}
@@ -177,8 +178,9 @@ def _export_uniform(folder: AdapterFolder, dst: str, spec, rank, dora, heads, ba
     if spec.rank_values:
         result.notes.append(f"serve with --max-lora-rank {rank_value} (or more)")
     if head_tensors:
-        result.notes.append(f"task heads {folder.heads} written to heads.safetensors: load them into the base model "
-                            "yourself; the engine serves the adapter without them")
+        result.notes.append(f"task heads {folder.heads} written to heads.safetensors: the engine serves the adapter "
+                            "without them; load them into the base model with base.load_state_dict(safetensors.torch."
+                            "load_file(...), strict=False)")
 
     def write(tmp: str) -> None:
         save_file(out, os.path.join(tmp, SAFETENSORS_FILE), metadata={"format": "pt"})
