@@ -185,7 +185,10 @@ def _load_adapter(path: str, model: nn.Module | None, is_trainable: bool, allow_
         mismatches = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
         if not mismatches:
             raise
-        raise ValueError(f"The adapter in {path!r} does not fit this base model: {mismatches[0]}") from exc
+        head = "lora_" not in mismatches[0]  # a task head saved with another label count (a plain peft adapter)
+        raise ValueError(f"The adapter in {path!r} does not fit this base model: {mismatches[0].rstrip('.')}." + (
+            " It is the task head: load the base with its label count, get_model(path, num_labels=N), or pass "
+            "model=... with that head." if head else "")) from exc
     if os.path.isfile(os.path.join(path, "adapter_model.safetensors")):
         _check_every_weight_loaded(loaded, path)
     return swap_class(loaded, HfLoraxSaving)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from conftest import randomize_adapters, roberta_config
-from peft import get_peft_model
+from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import RobertaForSequenceClassification
 
@@ -140,3 +140,20 @@ def test_adapter_that_does_not_fit_the_base(saved_adapter, tmp_path):
     (saved_adapter / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"does not fit this base model: size mismatch for .*query.*lora_A"):
         get_model(str(saved_adapter))
+
+
+def test_a_plain_peft_head_with_another_label_count_says_how_to_load_it(tmp_path):
+    """A plain peft classifier (no hf_lorax.json, so no num_labels) on an encoder checkpoint: get_model loads the
+    base with transformers' default 2 labels, and the error says how to give the head's count."""
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    config = RobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=37)
+    RobertaForMaskedLM(config).save_pretrained(tmp_path / "base")
+    plain = get_peft_model(RobertaForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3),
+                           LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    plain.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    plain.save_pretrained(tmp_path / "a")
+    with pytest.raises(ValueError, match=r"classifier.*\[3, 32\].*\[2, 32\]\)\. It is the task head: .*num_labels=N"):
+        get_model(str(tmp_path / "a"))
+    assert get_model(str(tmp_path / "a"), num_labels=3).get_base_model().config.num_labels == 3
