@@ -32,7 +32,7 @@ from .integrations.sharding import gathered_adapter_state, is_sharded, zero3_ena
 from .integrations.transformers_api import is_trainer_checkpoint_dir
 from .layers import layer_mapping
 from .loss import declare_mean_loss, prepare_loss
-from .plan import resolve
+from .plan import find_task_heads, resolve
 from .quantization import prepare_for_kbit_training
 from .task_types import AUTO_CLASSES, LABELLED_TASK_TYPES, task_name
 
@@ -130,7 +130,13 @@ def injection_config(config: LoRAConfig, model: nn.Module) -> LoRAConfig:
 
 
 def load_base_model(config: PeftConfig, **from_pretrained_kwargs: Any) -> nn.Module:
-    """Load ``config.base_model_name_or_path`` with the Auto class matching ``config.task_type``."""
+    """Load ``config.base_model_name_or_path`` with the Auto class matching ``config.task_type``.
+
+    Weights the checkpoint does not hold are initialised randomly by transformers, differently at every load. Outside
+    the task head (``config.modules_to_save``, else the head :func:`~hf_lorax.plan.find_task_heads` finds), which
+    trains and is saved with the adapter, they would make every reload a different model than the one trained (a
+    BERT classifier from a checkpoint without ``bert.pooler``): that is a ``ValueError`` naming them.
+    """
     import transformers
 
     name = config.base_model_name_or_path
@@ -146,11 +152,27 @@ def load_base_model(config: PeftConfig, **from_pretrained_kwargs: Any) -> nn.Mod
         # a checkpoint whose head has another label count: the head is re-initialised and trained anyway
         kwargs = {"num_labels": config.num_labels, "ignore_mismatched_sizes": True, **kwargs}
     try:
-        return auto.from_pretrained(name, **kwargs)
+        model, loading = auto.from_pretrained(name, output_loading_info=True, **kwargs)
     except OSError as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " HF_HUB_OFFLINE=1 is set, so only local directories and the local cache are used." if offline else ""
         raise OSError(f"Could not load base model {name!r} with {auto.__name__}: {exc}.{hint}") from exc
+    heads = list(config.modules_to_save or find_task_heads(model))
+    random = sorted(key for key in loading["missing_keys"] if not any(
+        module == head or module.endswith("." + head) for head in heads for module in _parents(key)))
+    if random:
+        modules = sorted({key.rsplit(".", 1)[0] for key in random})
+        raise ValueError(f"Base model {name!r} has no weights for {random[:3]} ({len(random)} in all) outside the "
+                         f"task head {heads}: transformers initialises them randomly at every load, so no reload "
+                         f"would be the model that was trained. Add {modules} to modules_to_save (with the head) to "
+                         "train and save them with the adapter, or load a checkpoint that holds them.")
+    return model
+
+
+def _parents(key: str) -> list[str]:
+    """The module names a parameter name lies in: ``"a.b.weight"`` -> ``["a", "a.b"]``."""
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def _looks_like_path(name: str) -> bool:

@@ -157,3 +157,25 @@ def test_a_plain_peft_head_with_another_label_count_says_how_to_load_it(tmp_path
     with pytest.raises(ValueError, match=r"classifier.*\[3, 32\].*\[2, 32\]\)\. It is the task head: .*num_labels=N"):
         get_model(str(tmp_path / "a"))
     assert get_model(str(tmp_path / "a"), num_labels=3).get_base_model().config.num_labels == 3
+
+
+def test_weights_the_checkpoint_lacks_outside_the_head_are_named_and_can_be_trained(tmp_path):
+    """A BERT classifier from a masked-LM checkpoint: transformers initialises bert.pooler randomly at every load,
+    inside the body, so it is not the head; without this check every reload was a different model (0.4+ in logits
+    after training). Following the message (the pooler in modules_to_save) trains and saves it: the reload is exact."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37)
+    torch.manual_seed(0)
+    BertForMaskedLM(config).save_pretrained(tmp_path / "base")
+    kwargs = dict(base_model_name_or_path=str(tmp_path / "base"), task_type="SEQ_CLS", num_labels=3, r=4,
+                  target_modules=["query", "value"])
+    with pytest.raises(ValueError, match=r"no weights for \['bert.pooler.dense.bias', 'bert.pooler.dense.weight'\] "
+                                         r".*outside the task head \['classifier'\].*Add \['bert.pooler.dense'\]"):
+        get_model(LoRAConfig(**kwargs))
+    model = get_model(LoRAConfig(**kwargs, modules_to_save=["classifier", "bert.pooler.dense"]))
+    randomize_adapters(model)
+    model.eval().save_pretrained(tmp_path / "a")
+    ids = torch.randint(0, 50, (2, 7))
+    again = get_model(str(tmp_path / "a"), is_trainable=False)
+    assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
