@@ -39,8 +39,12 @@ def check_loadable(init, path: str, dora: bool = False) -> None:
     if init is None or init.lower() in PEFT_REBUILT_INITS:
         return
     family = init_family(init)
-    fix = f"{CONVERSION} and load OUT" if family in CONVERTIBLE_INITS else "load it onto the quantized base it was trained with"
-    fix = f"retrain it with another initialisation ({NO_DORA_CONVERSION})" if dora and family != "loftq" else fix
+    if family not in CONVERTIBLE_INITS:
+        fix = "load it onto the quantized base it was trained with"
+    elif dora:
+        fix = f"retrain it with another initialisation ({NO_DORA_CONVERSION})"
+    else:
+        fix = f"{CONVERSION} and load OUT"
     raise ValueError(f"{path!r} was trained with init_lora_weights={init!r}, which changed the base "
                      f"({CHANGES[family]}); loading runs that initialisation again and does not rebuild the same "
                      f"base. Instead, {fix}.")

@@ -34,7 +34,7 @@ from .layers import layer_mapping
 from .loss import declare_mean_loss, prepare_loss
 from .plan import find_task_heads, resolve
 from .quantization import prepare_for_kbit_training
-from .task_types import AUTO_CLASSES, LABELLED_TASK_TYPES, task_name
+from .task_types import AUTO_CLASSES, HEAD_TASK_TYPES, LABELLED_TASK_TYPES, task_name
 
 logger = logging.getLogger(__name__)
 
@@ -132,10 +132,11 @@ def injection_config(config: LoRAConfig, model: nn.Module) -> LoRAConfig:
 def load_base_model(config: PeftConfig, **from_pretrained_kwargs: Any) -> nn.Module:
     """Load ``config.base_model_name_or_path`` with the Auto class matching ``config.task_type``.
 
-    Weights the checkpoint does not hold are initialised randomly by transformers, differently at every load. Outside
-    the task head (``config.modules_to_save``, else the head :func:`~hf_lorax.plan.find_task_heads` finds), which
-    trains and is saved with the adapter, they would make every reload a different model than the one trained (a
-    BERT classifier from a checkpoint without ``bert.pooler``): that is a ``ValueError`` naming them.
+    Weights the checkpoint does not hold are initialised randomly by transformers, differently at every load. In a
+    task model, outside the head that trains and is saved with the adapter (``config.modules_to_save``, else the
+    head :func:`~hf_lorax.plan.find_task_heads` finds for a classification / QA task), they would make every reload
+    a different model than the one trained (a BERT classifier from a checkpoint without ``bert.pooler``, a causal
+    LM without its untied ``lm_head``): that is a ``ValueError`` naming them.
     """
     import transformers
 
@@ -157,7 +158,10 @@ def load_base_model(config: PeftConfig, **from_pretrained_kwargs: Any) -> nn.Mod
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " HF_HUB_OFFLINE=1 is set, so only local directories and the local cache are used." if offline else ""
         raise OSError(f"Could not load base model {name!r} with {auto.__name__}: {exc}.{hint}") from exc
-    heads = list(config.modules_to_save or find_task_heads(model))
+    if task in (None, "FEATURE_EXTRACTION"):  # a bare model: which of its outputs count is the user's to say
+        return model
+    # the heads the plan trains and saves: the config's, else (task heads only, as plan.resolve) the ones it finds
+    heads = list(config.modules_to_save or (find_task_heads(model) if task in HEAD_TASK_TYPES else ()))
     random = sorted(key for key in loading["missing_keys"] if not any(
         module == head or module.endswith("." + head) for head in heads for module in _parents(key)))
     if random:

@@ -179,3 +179,16 @@ def test_weights_the_checkpoint_lacks_outside_the_head_are_named_and_can_be_trai
     ids = torch.randint(0, 50, (2, 7))
     again = get_model(str(tmp_path / "a"), is_trainable=False)
     assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_a_causal_lm_without_its_untied_head_is_refused_but_a_bare_model_loads(tmp_path):
+    from transformers import LlamaConfig, LlamaModel
+
+    from hf_lorax import load_base_model
+
+    LlamaModel(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, tie_word_embeddings=False)).save_pretrained(tmp_path / "bare")
+    assert type(load_base_model(LoRAConfig(base_model_name_or_path=str(tmp_path / "bare")))).__name__ == "LlamaModel"
+    with pytest.raises(ValueError, match=r"no weights for \['lm_head.weight'\]"):
+        get_model(LoRAConfig(base_model_name_or_path=str(tmp_path / "bare"), task_type="CAUSAL_LM",
+                             target_modules=["q_proj"]))

@@ -102,17 +102,20 @@ def export_adapter(src: str, dst: str, engine: str = "vllm", *, rank: int | None
     (peft rebuilds a PiSSA / OLoRA base itself, so ``engine="peft"`` copies those as they are).
     """
     spec = engine_spec(engine)
-    for name, value, modes in (("dora", dora, (None, *DORA_MODES)), ("heads", heads, HEAD_MODES)):
-        if value not in modes:
-            raise ValueError(f"{name}={value!r}: choose one of {[m for m in modes if m]}.")
+    if dora is not None and dora not in DORA_MODES:
+        raise ValueError(f"dora={dora!r}: choose one of {list(DORA_MODES)}.")
+    if heads not in HEAD_MODES:
+        raise ValueError(f"heads={heads!r}: choose one of {list(HEAD_MODES)}.")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank={rank!r} must be a positive integer.")
-    if os.path.commonpath([os.path.realpath(src), os.path.realpath(dst)]) == os.path.realpath(src):
+    src_real, dst_real = os.path.realpath(src), os.path.realpath(dst)
+    if os.path.commonpath([src_real, dst_real]) == src_real:
         raise ValueError(f"destination {dst!r} is inside the source adapter {src!r}; choose a folder outside it.")
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
         raise FileExistsError(f"destination {dst!r} exists and is not an empty folder; choose a new one.")
     folder = read_adapter_folder(src)
-    if embedding := [k for k in folder.shapes if "lora_embedding_" in k]:
+    embedding = [k for k in folder.shapes if "lora_embedding_" in k]
+    if embedding:
         raise ValueError(f"{src!r} adapts embeddings ({embedding[0]}); export handles linear layers only.")
     if init := folder.base_changing_init:
         if engine == "peft" and not merge and init.lower() in PEFT_REBUILT_INITS:
@@ -279,5 +282,5 @@ def _frozen_weight(base, name: str) -> torch.Tensor:
     from transformers.pytorch_utils import Conv1D
 
     layer = base.get_submodule(name)
-    layer = getattr(layer, "get_base_layer", lambda: layer)()
+    layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
     return layer.weight.detach().T if isinstance(layer, Conv1D) else layer.weight.detach()
