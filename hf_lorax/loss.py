@@ -2,11 +2,12 @@
 
 Why this exists: ``transformers``' ``ForCausalLMLoss`` runs ``F.cross_entropy`` on the ``n × vocab`` logits; autograd
 keeps the log-softmax output and backward materialises two more vocabulary-sized buffers, which (GPT-2: 50,257
-tokens, Llama 3: 128,256), not the adapters, set a LoRA step's peak memory. Two entry points share every rule
-(:func:`shifted_labels`, :data:`IGNORE_INDEX`, :func:`per_item`, the label-smoothed row loss
-``(1 - eps)·NLL + eps·mean_j(-log p_j)``, as ``F.cross_entropy`` and the ``Trainer``'s ``LabelSmoother``):
-:func:`causal_lm_loss_from_hidden` (training: the LM head and the cross-entropy in a few row chunks, never holding the
-logits) and :func:`causal_lm_loss` (where logits exist anyway: ``ForCausalLMLoss``'s signature, one buffer).
+tokens, Llama 3: 128,256), not the adapters, set a LoRA step's peak memory. :func:`causal_lm_loss_from_hidden`
+computes the same loss (the shifted labels, ``-100`` ignored, the mean or the sum over ``num_items_in_batch``; with
+label smoothing the row loss ``(1 - eps)·NLL + eps·mean_j(-log p_j)`` of ``F.cross_entropy`` and the ``Trainer``'s
+``LabelSmoother``) from the last hidden state: the LM head and the cross-entropy in a few row chunks, never holding
+the logits. Where logits are formed anyway (evaluation, generation, models this loss does not support), the model
+computes transformers' own loss, as without hf_lorax.
 
 Masked rows (label ``-100``) go through the chunks with weight 0 (a boolean gather makes a device wait and breaks
 ``torch.compile`` graphs), except on a CPU in eager mode (:data:`LABELLED_ROWS_ONLY_ON`, docs/benchmarks.md).
@@ -58,53 +59,16 @@ def check_label_smoothing(label_smoothing: float, name: str = "label_smoothing")
     return float(label_smoothing)
 
 
-def _targets(targets: torch.Tensor, ignore_index: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gather-safe targets as ``n × 1``, row weights: 1.0 where labelled, 0.0 where ``ignore_index``)."""
-    valid = targets.ne(ignore_index)
+def _targets(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gather-safe targets as ``n × 1``, float32 row weights: 1.0 where labelled, 0.0 where :data:`IGNORE_INDEX`)."""
+    valid = targets.ne(IGNORE_INDEX)
     # ``* valid``: 0 on ignored rows, one kernel; any other negative label still fails loudly in the gather
-    return (targets * valid).unsqueeze(1), valid.to(dtype)
+    return (targets * valid).unsqueeze(1), valid.float()
 
 
 def _wider(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     """``torch.promote_types`` without a dispatcher call in the common case of equal dtypes."""
     return a if a == b else torch.promote_types(a, b)
-
-
-class CrossEntropyFromLogits(torch.autograd.Function):
-    """Per-row label-smoothed cross-entropy of given logits (0 where the target is ``ignore_index``), at least float32.
-    Saves the logits (alive anyway), the targets and one log-sum-exp per row; backward recomputes the softmax."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                label_smoothing: float = 0.0) -> torch.Tensor:
-        dtype = _wider(logits.dtype, torch.float32)  # as ForCausalLMLoss's upcast
-        safe, weights = _targets(targets, ignore_index, dtype)
-        lse = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
-        mean = torch.empty_like(lse) if label_smoothing else None
-        for rows in _row_chunks(*logits.shape):
-            chunk = logits[rows].to(dtype)
-            torch.logsumexp(chunk, dim=-1, out=lse[rows])
-            if mean is not None:
-                torch.mean(chunk, dim=-1, out=mean[rows])
-        target_logits = logits.gather(1, safe).squeeze(1).to(dtype)
-        ctx.save_for_backward(logits, safe, weights, lse)
-        ctx.label_smoothing = label_smoothing
-        return _row_loss(lse, target_logits, mean, label_smoothing) * weights
-
-    @staticmethod
-    def backward(ctx, grad_rows: torch.Tensor):
-        logits, safe, weights, lse = ctx.saved_tensors
-        eps, vocab = ctx.label_smoothing, logits.shape[1]
-        grad = torch.empty_like(logits)
-        scale = grad_rows.to(lse.dtype) * weights
-        in_place = logits.dtype == lse.dtype  # else a chunk-sized float32 buffer, cast into ``grad``
-        for rows in _row_chunks(*logits.shape):
-            probs = grad[rows] if in_place else torch.empty_like(logits[rows], dtype=lse.dtype)
-            torch.sub(logits[rows].to(lse.dtype), lse[rows, None], out=probs)
-            _softmax_minus_targets(probs.exp_(), safe[rows], eps, vocab).mul_(scale[rows, None])
-            if not in_place:
-                grad[rows] = probs
-        return grad, None, None, None
 
 
 def _row_loss(lse, target_logits, mean, label_smoothing: float) -> torch.Tensor:
@@ -184,7 +148,7 @@ def causal_lm_loss_from_hidden(hidden: torch.Tensor, head: nn.Linear, labels: to
     """``ForCausalLMLoss(head(hidden), labels)`` (or the ``Trainer``'s label-smoothed loss) without the logits."""
     check_labels_shape(labels, hidden.shape[:-1], "the hidden states (batch, tokens)")
     eps = check_label_smoothing(label_smoothing)
-    safe, weights = _targets(shifted_labels(labels).reshape(-1).to(hidden.device), IGNORE_INDEX, torch.float32)
+    safe, weights = _targets(shifted_labels(labels).reshape(-1).to(hidden.device))
     hidden, labelled = hidden.reshape(-1, hidden.shape[-1]), weights.sum()  # exact in float32 below 2**24 rows
     if hidden.device.type in LABELLED_ROWS_ONLY_ON and not torch.compiler.is_compiling():
         rows = weights.nonzero().squeeze(1)
@@ -195,23 +159,6 @@ def causal_lm_loss_from_hidden(hidden: torch.Tensor, head: nn.Linear, labels: to
     return per_item(total, labelled, num_items_in_batch)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
-                   num_items_in_batch: torch.Tensor | int | None = None, ignore_index: int = IGNORE_INDEX,
-                   shift_labels: torch.Tensor | None = None, label_smoothing: float = 0.0, **kwargs) -> torch.Tensor:
-    """``transformers.loss.loss_utils.ForCausalLMLoss`` with :class:`CrossEntropyFromLogits` inside.
-
-    Same signature and semantics: labels are shifted left by one (or ``shift_labels`` is used as given), the
-    mean over labelled tokens, or the sum divided by ``num_items_in_batch`` when the ``Trainer`` passes it.
-    """
-    if shift_labels is None:
-        check_labels_shape(labels, logits.shape[:-1], "the logits (batch, tokens)")
-        shift_labels = shifted_labels(labels, ignore_index)
-    flat_logits = logits.reshape(-1, vocab_size)
-    targets = shift_labels.reshape(-1).to(flat_logits.device)
-    rows = CrossEntropyFromLogits.apply(flat_logits, targets, ignore_index, check_label_smoothing(label_smoothing))
-    return per_item(rows.sum(), targets.ne(ignore_index).sum(), num_items_in_batch)
-
-
 def check_labels_shape(labels: torch.Tensor, tokens: tuple[int, ...], what: str) -> None:
     """One label per token, else a ``ValueError`` naming both shapes (not a failure deep in indexing)."""
     if tuple(labels.shape) != tuple(tokens):
@@ -219,9 +166,9 @@ def check_labels_shape(labels: torch.Tensor, tokens: tuple[int, ...], what: str)
                          "LM needs one label per input token (-100 for tokens without a loss).")
 
 
-def shifted_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """The next token's label at each position (``ignore_index`` at the last one), as ``ForCausalLMLoss``."""
-    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """The next token's label at each position (:data:`IGNORE_INDEX` at the last one), as ``ForCausalLMLoss``."""
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
 
 
 def per_item(total: torch.Tensor, n_labelled, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
@@ -245,8 +192,7 @@ def logits_free_unsupported_reason(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     if not type(model).__module__.startswith("transformers.models."):
         return f"{type(model).__qualname__} is not transformers' own class (its forward may compute more than the loss)"
-    # hf_lorax's own one-buffer loss (installed after this check by get_model) is the stock loss, computed leaner
-    if getattr(model, "loss_function", None) is not causal_lm_loss and not uses_stock_causal_lm_loss(model):
+    if not uses_stock_causal_lm_loss(model):
         return "the model does not compute transformers' stock causal-LM loss (a custom loss_function is set)"
     try:  # whether forward computes its loss with ``self.loss_function`` (BART's causal LM does not)
         calls_loss_function = "self.loss_function(" in inspect.getsource(type(model).forward)
@@ -275,21 +221,13 @@ def prepare_loss(model: nn.Module, task: str | None, trains_heads: bool, logits_
     """The one decision, made once per model instance by :func:`hf_lorax.get_model`.
 
     A model whose task head trains (``trains_heads``) declares its loss a plain mean (:func:`declare_mean_loss`). For
-    a causal LM (``task`` ``"CAUSAL_LM"``), a supported model's training forward becomes logits-free
-    (:class:`LogitsFreeCausalLM`), and any model on the stock loss gets :func:`causal_lm_loss` wherever it still
-    forms logits (evaluation, generation, unsupported models).
+    a causal LM (``task`` ``"CAUSAL_LM"``) that :func:`logits_free_unsupported_reason` supports, the training forward
+    becomes logits-free (:class:`LogitsFreeCausalLM`); every other forward keeps the model's own loss.
     """
     if trains_heads:
         declare_mean_loss(model)
-    if task != "CAUSAL_LM":
-        return
-    # both read before the class swap and the loss below change the model
-    unsupported = logits_free_unsupported_reason(model) if logits_free else "logits_free_loss=False"
-    stock = uses_stock_causal_lm_loss(model)
-    if unsupported is None:
+    if task == "CAUSAL_LM" and logits_free and logits_free_unsupported_reason(model) is None:
         swap_class(model, LogitsFreeCausalLM)
-    if stock:
-        model.loss_function = causal_lm_loss  # transformers' public setter for a model's loss
 
 
 def declare_mean_loss(model: nn.Module) -> None:

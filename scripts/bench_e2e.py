@@ -1,4 +1,4 @@
-"""E2E training step: full-logits label-smoothed loss (the Trainer recipe) vs hf_lorax's targeted loss.
+"""E2E training step: full-logits label-smoothed loss (the Trainer recipe) vs hf_lorax's logits-free loss.
 
 Both configurations train the same adapter — hf_lorax LoRA r=4, alpha 32, dropout 0.1 on the q and v
 slices of every ``c_attn`` (plain peft cannot slice a fused projection, so the adapter is the same and only
@@ -8,8 +8,6 @@ downloaded) and the same batches of 8 E2E examples (MR prefix + reference, loss 
 * ``full_logits``: ``model(input_ids, attention_mask)`` computes ``batch x seq x 50,257`` logits, then
   ``transformers``' ``LabelSmoother(0.1)(outputs, labels, shift_labels=True)`` — what ``Trainer`` with
   ``label_smoothing_factor=0.1`` does;
-* ``targeted``: the model's logits and hf_lorax's one-buffer label-smoothed cross-entropy
-  (``hf_lorax.loss.causal_lm_loss``);
 * ``logits_free``: ``model(input_ids, attention_mask, labels)`` with the smoothing set on the model (what
   ``TargetedLossTrainer`` trains with): the head's matmul and the cross-entropy run in row chunks
   (``hf_lorax.loss.LinearCrossEntropy``), no ``tokens x vocab`` logits are held.
@@ -54,7 +52,7 @@ from bench_utils import (
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CONFIGS = ["full_logits", "targeted", "logits_free"]
+CONFIGS = ["full_logits", "logits_free"]
 SHAPES = {"quick": dict(layers=2, hidden=768, heads=12), "full": dict(layers=6, hidden=768, heads=12)}
 VOCAB = 50257
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "e2e", "devset.csv")
@@ -118,7 +116,7 @@ def worker(args) -> dict:
     from transformers.trainer_pt_utils import LabelSmoother
 
     import hf_lorax
-    from hf_lorax.loss import causal_lm_loss, set_label_smoothing
+    from hf_lorax.loss import set_label_smoothing
 
     torch.set_num_threads(args.threads)
     device = args.device
@@ -142,9 +140,6 @@ def worker(args) -> dict:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if args.worker == "full_logits":
             loss = smoother(model(**inputs), batch["labels"], shift_labels=True)
-        elif args.worker == "targeted":
-            logits = model(**inputs).logits
-            loss = causal_lm_loss(logits, batch["labels"], logits.shape[-1], label_smoothing=0.1)
         else:
             loss = model(**inputs, labels=batch["labels"]).loss
         loss.backward()
@@ -212,20 +207,16 @@ def main(argv=None) -> dict:
                       f"step peak {r['step_peak_bytes'] / 2**20:8.1f} MiB", flush=True)
     rows = [max(rs, key=lambda r: r["tokens_per_s"]) for rs in runs.values()]  # tensor bytes do not vary
     by = {r["config"]: r for r in rows}
-    full, targeted, free = by["full_logits"], by["targeted"], by["logits_free"]
+    full, free = by["full_logits"], by["logits_free"]
     result = {
         "device": args.device, "threads": args.threads, "shape": {**SHAPES[shape], "vocab": VOCAB}, "batch": args.batch,
         "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "data": data, "rows": rows,
         "ratios": {
-            "tokens_per_s_targeted_over_full": targeted["tokens_per_s"] / full["tokens_per_s"],
-            "peak_mem_targeted_over_full": targeted["peak_bytes"] / full["peak_bytes"],
-            "step_peak_mem_targeted_over_full": targeted["step_peak_bytes"] / full["step_peak_bytes"],
             "tokens_per_s_logits_free_over_full": free["tokens_per_s"] / full["tokens_per_s"],
             "peak_mem_logits_free_over_full": free["peak_bytes"] / full["peak_bytes"],
-            "step_peak_mem_logits_free_over_targeted": free["step_peak_bytes"] / targeted["step_peak_bytes"],
-            "tokens_per_s_logits_free_over_targeted": free["tokens_per_s"] / targeted["tokens_per_s"],
+            "step_peak_mem_logits_free_over_full": free["step_peak_bytes"] / full["step_peak_bytes"],
         },
-        "first_loss_difference": abs(targeted["first_loss"] - full["first_loss"]),
+        "first_loss_difference": abs(free["first_loss"] - full["first_loss"]),
     }
     print_table(result)
     return emit(result, args.json, {"ratios": result["ratios"], "first_loss_difference": result["first_loss_difference"]})

@@ -1,4 +1,5 @@
-"""hf_lorax's causal-LM loss equals transformers' ForCausalLMLoss (value and gradients) with less memory."""
+"""hf_lorax's logits-free causal-LM loss equals the LM head then transformers' ForCausalLMLoss (value and gradients)
+with less memory."""
 
 import copy
 
@@ -10,7 +11,7 @@ from transformers import GPT2LMHeadModel
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from hf_lorax import LoRAConfig, get_model
-from hf_lorax.loss import CrossEntropyFromLogits, causal_lm_loss
+from hf_lorax.loss import causal_lm_loss_from_hidden
 
 
 def _labels(shape, vocab, seed=0):
@@ -22,53 +23,56 @@ def _labels(shape, vocab, seed=0):
 
 
 @pytest.mark.parametrize("num_items", [None, 11, "tensor"])
-@pytest.mark.parametrize("given_shift", [False, True])
-def test_value_and_gradient_equal_transformers(num_items, given_shift):
+def test_value_and_gradients_equal_the_head_then_transformers_loss(num_items):
     torch.manual_seed(0)
-    logits = torch.randn(3, 7, 50, dtype=torch.float64, requires_grad=True)
+    head = torch.nn.Linear(8, 50, dtype=torch.float64)
+    hidden = torch.randn(3, 7, 8, dtype=torch.float64, requires_grad=True)
     labels = _labels((3, 7), 50)
     n = torch.tensor(11) if num_items == "tensor" else num_items
-    kwargs = {"shift_labels": torch.roll(labels, -1, 1)} if given_shift else {}
-    ours_logits = logits.detach().clone().requires_grad_()
-    expected = ForCausalLMLoss(logits, labels, 50, num_items_in_batch=n, **kwargs)
-    actual = causal_lm_loss(ours_logits, labels, 50, num_items_in_batch=n, **kwargs)
+    expected = ForCausalLMLoss(head(hidden), labels, 50, num_items_in_batch=n)
+    actual = causal_lm_loss_from_hidden(hidden, head, labels, num_items_in_batch=n)
     torch.testing.assert_close(actual, expected.to(actual.dtype), atol=1e-6, rtol=1e-6)
-    expected.backward()
-    actual.backward()
-    torch.testing.assert_close(ours_logits.grad, logits.grad, atol=1e-7, rtol=1e-6)
+    for got, want in zip(torch.autograd.grad(actual, (hidden, head.weight, head.bias)),
+                         torch.autograd.grad(expected, (hidden, head.weight, head.bias))):
+        torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-6)
 
 
-def test_gradcheck_and_chunking(monkeypatch):
+def test_gradcheck_across_ragged_chunks(monkeypatch):
     import hf_lorax.loss as loss_module
 
-    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 20)  # several rows per chunk, ragged last chunk
-    logits = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", 4 * 6)  # four rows per chunk, a ragged last chunk
+    hidden = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     targets = torch.tensor([0, 5, -100, 2, 2, 1, -100, 4, 3])
-    assert torch.autograd.gradcheck(lambda x: CrossEntropyFromLogits.apply(x, targets, -100), (logits,))
+    assert torch.autograd.gradcheck(lambda h, w: linear_cross_entropy(h, w, targets, label_smoothing=0.1),
+                                    (hidden, weight))
 
 
-def test_bf16_logits_match_the_float32_reference():
+def test_bf16_inputs_match_the_float32_reference():
     torch.manual_seed(0)
-    logits = torch.randn(4, 9, 300).bfloat16().requires_grad_()
+    head = torch.nn.Linear(16, 300, bias=False).bfloat16()
+    hidden = torch.randn(4, 9, 16).bfloat16().requires_grad_()
     labels = _labels((4, 9), 300)
-    reference = logits.detach().float().requires_grad_()
-    actual = causal_lm_loss(logits, labels, 300)
-    expected = ForCausalLMLoss(reference, labels, 300)
+    reference = hidden.detach().float().requires_grad_()
+    actual = causal_lm_loss_from_hidden(hidden, head, labels)
+    expected = ForCausalLMLoss(reference @ head.weight.float().T, labels, 300)
     assert actual.dtype == torch.float32
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
     actual.backward()
     expected.backward()
-    assert logits.grad.dtype == torch.bfloat16
-    torch.testing.assert_close(logits.grad.float(), reference.grad, atol=1e-3, rtol=1e-2)
+    assert hidden.grad.dtype == head.weight.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(hidden.grad.float(), reference.grad, atol=1e-3, rtol=1e-2)
 
 
-def test_get_model_installs_it_and_training_matches_peft(input_ids):
+def test_get_model_keeps_the_models_own_loss_where_logits_are_formed(input_ids):
+    """Evaluation forms the logits: the model computes transformers' own loss there, equal to plain peft's."""
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
     torch.manual_seed(0)
     base = GPT2LMHeadModel(gpt2_config())
     ours = get_model(LoRAConfig(task_type="CAUSAL_LM", r=4, target_modules=["c_attn"]), model=copy.deepcopy(base))
     plain = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["c_attn"]))
-    assert ours.get_base_model().loss_function is causal_lm_loss
-    assert plain.get_base_model().loss_function is not causal_lm_loss  # plain peft models are left alone
+    assert ours.get_base_model().loss_function is LOSS_MAPPING["ForCausalLM"]
     randomize_adapters(plain)
     ours.load_state_dict(plain.state_dict(), strict=False)
     labels = input_ids.clone()
@@ -76,20 +80,16 @@ def test_get_model_installs_it_and_training_matches_peft(input_ids):
     losses = []
     for model in (plain, ours):
         model.eval()
-        loss = model(input_ids=input_ids, labels=labels).loss
-        loss.backward()
-        losses.append(loss.detach())
+        with torch.no_grad():
+            losses.append(model(input_ids=input_ids, labels=labels).loss)
     torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
-    for (name, p), (_, q) in zip(plain.named_parameters(), ours.named_parameters()):
-        if p.requires_grad:
-            torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def linear_cross_entropy(hidden, weight, targets, bias=None, label_smoothing=0.0):
     """The summed cross-entropy of ``hidden @ weightᵀ + bias`` by :class:`LinearCrossEntropy` (no logits)."""
     from hf_lorax.loss import LinearCrossEntropy, _targets
 
-    safe, weights = _targets(targets.reshape(-1), -100, torch.float32)
+    safe, weights = _targets(targets.reshape(-1))
     return LinearCrossEntropy.apply(hidden, weight, bias, safe, weights, float(label_smoothing))
 
 
@@ -106,15 +106,24 @@ def test_a_loss_the_user_set_is_kept():
     assert model.loss_function is custom and type(model) is GPT2LMHeadModel  # not logits-free either
 
 
-def test_keeps_fewer_vocabulary_sized_buffers():
-    """Bytes autograd saves plus the backward's allocations, measured with the profiler's allocator events."""
+def test_never_holds_the_logits(monkeypatch):
+    """Bytes autograd saves plus the forward's and backward's allocations, measured with the profiler's allocator
+    events: in row chunks of an eighth of the logits, the loss from the hidden states allocates a fraction of the
+    logits' bytes; the head's logits and transformers' loss, three times them."""
     from torch.profiler import ProfilerActivity, profile
 
+    import hf_lorax.loss as loss_module
+
+    rows, vocab = 512, 4096
+    monkeypatch.setattr(loss_module, "MIN_CHUNK_ELEMENTS", rows // 8 * vocab)
+    monkeypatch.setattr(loss_module, "CHUNK_ELEMENTS", rows // 8 * vocab)
+    head = torch.nn.Linear(16, vocab, bias=False)
+    labels = torch.randint(0, vocab, (1, rows))
+
     def peak(loss_fn) -> int:
-        logits = torch.randn(64, 4096, requires_grad=True)
-        labels = torch.randint(0, 4096, (1, 65))
+        hidden = torch.randn(1, rows, 16, requires_grad=True)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            loss_fn(logits.view(1, 64, 4096), labels[:, :64], 4096).backward()
+            loss_fn(hidden).backward()
         events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                         if e.name() == "[memory]")
         total = top = 0
@@ -123,8 +132,10 @@ def test_keeps_fewer_vocabulary_sized_buffers():
             top = max(top, total)
         return top
 
-    logits_bytes = 64 * 4096 * 4
-    assert peak(causal_lm_loss) <= 1.5 * logits_bytes < 2.5 * logits_bytes <= peak(ForCausalLMLoss)
+    logits_bytes = rows * vocab * 4
+    ours = peak(lambda hidden: causal_lm_loss_from_hidden(hidden, head, labels))
+    stock = peak(lambda hidden: ForCausalLMLoss(head(hidden), labels, vocab))
+    assert ours <= 0.5 * logits_bytes < 2.5 * logits_bytes <= stock
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
@@ -175,10 +186,8 @@ def test_linear_cross_entropy_matmul_dtype_under_autocast(device):
 
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_label_smoothing_equals_the_trainers_label_smoother(eps):
-    """Both entry points of the one loss (from logits, from hidden states) equal LabelSmoother(shift_labels=True)."""
+    """The loss from the hidden states equals LabelSmoother(shift_labels=True) on the head's logits."""
     from transformers.trainer_pt_utils import LabelSmoother
-
-    from hf_lorax.loss import causal_lm_loss_from_hidden
 
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 50, dtype=torch.float64)
@@ -186,13 +195,12 @@ def test_label_smoothing_equals_the_trainers_label_smoother(eps):
     labels = _labels((3, 7), 50)
     logits = head(hidden)
     expected = LabelSmoother(epsilon=eps)({"logits": logits}, labels, shift_labels=True)  # float64 throughout
-    for actual in (causal_lm_loss(logits, labels, 50, label_smoothing=eps),
-                   causal_lm_loss_from_hidden(hidden, head, labels, label_smoothing=eps)):
-        torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)  # its smoothed sum is float32
-        got = torch.autograd.grad(actual, (hidden, head.weight, head.bias), retain_graph=True)
-        want = torch.autograd.grad(expected, (hidden, head.weight, head.bias), retain_graph=True)
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-9)
+    actual = causal_lm_loss_from_hidden(hidden, head, labels, label_smoothing=eps)
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)  # its smoothed sum is float32
+    got = torch.autograd.grad(actual, (hidden, head.weight, head.bias))
+    want = torch.autograd.grad(expected, (hidden, head.weight, head.bias))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-9)
 
 
 def test_loss_from_hidden_has_no_data_dependent_shapes_and_few_chunks(monkeypatch):
@@ -250,8 +258,6 @@ def test_labelled_rows_only_on_cpu_equals_every_row_with_weight_zero(monkeypatch
 
 
 def test_a_negative_label_other_than_ignore_index_fails_loudly():
-    from hf_lorax.loss import causal_lm_loss_from_hidden
-
     head = torch.nn.Linear(8, 50, bias=False)
     labels = _labels((3, 7), 50)
     labels[1, 2] = -1

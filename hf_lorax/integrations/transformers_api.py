@@ -16,7 +16,7 @@ LOAD_ADAPTER = InternalAPI(
 LOSS_MAPPING_API = InternalAPI(
     path="transformers.loss.loss_utils:ForCausalLMLoss", library="transformers", verified=TRANSFORMERS_RANGE,
     params=("logits", "labels", "vocab_size", "num_items_in_batch", "ignore_index", "shift_labels"),
-    reason="hf_lorax's causal-LM loss replaces this one only where a model uses it unchanged")
+    reason="the logits-free loss replaces this one only where a model uses it unchanged")
 
 # checked once: the installed transformers does not change while the process runs
 _loss_mapping_problem = functools.cache(LOSS_MAPPING_API.problem)
