@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-import torch
 from torch import nn
 
 from .integrations.peft_api import LoraLayer, is_wrapped_head
@@ -34,8 +33,6 @@ class AdapterReport:
     adapter_params: int = 0
     trainable_params: int = 0
     total_params: int = 0
-    base_bytes_per_param: float | None = None  # all frozen base parameters, as stored
-    quantized_bytes_per_param: float | None = None  # 4-bit linears only (packed weights + constants)
     heads: dict[str, int] = field(default_factory=dict)  # modules trained in full besides the adapters: params
     targets: str = ""  # target_modules, and where they came from (the user, or peft's default for the architecture)
     loss: str = ""  # causal LMs: the logits-free loss, or the model's own and why
@@ -62,10 +59,6 @@ class AdapterReport:
                              ("loss", self.loss)):
             if value:
                 text += f"\n{label}: {value}"
-        if self.base_bytes_per_param is not None:
-            text += f"\nbase: {self.base_bytes_per_param:.3f} bytes/param"
-        if self.quantized_bytes_per_param is not None:
-            text += f"; 4-bit linears: {self.quantized_bytes_per_param:.3f} bytes/param"
         return text
 
     def __str__(self) -> str:
@@ -121,11 +114,10 @@ def describe(model: nn.Module, adapter: str | None = None) -> AdapterReport:
     heads = {  # modules_to_save: trained in full
         name.removeprefix("base_model.model."): sum(p.numel() for p in head.modules_to_save[adapter].parameters())
         for name, head in model.named_modules() if is_wrapped_head(head) and adapter in head.modules_to_save}
-    base_bytes, quantized_bytes = _base_storage(model)
     return AdapterReport(adapter=adapter, rows=rows, adapter_params=sum(row.params for row in rows), heads=heads,
                          trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                         total_params=sum(p.numel() for p in model.parameters()), base_bytes_per_param=base_bytes,
-                         quantized_bytes_per_param=quantized_bytes, targets=_targets(model, adapter), loss=_loss(model))
+                         total_params=sum(p.numel() for p in model.parameters()), targets=_targets(model, adapter),
+                         loss=_loss(model))
 
 
 def _targets(model: nn.Module, adapter: str) -> str:
@@ -147,21 +139,6 @@ def _loss(model: nn.Module) -> str:
     if task == "SEQ_2_SEQ_LM":
         return "the model's own (the logits-free loss covers decoder-only causal LMs)"
     return training_loss(model) if task == "CAUSAL_LM" else ""
-
-
-def _base_storage(model: nn.Module) -> tuple[float | None, float | None]:
-    """Bytes per parameter of the frozen base (counting 4-bit weights by their logical size)."""
-    from .quantization import quantized_bytes_per_param
-
-    try:
-        q = quantized_bytes_per_param(model)
-    except ImportError:  # bitsandbytes missing
-        return None, None
-    frozen = [p for module in model.modules() for p in module.parameters(recurse=False) if not p.requires_grad]
-    params = sum(int(torch.Size(p.quant_state.shape).numel()) if getattr(p, "quant_state", None) is not None
-                 else p.numel() for p in frozen)
-    nbytes = sum(p.numel() * p.element_size() for p in frozen)
-    return (nbytes / params if params else None), q
 
 
 def _active_adapter(model: nn.Module) -> str:

@@ -1,13 +1,10 @@
-"""QLoRA / QDoRA helpers: preparing a quantized base for training, storage figures, merging.
+"""QLoRA / QDoRA helpers: preparing a quantized base for training, merging.
 
 The config class, :class:`hf_lorax.QLoRAConfig`, lives in :mod:`hf_lorax.config`.
 """
 
 from __future__ import annotations
 
-import warnings
-
-import torch
 from torch import nn
 
 QUANTIZED_LINEAR_NAMES = frozenset({"Linear4bit", "Linear8bitLt"})
@@ -50,42 +47,11 @@ def is_quantized_linear(module: nn.Module) -> bool:
     return type(module).__module__.split(".")[0] == "bitsandbytes" and type(module).__name__ in QUANTIZED_LINEAR_NAMES
 
 
-def quantized_bytes_per_param(model: nn.Module) -> float | None:
-    """Storage bytes per parameter of the 4-bit linears (packed weights + quantization constants)."""
-    import bitsandbytes as bnb
-
-    params = nbytes = 0
-    for weight in (module.weight for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)):
-        state = weight.quant_state
-        stored = [weight] if state is None else [weight, state.absmax, state.code]
-        if state is not None and state.nested:  # double quantization: the constants' own constants
-            stored += [state.state2.absmax, state.state2.code, state.offset]
-        params += weight.numel() * 2 if state is None else int(torch.Size(state.shape).numel())  # packed: 2 a byte
-        nbytes += sum(t.numel() * t.element_size() for t in stored if isinstance(t, torch.Tensor))
-    return nbytes / params if params else None
-
-
-def merge_and_unload(model, requantize: bool = False):
+def merge_and_unload(model):
     """``model.merge_and_unload()``: a dense model in the compute dtype with the adapters merged.
 
-    hf_lorax's quantized layers merge into de-quantized ``nn.Linear`` layers, so the result is exact up to
-    the compute dtype. ``requantize=True`` quantizes the merged linears back to 4-bit NF4, which adds a new
-    rounding error on top of the adapter (peft#2321) and is warned about.
+    hf_lorax's quantized layers merge into de-quantized ``nn.Linear`` layers, so the result is exact up to the compute
+    dtype; peft's would re-quantize the merged weight, a new rounding error on top of the adapter (peft#2321). For a
+    4-bit merged model, save this one and load it with a ``BitsAndBytesConfig``, as any base model.
     """
-    merged = model.merge_and_unload()
-    if not requantize:
-        return merged
-    warnings.warn("Re-quantizing merged weights is lossy: the merged update is rounded to the 4-bit grid, so "
-                  "outputs differ from the unmerged QLoRA model (peft#2321). Prefer saving the dense merged model.",
-                  UserWarning, stacklevel=2)
-    import bitsandbytes as bnb
-
-    for name, child in list(merged.named_modules(remove_duplicate=False)):
-        if type(child) is nn.Linear and getattr(child, "_hf_lorax_merged", False):
-            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                  compute_dtype=child.weight.dtype, quant_type="nf4")
-            q.weight = bnb.nn.Params4bit(child.weight.data.float().cpu(), requires_grad=False, quant_type="nf4")
-            if child.bias is not None:
-                q.bias = nn.Parameter(child.bias.data, requires_grad=False)
-            merged.set_submodule(name, q.to(child.weight.device))
-    return merged
+    return model.merge_and_unload()

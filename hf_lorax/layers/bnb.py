@@ -67,7 +67,6 @@ class _QuantizedLora(LinearForwardMixin, PlannedLayerMixin, TunerLayerMixin):
             raise ValueError(f"NaNs detected in the merged weights; adapters {merged} seem to be broken.")
         self.merged_adapters.extend(merged)
         dense.weight.data = weight.to(dense.weight.dtype)
-        dense._hf_lorax_merged = True  # lets merge_and_unload(requantize=True) find merged layers
         self._quantized_base = getattr(self, "_quantized_base", None) or quantized
         self.base_layer = dense
 
