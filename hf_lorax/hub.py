@@ -20,7 +20,6 @@ from huggingface_hub import CommitOperationAdd, HfApi
 from .adapter_files import read_adapter_folder, read_sidecar
 from .card import CARD_NAME, write_model_card
 from .config import SIDECAR_NAME
-from .serving import check_serving
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +92,7 @@ def _checked_size(path: str, name: str) -> int:
 
 def push_adapter(folder: str, repo_id: str, results: str | None = None, private: bool | None = None,
                  token: str | None = None, license: str | None = None, commit_message: str | None = None,
-                 revision: str | None = None, dry_run: bool = False, api: Any = None,
-                 serving_engines: list[str] | tuple[str, ...] = (), force: bool = False) -> UploadPlan:
+                 revision: str | None = None, dry_run: bool = False, api: Any = None) -> UploadPlan:
     """Upload an adapter folder (adapter files only) with a rendered model card.
 
     Example::
@@ -105,19 +103,11 @@ def push_adapter(folder: str, repo_id: str, results: str | None = None, private:
     ``dry_run=True`` validates, writes ``README.md`` into the folder and returns the plan without any network
     call. ``token`` defaults to the usual ``huggingface_hub`` login / ``HF_TOKEN``.
 
-    ``serving_engines`` (e.g. ``["vllm"]``): refuse the push when one of these engines would refuse the adapter
-    or serve it differently from how it was trained (:func:`hf_lorax.serving.check_serving`), unless
-    ``force=True``; export it with ``python -m hf_lorax.export`` first.
+    The card's "Serving" table says where the adapter runs as saved; to gate a push on one engine, check
+    ``hf_lorax.check_serving(folder, "vllm").servable_as_is`` first (``python -m hf_lorax.export`` writes the form
+    an engine serves exactly).
     """
     plan = plan_upload(folder, repo_id, results)
-    for engine in serving_engines:
-        report = check_serving(folder, engine)
-        if not report.servable_as_is and not force:
-            raise ValueError(
-                f"{report.engine} would not serve {folder!r} as trained ({len(report.wrong)} modules served wrong, "
-                f"{len(report.refused)} refused; first: {(report.wrong + report.refused)[0]}). Export it with "
-                f"`python -m hf_lorax.export {folder} OUT --engine {engine}` and push OUT, or pass force=True "
-                "(--force).")
     write_model_card(folder, repo_id, results=results, license=license)
     if CARD_NAME not in [name for name, _, _ in plan.files]:
         plan.files.append((CARD_NAME, os.path.join(folder, CARD_NAME), 0))

@@ -170,17 +170,15 @@ def check_serving(adapter_dir: str | AdapterFolder, engine: str) -> ServingRepor
                             "module).", SCALING))
     biases = config.get("bias") not in (None, "none") or config.get("lora_bias")
     kind = {"refused": "refused", "ignored": "wrong"}.get(spec.extras)  # "supported": nothing to report
-    for code, modules, what, remedy in (
-        (DORA, [m.name for m in folder.modules if m.method == "dora"], "DoRA magnitudes",
-         "--dora merge or --dora svd"),
-        (HEADS, [",".join(folder.heads)] if folder.heads else [], "task heads (modules_to_save)",
-         "--heads beside or --merge"),
+    for code, modules, what in (
+        (DORA, [m.name for m in folder.modules if m.method == "dora"], "DoRA magnitudes"),
+        (HEADS, [",".join(folder.heads)] if folder.heads else [], "task heads (modules_to_save)"),
         (BIASES, [""] if biases else [],
-         f"trained biases (bias={config.get('bias')!r}, lora_bias={config.get('lora_bias')})", "--merge"),
+         f"trained biases (bias={config.get('bias')!r}, lora_bias={config.get('lora_bias')})"),
     ):
         for module in modules if kind else ():
             add(Finding(kind, module, f"{what} are {'refused' if kind == 'refused' else 'not loaded'} by {spec.label}; "
-                        f"export with python -m hf_lorax.export {remedy}.", code))
+                        "export the merged model with python -m hf_lorax.export --merge.", code))
     for module in folder.modules:
         if spec.max_rank is not None and module.module_r > spec.max_rank:
             add(Finding("refused", module.name, f"rank {module.module_r} is above {spec.label}'s limit "
@@ -240,6 +238,7 @@ def serving_summary(folder: AdapterFolder, name: str = "ADAPTER",
         elif base_changed:
             status, how = "needs peft's conversion", "model.save_pretrained(OUT, path_initial_model_for_weight_conversion=INIT_DIR)"
         else:
-            status, how = "needs `hf_lorax.export`", export + (" --dora merge" if report.first(DORA) else "")
+            merge = any(report.first(code) for code in (DORA, HEADS, BIASES))  # what only a merged model serves
+            status, how = "needs `hf_lorax.export`", export + (" --merge" if merge else "")
         rows.append((spec.label, status, f"`{how}`"))
     return rows

@@ -1,12 +1,12 @@
 """Push a saved adapter (adapter files only) to the Hub with a rendered model card.
 
     python scripts/push_adapter.py runs/sst2/adapter --repo_id me/roberta-base-lora-sst2 [--results FILE]
-        [--private] [--license apache-2.0] [--dry_run] [--serving_engines vllm tgi] [--force]
+        [--private] [--license apache-2.0] [--dry_run]
 
 ``--dry_run`` validates the folder, writes README.md into it and prints the exact file list and sizes;
-nothing touches the network. The token comes from `huggingface-cli login` or HF_TOKEN. ``--serving_engines``
-refuses a push that one of those engines would serve differently from how it was trained (``--force`` pushes
-anyway). Errors are one line on stderr, exit code 2.
+nothing touches the network. The token comes from `huggingface-cli login` or HF_TOKEN. The card's "Serving"
+table says where the adapter runs as saved (``python -m hf_lorax.export --check DIR`` exits 1 when an engine would
+not serve it exactly). Errors are one line on stderr, exit code 2.
 """
 
 from __future__ import annotations
@@ -29,14 +29,12 @@ def main(argv=None) -> int:
     parser.add_argument("--commit_message")
     parser.add_argument("--revision")
     parser.add_argument("--dry_run", action="store_true")
-    parser.add_argument("--serving_engines", nargs="*", default=[], help="vllm, tgi, lorax, peft")
-    parser.add_argument("--force", action="store_true", help="push even if a serving engine would mis-serve it")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     try:
         plan = push_adapter(args.adapter_dir, args.repo_id, results=args.results, private=args.private or None,
                             license=args.license, commit_message=args.commit_message, revision=args.revision,
-                            dry_run=args.dry_run, serving_engines=args.serving_engines, force=args.force)
+                            dry_run=args.dry_run)
     except (ValueError, FileNotFoundError) as exc:
         if args.debug or debug_enabled():
             raise

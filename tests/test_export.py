@@ -109,55 +109,32 @@ def test_gpt2_fused_slices_for_lorax_and_vllm_refusal(tmp_path):
     assert (logits(merged, IDS) - logits(model, IDS)).abs().max() < 1e-5
 
 
-def test_roberta_head_is_refused_or_written_beside(tmp_path):
+def test_roberta_head_is_refused_and_merged_exactly(tmp_path):
     torch.manual_seed(0)
     base = RobertaForSequenceClassification(roberta_config()).eval()
     config = LoRAConfig(task_type="SEQ_CLS", num_labels=2, r=4, target_modules=["query", "value"],
                         alpha_map={"value": 16})
     model = trained(base, config, tmp_path / "a")
-    with pytest.raises(ValueError, match=r"task heads \['classifier'\].*--heads beside"):
+    with pytest.raises(ValueError, match=r"task heads \['classifier'\].*--merge"):
         export_adapter(str(tmp_path / "a"), str(tmp_path / "out"), "vllm")
     assert not (tmp_path / "out").exists()  # nothing half-written
-    export_adapter(str(tmp_path / "a"), str(tmp_path / "out"), "vllm", heads="beside")
-    served = serve(base, tmp_path / "out", "vllm")
-    from safetensors.torch import load_file
-
-    unexpected = served.load_state_dict(load_file(tmp_path / "out" / "heads.safetensors"), strict=False).unexpected_keys
-    assert unexpected == []  # named as in the base model: every head tensor lands
-    assert (logits(served, IDS) - logits(model, IDS)).abs().max() < 1e-5
+    export_adapter(str(tmp_path / "a"), str(tmp_path / "merged"), "vllm", merge=True, base_model=copy.deepcopy(base))
+    merged = RobertaForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert (logits(merged, IDS) - logits(model, IDS)).abs().max() < 1e-5
 
 
-def test_dora_merge_is_exact_and_svd_reports_the_error_it_makes(tmp_path):
+def test_dora_is_refused_and_merged_exactly(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "base")
     base = LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
     config = DoRAConfig(base_model_name_or_path=str(tmp_path / "base"), task_type="CAUSAL_LM", r=4, lora_alpha=8,
                         target_modules=["q_proj", "v_proj"], rank_map={"layers.0.*": 8})
     model = trained(base, config, tmp_path / "a")
-    with pytest.raises(ValueError, match="DoRA adapter.*--dora merge.*--dora svd"):
+    with pytest.raises(ValueError, match="DoRA adapter.*--merge"):
         export_adapter(str(tmp_path / "a"), str(tmp_path / "x"), "vllm")
-    with pytest.raises(ValueError, match="--dora svd needs --rank"):
-        export_adapter(str(tmp_path / "a"), str(tmp_path / "x"), "vllm", dora="svd")
-
-    export_adapter(str(tmp_path / "a"), str(tmp_path / "merged"), "vllm", dora="merge")
+    assert not (tmp_path / "x").exists()
+    export_adapter(str(tmp_path / "a"), str(tmp_path / "merged"), "vllm", merge=True)
     merged = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert (logits(merged, IDS) - logits(model, IDS)).abs().max() < 1e-5
-
-    result = export_adapter(str(tmp_path / "a"), str(tmp_path / "svd"), "vllm", dora="svd", rank=4)
-    deltas = {}  # the true DoRA update of each module, from the live model
-    for name in result.module_errors:
-        layer = model.get_submodule(f"base_model.model.{name}")
-        merged_weight = layer.lora_variant["default"].merge_safe(layer, "default", layer.get_base_layer().weight)
-        deltas[name] = merged_weight.double() - layer.get_base_layer().weight.double()
-    from engine_reference import served_deltas
-
-    served = served_deltas(tmp_path / "svd", "vllm")
-    for name, delta in deltas.items():
-        measured = float((served[name] - delta).norm() / delta.norm())
-        assert measured == pytest.approx(result.module_errors[name], rel=1e-4, abs=1e-6), name
-    assert result.worst_error[1] == max(result.module_errors.values()) > 0
-    full = export_adapter(str(tmp_path / "a"), str(tmp_path / "svd_full"), "vllm", dora="svd", rank=32)
-    assert full.worst_error[1] < 1e-6  # at full rank the SVD LoRA is the DoRA update
-    assert (logits(serve(base, tmp_path / "svd_full", "vllm", max_lora_rank=32), IDS) - logits(model, IDS)).abs().max() < 1e-4
 
 
 def test_merged_classifier_from_a_causal_lm_checkpoint_keeps_its_head(tmp_path):
@@ -216,15 +193,12 @@ def test_cli_export_check_and_errors(tmp_path, capsys):
     assert "Traceback" not in bad.stderr
 
 
-def test_push_refuses_what_an_engine_would_mis_serve(tmp_path):
+def test_the_pushed_card_says_where_the_adapter_serves_as_saved(tmp_path):
     base = tiny_llama()
     trained(base, LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], alpha_map={"v_proj": 2}), tmp_path / "a")
-    with pytest.raises(ValueError, match="vllm would not serve.*hf_lorax.export"):
-        push_adapter(str(tmp_path / "a"), "me/x", api=RecordingApi(), serving_engines=["vllm"])
     api = RecordingApi()
-    push_adapter(str(tmp_path / "a"), "me/x", api=api, serving_engines=["vllm"], force=True)
-    assert "adapter_model.safetensors" in api.uploaded()
-    push_adapter(str(tmp_path / "a"), "me/x", api=RecordingApi(), serving_engines=["peft"])
+    push_adapter(str(tmp_path / "a"), "me/x", api=api)
+    assert {"adapter_model.safetensors", "README.md"} <= set(api.uploaded())
     card = (tmp_path / "a" / "README.md").read_text()
     assert "| vLLM | needs `hf_lorax.export` |" in card and "| peft | loads as is |" in card
 

@@ -6,12 +6,9 @@ as saved. For those engines the export:
 
 * bakes each module's own scaling into its ``B`` and writes one ``lora_alpha = r`` (scaling 1): exact;
 * pads every module with zeros to one rank (the largest, or ``rank``): exact;
-* turns DoRA into what the engine can run: ``dora="merge"`` writes the merged full model (exact; serve it as
-  a base model), ``dora="svd"`` the best rank-``rank`` LoRA of each module's ``W' − W``, with each module's
-  relative error reported;
-* refuses task heads (``modules_to_save``) with the reason, or with ``heads="beside"`` writes them to
-  ``heads.safetensors`` beside the adapter; refuses trained biases and architectures the engine has no LoRA
-  support for (``merge=True`` writes a merged model instead).
+* refuses, with the reason, what the engine cannot run: DoRA magnitudes, task heads (``modules_to_save``), trained
+  biases, architectures it has no LoRA support for. ``merge=True`` writes the merged full model instead (any
+  adapter, exact; serve it as a base model).
 
 For ``engine="peft"`` the adapter is copied as a plain peft adapter (peft reads the per-module patterns).
 ``results.json`` is carried over, ``hf_lorax.json`` rewritten for the exported form, the card re-rendered.
@@ -52,10 +49,7 @@ from ..serving import (
     loaded_values,
     next_rank_value,
 )
-from .convert import bake_and_pad, dora_to_lowrank
 
-DORA_MODES = ("merge", "svd")
-HEAD_MODES = ("refuse", "beside")
 CARRIED_FILES = ("results.json", "rank_utilization.png", "rank_utilization.json", "suggested_rank_map.json")
 
 
@@ -67,45 +61,29 @@ class ExportResult:
     engine: str
     kind: str  # "adapter" or "merged model"
     rank: int | None = None
-    module_errors: dict[str, float] = field(default_factory=dict)  # --dora svd: relative error per module
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def worst_error(self) -> tuple[str, float] | None:
-        return max(self.module_errors.items(), key=lambda kv: kv[1]) if self.module_errors else None
-
     def summary(self) -> str:
-        lines = [f"wrote {self.kind} for {engine_spec(self.engine).label} to {self.dst}"
-                 + (f" (rank {self.rank})" if self.rank else "")]
-        if self.module_errors:
-            lines.append(f"{'module':<60} {'relative error':>14}")
-            lines += [f"{name:<60} {err:>14.3e}" for name, err in sorted(self.module_errors.items())]
-            name, err = self.worst_error
-            lines.append(f"worst: {name} {err:.3e} (‖ΔW − BA‖_F / ‖ΔW‖_F, rank {self.rank})")
-        lines += self.notes
-        return "\n".join(lines)
+        return "\n".join([f"wrote {self.kind} for {engine_spec(self.engine).label} to {self.dst}"
+                          + (f" (rank {self.rank})" if self.rank else ""), *self.notes])
 
 
-def export_adapter(src: str, dst: str, engine: str = "vllm", *, rank: int | None = None, dora: str | None = None,
-                   merge: bool = False, heads: str = "refuse", base_model=None) -> ExportResult:
+def export_adapter(src: str, dst: str, engine: str = "vllm", *, rank: int | None = None, merge: bool = False,
+                   base_model=None) -> ExportResult:
     """Export the adapter saved in ``src`` to ``dst`` for ``engine`` ("vllm", "tgi", "lorax" or "peft").
 
     Example::
 
         from hf_lorax.export import export_adapter
         export_adapter("runs/sst2/adapter", "runs/sst2/vllm", engine="vllm")
-        export_adapter("runs/dora/adapter", "runs/dora/vllm", engine="vllm", dora="svd", rank=16)
+        export_adapter("runs/dora/adapter", "runs/dora/merged", engine="vllm", merge=True)
 
-    ``base_model`` (an ``nn.Module`` or a path) is needed for ``merge`` and ``dora`` exports; by default the
-    adapter's ``base_model_name_or_path`` is loaded. An adapter whose initialisation changed the base (PiSSA,
+    ``base_model`` (an ``nn.Module`` or a path) is needed for ``merge``; by default the adapter's
+    ``base_model_name_or_path`` is loaded. An adapter whose initialisation changed the base (PiSSA,
     OLoRA, CorDA, LoRA-GA, LoftQ: :mod:`hf_lorax.base_init`) is refused with the reason and peft's conversion
     (peft rebuilds a PiSSA / OLoRA base itself, so ``engine="peft"`` copies those as they are).
     """
     spec = engine_spec(engine)
-    if dora is not None and dora not in DORA_MODES:
-        raise ValueError(f"dora={dora!r}: choose one of {list(DORA_MODES)}.")
-    if heads not in HEAD_MODES:
-        raise ValueError(f"heads={heads!r}: choose one of {list(HEAD_MODES)}.")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank={rank!r} must be a positive integer.")
     src_real, dst_real = os.path.realpath(src), os.path.realpath(dst)
@@ -120,39 +98,34 @@ def export_adapter(src: str, dst: str, engine: str = "vllm", *, rank: int | None
     if init := folder.base_changing_init:
         if engine == "peft" and not merge and init.lower() in PEFT_REBUILT_INITS:
             return _export_for_peft(folder, dst)
-        raise ValueError(base_change_reason(init, "a merge" if merge or dora == "merge" else spec.label,
-                                            bool(folder.config.get("use_dora"))))
-    if merge or dora == "merge":
+        raise ValueError(base_change_reason(init, "a merge" if merge else spec.label, bool(folder.config.get("use_dora"))))
+    if merge:
         return _export_merged(folder, dst, engine, base_model)
     if engine == "peft":
         return _export_for_peft(folder, dst)
-    return _export_uniform(folder, dst, spec, rank, dora, heads, base_model)
+    return _export_uniform(folder, dst, spec, rank)
 
 
-def _export_uniform(folder: AdapterFolder, dst: str, spec, rank, dora, heads, base_model) -> ExportResult:
+def _export_uniform(folder: AdapterFolder, dst: str, spec, rank) -> ExportResult:
     config = folder.config
     # what the engine cannot read comes from the one rule table (hf_lorax.serving); here, what export does about it
     report = check_serving(folder, spec.name)
     if report.first(MODEL_TYPE):
         raise ValueError(f"{spec.label} has no LoRA support for {base_model_type(folder)} models; export with --merge "
                          "to serve the merged model as a base model instead.")
-    if report.first(DORA) and dora is None:
+    if report.first(DORA):
         raise ValueError(f"{folder.path!r} is a DoRA adapter ({report.first(DORA).module}, ...), which {spec.label} "
-                         "cannot run; pass --dora merge (exact, a merged model) or --dora svd --rank N (a rank-N LoRA, "
-                         "error reported).")
-    if dora == "svd" and rank is None:
-        raise ValueError("--dora svd needs --rank N: the rank of the LoRA that approximates each DoRA update.")
+                         "cannot run; export with --merge to serve the merged model (exact) as a base model.")
     if report.first(BIASES):
         raise ValueError(f"{folder.path!r} trains biases (bias={config.get('bias')!r}, lora_bias="
                          f"{config.get('lora_bias')}), which {spec.label} does not load; export with --merge.")
-    if report.first(HEADS) and heads == "refuse":
+    if report.first(HEADS):
         raise ValueError(f"{folder.path!r} trains task heads {folder.heads} (modules_to_save), which {spec.label} "
-                         "does not load; pass --heads beside to write them to heads.safetensors, or --merge for a full "
-                         "model.")
+                         "does not load; export with --merge for a full model.")
 
     target = rank if rank is not None else max(m.module_r for m in folder.modules)
     for module in folder.modules:
-        if module.module_r > target and module.method != "dora":
+        if module.module_r > target:
             raise ValueError(f"module {module.name} has rank {module.module_r}, above --rank {target}; "
                              f"pass --rank {module.module_r} or more.")
     if spec.max_rank is not None and target > spec.max_rank:
@@ -160,37 +133,22 @@ def _export_uniform(folder: AdapterFolder, dst: str, spec, rank, dora, heads, ba
         raise ValueError(f"module {worst.name} has rank {worst.module_r}, above {spec.label}'s limit {spec.max_rank}.")
 
     tensors = folder.load_tensors()
-    base = _load_base(folder, base_model) if dora == "svd" else None  # DoRA modules reach here with --dora svd only
     out, result = {}, ExportResult(dst=dst, engine=spec.name, kind="adapter", rank=target)
     for module in folder.modules:
-        A, B = tensors[f"{module.key}.lora_A.weight"], tensors[f"{module.key}.lora_B.weight"]
-        if module.method == "dora":
-            magnitude = tensors[f"{module.key}.lora_magnitude_vector"]
-            fit_A, fit_B, result.module_errors[module.name] = dora_to_lowrank(
-                _frozen_weight(base, module.name), A, B, module.scaling, magnitude, target)
-            A, B = fit_A.to(A.dtype), fit_B.to(B.dtype)
-        else:
-            A, B = bake_and_pad(A, B, module.scaling, target)
+        A, B = bake_and_pad(tensors[f"{module.key}.lora_A.weight"], tensors[f"{module.key}.lora_B.weight"],
+                            module.scaling, target)
         out[f"{module.key}.lora_A.weight"], out[f"{module.key}.lora_B.weight"] = A.contiguous(), B.contiguous()
-    # named as in the base model (without peft's "base_model.model." prefix): base.load_state_dict(heads, strict=False)
-    head_tensors = {k.removeprefix("base_model.model."): v for k, v in tensors.items() if "lora_" not in k}
 
     new_config = {**loaded_values(folder), **config, "r": target, "lora_alpha": target, "use_rslora": False,
                   "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "modules_to_save": None}
     rank_value = next_rank_value(target, spec)
     if spec.rank_values:
         result.notes.append(f"serve with --max-lora-rank {rank_value} (or more)")
-    if head_tensors:
-        result.notes.append(f"task heads {folder.heads} written to heads.safetensors: the engine serves the adapter "
-                            "without them; load them into the base model with base.load_state_dict(safetensors.torch."
-                            "load_file(...), strict=False)")
 
     def write(tmp: str) -> None:
         save_file(out, os.path.join(tmp, SAFETENSORS_FILE), metadata={"format": "pt"})
-        if head_tensors:
-            save_file(head_tensors, os.path.join(tmp, "heads.safetensors"), metadata={"format": "pt"})
         write_json(os.path.join(tmp, CONFIG_FILE), new_config)
-        write_json(os.path.join(tmp, SIDECAR_NAME), _exported_sidecar(folder, spec.name, target, dora, result))
+        write_json(os.path.join(tmp, SIDECAR_NAME), _exported_sidecar(folder, spec.name, target))
         _finish(folder, tmp, dst)
 
     atomic_directory_write(dst, write)
@@ -199,6 +157,21 @@ def _export_uniform(folder: AdapterFolder, dst: str, spec, rank, dora, heads, ba
         raise RuntimeError(f"hf_lorax.export wrote an adapter {spec.name} would not serve exactly:\n{written}")
     result.notes.append("serve: " + spec.serve_hint.format(rank=rank_value).replace("DIR", dst))
     return result
+
+
+def bake_and_pad(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                 rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A', B')`` of rank ``rank`` with ``B' A' = scaling · B A`` exactly: zero rows of ``A``, zero columns of ``B``.
+
+    An engine that applies scaling 1 (``lora_alpha = r``) then computes the module's own update. ``rank`` is at least
+    the module's rank (the export refuses a smaller ``--rank`` first).
+    """
+    r = lora_A.shape[0]
+    A = torch.zeros(rank, lora_A.shape[1], dtype=lora_A.dtype)
+    B = torch.zeros(lora_B.shape[0], rank, dtype=lora_B.dtype)
+    A[:r] = lora_A
+    B[:, :r] = (lora_B.double() * scaling).to(lora_B.dtype)
+    return A, B
 
 
 def _export_for_peft(folder: AdapterFolder, dst: str) -> ExportResult:
@@ -246,13 +219,12 @@ def _finish(folder: AdapterFolder, tmp: str, dst: str) -> None:
     write_model_card(tmp, repo_id=os.path.basename(os.path.abspath(dst)))
 
 
-def _exported_sidecar(folder: AdapterFolder, engine: str, rank: int, dora: str | None, result: ExportResult) -> dict:
+def _exported_sidecar(folder: AdapterFolder, engine: str, rank: int) -> dict:
     return {
         "format_version": SIDECAR_FORMAT, "hf_lorax_version": __version__, "config_class": "LoRAConfig",
         "method": "lora", "rank_map": None, "alpha_map": None, "fused_slices": None, "sliced_modules": {},
         "num_labels": folder.sidecar.get("num_labels"),
-        "exported": {"engine": engine, "from_method": folder.method, "rank": rank, "dora": dora,
-                     "max_relative_error": result.worst_error[1] if result.worst_error else 0.0},
+        "exported": {"engine": engine, "from_method": folder.method, "rank": rank},
     }
 
 
@@ -275,12 +247,3 @@ def _load_base(folder: AdapterFolder, base_model):
         return getattr(transformers, architectures[0]).from_pretrained(path)
     config.base_model_name_or_path, config.num_labels = path, folder.sidecar.get("num_labels")
     return load_base_model(config)
-
-
-def _frozen_weight(base, name: str) -> torch.Tensor:
-    """The frozen (out, in) weight of module ``name`` of the base model."""
-    from transformers.pytorch_utils import Conv1D
-
-    layer = base.get_submodule(name)
-    layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
-    return layer.weight.detach().T if isinstance(layer, Conv1D) else layer.weight.detach()

@@ -1,6 +1,6 @@
 """``python -m hf_lorax.export``: export an adapter for a serving engine, or check how one would serve it.
 
-    python -m hf_lorax.export SRC DST --engine vllm [--rank N] [--dora merge|svd] [--merge] [--heads beside]
+    python -m hf_lorax.export SRC DST --engine vllm [--rank N] [--merge]
     python -m hf_lorax.export --check SRC [--engine vllm]
 
 ``--check`` prints, per engine (all four without ``--engine``), what the engine would refuse or silently change,
@@ -13,7 +13,7 @@ import sys
 
 from ..cli import OneLineArgumentParser, debug_enabled
 from ..serving import ENGINES, check_serving
-from . import DORA_MODES, HEAD_MODES, export_adapter
+from . import export_adapter
 
 
 def main(argv=None) -> int:
@@ -22,12 +22,10 @@ def main(argv=None) -> int:
     parser.add_argument("dst", nargs="?", help="a new folder for the exported adapter (not with --check)")
     parser.add_argument("--engine", choices=sorted(ENGINES), help="vllm, tgi, lorax or peft")
     parser.add_argument("--check", action="store_true", help="only report how the engine would serve SRC")
-    parser.add_argument("--rank", type=int, help="pad every module to this rank; the SVD rank with --dora svd")
-    parser.add_argument("--dora", choices=DORA_MODES, help="DoRA adapters: merged full model, or rank-N SVD LoRA")
-    parser.add_argument("--merge", action="store_true", help="write the merged full model (any adapter, exact)")
-    parser.add_argument("--heads", choices=HEAD_MODES, default="refuse",
-                        help="task heads: refuse (default) or write them beside the adapter")
-    parser.add_argument("--base_model", help="base model folder for --merge / --dora (default: the adapter's)")
+    parser.add_argument("--rank", type=int, help="pad every module to this rank")
+    parser.add_argument("--merge", action="store_true",
+                        help="write the merged full model (any adapter, DoRA and task heads included; exact)")
+    parser.add_argument("--base_model", help="base model folder for --merge (default: the adapter's)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     args = parser.parse_args(argv)
     try:
@@ -39,8 +37,8 @@ def main(argv=None) -> int:
             return 0 if all(r.servable_as_is for r in reports) else 1
         if not args.dst or not args.engine:
             raise ValueError("pass SRC DST --engine ENGINE (or --check SRC).")
-        result = export_adapter(args.src, args.dst, args.engine, rank=args.rank, dora=args.dora, merge=args.merge,
-                                heads=args.heads, base_model=args.base_model)
+        result = export_adapter(args.src, args.dst, args.engine, rank=args.rank, merge=args.merge,
+                                base_model=args.base_model)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
         if args.debug or debug_enabled():
             raise
