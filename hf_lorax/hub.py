@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub.utils import validate_repo_id
 
 from .adapter_files import read_adapter_folder, read_sidecar
 from .card import CARD_NAME, write_model_card
@@ -52,6 +53,7 @@ class UploadPlan:
 
 def plan_upload(folder: str, repo_id: str, results: str | None = None) -> UploadPlan:
     """Validate an adapter folder and list the files to upload; raises on anything that is not an adapter."""
+    validate_repo_id(repo_id)  # an HFValidationError (a ValueError) naming it: "namespace/name", no spaces
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"Adapter folder {folder!r} does not exist.")
     names = sorted(os.listdir(folder))

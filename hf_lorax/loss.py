@@ -247,7 +247,8 @@ def training_loss(model: nn.Module) -> str:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     if isinstance(inner, LogitsFreeCausalLM):
         return "logits-free (LM head and cross-entropy in row chunks from the hidden states)"
-    return f"the model's own ({logits_free_unsupported_reason(inner) or 'logits_free_loss=False'})"
+    reason = logits_free_unsupported_reason(inner) or "not built by hf_lorax.get_model, or with logits_free_loss=False"
+    return f"the model's own ({reason})"
 
 
 class LogitsFreeCausalLM:

@@ -6,6 +6,7 @@ The config class, :class:`hf_lorax.QLoRAConfig`, lives in :mod:`hf_lorax.config`
 from __future__ import annotations
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 QUANTIZED_LINEAR_NAMES = frozenset({"Linear4bit", "Linear8bitLt"})
 
@@ -48,10 +49,28 @@ def is_quantized_linear(module: nn.Module) -> bool:
 
 
 def merge_and_unload(model):
-    """``model.merge_and_unload()``: a dense model in the compute dtype with the adapters merged.
+    """``model.merge_and_unload()``, then :func:`dequantized`: a dense model with the adapters merged."""
+    return dequantized(model.merge_and_unload())
 
-    hf_lorax's quantized layers merge into de-quantized ``nn.Linear`` layers, so the result is exact up to the compute
-    dtype; peft's would re-quantize the merged weight, a new rounding error on top of the adapter (peft#2321). For a
-    4-bit merged model, save this one and load it with a ``BitsAndBytesConfig``, as any base model.
+
+def dequantized(merged: nn.Module) -> nn.Module:
+    """A merged model whose base was quantized, made dense throughout, so it saves and reloads as a plain model.
+
+    hf_lorax's quantized layers merge into de-quantized ``nn.Linear`` layers, exact up to the compute dtype (peft's
+    re-quantize the merged weight, a new rounding error on top of the adapter, peft#2321). The layers no adapter
+    touched stay quantized and the model's config still names the quantization, so the saved checkpoint would claim
+    4-bit weights beside dense ones; transformers' ``dequantize`` turns the rest dense and drops that config. Both
+    make ``nn.Linear`` layers; a layer that was a GPT-2 ``Conv1D`` (transformers records it as ``source_cls`` when it
+    loads one 4-bit) becomes a ``Conv1D`` again, so the checkpoint has GPT-2's shapes. For a 4-bit merged model, save
+    the dense one and load it with a ``BitsAndBytesConfig``, as any base model.
     """
-    return model.merge_and_unload()
+    if getattr(merged, "hf_quantizer", None) is None:
+        return merged
+    conv1d = [name for name, module in merged.named_modules() if getattr(module, "source_cls", None) is Conv1D]
+    merged = merged.dequantize()
+    for name in conv1d:
+        linear = merged.get_submodule(name)
+        conv = Conv1D(linear.out_features, linear.in_features).to(linear.weight).requires_grad_(False)
+        conv.weight.data, conv.bias.data = linear.weight.data.T.contiguous(), linear.bias.data
+        merged.set_submodule(name, conv)
+    return merged

@@ -147,7 +147,8 @@ def check_serving(adapter_dir: str | AdapterFolder, engine: str) -> ServingRepor
     config, add = folder.config, report.findings.append
     model_type = base_model_type(folder)
     if model_type in spec.unsupported_model_types:
-        add(Finding("refused", "", f"{spec.label} has no LoRA support for {model_type} models.", MODEL_TYPE))
+        add(Finding("refused", "", f"{spec.label} has no LoRA support for {model_type} models; export the merged model "
+                    "with python -m hf_lorax.export --merge.", MODEL_TYPE))
     # the parsed config has peft's defaults filled in (what peft and hf_lorax load); the engine reads the file
     written = read_json(os.path.join(folder.path, CONFIG_FILE))
     for key in (k for k in spec.required_keys if k not in written):
@@ -225,20 +226,19 @@ def serving_summary(folder: AdapterFolder, name: str = "ADAPTER",
     rows = []
     for engine in engines:
         spec, report = ENGINES[engine], check_serving(folder, engine)
-        blocked, base_changed = report.first(MODEL_TYPE), report.first(BASE_CHANGED)
+        base_changed = report.first(BASE_CHANGED)
         export = f"python -m hf_lorax.export ADAPTER_DIR OUT --engine {engine}"
         if report.servable_as_is:  # so no module is above the engine's max_rank
             rank = next_rank_value(max((m.module_r for m in folder.modules), default=1), spec)
             status, how = "loads as is", spec.serve_hint.format(rank=rank).replace("DIR", name)
-        elif blocked:
-            status, how = "cannot be served", blocked.message
         elif base_changed and (init_family(folder.base_changing_init) not in CONVERTIBLE_INITS
                                or folder.config.get("use_dora")):
             status, how = "cannot be served exactly", base_changed.message
         elif base_changed:
             status, how = "needs peft's conversion", "model.save_pretrained(OUT, path_initial_model_for_weight_conversion=INIT_DIR)"
         else:
-            merge = any(report.first(code) for code in (DORA, HEADS, BIASES))  # what only a merged model serves
+            # what only a merged model serves
+            merge = any(report.first(code) for code in (MODEL_TYPE, DORA, HEADS, BIASES, RANK_LIMIT))
             status, how = "needs `hf_lorax.export`", export + (" --merge" if merge else "")
         rows.append((spec.label, status, f"`{how}`"))
     return rows

@@ -99,6 +99,8 @@ def test_gpt2_fused_slices_for_lorax_and_vllm_refusal(tmp_path):
     assert (logits(serve(base, tmp_path / "out", "lorax"), IDS) - logits(model, IDS)).abs().max() < 1e-5
     report = check_serving(str(tmp_path / "a"), "vllm")
     assert any("no LoRA support for gpt2" in f.message for f in report.refused)
+    assert "| vLLM | needs `hf_lorax.export` | `python -m hf_lorax.export ADAPTER_DIR OUT --engine vllm --merge` |" in (
+        tmp_path / "a" / "README.md").read_text()  # the card names the remedy export gives
     assert report.first(serving.MODEL_TYPE).kind == "refused"  # the structured code export and the card act on
     assert {f.code for f in check_serving(str(tmp_path / "a"), "lorax").findings} >= {serving.SCALING,
                                                                                      serving.RANKS_DIFFER}
@@ -118,9 +120,15 @@ def test_roberta_head_is_refused_and_merged_exactly(tmp_path):
     with pytest.raises(ValueError, match=r"task heads \['classifier'\].*--merge"):
         export_adapter(str(tmp_path / "a"), str(tmp_path / "out"), "vllm")
     assert not (tmp_path / "out").exists()  # nothing half-written
-    export_adapter(str(tmp_path / "a"), str(tmp_path / "merged"), "vllm", merge=True, base_model=copy.deepcopy(base))
-    merged = RobertaForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
-    assert (logits(merged, IDS) - logits(model, IDS)).abs().max() < 1e-5
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    for dst in ("merged", "again"):  # the given base is copied: the caller's model stays as it was, twice over
+        export_adapter(str(tmp_path / "a"), str(tmp_path / dst), "vllm", merge=True, base_model=base)
+        merged = RobertaForSequenceClassification.from_pretrained(tmp_path / dst).eval()
+        assert (logits(merged, IDS) - logits(model, IDS)).abs().max() < 1e-5
+    assert type(base) is RobertaForSequenceClassification
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+    with pytest.raises(ValueError, match="merged model .* has none: drop it"):
+        export_adapter(str(tmp_path / "a"), str(tmp_path / "x"), "vllm", merge=True, rank=8)
 
 
 def test_dora_is_refused_and_merged_exactly(tmp_path):
@@ -184,6 +192,7 @@ def test_cli_export_check_and_errors(tmp_path, capsys):
     assert main([str(tmp_path / "a"), str(tmp_path / "out"), "--engine", "vllm"]) == 0
     assert "wrote adapter for vLLM" in capsys.readouterr().out
     assert main(["--check", str(tmp_path / "out"), "--engine", "vllm"]) == 0
+    assert main(["--check", str(tmp_path / "out"), "--merge"]) == 2  # a flag --check would ignore
     assert main([str(tmp_path / "nope"), str(tmp_path / "o2"), "--engine", "vllm"]) == 2
     capsys.readouterr()
     # the real process: exit code 2, one line, no traceback

@@ -70,6 +70,14 @@ def test_refuses_base_model_weights(adapter_dir, weights):
     assert api.calls == []
 
 
+@pytest.mark.parametrize("repo_id", ["me/x y", "a/b/c", ""])
+def test_a_dry_run_refuses_an_invalid_repo_id(adapter_dir, repo_id):
+    card = (adapter_dir / "README.md").read_text()
+    with pytest.raises(ValueError, match=f"'{repo_id}'"):
+        push_adapter(str(adapter_dir), repo_id, dry_run=True)
+    assert (adapter_dir / "README.md").read_text() == card  # refused before the card is rendered for it
+
+
 def test_refuses_oversized_files(adapter_dir, monkeypatch):
     monkeypatch.setattr(hub, "MAX_SIDE_FILE_BYTES", 10)
     with pytest.raises(ValueError, match="over the 10-byte bound"):

@@ -112,7 +112,7 @@ def test_get_model_saves_all_or_nothing_with_the_card(tmp_path):
     torch.manual_seed(0)
     base = RobertaForSequenceClassification(roberta_config())
     model = get_model(LoRAConfig(task_type="SEQ_CLS", num_labels=2, r=4, target_modules=["query"]), model=base)
-    assert isinstance(model, hf_lorax.model.HfLoraxSaving)
+    assert isinstance(model, hf_lorax.model.HfLoraxPeftModel)
     assert type(model).__name__ == "PeftModelForSequenceClassification"  # the class keeps peft's name
     assert type(model).__qualname__ == "HfLoraxPeftModelForSequenceClassification"
     randomize_adapters(model)

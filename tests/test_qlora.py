@@ -10,7 +10,14 @@ import pytest
 import torch
 from conftest import gpt2_config, randomize_adapters, roberta_config
 from datasets import Dataset
-from transformers import GPT2LMHeadModel, RobertaForSequenceClassification, Trainer, TrainingArguments
+from transformers import (
+    BitsAndBytesConfig,
+    GPT2LMHeadModel,
+    RobertaForSequenceClassification,
+    Trainer,
+    TrainingArguments,
+)
+from transformers.pytorch_utils import Conv1D
 
 import hf_lorax
 from hf_lorax import QLoRAConfig, get_model
@@ -126,7 +133,7 @@ def test_train_with_eval_save_and_plain_peft_reload(arch, dora, trained):
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dora", [False, True], ids=["qlora", "qdora"])
-def test_merge_and_unload_dequantizes(quant_type, dora, bases, input_ids):
+def test_merge_and_unload_dequantizes(quant_type, dora, bases, input_ids, tmp_path):
     model = get_model(_config(bases, "gpt2", dora, quant_type=quant_type))
     randomize_adapters(model)
     model.eval()
@@ -138,9 +145,34 @@ def test_merge_and_unload_dequantizes(quant_type, dora, bases, input_ids):
         assert isinstance(model.base_model.model.transformer.h[0].attn.c_attn.base_layer, bnb.nn.Linear4bit)
         torch.testing.assert_close(model(input_ids).logits, expected, atol=0, rtol=0)
         merged = hf_lorax.merge_and_unload(model)
-        assert type(merged.transformer.h[0].attn.c_attn) is torch.nn.Linear
+        assert type(merged.transformer.h[0].attn.c_attn) is Conv1D  # GPT-2's own layer again, dense
         assert merged.transformer.h[0].attn.c_attn.weight.dtype == torch.float32
         torch.testing.assert_close(merged(input_ids).logits, expected, atol=1e-5, rtol=1e-5)
+    # dense throughout, the layers no adapter touched (c_proj) too, and no config claiming 4-bit weights: the saved
+    # model reloads as a plain one, and with a BitsAndBytesConfig as a 4-bit one
+    assert not any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in merged.modules())
+    assert getattr(merged.config, "quantization_config", None) is None
+    merged.save_pretrained(tmp_path)
+    with torch.no_grad():
+        dense = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(dense(input_ids).logits, expected, atol=1e-5, rtol=1e-5)
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+        assert GPT2LMHeadModel.from_pretrained(tmp_path, quantization_config=q)(input_ids).logits.isfinite().all()
+
+
+def test_merged_export_of_a_qlora_adapter_loads_as_a_plain_model(bases, tmp_path, input_ids):
+    """export --merge of a 4-bit adapter writes a dense model that transformers loads without quantization, equal to
+    the trained model (its task head included)."""
+    from hf_lorax.export import export_adapter
+
+    model = get_model(_config(bases, "roberta", False))
+    randomize_adapters(model)
+    model.eval().save_pretrained(tmp_path / "a")
+    export_adapter(str(tmp_path / "a"), str(tmp_path / "m"), "vllm", merge=True)
+    merged = RobertaForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    assert "quantization_config" not in json.loads((tmp_path / "m" / "config.json").read_text())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids).logits, model(input_ids).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_bf16_compute_and_reload_with_get_model(bases, tmp_path, input_ids):

@@ -17,6 +17,7 @@ For ``engine="peft"`` the adapter is copied as a plain peft adapter (peft reads 
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -78,14 +79,16 @@ def export_adapter(src: str, dst: str, engine: str = "vllm", *, rank: int | None
         export_adapter("runs/sst2/adapter", "runs/sst2/vllm", engine="vllm")
         export_adapter("runs/dora/adapter", "runs/dora/merged", engine="vllm", merge=True)
 
-    ``base_model`` (an ``nn.Module`` or a path) is needed for ``merge``; by default the adapter's
-    ``base_model_name_or_path`` is loaded. An adapter whose initialisation changed the base (PiSSA,
+    ``base_model`` (an ``nn.Module``, which is copied and left as it is, or a path) is needed for ``merge``; by
+    default the adapter's ``base_model_name_or_path`` is loaded. An adapter whose initialisation changed the base (PiSSA,
     OLoRA, CorDA, LoRA-GA, LoftQ: :mod:`hf_lorax.base_init`) is refused with the reason and peft's conversion
     (peft rebuilds a PiSSA / OLoRA base itself, so ``engine="peft"`` copies those as they are).
     """
     spec = engine_spec(engine)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank={rank!r} must be a positive integer.")
+    if rank is not None and merge:
+        raise ValueError("rank pads an adapter export to one rank; a merged model (merge=True) has none: drop it.")
     src_real, dst_real = os.path.realpath(src), os.path.realpath(dst)
     if os.path.commonpath([src_real, dst_real]) == src_real:
         raise ValueError(f"destination {dst!r} is inside the source adapter {src!r}; choose a folder outside it.")
@@ -130,7 +133,8 @@ def _export_uniform(folder: AdapterFolder, dst: str, spec, rank) -> ExportResult
                              f"pass --rank {module.module_r} or more.")
     if spec.max_rank is not None and target > spec.max_rank:
         worst = max(folder.modules, key=lambda m: m.module_r)
-        raise ValueError(f"module {worst.name} has rank {worst.module_r}, above {spec.label}'s limit {spec.max_rank}.")
+        raise ValueError(f"module {worst.name} has rank {worst.module_r}, above {spec.label}'s limit {spec.max_rank}; "
+                         "export with --merge for a full model.")
 
     tensors = folder.load_tensors()
     out, result = {}, ExportResult(dst=dst, engine=spec.name, kind="adapter", rank=target)
@@ -236,7 +240,7 @@ def _load_base(folder: AdapterFolder, base_model):
     from peft import PeftConfig
 
     if base_model is not None and not isinstance(base_model, (str, os.PathLike)):
-        return base_model
+        return copy.deepcopy(base_model)  # the merge changes the model it works on; the caller's stays as it was
     config = PeftConfig.from_pretrained(folder.path)
     path = os.fspath(base_model) if base_model is not None else config.base_model_name_or_path
     if not path:

@@ -30,8 +30,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.check:
-            if args.dst:
-                raise ValueError("--check takes one folder (SRC); drop DST.")
+            if args.dst or args.merge or args.rank is not None or args.base_model:
+                raise ValueError("--check takes one folder (SRC) and --engine; drop DST, --merge, --rank and "
+                                 "--base_model.")
             reports = [check_serving(args.src, e) for e in ([args.engine] if args.engine else ENGINES)]
             print("\n".join(str(r) for r in reports))
             return 0 if all(r.servable_as_is for r in reports) else 1

@@ -55,6 +55,7 @@ class _QuantizedLora(LinearForwardMixin, PlannedLayerMixin, TunerLayerMixin):
         dtype = getattr(quantized, "compute_dtype", None) or torch.float32
         dense = nn.Linear(weight.shape[1], weight.shape[0], bias=quantized.bias is not None, device=weight.device,
                           dtype=dtype).requires_grad_(False)
+        dense.source_cls = getattr(quantized, "source_cls", nn.Linear)  # as transformers marks its 4-bit layers
         if quantized.bias is not None:
             dense.bias.data.copy_(quantized.bias.to(dtype))
         weight = weight.to(dtype).float()
