@@ -160,19 +160,6 @@ def test_demo_numbers_are_checked(argv, message, capsys):
     assert exit_info.value.code == 2 and capsys.readouterr().err == message + "\n"
 
 
-def test_analysis_against_an_adapter_of_another_base_is_one_line(saved, tmp_path, capsys):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from hf_lorax.analysis.__main__ import main as analysis_main
-
-    small = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
-                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64))
-    trained(small, LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), tmp_path / "small")
-    assert analysis_main([str(saved), "--against", str(tmp_path / "small"), "--output_dir", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "adapts 16 input features" in err and "different base models" in err
-
-
 def test_analysis_base_model_that_cannot_give_every_norm_is_one_line(saved, tmp_path, capsys):
     from hf_lorax.analysis.__main__ import main as analysis_main
 

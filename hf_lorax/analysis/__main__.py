@@ -1,9 +1,8 @@
-"""``python -m hf_lorax.analysis ADAPTER_DIR [--against OTHER_DIR] [--base_model DIR] [--output_dir DIR]``
+"""``python -m hf_lorax.analysis ADAPTER_DIR [--base_model DIR] [--output_dir DIR]``
 
 Prints per-module rank utilization of a saved adapter, writes ``rank_utilization.png``,
 ``rank_utilization.json`` and ``suggested_rank_map.json`` (into ``--output_dir``, default the adapter
-folder, where a training run's files are kept unless ``--overwrite``), and with ``--against`` the subspace
-similarity φ of the two adapters' ``A`` matrices.
+folder, where a training run's files are kept unless ``--overwrite``).
 
 ``--budget N`` (LoRA parameters) or ``--budget_ratio 0.25`` (of the adapter's own LoRA parameters) makes
 ``suggested_rank_map.json`` a budgeted allocation (:mod:`hf_lorax.analysis.allocation`): ``rank_map``,
@@ -22,7 +21,6 @@ from ..cli import OneLineArgumentParser, debug_enabled
 from .allocation import ALPHA_POLICIES, SIGNALS, allocate, budget_from_ratio, spectra_from_updates
 from .callback import JSON_NAME, SUGGESTION_NAME, RankUtilizationCallback
 from .report import analyze, updates_from_adapter_dir
-from .spectra import subspace_similarity, subspace_similarity_grid
 
 
 def _base_weights(base_dir: str) -> dict:
@@ -51,7 +49,6 @@ def main(argv=None) -> int:
     """The command line; user errors are one ``error:`` line on stderr and exit code 2."""
     parser = OneLineArgumentParser(prog="python -m hf_lorax.analysis", description=__doc__.split("\n\n")[0])
     parser.add_argument("adapter_dir")
-    parser.add_argument("--against", help="a second adapter folder to compare subspaces with (paper §7.2)")
     parser.add_argument("--base_model", help="local base model folder, for ‖ΔW‖/‖W‖")
     parser.add_argument("--output_dir", help="where to write the plot and JSON files (default: adapter_dir)")
     parser.add_argument("--threshold", type=float, default=0.9, help="energy kept by the suggested ranks, in (0, 1]")
@@ -69,9 +66,8 @@ def main(argv=None) -> int:
     try:
         if not 0 < args.threshold <= 1:
             raise ValueError(f"--threshold {args.threshold} must be in (0, 1].")
-        for path in filter(None, [args.adapter_dir, args.against]):
-            if not os.path.isfile(os.path.join(path, "adapter_config.json")):
-                raise FileNotFoundError(f"{path!r} is not an adapter folder (no adapter_config.json).")
+        if not os.path.isfile(os.path.join(args.adapter_dir, "adapter_config.json")):
+            raise FileNotFoundError(f"{args.adapter_dir!r} is not an adapter folder (no adapter_config.json).")
         if args.budget is not None or args.budget_ratio is not None:
             return _allocate(args)
         # the training callback's files hold the run's history, which this report (one point) would replace
@@ -97,20 +93,6 @@ def _report(args) -> int:
         print(f"{s.name:<48} {s.r:>3} {s.effective_rank:>8.2f} {s.utilization:>6.2f} {s.rank_90:>4} {s.rank_99:>4} "
               f"{s.stable_rank:>7.2f} {rel:>9}")
     paths = report.write(args.output_dir)
-
-    if args.against:
-        other = {u.name: u.lora_A for u in updates_from_adapter_dir(args.against)}
-        similarity = {}
-        print(f"\nsubspace similarity phi(A1, A2) against {args.against}")
-        for u in filter(lambda u: u.name in other, updates):
-            A1, A2 = u.lora_A, other[u.name]
-            if A2.shape[1] != A1.shape[1]:
-                raise ValueError(f"--against {args.against!r}: {u.name} adapts {A2.shape[1]} input features, "
-                                 f"{args.adapter_dir!r} {A1.shape[1]}; the adapters are of different base models.")
-            similarity[u.name] = {"top1": subspace_similarity(A1, A2, 1, 1), "full": subspace_similarity(A1, A2),
-                                  "grid": subspace_similarity_grid(A1, A2)}
-            print(f"{u.name:<48} top-1 {similarity[u.name]['top1']:.3f}   full {similarity[u.name]['full']:.3f}")
-        paths["similarity"] = write_json(os.path.join(args.output_dir, "subspace_similarity.json"), similarity)
     print("\nwrote " + ", ".join(sorted(paths.values())))
     return 0
 
