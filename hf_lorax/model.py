@@ -145,6 +145,9 @@ def load_base_model(config: PeftConfig, **from_pretrained_kwargs: Any) -> nn.Mod
         raise ValueError("config.base_model_name_or_path is empty: set it, or pass model=... to get_model.")
     if _looks_like_path(name) and not os.path.isdir(name):
         raise FileNotFoundError(f"Base model directory {name!r} does not exist.")
+    if os.path.isfile(os.path.join(name, "adapter_config.json")):  # transformers would load its base and attach it
+        raise ValueError(f"{name!r} is a saved adapter (it has adapter_config.json), not a base model: pass the base "
+                         "model it was trained on (its adapter_config.json names it as base_model_name_or_path).")
     task = task_name(config.task_type)
     auto = getattr(transformers, AUTO_CLASSES[task])
     # an hf_lorax config's own (a QLoRA config's quantization), then the caller's

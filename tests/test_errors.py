@@ -118,6 +118,19 @@ def saved_adapter(tmp_path, tiny_roberta):
     return tmp_path / "adapter"
 
 
+def test_an_adapter_folder_given_as_the_base_model_is_named(saved_adapter, capsys):
+    """transformers would load the adapter's own base and attach the adapter to it, and hf_lorax's adapter would go on
+    top: refused, naming the folder, from get_model and export's --base_model alike."""
+    from hf_lorax.export.__main__ import main as export_main
+
+    with pytest.raises(ValueError, match="is a saved adapter .* not a base model"):
+        get_model(LoRAConfig(base_model_name_or_path=str(saved_adapter), task_type="SEQ_CLS", target_modules=QV))
+    dst = str(saved_adapter.parent / "merged")
+    assert export_main([str(saved_adapter), dst, "--engine", "vllm", "--merge", "--base_model", str(saved_adapter)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a saved adapter" in err
+
+
 def test_malformed_adapter_config(saved_adapter):
     path = saved_adapter / "adapter_config.json"
     path.write_text(path.read_text()[:40])
