@@ -174,3 +174,34 @@ def test_trainer_model_card_is_hf_lorax_card(tmp_path):
     trainer.create_model_card(model_name="roberta-dora")  # what Trainer(push_to_hub=True) runs before uploading
     card = ModelCard.load(tmp_path / "README.md")
     assert {"dora", "hf_lorax"} <= set(card.data.tags) and "PeftModel.from_pretrained" in card.text
+
+
+def test_the_cards_plain_peft_snippet_serves_a_decoder_classifier_without_hf_lorax(tmp_path):
+    """The card's "With plain peft" code, run as written in a process without hf_lorax, on a Llama classifier whose
+    checkpoint has no pad token: a padded batch gives the trained model's logits."""
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from hf_lorax import LoRAConfig, write_model_card
+
+    LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, eos_token_id=2, pad_token_id=None, num_labels=3)).save_pretrained(tmp_path / "base")
+    model = get_model(LoRAConfig(base_model_name_or_path=str(tmp_path / "base"), task_type="SEQ_CLS", num_labels=3,
+                                 r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(model)
+    model.eval().save_pretrained(tmp_path / "a")
+    card = write_model_card(str(tmp_path / "a"), repo_id=str(tmp_path / "a"))
+    with open(card, encoding="utf-8") as f:
+        snippet = f.read().split("With plain peft (hf_lorax not needed):")[1].split("```python\n")[1].split("```")[0]
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 2, 2]])
+    torch.save(ids, tmp_path / "ids.pt")
+    script = (f"import sys, torch\nsys.modules['hf_lorax'] = None\n{snippet}ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
+              f"torch.save(model(input_ids=ids).logits, {str(tmp_path / 'out.pt')!r})\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=1e-5, rtol=1e-5)
