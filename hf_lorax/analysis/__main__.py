@@ -1,4 +1,6 @@
-"""``python -m hf_lorax.analysis ADAPTER_DIR [--base_model DIR] [--output_dir DIR]``
+"""Rank utilization of a saved adapter: a table, the plot and a suggested rank map.
+
+    python -m hf_lorax.analysis ADAPTER_DIR [--base_model DIR] [--output_dir DIR]
 
 Prints per-module rank utilization of a saved adapter, writes ``rank_utilization.png``,
 ``rank_utilization.json`` and ``suggested_rank_map.json`` (into ``--output_dir``, default the adapter

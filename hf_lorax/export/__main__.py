@@ -1,4 +1,4 @@
-"""``python -m hf_lorax.export``: export an adapter for a serving engine, or check how one would serve it.
+"""Export an adapter for a serving engine, or check how one would serve it.
 
     python -m hf_lorax.export SRC DST --engine vllm [--rank N] [--merge]
     python -m hf_lorax.export --check SRC [--engine vllm]
