@@ -14,7 +14,10 @@ peft ``LoraModel.inject_adapter``                  ``peft.get_peft_model``, ``ad
                                                    ``add_adapter`` / ``load_adapter``, TRL: hand peft the
                                                    resolved copy of an hf_lorax config (peft reads
                                                    ``self.peft_config[name]`` first thing and has no public
-                                                   pre-injection hook); the user's object is untouched
+                                                   pre-injection hook); the user's object is untouched.
+                                                   That ``LoraModel`` becomes a
+                                                   :class:`~hf_lorax.quantization.DenseMergeLoraModel`:
+                                                   a merge on a quantized base is dense throughout
 peft ``PeftConfigMixin.from_pretrained``           a local folder with ``hf_lorax.json`` loads as its
                                                    resolved hf_lorax config
 transformers ``PeftAdapterMixin.load_adapter``     transformers 5.x drops saved DoRA magnitudes: copy them
@@ -35,12 +38,14 @@ import torch
 from peft import LoraConfig, load_peft_weights
 
 from .adapter_files import read_sidecar
+from .class_swap import swap_class
 from .config import SIDECAR_NAME, LoRAConfig
 from .hotswap import check_hotswappable, set_module_scalings
 from .integrations.guard import install_hook, installed_hooks
 from .integrations.peft_api import CONFIG_FROM_PRETRAINED, HOTSWAP_FROM_STATE_DICT, INJECT_ADAPTER
 from .integrations.transformers_api import LOAD_ADAPTER
 from .model import injection_config
+from .quantization import DenseMergeLoraModel
 
 
 def install() -> dict[str, bool]:
@@ -69,6 +74,7 @@ def _inject_adapter_wrapper(original):
             # peft reads self.peft_config[adapter_name] first thing: it gets the resolved copy, the user's object
             # stays as it was (and can be given to another model)
             self.peft_config[adapter_name] = injection_config(config, model)
+            swap_class(self, DenseMergeLoraModel)
         return original(self, model, adapter_name, *args, **kwargs)
 
     return inject_adapter

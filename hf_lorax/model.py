@@ -7,10 +7,10 @@ with :func:`hf_lorax.plan.resolve` validating the config against the model into 
 (:func:`hf_lorax.layers.layer_mapping`); each layer takes its rank, alpha and slices from the plan. The user's
 config object is not changed.
 
-The returned model is peft's own task class (``PeftModelForCausalLM``, ...) with three methods of
+The returned model is peft's own task class (``PeftModelForCausalLM``, ...) with two methods of
 :class:`HfLoraxPeftModel` on top: ``save_pretrained`` is all-or-nothing and writes hf_lorax's model card after
-the adapter files, ``create_or_update_model_card`` (what ``Trainer.create_model_card`` calls) renders that
-same card, and ``merge_and_unload`` returns a model that is dense throughout when the base was quantized.
+the adapter files, and ``create_or_update_model_card`` (what ``Trainer.create_model_card`` calls) renders that
+same card.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from .integrations.transformers_api import is_trainer_checkpoint_dir
 from .layers import layer_mapping
 from .loss import declare_mean_loss, prepare_loss
 from .plan import find_task_heads, resolve
-from .quantization import dequantized, prepare_for_kbit_training
+from .quantization import prepare_for_kbit_training
 from .task_types import AUTO_CLASSES, HEAD_TASK_TYPES, LABELLED_TASK_TYPES, task_name
 
 logger = logging.getLogger(__name__)
@@ -237,12 +237,11 @@ def _check_every_weight_loaded(model: PeftModel, path: str) -> None:
                          "base_model_name_or_path).")
 
 
-# -- the returned model ---------------------------------------------------------------------------------
+# -- saving ---------------------------------------------------------------------------------------------
 
 
 class HfLoraxPeftModel:
-    """``save_pretrained``, ``merge_and_unload`` and ``create_or_update_model_card`` for the models :func:`get_model`
-    returns."""
+    """``save_pretrained`` / ``create_or_update_model_card`` for the models :func:`get_model` returns."""
 
     def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs) -> None:
         """peft's ``save_pretrained``, all-or-nothing (:func:`~hf_lorax.adapter_files.atomic_directory_write`),
@@ -277,11 +276,6 @@ class HfLoraxPeftModel:
                     write_model_card(folder, repo_id=name)
 
         atomic_directory_write(os.fspath(save_directory), write)
-
-    def merge_and_unload(self, *args, **kwargs) -> nn.Module:
-        """peft's ``merge_and_unload`` (``PeftModel`` hands it to its ``LoraModel``); on a quantized base, a dense model
-        throughout (:func:`~hf_lorax.quantization.dequantized`)."""
-        return dequantized(self.base_model.merge_and_unload(*args, **kwargs))
 
     def create_or_update_model_card(self, output_dir: str) -> None:
         if os.path.isfile(os.path.join(output_dir, "adapter_model.safetensors")):

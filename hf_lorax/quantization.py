@@ -8,6 +8,8 @@ from __future__ import annotations
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .class_swap import register_mixin
+
 QUANTIZED_LINEAR_NAMES = frozenset({"Linear4bit", "Linear8bitLt"})
 
 
@@ -51,6 +53,18 @@ def is_quantized_linear(module: nn.Module) -> bool:
 def merge_and_unload(model):
     """``model.merge_and_unload()``, then :func:`dequantized`: a dense model with the adapters merged."""
     return dequantized(model.merge_and_unload())
+
+
+class DenseMergeLoraModel:
+    """peft's ``LoraModel`` whose ``merge_and_unload`` returns a model dense throughout (:func:`dequantized`). The peft
+    hook (:mod:`hf_lorax.hooks`) gives a ``LoraModel`` this class when it injects an hf_lorax config, so the model
+    :func:`hf_lorax.get_model`, ``peft.get_peft_model`` or TRL builds merges the same way."""
+
+    def merge_and_unload(self, *args, **kwargs) -> nn.Module:
+        return dequantized(super().merge_and_unload(*args, **kwargs))
+
+
+register_mixin("DenseMerge", DenseMergeLoraModel, "peft")
 
 
 def dequantized(merged: nn.Module) -> nn.Module:

@@ -160,6 +160,32 @@ def test_merge_and_unload_dequantizes(quant_type, dora, bases, input_ids, tmp_pa
         assert GPT2LMHeadModel.from_pretrained(tmp_path, quantization_config=q)(input_ids).logits.isfinite().all()
 
 
+def test_a_model_peft_builds_merges_dense_too(bases, input_ids, tmp_path):
+    """peft.get_peft_model (the path TRL takes) with an hf_lorax QLoRA config: its own merge_and_unload is dense
+    throughout too, and the saved model reloads as a plain one."""
+    import pickle
+
+    from peft import get_peft_model
+
+    from hf_lorax.quantization import disable_cpu_repacking
+
+    config = _config(bases, "gpt2", False)
+    base = GPT2LMHeadModel.from_pretrained(bases["gpt2"], **config.base_model_kwargs())
+    disable_cpu_repacking(base)  # the layers no adapter wraps: bitsandbytes' CPU repacking (hf_lorax.quantization)
+    model = get_peft_model(base, config)
+    assert pickle.loads(pickle.dumps(type(model.base_model))) is type(model.base_model)  # torch.save(model) works
+    randomize_adapters(model)
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids).logits
+        merged = model.merge_and_unload()
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+    merged.save_pretrained(tmp_path)
+    with torch.no_grad():
+        reloaded = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(reloaded(input_ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_merged_export_of_a_qlora_adapter_loads_as_a_plain_model(bases, tmp_path, input_ids):
     """export --merge of a 4-bit adapter writes a dense model that transformers loads without quantization, equal to
     the trained model (its task head included)."""
