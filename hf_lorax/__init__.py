@@ -32,6 +32,7 @@ from . import _command_startup  # noqa: F401  (first: an hf_lorax command import
 from ._version import __version__
 from .adapter_files import read_adapter_folder
 from .analysis import RankUtilizationCallback
+from .base_model import load_base_model
 from .card import write_model_card
 from .config import DoRAConfig, LoRAConfig, QLoRAConfig
 from .describe import AdapterReport, describe
@@ -39,7 +40,7 @@ from .export import export_adapter
 from .hooks import install as _install_hooks
 from .hotswap import hotswap_adapter
 from .hub import push_adapter
-from .model import get_model, load_base_model
+from .model import get_model
 from .optim import create_loraplus_optimizer, loraplus_param_groups
 from .plan import AdapterPlan, resolve
 from .quantization import merge_and_unload

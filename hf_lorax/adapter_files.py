@@ -6,6 +6,8 @@ sidecar, and optionally ``README.md`` (the model card), ``results.json`` and the
 * :func:`read_sidecar` / :func:`read_adapter_folder`: the sidecar with its format check, and the folder
   parsed into per-module rows (rank and alpha per slice, scaling, method, parameters);
 * :func:`check_adapter_dir`: a broken config or weights file fails with its name, not deep in torch;
+* :func:`read_adapter_config`: the config of a saved adapter, a local folder or a Hub repo
+  (:func:`fetch_sidecar` downloads a Hub adapter's sidecar);
 * :func:`atomic_directory_write`, :func:`write_json`, :func:`write_text`: the only writers. A save goes to a
   temporary sibling directory on the same filesystem, every file is fsync'ed, and the directory then takes
   the target's place: with Linux ``renameat2(RENAME_EXCHANGE)`` in one atomic step, elsewhere with two
@@ -19,17 +21,27 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import logging
 import math
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from peft import PeftConfig
+from peft import LoraConfig, PeftConfig
 
-from .base_init import base_changing_init
-from .config import SIDECAR_FORMAT, SIDECAR_NAME
+from .base_init import (
+    CHANGES,
+    CONVERSION,
+    CONVERTIBLE_INITS,
+    NO_DORA_CONVERSION,
+    PEFT_REBUILT_INITS,
+    base_changing_init,
+    init_family,
+)
+from .config import SIDECAR_FORMAT, SIDECAR_NAME, LoRAConfig
 from .integrations.peft_api import pattern_value
 from .slices import SliceSpec, lora_scaling, parse_fused_slices, slice_alpha, slice_rank, spec_for
 
@@ -223,6 +235,64 @@ def check_adapter_dir(path: str, allow_pickle: bool = False) -> PeftConfig:
         raise ValueError(f"{weights} is truncated or corrupt ({exc}); save the adapter again.") from exc
     check_factor_shapes(weights, shapes)  # a missing lora_B would otherwise load as zeros: an adapter doing nothing
     return config
+
+
+def read_adapter_config(path: str, allow_pickle: bool = False, **hub_kwargs: Any) -> PeftConfig:
+    """The config of a saved adapter, a local folder (checked by :func:`check_adapter_dir`) or a Hub repo id (with
+    the user's download options): its hf_lorax config when it has an ``hf_lorax.json``, else peft's.
+
+    Loading runs the adapter's initialisation again on the base (peft ``update_layer``): an adapter whose
+    initialisation does not rebuild the base it was trained on (randomized SVD, data-driven, quantized) is refused.
+    """
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+            raise FileNotFoundError(f"{path!r} has no {CONFIG_FILE}; it is not a saved adapter directory.")
+        config, sidecar = check_adapter_dir(path, allow_pickle), read_sidecar(path)  # a bad sidecar fails here
+    elif path.startswith((".", "/", "~")) or path.count("/") != 1 or os.path.exists(path):
+        raise FileNotFoundError(f"Adapter directory {path!r} does not exist (and it is not a Hub repo id).")
+    else:  # peft downloads the adapter, hf_lorax its hf_lorax.json
+        config, sidecar = PeftConfig.from_pretrained(path, **hub_kwargs), fetch_sidecar(path, **hub_kwargs)
+    init = base_changing_init(config.init_lora_weights)
+    if init is not None and init.lower() not in PEFT_REBUILT_INITS:
+        family = init_family(init)
+        fix = ("load it onto the quantized base it was trained with" if family not in CONVERTIBLE_INITS else
+               f"retrain it with another initialisation ({NO_DORA_CONVERSION})" if config.use_dora else
+               f"{CONVERSION} and load OUT")
+        raise ValueError(f"{path!r} was trained with init_lora_weights={init!r}, which changed the base "
+                         f"({CHANGES[family]}); loading runs that initialisation again and does not rebuild the "
+                         f"same base. Instead, {fix}.")
+    if sidecar is not None and type(config) is LoraConfig:  # a Hub adapter, or a local one with the peft hook off
+        config = LoRAConfig.from_peft_config(config, sidecar)
+    return config
+
+
+# the hf_hub_download options a user may give for the adapter repo (peft's and transformers' names)
+HUB_DOWNLOAD_KWARGS = ("revision", "cache_dir", "token", "force_download", "local_files_only", "proxies",
+                       "etag_timeout", "endpoint", "repo_type", "user_agent", "headers")
+
+
+def fetch_sidecar(repo_id: str, subfolder: str | None = None, **hub_kwargs: Any) -> dict | None:
+    """The ``hf_lorax.json`` of a Hub adapter repo (with the user's ``token``, ``revision``, ``cache_dir``, ...),
+    or None when the repo has none (a plain peft adapter).
+
+    Called by :func:`read_adapter_config` (:func:`hf_lorax.get_model`) for a repo id only: plain peft loading never
+    reaches it, so a plain peft adapter costs no extra request there. Authentication, gating and connection errors propagate unchanged: the
+    adapter would fail to load with them anyway. Offline with the file not cached, the adapter loads as plain peft
+    LoRA (the same function: fused slices are saved as exact dense LoRA), with a warning.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    kwargs = {k: v for k, v in hub_kwargs.items() if k in HUB_DOWNLOAD_KWARGS and v is not None}
+    try:
+        path = hf_hub_download(repo_id, SIDECAR_NAME, subfolder=subfolder, **kwargs)
+    except LocalEntryNotFoundError as exc:  # offline and not cached (a subclass of EntryNotFoundError: first)
+        logging.getLogger(__name__).warning("Could not fetch %s of %s (%s); loading it as a plain peft LoRA adapter.", SIDECAR_NAME,
+                       repo_id, exc)
+        return None
+    except EntryNotFoundError:  # the repo has no hf_lorax.json: a plain peft adapter
+        return None
+    return read_sidecar(os.path.dirname(path))
 
 
 # -- writing ---------------------------------------------------------------------------------------------

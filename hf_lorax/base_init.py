@@ -32,24 +32,6 @@ def base_changing_init(init) -> str | None:
     return init if isinstance(init, str) and init.lower().startswith(tuple(CHANGES)) else None
 
 
-def check_loadable(init, path: str, dora: bool = False) -> None:
-    """Loading a saved adapter runs its initialisation again on the base (peft ``update_layer``); refuse the
-    ones that do not rebuild the base the adapter was trained on (randomized SVD, data-driven, quantized)."""
-    init = base_changing_init(init)
-    if init is None or init.lower() in PEFT_REBUILT_INITS:
-        return
-    family = init_family(init)
-    if family not in CONVERTIBLE_INITS:
-        fix = "load it onto the quantized base it was trained with"
-    elif dora:
-        fix = f"retrain it with another initialisation ({NO_DORA_CONVERSION})"
-    else:
-        fix = f"{CONVERSION} and load OUT"
-    raise ValueError(f"{path!r} was trained with init_lora_weights={init!r}, which changed the base "
-                     f"({CHANGES[family]}); loading runs that initialisation again and does not rebuild the same "
-                     f"base. Instead, {fix}.")
-
-
 def init_family(init: str) -> str:
     """``"pissa_niter_4"`` -> ``"pissa"``: the entry of :data:`CHANGES` an ``init_lora_weights`` value belongs to."""
     return next(name for name in CHANGES if init.lower().startswith(name))

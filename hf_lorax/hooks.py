@@ -4,7 +4,7 @@ They live at the top of the package and call down into it; :mod:`hf_lorax.integr
 internals they wrap (:class:`~hf_lorax.integrations.guard.InternalAPI`). Each hook acts only on hf_lorax configs or
 local adapter folders that hold ``hf_lorax.json``: for anything else the wrapped method runs exactly as its library
 wrote it, with the same arguments and result (``tests/test_isolation.py``). None makes a network request (a Hub
-adapter's ``hf_lorax.json`` is fetched by :func:`hf_lorax.get_model` only, :func:`hf_lorax.hub.fetch_sidecar`).
+adapter's ``hf_lorax.json`` is fetched by :func:`hf_lorax.get_model` only, :func:`hf_lorax.adapter_files.fetch_sidecar`).
 
 =================================================  =====================================================
 hook                                               why
@@ -38,13 +38,13 @@ import torch
 from peft import LoraConfig, load_peft_weights
 
 from .adapter_files import read_sidecar
+from .base_model import injection_config
 from .class_swap import swap_class
 from .config import SIDECAR_NAME, LoRAConfig
 from .hotswap import check_hotswappable, set_module_scalings
 from .integrations.guard import install_hook, installed_hooks
 from .integrations.peft_api import CONFIG_FROM_PRETRAINED, HOTSWAP_FROM_STATE_DICT, INJECT_ADAPTER
 from .integrations.transformers_api import LOAD_ADAPTER
-from .model import injection_config
 from .quantization import DenseMergeLoraModel
 
 

@@ -18,9 +18,8 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.utils import validate_repo_id
 
-from .adapter_files import read_adapter_folder, read_sidecar
+from .adapter_files import read_adapter_folder
 from .card import CARD_NAME, write_model_card
-from .config import SIDECAR_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -127,31 +126,3 @@ def push_adapter(folder: str, repo_id: str, results: str | None = None, private:
 
 
 # -- reading an adapter's hf_lorax.json from the Hub -------------------------------------------------------
-
-# the hf_hub_download options a user may give for the adapter repo (peft's and transformers' names)
-HUB_DOWNLOAD_KWARGS = ("revision", "cache_dir", "token", "force_download", "local_files_only", "proxies",
-                       "etag_timeout", "endpoint", "repo_type", "user_agent", "headers")
-
-
-def fetch_sidecar(repo_id: str, subfolder: str | None = None, **hub_kwargs: Any) -> dict | None:
-    """The ``hf_lorax.json`` of a Hub adapter repo (with the user's ``token``, ``revision``, ``cache_dir``, ...),
-    or None when the repo has none (a plain peft adapter).
-
-    Called by :func:`hf_lorax.get_model` for a repo id only: plain peft loading never reaches it, so a plain peft
-    adapter costs no extra request there. Authentication, gating and connection errors propagate unchanged: the
-    adapter would fail to load with them anyway. Offline with the file not cached, the adapter loads as plain peft
-    LoRA (the same function: fused slices are saved as exact dense LoRA), with a warning.
-    """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    kwargs = {k: v for k, v in hub_kwargs.items() if k in HUB_DOWNLOAD_KWARGS and v is not None}
-    try:
-        path = hf_hub_download(repo_id, SIDECAR_NAME, subfolder=subfolder, **kwargs)
-    except LocalEntryNotFoundError as exc:  # offline and not cached (a subclass of EntryNotFoundError: first)
-        logger.warning("Could not fetch %s of %s (%s); loading it as a plain peft LoRA adapter.", SIDECAR_NAME,
-                       repo_id, exc)
-        return None
-    except EntryNotFoundError:  # the repo has no hf_lorax.json: a plain peft adapter
-        return None
-    return read_sidecar(os.path.dirname(path))

@@ -31,7 +31,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .class_swap import register_mixin, swap_class
-from .integrations.transformers_api import uses_stock_causal_lm_loss
+from .integrations.transformers_api import stock_causal_lm_loss
 
 IGNORE_INDEX = -100
 # A row chunk's float32 logits hold a quarter of all the logits, kept between 64 MiB and 256 MiB: few chunks (each
@@ -192,7 +192,8 @@ def logits_free_unsupported_reason(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     if not type(model).__module__.startswith("transformers.models."):
         return f"{type(model).__qualname__} is not transformers' own class (its forward may compute more than the loss)"
-    if not uses_stock_causal_lm_loss(model):
+    stock = stock_causal_lm_loss()  # (``loss_function`` is the loss the user set, if any)
+    if stock is None or getattr(model, "loss_function", None) is not stock:
         return "the model does not compute transformers' stock causal-LM loss (a custom loss_function is set)"
     try:  # whether forward computes its loss with ``self.loss_function`` (BART's causal LM does not)
         calls_loss_function = "self.loss_function(" in inspect.getsource(type(model).forward)

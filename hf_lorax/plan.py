@@ -13,6 +13,7 @@ differs from ``r`` / ``lora_alpha``, and which carries the plan).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -24,9 +25,12 @@ from .config import QLoRAConfig
 from .integrations.peft_api import (
     ADAPTER_CHILD_NAMES,
     BaseTunerLayer,
+    ExcludedModule,
+    LoraModel,
+    include_all_linear_layers,
     is_wrapped_head,
     pattern_value,
-    peft_targets,
+    target_module_exists,
 )
 from .layers.types import SUPPORTED_LAYER_TYPES, is_dense, is_quantized_linear, out_features
 from .rank_map import closest_names, resolve_module_map
@@ -99,7 +103,7 @@ def resolve(config, model: nn.Module) -> AdapterPlan:
     if found_heads:
         heads = tuple(find_task_heads(model))
     body = [name for name in modules if not (name in heads or name.startswith(tuple(f"{h}." for h in heads)))]
-    target_modules, default_for, targeted = peft_targets(config, model, body)
+    target_modules, default_for, targeted = _peft_targets(config, model, body)
     # the values peft picks from the config's own rank_pattern / alpha_pattern (rank_map / alpha_map override them)
     peft_r = {name: pattern_value(config.rank_pattern or {}, name, config.r) for name in targeted}
     peft_alpha = {name: pattern_value(config.alpha_pattern or {}, name, config.lora_alpha) for name in targeted}
@@ -145,6 +149,27 @@ def resolve(config, model: nn.Module) -> AdapterPlan:
                                                    if m.module_alpha != config.lora_alpha}),
                        target_modules=target_modules if target_modules != config.target_modules else None,
                        fan_in_fan_out=any(isinstance(modules[name], Conv1D) for name in targeted))
+
+
+def _peft_targets(config, model: nn.Module, names: list[str]) -> tuple[object, str | None, list[str]]:
+    """What peft adapts in ``model`` for ``config``, decided by peft's own code.
+
+    Returns ``(target_modules, default_for, adapted)``: the config's ``target_modules`` as peft completes them before
+    injecting (its default for the architecture when unset, ``"all-linear"`` expanded; None when unset and peft has
+    no default), the ``model_type`` whose default was looked up (None when the config sets targets) and the entries
+    of ``names`` peft's matcher adapts. ``config`` is not changed (peft writes its completions into a copy).
+    """
+    probe, default_for = copy.deepcopy(config), None
+    if probe.target_modules is None and not getattr(probe, "target_parameters", None):
+        # as LoraModel._prepare_adapter_config does when a config sets no targets
+        default_for = LoraModel.get_model_config(model).get("model_type") or "unknown"
+        default = LoraModel.target_module_mapping.get(default_for)
+        if default is None:
+            return None, default_for, []
+        probe.target_modules = default if isinstance(default, str) else set(default)
+    include_all_linear_layers(probe, model)
+    hits = ((name, target_module_exists(probe, name)) for name in names)
+    return probe.target_modules, default_for, [name for name, hit in hits if hit and not isinstance(hit, ExcludedModule)]
 
 
 def plain_modules(model: nn.Module):
@@ -235,7 +260,7 @@ def _supported(modules: dict[str, nn.Module]) -> list[str]:
 
 def _check_target_names(model: nn.Module, target_modules, targeted: list[str], modules: dict[str, nn.Module],
                         default_for: str | None) -> None:
-    """``target_modules`` as peft completed them (:func:`~hf_lorax.integrations.peft_api.peft_targets`)."""
+    """``target_modules`` as peft completed them (:func:`_peft_targets`)."""
     # the distinct last components of the module names (a dict keeps them in order): ['query', 'value', ...]
     suffixes = dict.fromkeys(name.split(".")[-1] for name in _supported(modules) or modules)
     candidates = [s for s in suffixes if not s.isdigit()]

@@ -1,4 +1,4 @@
-"""QLoRA / QDoRA helpers: preparing a quantized base for training, merging.
+"""QLoRA / QDoRA helpers: a quantized base's CPU repacking turned off, merging into a dense model.
 
 The config class, :class:`hf_lorax.QLoRAConfig`, lives in :mod:`hf_lorax.config`.
 """
@@ -11,26 +11,6 @@ from transformers.pytorch_utils import Conv1D
 from .class_swap import register_mixin
 
 QUANTIZED_LINEAR_NAMES = frozenset({"Linear4bit", "Linear8bitLt"})
-
-
-def prepare_for_kbit_training(model: nn.Module) -> nn.Module:
-    """Make a quantized base trainable under adapters, keeping its memory footprint.
-
-    peft's ``prepare_model_for_kbit_training`` casts every non-quantized parameter to float32
-    (peft#3265, #1149): on a bf16 model that doubles the embeddings, norms and head. Training adapters
-    needs much less: frozen base parameters and no in-place weight repacking on CPU. Layer norms stay in
-    the dtype they were loaded in; bitsandbytes computes the 4-bit matmuls in the compute dtype. Inputs
-    that require grad (which reentrant gradient checkpointing needs) are left to transformers: its
-    ``gradient_checkpointing_enable`` turns them on when checkpointing is on; a hook installed here
-    unconditionally would break ``torch.compile`` graphs for every run.
-    """
-    if not any(is_quantized_linear(m) for m in model.modules()):
-        raise ValueError("The base model has no bitsandbytes-quantized linear layers to train on: QLoRA needs a "
-                         "model loaded with a BitsAndBytesConfig (get_model does this from a QLoRAConfig), and one "
-                         "with nn.Linear layers.")
-    model.requires_grad_(False)
-    disable_cpu_repacking(model)
-    return model
 
 
 def disable_cpu_repacking(module: nn.Module) -> None:

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import randomize_adapters, roberta_config
+from conftest import gpt2_config, randomize_adapters, roberta_config
 from transformers import RobertaForSequenceClassification
 
 import hf_lorax
@@ -42,6 +42,24 @@ def test_a_changed_signature_or_version_is_reported():
     assert "is gone" in gone.problem()
     with pytest.raises(RuntimeError, match="cannot build its LoRA layers.*_prepare_model has the signature"):
         require_signatures([moved], "build its LoRA layers")
+
+
+def test_a_changed_peft_internal_stops_get_model_before_the_base_changes(monkeypatch):
+    """The signature check of the peft internals hf_lorax's layers build on runs with the plan's checks, before
+    get_model changes the base (a GPT-2 classifier's pad token, the logits-free forward)."""
+    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    import hf_lorax.integrations.peft_api as peft_api
+
+    moved = InternalAPI(path="peft.tuners.lora.model:LoraModel._prepare_model", params=("self", "config"),
+                        library="peft", verified=("0.21.0", "0.22.0"), reason="test")
+    monkeypatch.setattr(peft_api, "PEFT_INTERNALS", [*peft_api.PEFT_INTERNALS, moved])
+    classifier, lm = GPT2ForSequenceClassification(gpt2_config(num_labels=2, pad_token_id=None)), GPT2LMHeadModel(gpt2_config())
+    for task, base in (("SEQ_CLS", classifier), ("CAUSAL_LM", lm)):
+        with pytest.raises(RuntimeError, match="_prepare_model has the signature"):
+            get_model(LoRAConfig(task_type=task, num_labels=2 if task == "SEQ_CLS" else None,
+                                 target_modules=["c_attn"]), model=base)
+    assert classifier.config.pad_token_id is None and type(lm) is GPT2LMHeadModel
 
 
 def test_outside_the_verified_range_hooks_stay_off_and_get_model_still_works(tmp_path):

@@ -251,11 +251,26 @@ def test_get_model_passes_hub_options_and_reads_the_sidecar(hub_folder, monkeypa
         torch.testing.assert_close(loaded(input_ids).logits, model(input_ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_a_hub_adapter_whose_init_changed_the_base_is_refused_as_a_local_one(hub_folder, monkeypatch):
+    """Loading runs the initialisation again on the base: one that does not rebuild it (randomized SVD) is refused
+    for a Hub repo as for a local folder, before any weights are downloaded."""
+    _, folder = hub_folder
+    (folder / "hf_lorax.json").unlink()  # a plain peft adapter (its fused slices saved as full-module LoRA)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa_niter_2"}))
+    hub = FakeHub(folder)
+    hub.install(monkeypatch)
+    with pytest.raises(ValueError, match="'user/adapter' was trained with init_lora_weights='pissa_niter_2'.*does not "
+                                         "rebuild the same base"):
+        get_model("user/adapter", model=GPT2LMHeadModel(gpt2_config()))
+    assert "adapter_model.safetensors" not in [name for name, _ in hub.calls]
+
+
 def test_sidecar_fetch_propagates_auth_errors_and_treats_missing_as_plain(monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError, GatedRepoError
 
-    from hf_lorax.hub import fetch_sidecar
+    from hf_lorax.adapter_files import fetch_sidecar
 
     def gated(*args, **kwargs):
         err = GatedRepoError.__new__(GatedRepoError)

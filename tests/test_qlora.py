@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import gpt2_config, randomize_adapters, roberta_config
 from datasets import Dataset
+from peft import get_peft_model_state_dict
 from transformers import (
     BitsAndBytesConfig,
     GPT2LMHeadModel,
@@ -214,6 +215,14 @@ def test_bf16_compute_and_reload_with_get_model(bases, tmp_path, input_ids):
     assert any(isinstance(m, LoraLinear4bit) for m in again.modules())
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids).logits, model(input_ids).logits, atol=1e-2, rtol=1e-2)
+    # onto an unquantized base too (to serve it in bf16, as with plain peft): dense layers, the saved adapter
+    dense = get_model(str(tmp_path), model=RobertaForSequenceClassification.from_pretrained(bases["roberta"]),
+                      is_trainable=False)
+    assert not any(isinstance(m, LoraLinear4bit) for m in dense.modules())
+    saved = get_peft_model_state_dict(model)
+    assert saved.keys() == get_peft_model_state_dict(dense).keys()
+    for key, value in get_peft_model_state_dict(dense).items():
+        torch.testing.assert_close(value.float(), saved[key].float())
 
 
 def test_frozen_base_keeps_its_dtype(bases):

@@ -36,9 +36,10 @@ from ..adapter_files import (
     write_json,
 )
 from ..base_init import PEFT_REBUILT_INITS, base_change_reason
+from ..base_model import load_base_model
 from ..card import write_model_card
 from ..config import SIDECAR_FORMAT, SIDECAR_NAME
-from ..model import get_model, load_base_model
+from ..model import get_model
 from ..serving import (
     BIASES,
     DORA,

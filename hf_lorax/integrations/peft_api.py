@@ -6,13 +6,12 @@ signatures ``tests/test_integrations.py`` checks.
 
 from __future__ import annotations
 
-import copy
-
 from peft.tuners.lora import LoraLayer, LoraModel
 from peft.tuners.lora import layer as peft_lora
 from peft.tuners.lora.layer import LoraVariant
-from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.tuners.tuners_utils import _ExcludedModule as ExcludedModule
+from peft.tuners.tuners_utils import _maybe_include_all_linear_layers as include_all_linear_layers
 from peft.utils import ModulesToSaveWrapper, hotswap
 from peft.utils.hotswap import hotswap_adapter as peft_hotswap_adapter  # peft's public hotswap_adapter
 from peft.utils.integrations import dequantize_module_weight
@@ -70,29 +69,11 @@ PEFT_INTERNALS = [
 
 __all__ = ["ADAPTER_CHILD_NAMES", "BaseTunerLayer", "ExcludedModule", "LoraLayer", "LoraModel", "LoraVariant",
            "PEFT_INTERNALS", "check_adapters_to_merge", "dequantize_module_weight", "init_lora_state",
-           "is_wrapped_head", "pattern_value", "peft_bnb_module", "peft_hotswap_adapter", "peft_lora", "peft_targets",
-           "register_layers", "set_scaling"]
+           "include_all_linear_layers", "is_wrapped_head", "pattern_value", "peft_bnb_module", "peft_hotswap_adapter",
+           "peft_lora", "register_layers", "set_scaling", "target_module_exists"]
 
-
-def peft_targets(config, model: nn.Module, names: list[str]) -> tuple[object, str | None, list[str]]:
-    """What peft adapts in ``model`` for ``config``, decided by peft's own code.
-
-    Returns ``(target_modules, default_for, adapted)``: the config's ``target_modules`` as peft completes them before
-    injecting (its default for the architecture when unset, ``"all-linear"`` expanded; None when unset and peft has
-    no default), the ``model_type`` whose default was looked up (None when the config sets targets) and the entries
-    of ``names`` peft's matcher adapts. ``config`` is not changed (peft writes its completions into a copy).
-    """
-    probe, default_for = copy.deepcopy(config), None
-    if probe.target_modules is None and not getattr(probe, "target_parameters", None):
-        # as LoraModel._prepare_adapter_config does when a config sets no targets
-        default_for = LoraModel.get_model_config(model).get("model_type") or "unknown"
-        default = LoraModel.target_module_mapping.get(default_for)
-        if default is None:
-            return None, default_for, []
-        probe.target_modules = default if isinstance(default, str) else set(default)
-    _maybe_include_all_linear_layers(probe, model)
-    hits = ((name, LoraModel._check_target_module_exists(probe, name)) for name in names)
-    return probe.target_modules, default_for, [name for name, hit in hits if hit and not isinstance(hit, ExcludedModule)]
+# peft's own target matcher (a static method): True, an ``ExcludedModule`` or None for a module name
+target_module_exists = LoraModel._check_target_module_exists
 
 
 def pattern_value(pattern, name: str, default):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 
-from torch import nn
-
 from .guard import InternalAPI
 
 TRANSFORMERS_RANGE = ("5.0.0", "5.24.0")
@@ -18,23 +16,14 @@ LOSS_MAPPING_API = InternalAPI(
     params=("logits", "labels", "vocab_size", "num_items_in_batch", "ignore_index", "shift_labels"),
     reason="the logits-free loss replaces this one only where a model uses it unchanged")
 
-# checked once: the installed transformers does not change while the process runs
-_loss_mapping_problem = functools.cache(LOSS_MAPPING_API.problem)
 
-
-def uses_stock_causal_lm_loss(model: nn.Module) -> bool:
-    """Whether ``model`` computes transformers' stock ``ForCausalLMLoss`` (not a loss the user or a subclass set)."""
+@functools.cache  # checked once: the installed transformers does not change while the process runs
+def stock_causal_lm_loss():
+    """transformers' stock ``ForCausalLMLoss`` (what a causal LM's ``loss_function`` is unless a loss was set), or
+    None with transformers outside the verified range (there a model keeps its own loss)."""
     from transformers.loss.loss_utils import LOSS_MAPPING
 
-    # a custom loss the user set, not a transformers model, or transformers outside the verified range (there the
-    # model keeps its own loss)
-    if (getattr(model, "_loss_function", None) is not None or not hasattr(type(model), "loss_function")
-            or _loss_mapping_problem()):
-        return False
-    try:
-        return model.loss_function is LOSS_MAPPING["ForCausalLM"]
-    except (AttributeError, KeyError):
-        return False
+    return None if LOSS_MAPPING_API.problem() else LOSS_MAPPING.get("ForCausalLM")
 
 
 def is_trainer_checkpoint_dir(path: str) -> bool:
