@@ -121,8 +121,11 @@ def test_roberta_head_is_refused_and_merged_exactly(tmp_path):
         export_adapter(str(tmp_path / "a"), str(tmp_path / "out"), "vllm")
     assert not (tmp_path / "out").exists()  # nothing half-written
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    for dst in ("merged", "again"):  # the given base is copied: the caller's model stays as it was, twice over
-        export_adapter(str(tmp_path / "a"), str(tmp_path / dst), "vllm", merge=True, base_model=base)
+    for dst, engine in (("merged", "vllm"), ("again", "peft")):  # the base is copied: the caller's stays as it was
+        result = export_adapter(str(tmp_path / "a"), str(tmp_path / dst), engine, merge=True, base_model=base)
+        # the note says how this engine loads the folder
+        assert ("`vllm serve " if engine == "vllm" else "`RobertaForSequenceClassification.from_pretrained(") in (
+            result.summary())
         merged = RobertaForSequenceClassification.from_pretrained(tmp_path / dst).eval()
         assert (logits(merged, IDS) - logits(model, IDS)).abs().max() < 1e-5
     assert type(base) is RobertaForSequenceClassification

@@ -212,9 +212,10 @@ def _export_merged(folder: AdapterFolder, dst: str, engine: str, base_model) -> 
             shutil.copy2(os.path.join(folder.path, "results.json"), tmp)
 
     atomic_directory_write(dst, write)
+    serve = {"vllm": f"`vllm serve {dst}`", "tgi": f"`text-generation-launcher --model-id {dst}`",
+             "lorax": f"`lorax-launcher --model-id {dst}`"}.get(engine, f"`{type(merged).__name__}.from_pretrained({dst!r})`")
     return ExportResult(dst=dst, engine=engine, kind="merged model", notes=[
-        "the adapter is merged into full weights (exact); serve the folder as a base model, e.g. "
-        f"`vllm serve {dst}` or `text-generation-launcher --model-id {dst}`"])
+        f"the adapter is merged into full weights (exact); load the folder as a base model: {serve}"])
 
 
 def _finish(folder: AdapterFolder, tmp: str, dst: str) -> None:
