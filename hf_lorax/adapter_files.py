@@ -135,8 +135,6 @@ def read_adapter_folder(path: str) -> AdapterFolder:
     """Check and parse a saved adapter folder (safetensors weights)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"Adapter folder {path!r} does not exist.")
-    if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
-        raise FileNotFoundError(f"{path!r} has no {CONFIG_FILE}; it is not a saved adapter folder.")
     peft_config = check_adapter_dir(path)  # also refuses a folder without adapter_model.safetensors
     config = read_json(os.path.join(path, CONFIG_FILE))
     for key in PEFT_DEFAULTED_KEYS:  # a key the file leaves out has peft's default, as when peft loads it
@@ -211,6 +209,8 @@ def check_adapter_dir(path: str, allow_pickle: bool = False) -> PeftConfig:
     peft then loads it with ``torch.load(weights_only=True)``.
     """
     config_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{path!r} has no {CONFIG_FILE}; it is not a saved adapter folder.")
     raw = read_json(config_path)
     if not isinstance(raw, dict) or "peft_type" not in raw:
         raise ValueError(f"{config_path} is not a peft adapter config: it has no 'peft_type' key.")
@@ -245,8 +245,6 @@ def read_adapter_config(path: str, allow_pickle: bool = False, **hub_kwargs: Any
     initialisation does not rebuild the base it was trained on (randomized SVD, data-driven, quantized) is refused.
     """
     if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
-            raise FileNotFoundError(f"{path!r} has no {CONFIG_FILE}; it is not a saved adapter directory.")
         config, sidecar = check_adapter_dir(path, allow_pickle), read_sidecar(path)  # a bad sidecar fails here
     elif path.startswith((".", "/", "~")) or path.count("/") != 1 or os.path.exists(path):
         raise FileNotFoundError(f"Adapter directory {path!r} does not exist (and it is not a Hub repo id).")

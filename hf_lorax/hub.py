@@ -64,6 +64,10 @@ def plan_upload(folder: str, repo_id: str, results: str | None = None) -> Upload
         raise FileNotFoundError(f"{folder!r} has no adapter_model.safetensors (pickle .bin adapters are not uploaded); "
                                 "save with safe_serialization=True.")
     saved = read_adapter_folder(folder)  # config, weights and their factors checked
+    base = saved.config.get("base_model_name_or_path") or ""
+    if os.path.isabs(os.path.expanduser(base)) or base.startswith("."):  # what AutoPeftModel and the card load
+        logger.warning("%s names its base model by a local path (%s) in adapter_config.json, which nobody else can "
+                       "load from the Hub: set base_model_name_or_path to the base's Hub id before saving.", folder, base)
     heads = saved.config["modules_to_save"] or []
     foreign = [k for k in saved.shapes if "lora_" not in k and not any(f".{h}." in f".{k}" for h in heads)]
     if foreign:

@@ -206,3 +206,10 @@ def test_the_cards_plain_peft_snippet_serves_a_decoder_classifier_without_hf_lor
         expected = model(input_ids=ids).logits
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=1e-5, rtol=1e-5)
 
+
+def test_a_local_base_path_is_warned_about(adapter_dir, caplog):
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    (adapter_dir / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/data/llama"}))
+    with caplog.at_level(logging.WARNING, logger="hf_lorax.hub"):
+        push_adapter(str(adapter_dir), "me/x", dry_run=True)
+    assert "local path (/data/llama)" in caplog.text and "base_model_name_or_path" in caplog.text
