@@ -32,15 +32,7 @@ from typing import Any
 
 from peft import LoraConfig, PeftConfig
 
-from .base_init import (
-    CHANGES,
-    CONVERSION,
-    CONVERTIBLE_INITS,
-    NO_DORA_CONVERSION,
-    PEFT_REBUILT_INITS,
-    base_changing_init,
-    init_family,
-)
+from .base_init import base_changing_init, reload_problem
 from .config import SIDECAR_FORMAT, SIDECAR_NAME, LoRAConfig
 from .integrations.peft_api import pattern_value
 from .slices import SliceSpec, lora_scaling, parse_fused_slices, slice_alpha, slice_rank, spec_for
@@ -216,6 +208,7 @@ def check_adapter_dir(path: str, allow_pickle: bool = False) -> PeftConfig:
         raise ValueError(f"{config_path} is not a peft adapter config: it has no 'peft_type' key.")
     if raw["peft_type"] != "LORA":
         raise ValueError(f"{config_path} describes a {raw['peft_type']} adapter; hf_lorax loads LoRA/DoRA adapters.")
+    read_sidecar(path)  # a damaged hf_lorax.json fails naming itself (peft's hook reads it below, as peft's file)
     try:
         config = PeftConfig.from_pretrained(path)
     except (TypeError, ValueError) as exc:
@@ -250,15 +243,8 @@ def read_adapter_config(path: str, allow_pickle: bool = False, **hub_kwargs: Any
         raise FileNotFoundError(f"Adapter directory {path!r} does not exist (and it is not a Hub repo id).")
     else:  # peft downloads the adapter, hf_lorax its hf_lorax.json
         config, sidecar = PeftConfig.from_pretrained(path, **hub_kwargs), fetch_sidecar(path, **hub_kwargs)
-    init = base_changing_init(config.init_lora_weights)
-    if init is not None and init.lower() not in PEFT_REBUILT_INITS:
-        family = init_family(init)
-        fix = ("load it onto the quantized base it was trained with" if family not in CONVERTIBLE_INITS else
-               f"retrain it with another initialisation ({NO_DORA_CONVERSION})" if config.use_dora else
-               f"{CONVERSION} and load OUT")
-        raise ValueError(f"{path!r} was trained with init_lora_weights={init!r}, which changed the base "
-                         f"({CHANGES[family]}); loading runs that initialisation again and does not rebuild the "
-                         f"same base. Instead, {fix}.")
+    if problem := reload_problem(config.init_lora_weights, bool(config.use_dora)):
+        raise ValueError(f"{path!r}: {problem}")
     if sidecar is not None and type(config) is LoraConfig:  # a Hub adapter, or a local one with the peft hook off
         config = LoRAConfig.from_peft_config(config, sidecar)
     return config

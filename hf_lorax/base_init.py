@@ -32,6 +32,23 @@ def base_changing_init(init) -> str | None:
     return init if isinstance(init, str) and init.lower().startswith(tuple(CHANGES)) else None
 
 
+def reload_problem(init, dora: bool = False) -> str | None:
+    """Why an adapter trained with ``init`` (an ``init_lora_weights`` value) does not load as it was trained, and the
+    way out; None when it does (the base was not changed, or peft rebuilds it). Loading a saved adapter runs its
+    initialisation again on the original base (peft ``update_layer``): randomized SVD, data-driven and quantized
+    initialisations do not rebuild the base the adapter was trained on."""
+    init = base_changing_init(init)
+    if init is None or init.lower() in PEFT_REBUILT_INITS:
+        return None
+    family = init_family(init)
+    fix = ("load it onto the quantized base it was trained with" if family not in CONVERTIBLE_INITS else
+           f"merge it (merge_and_unload) where it was trained, or use another initialisation ({NO_DORA_CONVERSION})"
+           if dora else f"save the adapter as initialised, before training (INIT_DIR, as peft's PiSSA / CorDA "
+           f"examples do); after training, {CONVERSION}, and load OUT")
+    return (f"init_lora_weights={init!r} changes the base ({CHANGES[family]}), and loading the saved adapter runs "
+            f"that initialisation again: it does not rebuild the same base. Instead, {fix}.")
+
+
 def init_family(init: str) -> str:
     """``"pissa_niter_4"`` -> ``"pissa"``: the entry of :data:`CHANGES` an ``init_lora_weights`` value belongs to."""
     return next(name for name in CHANGES if init.lower().startswith(name))

@@ -28,11 +28,12 @@ logger = logging.getLogger(__name__)
 def prepare(config: LoRAConfig, model: nn.Module, logits_free_loss: bool = True) -> LoRAConfig:
     """Check ``config`` against ``model``, change ``model`` as training needs, return the resolved config peft injects.
 
-    First every check that can reject the config for this model (the head's label count; the plan: targets, maps,
-    slices, heads, a quantized base for QLoRA; the peft internals hf_lorax's layers build on, as they are registered
-    on the resolved copy peft receives), so nothing is changed before a typo is reported; then every change (a pad
-    token for GPT-2-style classification heads, a quantized base's CPU repacking off, the Trainer's loss
-    normalisation and the causal-LM loss). The user's config is never changed. Runs once per model.
+    First every check that can reject the config for this model (the head's label count; then, in
+    :func:`injection_config`, the plan: targets, maps, slices, heads, a quantized base for QLoRA; and the peft
+    internals hf_lorax's layers build on, as they are registered on the resolved copy peft receives), so nothing is
+    changed before a typo is reported; then every change (a quantized base's CPU repacking off, the Trainer's loss
+    normalisation for task heads, a pad token for GPT-2-style classification heads, the causal-LM loss). The user's
+    config is never changed. Runs once per model.
 
     A quantized base is not given to peft's ``prepare_model_for_kbit_training``: it casts every non-quantized
     parameter to float32 (peft#3265, #1149), which doubles a bf16 model's embeddings, norms and head; peft freezes
@@ -44,26 +45,26 @@ def prepare(config: LoRAConfig, model: nn.Module, logits_free_loss: bool = True)
     if config.num_labels and task in LABELLED_TASK_TYPES and labels not in (None, config.num_labels):
         raise ValueError(f"config.num_labels={config.num_labels} but the model's head has {labels} labels. "
                          "Load the model with the same num_labels, or let get_model load it.")
-    resolved = config if config.resolved_plan is not None else config.with_plan(resolve(config, model))
-    register_layers(resolved, layer_mapping())
+    resolved = injection_config(config, model)
     eos = getattr(model_config, "eos_token_id", None)
     if task == "SEQ_CLS" and eos is not None and getattr(model_config, "pad_token_id", None) is None:
         # GPT-2-style heads need a pad id to find the last token of each row
         model_config.pad_token_id = eos if isinstance(eos, int) else eos[0]
         logger.info("pad_token_id was unset; using eos_token_id=%s for the classification head.", eos)
-    disable_cpu_repacking(model)  # a quantized base: its layers no adapter wraps too
-    prepare_loss(model, task, bool(resolved.resolved_plan.modules_to_save), logits_free_loss)
+    prepare_loss(model, task, logits_free_loss)
     return resolved
 
 
 def injection_config(config: LoRAConfig, model: nn.Module) -> LoRAConfig:
     """The config peft should inject into ``model`` (the peft hook's one call): ``config`` itself when it carries a
     plan already (:func:`prepare` made it), else its resolved copy; hf_lorax's layers registered on it. The model is
-    the user's: only what injecting needs is changed."""
+    the user's: only what training it needs is changed (a task head's loss declared a mean, a quantized base's CPU
+    repacking off: with it, ``peft.get_peft_model`` / TRL QLoRA on a CPU with AVX512-BF16 failed after an evaluation)."""
     resolved = config if config.resolved_plan is not None else config.with_plan(resolve(config, model))
+    register_layers(resolved, layer_mapping())
+    disable_cpu_repacking(model)
     if resolved.resolved_plan.modules_to_save:
         declare_mean_loss(model)
-    register_layers(resolved, layer_mapping())
     return resolved
 
 

@@ -218,15 +218,12 @@ def logits_free_unsupported_reason(model: nn.Module) -> str | None:
     return f"its forward uses {others} besides the decoder stack and the LM head" if others else None
 
 
-def prepare_loss(model: nn.Module, task: str | None, trains_heads: bool, logits_free: bool = True) -> None:
-    """The one decision, made once per model instance by :func:`hf_lorax.get_model`.
-
-    A model whose task head trains (``trains_heads``) declares its loss a plain mean (:func:`declare_mean_loss`). For
-    a causal LM (``task`` ``"CAUSAL_LM"``) that :func:`logits_free_unsupported_reason` supports, the training forward
-    becomes logits-free (:class:`LogitsFreeCausalLM`); every other forward keeps the model's own loss.
+def prepare_loss(model: nn.Module, task: str | None, logits_free: bool = True) -> None:
+    """The one decision, made once per model instance by :func:`hf_lorax.get_model`: for a causal LM (``task``
+    ``"CAUSAL_LM"``) that :func:`logits_free_unsupported_reason` supports, the training forward becomes logits-free
+    (:class:`LogitsFreeCausalLM`); every other forward keeps the model's own loss. (A model whose task head trains
+    declares its loss a plain mean, :func:`declare_mean_loss`, wherever hf_lorax injects.)
     """
-    if trains_heads:
-        declare_mean_loss(model)
     if task == "CAUSAL_LM" and logits_free and logits_free_unsupported_reason(model) is None:
         swap_class(model, LogitsFreeCausalLM)
 

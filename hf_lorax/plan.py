@@ -14,13 +14,14 @@ differs from ``r`` / ``lora_alpha``, and which carries the plan).
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .base_init import CONVERTIBLE_INITS, base_changing_init, init_family
+from .base_init import CONVERTIBLE_INITS, base_changing_init, init_family, reload_problem
 from .config import QLoRAConfig
 from .integrations.peft_api import (
     ADAPTER_CHILD_NAMES,
@@ -123,6 +124,8 @@ def resolve(config, model: nn.Module) -> AdapterPlan:
                          "peft's conversion to a LoRA of the original base (save_pretrained(path_initial_model_for_"
                          "weight_conversion=...)), which serving it needs, refuses rsLoRA with per-module ranks or "
                          "alphas. Drop use_rslora or the maps, or use init_lora_weights=True.")
+    if not getattr(config, "is_resolved", False) and (problem := reload_problem(init, config.use_dora)):
+        warnings.warn(problem, stacklevel=3)  # now, before training, while the way out is open
 
     plans = {}
     for name in targeted:

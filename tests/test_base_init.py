@@ -107,8 +107,9 @@ def test_dora_on_a_changed_base_is_not_converted_and_says_why(tmp_path):
         export_adapter(str(tmp_path / "a"), str(tmp_path / "out"), "vllm")
     write_model_card(str(tmp_path / "a"))
     assert "| vLLM | cannot be served exactly |" in (tmp_path / "a" / "README.md").read_text()
-    pissa_like(base, "pissa_niter_2", tmp_path / "n", config_class=DoRAConfig)
-    with pytest.raises(ValueError, match="does not rebuild the same base. Instead, retrain it with another init"):
+    with pytest.warns(UserWarning, match="does not rebuild the same base. Instead, merge it .merge_and_unload. where"):
+        pissa_like(base, "pissa_niter_2", tmp_path / "n", config_class=DoRAConfig)  # said before training too
+    with pytest.raises(ValueError, match="does not rebuild the same base. Instead, merge it .merge_and_unload. where"):
         get_model(str(tmp_path / "n" / "a"), model=copy.deepcopy(base))
 
 
@@ -156,6 +157,21 @@ def test_cli_refuses_in_one_line_with_the_conversion(tmp_path, capsys):
     assert export_main([str(tmp_path / "a"), str(tmp_path / "out"), "--engine", "vllm"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: init_lora_weights='pissa'") and CONVERSION in err
+
+
+def test_an_init_that_will_not_reload_is_said_before_training(tmp_path):
+    """get_model and peft's hook warn when the model is built, while saving the adapter as initialised (what peft's
+    conversion needs) is still possible; what peft rebuilds (PiSSA with full SVD) is not warned about."""
+    import warnings
+
+    base = tiny_llama()
+    config = LoRAConfig(r=4, target_modules=TARGETS, init_lora_weights="pissa_niter_2")
+    for build in (lambda: get_model(config, copy.deepcopy(base)), lambda: get_peft_model(copy.deepcopy(base), config)):
+        with pytest.warns(UserWarning, match=r"'pissa_niter_2' changes the base.*before training \(INIT_DIR"):
+            build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        get_model(LoRAConfig(r=4, target_modules=TARGETS, init_lora_weights="pissa"), copy.deepcopy(base))
 
 
 def test_get_model_loads_what_peft_rebuilds_and_refuses_the_rest(tmp_path):

@@ -138,6 +138,12 @@ def test_malformed_adapter_config(saved_adapter):
         get_model(str(saved_adapter))
 
 
+def test_a_damaged_sidecar_is_named_as_itself(saved_adapter):
+    (saved_adapter / "hf_lorax.json").write_text('{"format_version": 99}')
+    with pytest.raises(ValueError, match=r"^\S*hf_lorax.json is not an hf_lorax sidecar of format"):
+        get_model(str(saved_adapter))
+
+
 def test_truncated_safetensors(saved_adapter):
     path = saved_adapter / "adapter_model.safetensors"
     path.write_bytes(path.read_bytes()[:-100])

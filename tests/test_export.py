@@ -197,7 +197,10 @@ def test_cli_export_check_and_errors(tmp_path, capsys):
     assert main(["--check", str(tmp_path / "out"), "--engine", "vllm"]) == 0
     assert main(["--check", str(tmp_path / "out"), "--merge"]) == 2  # a flag --check would ignore
     assert main([str(tmp_path / "nope"), str(tmp_path / "o2"), "--engine", "vllm"]) == 2
-    capsys.readouterr()
+    assert main([str(tmp_path / "a"), str(tmp_path / "o2")]) == 2  # neither an engine nor --merge
+    base.save_pretrained(tmp_path / "base")  # --merge needs no engine: the merged model serves anywhere
+    assert main([str(tmp_path / "a"), str(tmp_path / "m"), "--merge", "--base_model", str(tmp_path / "base")]) == 0
+    assert "LlamaForCausalLM.from_pretrained(" in capsys.readouterr().out
     # the real process: exit code 2, one line, no traceback
     bad = subprocess.run([sys.executable, "-m", "hf_lorax.export", str(tmp_path / "a"), str(tmp_path / "a" / "in"),
                           "--engine", "vllm"], capture_output=True, text=True, timeout=300)

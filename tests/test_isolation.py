@@ -260,8 +260,8 @@ def test_a_hub_adapter_whose_init_changed_the_base_is_refused_as_a_local_one(hub
     (folder / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa_niter_2"}))
     hub = FakeHub(folder)
     hub.install(monkeypatch)
-    with pytest.raises(ValueError, match="'user/adapter' was trained with init_lora_weights='pissa_niter_2'.*does not "
-                                         "rebuild the same base"):
+    with pytest.raises(ValueError, match="'user/adapter': init_lora_weights='pissa_niter_2' changes the base.*does "
+                                         "not rebuild the same base"):
         get_model("user/adapter", model=GPT2LMHeadModel(gpt2_config()))
     assert "adapter_model.safetensors" not in [name for name, _ in hub.calls]
 

@@ -102,7 +102,7 @@ def test_a_loss_the_user_set_is_kept():
         return torch.tensor(0.0)
 
     model.loss_function = custom
-    prepare_loss(model, "CAUSAL_LM", False)
+    prepare_loss(model, "CAUSAL_LM")
     assert model.loss_function is custom and type(model) is GPT2LMHeadModel  # not logits-free either
 
 

@@ -162,18 +162,20 @@ def test_merge_and_unload_dequantizes(quant_type, dora, bases, input_ids, tmp_pa
 
 
 def test_a_model_peft_builds_merges_dense_too(bases, input_ids, tmp_path):
-    """peft.get_peft_model (the path TRL takes) with an hf_lorax QLoRA config: its own merge_and_unload is dense
-    throughout too, and the saved model reloads as a plain one."""
+    """peft.get_peft_model (the path TRL takes) with an hf_lorax QLoRA config: it trains on after an evaluation
+    (bitsandbytes' CPU repacking is off on every 4-bit layer, those no adapter wraps too), its own merge_and_unload is
+    dense throughout too, and the saved model reloads as a plain one."""
     import pickle
 
     from peft import get_peft_model
 
-    from hf_lorax.quantization import disable_cpu_repacking
-
     config = _config(bases, "gpt2", False)
     base = GPT2LMHeadModel.from_pretrained(bases["gpt2"], **config.base_model_kwargs())
-    disable_cpu_repacking(base)  # the layers no adapter wraps: bitsandbytes' CPU repacking (hf_lorax.quantization)
     model = get_peft_model(base, config)
+    with torch.no_grad():
+        model.eval()(input_ids)
+    for _ in range(2):
+        model.train()(input_ids, labels=input_ids).loss.backward()
     assert pickle.loads(pickle.dumps(type(model.base_model))) is type(model.base_model)  # torch.save(model) works
     randomize_adapters(model)
     model.eval()

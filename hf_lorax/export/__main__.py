@@ -1,6 +1,7 @@
 """Export an adapter for a serving engine, or check how one would serve it.
 
-    python -m hf_lorax.export SRC DST --engine vllm [--rank N] [--merge]
+    python -m hf_lorax.export SRC DST --engine vllm [--rank N]
+    python -m hf_lorax.export SRC DST --merge [--engine vllm]
     python -m hf_lorax.export --check SRC [--engine vllm]
 
 ``--check`` prints, per engine (all four without ``--engine``), what the engine would refuse or silently change,
@@ -20,7 +21,7 @@ def main(argv=None) -> int:
     parser = OneLineArgumentParser(prog="python -m hf_lorax.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="a saved adapter folder")
     parser.add_argument("dst", nargs="?", help="a new folder for the exported adapter (not with --check)")
-    parser.add_argument("--engine", choices=sorted(ENGINES), help="vllm, tgi, lorax or peft")
+    parser.add_argument("--engine", choices=sorted(ENGINES), help="vllm, tgi, lorax or peft (optional with --merge)")
     parser.add_argument("--check", action="store_true", help="only report how the engine would serve SRC")
     parser.add_argument("--rank", type=int, help="pad every module to this rank")
     parser.add_argument("--merge", action="store_true",
@@ -36,9 +37,9 @@ def main(argv=None) -> int:
             reports = [check_serving(args.src, e) for e in ([args.engine] if args.engine else ENGINES)]
             print("\n".join(str(r) for r in reports))
             return 0 if all(r.servable_as_is for r in reports) else 1
-        if not args.dst or not args.engine:
-            raise ValueError("pass SRC DST --engine ENGINE (or --check SRC).")
-        result = export_adapter(args.src, args.dst, args.engine, rank=args.rank, merge=args.merge,
+        if not args.dst or not (args.engine or args.merge):
+            raise ValueError("pass SRC DST --engine ENGINE, SRC DST --merge, or --check SRC.")
+        result = export_adapter(args.src, args.dst, args.engine or "peft", rank=args.rank, merge=args.merge,
                                 base_model=args.base_model)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as exc:
         if args.debug or debug_enabled():

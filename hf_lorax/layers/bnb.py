@@ -10,9 +10,9 @@ peft's bnb layers, with four changes:
   unmerging restores the original quantized layer bit for bit. peft instead re-quantizes the merged weight
   (lossy every time, peft#2321).
 
-Each layer hf_lorax wraps has bitsandbytes' in-place CPU repacking switched off
-(:func:`hf_lorax.quantization.disable_cpu_repacking`), so ``Trainer`` with ``eval_strategy="steps"`` trains on after
-evaluating.
+A model hf_lorax injects into has bitsandbytes' in-place CPU repacking switched off on every quantized layer
+(:func:`hf_lorax.quantization.disable_cpu_repacking`, by :mod:`hf_lorax.base_model`), so ``Trainer`` with
+``eval_strategy="steps"`` trains on after evaluating.
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..integrations.peft_api import init_lora_state, peft_lora
-from ..quantization import disable_cpu_repacking
 from .dora import FactorizedDoraEmbeddingVariant, FactorizedDoraLinearVariant
 from .fused import LinearForwardMixin
 from .sliced import SlicedLoraB
@@ -35,7 +34,6 @@ class PlannedLayerMixin:
         # config.fan_in_fan_out, as peft would)
         self.fan_in_fan_out = self.is_target_conv_1d_layer = isinstance(self.get_base_layer(), Conv1D)
         self._active_adapter = adapter_name
-        disable_cpu_repacking(self.get_base_layer())  # a bitsandbytes base: see hf_lorax.layers.bnb
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config, **kwargs) -> None:
