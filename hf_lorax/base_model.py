@@ -7,7 +7,6 @@ the user built and handed to peft (the peft hook's one call).
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
@@ -21,8 +20,6 @@ from .loss import declare_mean_loss, prepare_loss
 from .plan import find_task_heads, resolve
 from .quantization import disable_cpu_repacking
 from .task_types import AUTO_CLASSES, HEAD_TASK_TYPES, LABELLED_TASK_TYPES, task_name
-
-logger = logging.getLogger(__name__)
 
 
 def prepare(config: LoRAConfig, model: nn.Module, logits_free_loss: bool = True) -> LoRAConfig:
@@ -46,11 +43,6 @@ def prepare(config: LoRAConfig, model: nn.Module, logits_free_loss: bool = True)
         raise ValueError(f"config.num_labels={config.num_labels} but the model's head has {labels} labels. "
                          "Load the model with the same num_labels, or let get_model load it.")
     resolved = injection_config(config, model)
-    eos = getattr(model_config, "eos_token_id", None)
-    if task == "SEQ_CLS" and eos is not None and getattr(model_config, "pad_token_id", None) is None:
-        # GPT-2-style heads need a pad id to find the last token of each row
-        model_config.pad_token_id = eos if isinstance(eos, int) else eos[0]
-        logger.info("pad_token_id was unset; using eos_token_id=%s for the classification head.", eos)
     prepare_loss(model, task, logits_free_loss)
     return resolved
 
@@ -58,13 +50,22 @@ def prepare(config: LoRAConfig, model: nn.Module, logits_free_loss: bool = True)
 def injection_config(config: LoRAConfig, model: nn.Module) -> LoRAConfig:
     """The config peft should inject into ``model`` (the peft hook's one call): ``config`` itself when it carries a
     plan already (:func:`prepare` made it), else its resolved copy; hf_lorax's layers registered on it. The model is
-    the user's: only what training it needs is changed (a task head's loss declared a mean, a quantized base's CPU
-    repacking off: with it, ``peft.get_peft_model`` / TRL QLoRA on a CPU with AVX512-BF16 failed after an evaluation)."""
+    the user's: only what training it needs is changed (a quantized base's CPU repacking off: with it,
+    ``peft.get_peft_model`` / TRL QLoRA on a CPU with AVX512-BF16 failed after an evaluation; a task head's loss
+    declared a mean; an unset pad id of a classifier, which the resolved config records so a reload uses it too)."""
     resolved = config if config.resolved_plan is not None else config.with_plan(resolve(config, model))
     register_layers(resolved, layer_mapping())
     disable_cpu_repacking(model)
     if resolved.resolved_plan.modules_to_save:
         declare_mean_loss(model)
+    model_config = getattr(model, "config", None)
+    if task_name(resolved.task_type) == "SEQ_CLS" and model_config is not None:
+        # a GPT-2-style head finds each row's last token by the pad id: the one recorded, else eos
+        eos, pad = getattr(model_config, "eos_token_id", None), getattr(model_config, "pad_token_id", None)
+        if pad is None and (resolved.pad_token_id is not None or eos is not None):
+            model_config.pad_token_id = resolved.pad_token_id if resolved.pad_token_id is not None else (
+                eos if isinstance(eos, int) else eos[0])
+        resolved.pad_token_id = model_config.pad_token_id
     return resolved
 
 

@@ -96,7 +96,7 @@ def _base_note(saved) -> str:
 
 def _load_kwargs(sidecar: dict) -> str:
     """Extra ``from_pretrained`` arguments of the usage snippet (the 4-bit base of a QLoRA adapter)."""
-    num_labels = f", num_labels={sidecar['num_labels']}" if sidecar.get("num_labels") else ""
+    num_labels = "".join(f", {key}={sidecar[key]}" for key in ("num_labels", "pad_token_id") if sidecar.get(key) is not None)
     if "quant_type" not in sidecar:
         return num_labels
     if sidecar.get("load_in_8bit"):

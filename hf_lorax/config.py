@@ -76,12 +76,15 @@ class LoRAConfig(LoraConfig):
         "help": "lora_alpha per module, same key syntax as rank_map."})
     num_labels: Optional[int] = field(default=None, metadata={
         "help": "Number of labels for SEQ_CLS / TOKEN_CLS heads built by get_model."})
+    pad_token_id: Optional[int] = field(default=None, metadata={
+        "help": "SEQ_CLS: the pad id a decoder's classifier finds each row's last token by. Recorded from the model "
+                "when hf_lorax injects (its own, else eos) and saved; a base model loaded for the adapter gets it."})
     fused_slices: Optional[dict[str, Any]] = field(default=None, metadata={
         "help": "Adapt slices of fused projections, e.g. {'c_attn': ['q', 'v']} for GPT-2; saved as an "
                 "equivalent block-structured standard LoRA."})
 
     # hf_lorax's own fields: saved to hf_lorax.json, never to adapter_config.json
-    extra_fields: ClassVar[tuple[str, ...]] = ("rank_map", "alpha_map", "num_labels", "fused_slices")
+    extra_fields: ClassVar[tuple[str, ...]] = ("rank_map", "alpha_map", "num_labels", "pad_token_id", "fused_slices")
     # the fields a resolved config moves out of peft's view (into ``resolved_from``): they are resolved already
     description_fields: ClassVar[tuple[str, ...]] = ("rank_map", "alpha_map", "fused_slices")
 
@@ -135,8 +138,8 @@ class LoRAConfig(LoraConfig):
         return {name: spec for name in sliced if (spec := spec_for(name, described)) is not None}
 
     def base_model_kwargs(self) -> dict:
-        """Extra ``from_pretrained`` kwargs :func:`hf_lorax.get_model` uses to load the base (quantization)."""
-        return {}
+        """Extra ``from_pretrained`` kwargs :func:`hf_lorax.get_model` uses to load the base (quantization, pad id)."""
+        return {} if self.pad_token_id is None else {"pad_token_id": self.pad_token_id}
 
     def with_plan(self, plan) -> LoRAConfig:
         """The resolved copy of this config for ``plan``: plain peft state (see the module docstring).
@@ -287,7 +290,8 @@ class QLoRAConfig(LoRAConfig):
     def base_model_kwargs(self) -> dict:
         import torch
 
-        return {"quantization_config": self.bnb_config(), "dtype": getattr(torch, self.compute_dtype)}
+        return {**super().base_model_kwargs(), "quantization_config": self.bnb_config(),
+                "dtype": getattr(torch, self.compute_dtype)}
 
     def sidecar(self) -> dict:
         quantization = "bitsandbytes LLM.int8()" if self.load_in_8bit else (

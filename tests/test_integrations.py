@@ -138,3 +138,31 @@ def test_get_model_saves_all_or_nothing_with_the_card(tmp_path):
     card = (tmp_path / "adapter" / "README.md").read_text()
     assert "hf_lorax" in card and "Adapted modules (2)" in card
     assert not [p for p in tmp_path.iterdir() if ".hf_lorax-tmp-" in p.name]
+
+
+def test_a_classifiers_pad_id_is_recorded_and_given_to_the_reloaded_base(tmp_path):
+    """A decoder's classifier finds each row's last token by its pad id. The one it trained with (the user's, not eos)
+    is saved in hf_lorax.json and given to the base get_model loads, and the card's snippet passes it: right-padded
+    rows score as in training (with eos as the pad id, the last pad would be read instead)."""
+    import json
+
+    from peft import get_peft_model
+    from transformers import GPT2ForSequenceClassification
+
+    from hf_lorax import write_model_card
+
+    GPT2ForSequenceClassification(gpt2_config(num_labels=2, pad_token_id=None)).save_pretrained(tmp_path / "base")
+    base = GPT2ForSequenceClassification.from_pretrained(tmp_path / "base")
+    base.config.pad_token_id = 5  # the user's tokenizer's pad id
+    model = get_peft_model(base, LoRAConfig(base_model_name_or_path=str(tmp_path / "base"), task_type="SEQ_CLS",
+                                            num_labels=2, r=2, target_modules=["c_attn"]))
+    randomize_adapters(model)
+    model.save_pretrained(tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "hf_lorax.json").read_text())["pad_token_id"] == 5
+    again = get_model(str(tmp_path / "a"), is_trainable=False)
+    assert again.config.pad_token_id == 5
+    ids = torch.tensor([[1, 2, 3, 5, 5], [4, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model.eval()(ids).logits)
+    write_model_card(str(tmp_path / "a"))
+    assert "num_labels=2, pad_token_id=5" in (tmp_path / "a" / "README.md").read_text()
