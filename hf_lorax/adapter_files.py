@@ -240,7 +240,8 @@ def read_adapter_config(path: str, allow_pickle: bool = False, **hub_kwargs: Any
     if os.path.isdir(path):
         config, sidecar = check_adapter_dir(path, allow_pickle), read_sidecar(path)  # a bad sidecar fails here
     elif path.startswith((".", "/", "~")) or path.count("/") != 1 or os.path.exists(path):
-        raise FileNotFoundError(f"Adapter directory {path!r} does not exist (and it is not a Hub repo id).")
+        raise FileNotFoundError(f"{path!r} is not an adapter folder{' (it is a file)' if os.path.isfile(path) else ''} "
+                                "nor a Hub repo id ('namespace/name').")
     else:  # peft downloads the adapter, hf_lorax its hf_lorax.json
         config, sidecar = PeftConfig.from_pretrained(path, **hub_kwargs), fetch_sidecar(path, **hub_kwargs)
     if problem := reload_problem(config.init_lora_weights, bool(config.use_dora)):

@@ -58,13 +58,12 @@ def injection_config(config: LoRAConfig, model: nn.Module) -> LoRAConfig:
     disable_cpu_repacking(model)
     if resolved.resolved_plan.modules_to_save:
         declare_mean_loss(model)
-    model_config = getattr(model, "config", None)
-    if task_name(resolved.task_type) == "SEQ_CLS" and model_config is not None:
+    if task_name(resolved.task_type) == "SEQ_CLS" and (model_config := getattr(model, "config", None)) is not None:
         # a GPT-2-style head finds each row's last token by the pad id: the one recorded, else eos
-        eos, pad = getattr(model_config, "eos_token_id", None), getattr(model_config, "pad_token_id", None)
-        if pad is None and (resolved.pad_token_id is not None or eos is not None):
+        if getattr(model_config, "pad_token_id", None) is None:
+            eos = getattr(model_config, "eos_token_id", None)  # a list in some configs: its first
             model_config.pad_token_id = resolved.pad_token_id if resolved.pad_token_id is not None else (
-                eos if isinstance(eos, int) else eos[0])
+                eos[0] if isinstance(eos, (list, tuple)) else eos)
         resolved.pad_token_id = model_config.pad_token_id
     return resolved
 

@@ -15,6 +15,8 @@ peft ``LoraModel.inject_adapter``                  ``peft.get_peft_model``, ``ad
                                                    resolved copy of an hf_lorax config (peft reads
                                                    ``self.peft_config[name]`` first thing and has no public
                                                    pre-injection hook); the user's object is untouched.
+                                                   The model gets what training it needs
+                                                   (:func:`~hf_lorax.base_model.injection_config`).
                                                    That ``LoraModel`` becomes a
                                                    :class:`~hf_lorax.quantization.DenseMergeLoraModel`:
                                                    a merge on a quantized base is dense throughout

@@ -99,8 +99,11 @@ def test_get_model_errors(tmp_path, tiny_roberta):
         get_model(LoRAConfig(base_model_name_or_path=str(tmp_path / "missing"), task_type="SEQ_CLS", target_modules=QV))
     with pytest.raises(ValueError, match="base_model_name_or_path is empty"):
         get_model(LoRAConfig(target_modules=QV))
-    with pytest.raises(FileNotFoundError, match="Adapter directory"):
+    with pytest.raises(FileNotFoundError, match="'.*nope' is not an adapter folder nor a Hub repo id"):
         get_model(str(tmp_path / "nope"))
+    (tmp_path / "file.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"not an adapter folder \(it is a file\)"):
+        get_model(str(tmp_path / "file.json"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         get_model(str(tmp_path / "empty"))
