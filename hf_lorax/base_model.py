@@ -1,8 +1,9 @@
 """The base model: loaded for a config (:func:`load_base_model`), then checked and prepared once (:func:`prepare`).
 
-:func:`prepare` holds every check that can reject a config for a model and every change hf_lorax makes to the base
-model, in that order, and returns the resolved config peft injects. :func:`injection_config` is the same for a model
-the user built and handed to peft (the peft hook's one call).
+:func:`injection_config` is what a model needs whoever injects (``get_model``, the peft hook for
+``peft.get_peft_model``, TRL and transformers): the config checked against it and resolved, hf_lorax's layers
+registered, then the changes training needs. :func:`prepare` is ``get_model``'s: the label count checked first, and
+the logits-free loss last. Either runs every check that can reject the config before any change to the model.
 """
 
 from __future__ import annotations
