@@ -109,7 +109,15 @@ def quiet_startup() -> None:
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse with its mistakes reported as one ``error:`` line (naming the flag) and exit code 2."""
+    """argparse with its mistakes reported as one ``error:`` line (naming the flag) and exit code 2. A flag that was
+    removed (``removed``: ``{flag: what replaces it}``) is named with its replacement, not as merely unrecognized."""
+
+    def __init__(self, *args, removed: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.removed = removed or {}
 
     def error(self, message: str):
-        self.exit(2, f"error: {message}\n")
+        words = message.replace("=", " ").split() if message.startswith("unrecognized arguments") else []
+        gone = [f"{flag} was removed; {instead}. See hf_lorax's CHANGELOG.md." for flag, instead in self.removed.items()
+                if flag in words]
+        self.exit(2, f"error: {'; '.join(gone) or message}\n")

@@ -20,7 +20,9 @@ from hf_lorax.hub import push_adapter
 
 
 def main(argv=None) -> int:
-    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0])
+    check = "before pushing, run python -m hf_lorax.export --check ADAPTER_DIR (exit 1: not servable as saved)"
+    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0],
+                                   removed={"--serving_engines": check, "--force": check})
     parser.add_argument("adapter_dir")
     parser.add_argument("--repo_id", required=True)
     parser.add_argument("--results", help="results.json to publish (default: the folder's own, if any)")

@@ -129,3 +129,19 @@ def test_a_command_keeps_every_warning_after_start_up(tmp_path):
 ])
 def test_main_module(argv, module):
     assert main_module(argv) == module
+
+
+@pytest.mark.parametrize(("module", "argv", "instead"), [
+    ("hf_lorax.export.__main__", ["src", "dst", "--engine", "vllm", "--dora", "svd"], "--dora was removed; use --merge"),
+    ("hf_lorax.export.__main__", ["src", "dst", "--heads=beside"], "--heads was removed; use --merge"),
+    ("hf_lorax.analysis.__main__", ["adapter", "--against", "other"],
+     "--against was removed; use hf_lorax.analysis.subspace_similarity"),
+])
+def test_a_removed_flag_is_named_with_what_replaces_it(module, argv, instead, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exited:
+        importlib.import_module(module).main(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith(f"error: {instead}") and err.count("\n") == 1
+    assert "CHANGELOG.md" in err

@@ -117,7 +117,7 @@ def test_roberta_head_is_refused_and_merged_exactly(tmp_path):
     config = LoRAConfig(task_type="SEQ_CLS", num_labels=2, r=4, target_modules=["query", "value"],
                         alpha_map={"value": 16})
     model = trained(base, config, tmp_path / "a")
-    with pytest.raises(ValueError, match=r"task heads \['classifier'\].*--merge"):
+    with pytest.raises(ValueError, match=r"adapter for vLLM: classifier: task heads \(modules_to_save\) are refused by vLLM.*--merge"):
         export_adapter(str(tmp_path / "a"), str(tmp_path / "out"), "vllm")
     assert not (tmp_path / "out").exists()  # nothing half-written
     before = {k: v.clone() for k, v in base.state_dict().items()}
@@ -140,7 +140,7 @@ def test_dora_is_refused_and_merged_exactly(tmp_path):
     config = DoRAConfig(base_model_name_or_path=str(tmp_path / "base"), task_type="CAUSAL_LM", r=4, lora_alpha=8,
                         target_modules=["q_proj", "v_proj"], rank_map={"layers.0.*": 8})
     model = trained(base, config, tmp_path / "a")
-    with pytest.raises(ValueError, match="DoRA adapter.*--merge"):
+    with pytest.raises(ValueError, match="adapter for vLLM: .*q_proj: DoRA magnitudes are refused by vLLM.*--merge"):
         export_adapter(str(tmp_path / "a"), str(tmp_path / "x"), "vllm")
     assert not (tmp_path / "x").exists()
     export_adapter(str(tmp_path / "a"), str(tmp_path / "merged"), "vllm", merge=True)

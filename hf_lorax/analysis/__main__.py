@@ -49,7 +49,8 @@ def _base_weights(base_dir: str) -> dict:
 
 def main(argv=None) -> int:
     """The command line; user errors are one ``error:`` line on stderr and exit code 2."""
-    parser = OneLineArgumentParser(prog="python -m hf_lorax.analysis", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m hf_lorax.analysis", description=__doc__.split("\n\n")[0],
+                                   removed={"--against": "use hf_lorax.analysis.subspace_similarity from Python (README)"})
     parser.add_argument("adapter_dir")
     parser.add_argument("--base_model", help="local base model folder, for ‖ΔW‖/‖W‖")
     parser.add_argument("--output_dir", help="where to write the plot and JSON files (default: adapter_dir)")

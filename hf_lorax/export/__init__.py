@@ -45,7 +45,6 @@ from ..serving import (
     DORA,
     HEADS,
     MODEL_TYPE,
-    base_model_type,
     check_serving,
     engine_spec,
     loaded_values,
@@ -114,18 +113,9 @@ def _export_uniform(folder: AdapterFolder, dst: str, spec, rank) -> ExportResult
     config = folder.config
     # what the engine cannot read comes from the one rule table (hf_lorax.serving); here, what export does about it
     report = check_serving(folder, spec.name)
-    if report.first(MODEL_TYPE):
-        raise ValueError(f"{spec.label} has no LoRA support for {base_model_type(folder)} models; export with --merge "
-                         "to serve the merged model as a base model instead.")
-    if report.first(DORA):
-        raise ValueError(f"{folder.path!r} is a DoRA adapter ({report.first(DORA).module}, ...), which {spec.label} "
-                         "cannot run; export with --merge to serve the merged model (exact) as a base model.")
-    if report.first(BIASES):
-        raise ValueError(f"{folder.path!r} trains biases (bias={config.get('bias')!r}, lora_bias="
-                         f"{config.get('lora_bias')}), which {spec.label} does not load; export with --merge.")
-    if report.first(HEADS):
-        raise ValueError(f"{folder.path!r} trains task heads {folder.heads} (modules_to_save), which {spec.label} "
-                         "does not load; export with --merge for a full model.")
+    for finding in filter(None, (report.first(code) for code in (MODEL_TYPE, DORA, BIASES, HEADS))):
+        raise ValueError(f"{folder.path!r} cannot be exported as an adapter for {spec.label}: "
+                         + (f"{finding.module}: " if finding.module else "") + finding.message)
 
     target = rank if rank is not None else max(m.module_r for m in folder.modules)
     for module in folder.modules:

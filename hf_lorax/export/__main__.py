@@ -18,7 +18,8 @@ from . import export_adapter
 
 
 def main(argv=None) -> int:
-    parser = OneLineArgumentParser(prog="python -m hf_lorax.export", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m hf_lorax.export", description=__doc__.split("\n\n")[0], removed={
+        "--dora": "use --merge (the exact merged model, DoRA included)", "--heads": "use --merge (it holds the heads)"})
     parser.add_argument("src", help="a saved adapter folder")
     parser.add_argument("dst", nargs="?", help="a new folder for the exported adapter (not with --check)")
     parser.add_argument("--engine", choices=sorted(ENGINES), help="vllm, tgi, lorax or peft (optional with --merge)")
